@@ -1,0 +1,73 @@
+"""Weight and cache data types: names people type, bytes per element, and bits per weight for quantized formats."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import WorkloadError
+
+__all__ = ["DType", "resolve_dtype", "DTYPES", "dtype_bytes"]
+
+
+@dataclass(frozen=True)
+class DType:
+    """``bits_per_weight`` is the average storage of a 2-D weight matrix, scales included
+    (GGUF Q4_K is 144 bytes per 256 weights = 4.5 bits). ``compute`` is the float type the
+    matmuls, activations and KV cache use with it."""
+
+    name: str
+    bits_per_weight: float
+    compute: str
+    quantized: bool = False
+    torch_name: str | None = None
+
+    @property
+    def compute_bytes(self) -> int:
+        return {"float32": 4, "float16": 2, "bfloat16": 2}[self.compute]
+
+    def matrix_bytes(self, n_weights: int) -> int:
+        """Bytes of a 2-D weight of ``n_weights`` elements stored in this dtype (rounded up)."""
+        return -(-int(n_weights * self.bits_per_weight) // 8)
+
+
+DTYPES: dict[str, DType] = {
+    d.name: d
+    for d in [
+        DType("float32", 32, "float32", torch_name="float32"),
+        DType("float16", 16, "float16", torch_name="float16"),
+        DType("bfloat16", 16, "bfloat16", torch_name="bfloat16"),
+        # bitsandbytes LLM.int8: int8 weights + one fp16 scale per row (rows amortised to ~0)
+        DType("int8", 8, "bfloat16", quantized=True),
+        # bitsandbytes NF4/FP4, block 64, fp32 absmax -> 4 + 32/64 = 4.5 bits
+        DType("nf4", 4.5, "bfloat16", quantized=True),
+        DType("int4", 4.5, "bfloat16", quantized=True),
+        # GGUF block formats (ggml-common.h): bytes per block / weights per block * 8
+        DType("q8_0", 34 * 8 / 32, "float16", quantized=True),
+        DType("q6_k", 210 * 8 / 256, "float16", quantized=True),
+        DType("q5_k_m", 5.69, "float16", quantized=True),  # mixed Q5_K/Q6_K, llama.cpp's quantize table
+        DType("q4_k_m", 4.89, "float16", quantized=True),  # mixed Q4_K/Q6_K, llama.cpp's quantize table
+        DType("q4_0", 18 * 8 / 32, "float16", quantized=True),
+        DType("q3_k_m", 3.91, "float16", quantized=True),
+        DType("q2_k", 84 * 8 / 256, "float16", quantized=True),
+    ]
+}
+
+_ALIASES = {
+    "fp32": "float32", "f32": "float32", "float": "float32",
+    "fp16": "float16", "f16": "float16", "half": "float16",
+    "bf16": "bfloat16",
+    "4bit": "nf4", "fp4": "nf4", "8bit": "int8",
+    "q4_k": "q4_k_m", "q5_k": "q5_k_m", "q3_k": "q3_k_m",
+}
+
+
+def resolve_dtype(name: str) -> DType:
+    key = str(name).strip().lower().replace("torch.", "")
+    key = _ALIASES.get(key, key)
+    if key not in DTYPES:
+        raise WorkloadError(f"unknown dtype {name!r}; known: {', '.join(DTYPES)}")
+    return DTYPES[key]
+
+
+def dtype_bytes(name: str) -> int:
+    """Bytes per element of a float dtype name ("bfloat16" -> 2)."""
+    return resolve_dtype(name).compute_bytes

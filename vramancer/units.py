@@ -1,0 +1,50 @@
+"""Byte sizes: parse "10GiB" / "500MB" / "1.5G" into ints, format ints for people (GiB = 2**30)."""
+from __future__ import annotations
+
+import re
+
+from .errors import BadInputError
+
+__all__ = ["parse_bytes", "format_bytes", "GiB", "MiB", "KiB"]
+
+KiB = 2**10
+MiB = 2**20
+GiB = 2**30
+TiB = 2**40
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": KiB, "kib": KiB, "kb": 10**3,
+    "m": MiB, "mib": MiB, "mb": 10**6,
+    "g": GiB, "gib": GiB, "gb": 10**9,
+    "t": TiB, "tib": TiB, "tb": 10**12,
+}
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_bytes(text: str | int | float) -> int:
+    """"10GiB" -> 10737418240. Bare "G"/"M" are binary (like llama.cpp and nvidia-smi); "GB" is decimal."""
+    if isinstance(text, bool):
+        raise BadInputError(f"not a size: {text!r}")
+    if isinstance(text, (int, float)):
+        if text < 0:
+            raise BadInputError(f"size must not be negative: {text}")
+        return int(text)
+    m = _SIZE_RE.match(str(text))
+    if not m:
+        raise BadInputError(f"not a size: {text!r} (examples: 10GiB, 512MiB, 24GB)")
+    number, unit = m.groups()
+    factor = _UNITS.get(unit.lower())
+    if factor is None:
+        raise BadInputError(f"unknown size unit {unit!r} in {text!r} (use KiB, MiB, GiB, TiB, MB, GB)")
+    return int(float(number) * factor)
+
+
+def format_bytes(n: int | float, precision: int = 1) -> str:
+    """1.5 * 2**30 -> "1.5 GiB"."""
+    sign = "-" if n < 0 else ""
+    n = abs(float(n))
+    for unit, size in (("TiB", TiB), ("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if n >= size:
+            return f"{sign}{n / size:.{precision}f} {unit}"
+    return f"{sign}{int(n)} B"
