@@ -1,0 +1,184 @@
+"""The planner against brute force on small instances (hypothesis-generated)."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from vramancer.errors import DoesNotFitError, WorkloadError
+from vramancer.plan.memory import BlockTable
+from vramancer.plan.plan import Workload
+from vramancer.plan.planner import _Planner, plan_profile
+
+from .synthetic import GiB, cpu, gpu, synthetic_profile
+
+MiB = 2**20
+
+
+def compositions(n: int, m: int):
+    """All ways to cut blocks [0, n) into m contiguous, possibly empty ranges."""
+    for cuts in itertools.combinations_with_replacement(range(n + 1), m - 1):
+        bounds = (0, *cuts, n)
+        yield [(bounds[i], bounds[i + 1]) for i in range(m)]
+
+
+def brute_force(pl: _Planner, objective: str):
+    """Best (offloaded blocks, seconds) over every device order and every contiguous cut."""
+    devs = pl.devices
+    gpus = [i for i, d in enumerate(devs) if d.kind == "gpu"]
+    tail = [i for i, d in enumerate(devs) if d.kind != "gpu"]
+    seconds = [pl.block_seconds(i, 0) for i in range(len(devs))]
+    hops = pl.hops()
+    best = (math.inf, math.inf)
+    for perm in itertools.permutations(gpus):
+        order = list(perm) + tail
+        for parts in compositions(pl.table.n, len(order)):
+            ok, off, total, worst = True, 0, 0.0, 0.0
+            for d, (s, e) in zip(order, parts):
+                if s == e:
+                    continue
+                if pl.table.range_memory(s, e).total_bytes > pl.capacity[d]:
+                    ok = False
+                    break
+                t = sum(seconds[d][s:e]) + (hops[d] if s > 0 else 0.0)
+                total += t
+                worst = max(worst, t)
+                if devs[d].kind != "gpu":
+                    off += e - s
+            if ok:
+                cost = (off, total if objective == "latency" else worst)
+                best = min(best, cost)
+    return best
+
+
+sizes = st.lists(st.integers(min_value=1, max_value=8), min_size=2, max_size=5)
+device_sets = st.lists(st.tuples(st.integers(min_value=2, max_value=14), st.sampled_from([300e9, 500e9, 936e9])),
+                       min_size=1, max_size=3)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layers=sizes, gpus=device_sets, cpu_gib=st.integers(min_value=0, max_value=40),
+       objective=st.sampled_from(["latency", "throughput"]), context=st.sampled_from([16, 4096]))
+def test_planner_matches_brute_force(layers, gpus, cpu_gib, objective, context):
+    prof = synthetic_profile([x * 256 * MiB for x in layers], embed_bytes=128 * MiB, head_bytes=256 * MiB,
+                             kv_per_token=64 * 1024, act_per_token=8192, logits_per_token=4096)
+    devs = [gpu(f"g{i}", mem * 512 * MiB + 600 * MiB, bw) for i, (mem, bw) in enumerate(gpus)]
+    if cpu_gib:
+        devs.append(cpu(cpu_gib * GiB))
+    wl = Workload(context=context, objective=objective)
+    pl = _Planner(prof, devs, wl, {d.id: (512 * MiB if d.kind == "gpu" else 2 * GiB) for d in devs})
+    expected = brute_force(pl, objective)
+    try:
+        plan = plan_profile(prof, devs, wl, reserve_bytes=512 * MiB, suggest=False)
+    except DoesNotFitError:
+        assert expected[0] == math.inf
+        return
+    assert expected[0] != math.inf
+    # never above a stage's capacity
+    for s in plan.stages:
+        assert s.total_bytes <= s.capacity_bytes
+    # every block placed exactly once, in order
+    covered = [b for s in plan.stages for b in range(*s.blocks)]
+    assert covered == list(range(prof.num_blocks))
+    offloaded = sum(s.num_blocks for s in plan.stages if s.kind != "gpu")
+    # never offloads a block when a GPU-only placement exists (and never more than needed)
+    assert offloaded == expected[0]
+    assert plan.fits == (expected[0] == 0)
+    best = pl.search()
+    assert best is not None
+    assert best.cost[1] == pytest.approx(expected[1], rel=1e-9)
+
+
+def test_faster_device_takes_more_blocks_for_latency():
+    prof = synthetic_profile([GiB] * 20, embed_bytes=GiB, head_bytes=GiB)
+    fast, slow = gpu("fast", 16 * GiB, 1000e9), gpu("slow", 16 * GiB, 250e9)
+    plan = plan_profile(prof, [slow, fast], Workload(context=1024))
+    by_dev = {s.device: s.num_blocks for s in plan.stages}
+    assert by_dev["fast"] > by_dev["slow"]
+    assert plan.fits
+
+
+def test_manual_split_follows_proportions_and_checks_fit():
+    prof = synthetic_profile([GiB] * 8, embed_bytes=GiB // 4, head_bytes=GiB // 4)
+    a, b = gpu("a", 24 * GiB), gpu("b", 12 * GiB)
+    plan = plan_profile(prof, [a, b], Workload(context=1024), split=[3, 1])
+    assert [(s.device, s.blocks) for s in plan.stages] == [("a", (0, 7)), ("b", (7, 10))]
+    assert plan.fits
+    small = gpu("small", 3 * GiB)
+    bad = plan_profile(prof, [small, b], Workload(context=1024), split=[3, 1])
+    assert not bad.fits
+    assert bad.shortfall_bytes > 0
+    assert "needs" in bad.notes[-1]
+    with pytest.raises(WorkloadError):
+        plan_profile(prof, [a, b], Workload(context=1024), split=[1])
+
+
+def test_does_not_fit_anywhere_reports_shortfall():
+    prof = synthetic_profile([4 * GiB] * 4)
+    with pytest.raises(DoesNotFitError) as e:
+        plan_profile(prof, [gpu("a", 6 * GiB)], Workload(context=1024))
+    assert e.value.shortfall_bytes > 10 * GiB
+    assert e.value.exit_code == 3
+
+
+def test_offload_goes_to_cpu_and_says_why():
+    prof = synthetic_profile([2 * GiB] * 10, embed_bytes=GiB, head_bytes=GiB, kv_per_token=256 * 1024)
+    plan = plan_profile(prof, [gpu("a", 12 * GiB), cpu(64 * GiB)], Workload(context=4096))
+    assert not plan.fits
+    assert plan.offloaded and plan.offloaded[0].device == "cpu"
+    assert plan.shortfall_bytes == sum(s.weights_bytes + s.kv_cache_bytes for s in plan.offloaded)
+    assert any("fits on the GPUs" in s or "GPU memory" in s for s in plan.suggestions)
+    d = plan.to_dict()
+    assert d["offloaded"][0]["mode"] in ("execute", "stream")
+
+
+def test_max_context_is_the_largest_that_fits():
+    prof = synthetic_profile([GiB] * 4, embed_bytes=GiB // 2, head_bytes=GiB // 2, kv_per_token=1 * MiB)
+    devs = [gpu("a", 8 * GiB)]
+    plan = plan_profile(prof, devs, Workload(context=512))
+    ctx = plan.max_context
+    assert ctx > 512
+    t = BlockTable(prof, ctx, 1, 512)
+    cap = devs[0].free_bytes - plan.stages[0].reserve_bytes
+    assert t.range_memory(0, prof.num_blocks).total_bytes <= cap
+    t2 = BlockTable(prof, ctx + 1, 1, 512)
+    assert t2.range_memory(0, prof.num_blocks).total_bytes > cap
+
+
+def test_tied_weights_counted_on_each_stage_that_uses_them():
+    prof = synthetic_profile([GiB] * 6, embed_bytes=GiB, tied=True)
+    plan = plan_profile(prof, [gpu("a", 6 * GiB), gpu("b", 6 * GiB)], Workload(context=256))
+    assert len(plan.stages) == 2
+    first, last = plan.stages
+    # each stage holds its layers plus one copy of the tied embedding
+    assert first.weights_bytes == (first.num_blocks - 1) * GiB + GiB
+    assert last.weights_bytes == (last.num_blocks - 1) * GiB + GiB
+
+
+@pytest.mark.parametrize("bad", [dict(context=-1), dict(context=0), dict(batch=0), dict(objective="fast")])
+def test_bad_workload(bad):
+    prof = synthetic_profile([GiB] * 2)
+    wl = Workload(**{**dict(context=16, batch=1, objective="latency"), **bad})
+    with pytest.raises(WorkloadError):
+        plan_profile(prof, [gpu("a", 8 * GiB)], wl)
+
+
+def test_plan_json_round_trip(tmp_path):
+    from vramancer.plan.plan import Plan
+
+    prof = synthetic_profile([GiB] * 4, embed_bytes=GiB, head_bytes=GiB)
+    plan = plan_profile(prof, [gpu("a", 4 * GiB), gpu("b", 6 * GiB)], Workload(context=256))
+    path = tmp_path / "p.json"
+    plan.save(path)
+    again = Plan.load(path)
+    assert again.to_dict() == plan.to_dict()
+    d = plan.to_dict()
+    assert d["schema"] == 1
+    for key in ("model", "workload", "fits", "stages", "offloaded", "blocks", "max_context", "predicted",
+                "device_map", "exports"):
+        assert key in d
+    for s in d["stages"]:
+        assert s["total_bytes"] == s["weights_bytes"] + s["kv_cache_bytes"] + s["activation_bytes"] + s["reserve_bytes"]

@@ -1,0 +1,107 @@
+"""The speed model: seconds per block per device, for one decode step and one prefill chunk.
+
+Decode is memory-bound: a step reads the block's weights (active experts only for MoE) and its KV
+cache once; prefill is compute-bound: a chunk does ``flops_per_token x tokens`` of matmuls. Each
+block's time is the larger of its read time and its compute time, plus a fixed per-block launch
+overhead. Efficiencies are the fractions of the vendors' peaks that good kernels reach:
+
+    DECODE_BANDWIDTH_EFFICIENCY  0.75   (GEMV reaches 70-85% of peak DRAM bandwidth)
+    COMPUTE_EFFICIENCY           0.55   (cuBLAS GEMM on mid-size LLM matmuls, bf16)
+    LINK_EFFICIENCY              0.80   (pinned host->device copies reach ~80% of PCIe peak)
+
+Offloaded blocks: "execute" runs on the CPU (host bandwidth / CPU FLOPs, or disk bandwidth for the
+disk tier, read through the page cache); "stream" copies the block's weights to a GPU before it
+runs, every forward pass, overlapped with compute by prefetch, so its time is max(copy, compute).
+A hop between stages moves ``tokens x hidden x bytes`` over the host link plus a fixed latency.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..devices.device import Device
+from ..models.profile import BlockProfile, ModelProfile
+
+__all__ = ["CostModel", "DECODE_BANDWIDTH_EFFICIENCY", "COMPUTE_EFFICIENCY", "LINK_EFFICIENCY",
+           "GPU_BLOCK_OVERHEAD_S", "CPU_BLOCK_OVERHEAD_S", "HOP_LATENCY_S"]
+
+DECODE_BANDWIDTH_EFFICIENCY = 0.75
+COMPUTE_EFFICIENCY = 0.55
+LINK_EFFICIENCY = 0.80
+GPU_BLOCK_OVERHEAD_S = 60e-6   # ~12 kernel launches per transformer layer at ~5 us
+CPU_BLOCK_OVERHEAD_S = 30e-6
+HOP_LATENCY_S = 25e-6          # device->host->device sync + copy launch
+
+
+@dataclass
+class CostModel:
+    profile: ModelProfile
+    context: int
+    batch: int
+    prefill_chunk: int
+
+    def __post_init__(self) -> None:
+        self.q_tokens = min(self.context, self.prefill_chunk)
+        self.chunk_tokens = self.q_tokens * self.batch
+        # mean context seen by a decode step of a conversation that grows to ``context``
+        self.decode_ctx = max(1, self.context // 2)
+
+    # -- per block ---------------------------------------------------------------------------
+    def _read_seconds(self, nbytes: float, dev: Device) -> float:
+        return nbytes / (dev.bandwidth_bytes_per_s * DECODE_BANDWIDTH_EFFICIENCY)
+
+    def _compute_seconds(self, flops: float, dev: Device) -> float:
+        tf = dev.tflops if dev.tflops > 0 else 0.05
+        return flops / (tf * 1e12 * COMPUTE_EFFICIENCY)
+
+    def _decode_bytes(self, b: BlockProfile) -> float:
+        ctx = self.decode_ctx if b.kv_window is None else min(self.decode_ctx, b.kv_window)
+        return b.read_bytes_per_token + b.kv_bytes_per_token * ctx * self.batch
+
+    def _decode_flops(self, b: BlockProfile) -> float:
+        ctx = self.decode_ctx if b.kv_window is None else min(self.decode_ctx, b.kv_window)
+        return self.batch * (b.flops_per_token + b.attn_flops_per_token_per_ctx * ctx)
+
+    def _prefill_flops(self, b: BlockProfile) -> float:
+        # a chunk ending at ``context`` attends on average to half the context before it
+        ctx = self.context / 2 if b.kv_window is None else min(self.context / 2, b.kv_window)
+        return self.chunk_tokens * (b.flops_per_token + b.attn_flops_per_token_per_ctx * ctx)
+
+    def _overhead(self, dev: Device) -> float:
+        return GPU_BLOCK_OVERHEAD_S if dev.kind == "gpu" else CPU_BLOCK_OVERHEAD_S
+
+    def execute_seconds(self, b: BlockProfile, dev: Device) -> tuple[float, float]:
+        """(decode step, prefill chunk) seconds of block ``b`` run on ``dev`` where its weights live."""
+        if dev.kind == "disk":
+            # executed by the CPU, weights read from the mmapped file at disk speed
+            read_dev_bw = dev.bandwidth_bytes_per_s
+            from ..devices.inventory import _cpu_tflops
+
+            tf = _cpu_tflops()
+            decode = max(b.read_bytes_per_token / (read_dev_bw * LINK_EFFICIENCY),
+                         self._decode_flops(b) / (tf * 1e12 * COMPUTE_EFFICIENCY))
+            prefill = max(b.weights_bytes / (read_dev_bw * LINK_EFFICIENCY),
+                          self._prefill_flops(b) / (tf * 1e12 * COMPUTE_EFFICIENCY))
+            return decode + CPU_BLOCK_OVERHEAD_S, prefill + CPU_BLOCK_OVERHEAD_S
+        decode = max(self._read_seconds(self._decode_bytes(b), dev), self._compute_seconds(self._decode_flops(b), dev))
+        prefill = max(self._read_seconds(b.weights_bytes, dev), self._compute_seconds(self._prefill_flops(b), dev))
+        oh = self._overhead(dev)
+        return decode + oh, prefill + oh
+
+    def stream_seconds(self, b: BlockProfile, src: Device, gpu: Device) -> tuple[float, float]:
+        """(decode, prefill) seconds of block ``b`` kept on ``src`` (cpu/disk) and run on ``gpu``:
+        its weights cross the link every forward pass, overlapped with compute by prefetch."""
+        link = min(src.bandwidth_bytes_per_s, gpu.link_bandwidth_bytes_per_s) * LINK_EFFICIENCY
+        copy = b.weights_bytes / link
+        dec, pre = self.execute_seconds(b, gpu)
+        return max(copy, dec), max(copy, pre)
+
+    # -- between stages ----------------------------------------------------------------------
+    def hop_seconds(self, a: Device, b: Device) -> tuple[float, float]:
+        """(decode, prefill) seconds to move the hidden state from a stage on ``a`` to one on ``b``."""
+        h = self.profile.hidden_size or 4096
+        nbytes_token = h * 2
+        link = min(a.link_bandwidth_bytes_per_s, b.link_bandwidth_bytes_per_s) * LINK_EFFICIENCY
+        if a.kind != "gpu" and b.kind != "gpu":
+            return 0.0, 0.0  # host memory to host memory: no copy
+        return (HOP_LATENCY_S + self.batch * nbytes_token / link,
+                HOP_LATENCY_S + self.chunk_tokens * nbytes_token / link)

@@ -1,0 +1,366 @@
+"""plan(profile, devices, workload) -> Plan: a pure function; nothing is loaded, torch is not imported
+for a catalog model.
+
+Steps: check the workload; profile the model; subtract each device's reserve; find the best
+contiguous placement over GPUs (then host RAM, then disk) with the partitioner; choose for each
+offloaded stage whether to execute it where it lives or stream it to a GPU; predict speeds;
+compute the largest context this placement holds; say what would make it fit when it does not.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any
+
+from ..devices.device import Device
+from ..errors import DoesNotFitError, WorkloadError
+from ..models.profile import ModelProfile
+from ..units import format_bytes, parse_bytes
+from .cost import CostModel
+from .exports import device_map, engine_device_names, llama_cpp_flags, vllm_layer_partition
+from .memory import BlockTable, default_reserve_bytes
+from .partition import MAX_ORDERS, Placement, candidate_orders, partition
+from .plan import Plan, Stage, Workload
+
+__all__ = ["plan", "plan_profile", "check_workload", "SMALLER_DTYPES"]
+
+# what to suggest, in order, when a model does not fit: each smaller than the one before
+SMALLER_DTYPES = ["float16", "int8", "q6_k", "q4_k_m", "q3_k_m"]
+_MAX_CONTEXT_CAP = 1 << 22
+
+
+def check_workload(context: Any, batch: Any, objective: str, prefill_chunk: Any) -> None:
+    for name, v in (("context", context), ("batch", batch), ("prefill chunk", prefill_chunk)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise WorkloadError(f"{name} must be a whole number of tokens, not {v!r}")
+        if v < 1:
+            raise WorkloadError(f"{name} must be at least 1 (got {v})")
+    if objective not in ("latency", "throughput"):
+        raise WorkloadError(f"objective must be 'latency' or 'throughput', not {objective!r}")
+
+
+def _reserve(devices: list[Device], reserve_bytes: int | str | None) -> dict[str, int]:
+    if reserve_bytes is None:
+        return {d.id: default_reserve_bytes(d) for d in devices}
+    r = parse_bytes(reserve_bytes)
+    # the person's reserve applies to GPUs; host and disk keep theirs (they hold the process itself)
+    return {d.id: (r if d.kind == "gpu" else default_reserve_bytes(d)) for d in devices}
+
+
+class _Planner:
+    def __init__(self, profile: ModelProfile, devices: list[Device], workload: Workload,
+                 reserve: dict[str, int]):
+        self.profile = profile
+        self.devices = devices
+        self.workload = workload
+        self.reserve = reserve
+        self.table = BlockTable(profile, workload.context, workload.batch, workload.prefill_chunk)
+        self.cost = CostModel(profile, workload.context, workload.batch, workload.prefill_chunk)
+        self.capacity = [max(0, d.free_bytes - reserve[d.id]) for d in devices]
+        gpus = [d for d in devices if d.kind == "gpu"]
+        self.stream_gpu = max(gpus, key=lambda d: (d.bandwidth_bytes_per_s, d.free_bytes)) if gpus else None
+        self.exec_time: list[list[tuple[float, float]]] = []
+        self.stream_time: list[list[tuple[float, float]] | None] = []
+        for d in devices:
+            self.exec_time.append([self.cost.execute_seconds(b, d) for b in profile.blocks])
+            if d.kind != "gpu" and self.stream_gpu is not None:
+                self.stream_time.append([self.cost.stream_seconds(b, d, self.stream_gpu) for b in profile.blocks])
+            else:
+                self.stream_time.append(None)
+
+    def block_seconds(self, d: int, which: int) -> list[float]:
+        """Per-block time on device d used by the objective (which: 0 decode, 1 prefill)."""
+        ex = [t[which] for t in self.exec_time[d]]
+        st = self.stream_time[d]
+        if st is None:
+            return ex
+        return [min(a, s[which]) for a, s in zip(ex, st)]
+
+    def hops(self) -> list[float]:
+        ref = self.stream_gpu or self.devices[0]
+        return [self.cost.hop_seconds(ref, d)[0] for d in self.devices]
+
+    def search(self, gpu_only: bool = False, max_orders: int = MAX_ORDERS) -> Placement | None:
+        devs = self.devices
+        capacity = list(self.capacity)
+        if gpu_only:
+            capacity = [c if d.kind == "gpu" else -1 for c, d in zip(capacity, devs)]
+        seconds = [self.block_seconds(i, 0) for i in range(len(devs))]
+        hops = self.hops()
+        n = self.table.n
+        if n > 64:  # large models: fewer orders keep planning well under a second
+            max_orders = min(max_orders, 24)
+        best: Placement | None = None
+        for order in candidate_orders(devs, max_orders):
+            p = partition(self.table, devs, order, capacity, seconds, hops, self.workload.objective)
+            if p is not None and (best is None or p.cost < best.cost):
+                best = p
+                if self.workload.objective == "latency" and p.cost[0] == 0 and len(p.ranges) == 1:
+                    break
+        return best
+
+
+def _stage_fits(table: BlockTable, start: int, end: int, cap: int, extra: int = 0) -> bool:
+    return table.range_memory(start, end).total_bytes + extra <= cap
+
+
+def _max_context(profile: ModelProfile, workload: Workload, ranges: list[tuple[int, int, int]],
+                 capacity: list[int], extra: dict[int, int]) -> int:
+    """Largest context at which every stage of this placement still fits (binary search; memory
+    grows monotonically with context)."""
+
+    def fits(ctx: int) -> bool:
+        t = BlockTable(profile, ctx, workload.batch, workload.prefill_chunk)
+        return all(_stage_fits(t, s, e, capacity[d], extra.get(d, 0)) for d, s, e in ranges)
+
+    hi_cap = profile.max_position_embeddings or _MAX_CONTEXT_CAP
+    lo = 0
+    if fits(workload.context):
+        lo = workload.context
+    hi = max(hi_cap, workload.context)
+    if fits(hi):
+        return hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _manual_placement(pl: _Planner, split: list[float]) -> list[tuple[int, int, int]]:
+    """Proportions over the GPUs in the order given (like llama.cpp --tensor-split): repeated layers
+    shared out by cumulative rounding; block 0 with the first GPU used, the head with the last."""
+    gpus = [i for i, d in enumerate(pl.devices) if d.kind == "gpu"]
+    if len(split) != len(gpus):
+        raise WorkloadError(f"--split has {len(split)} parts but there are {len(gpus)} GPUs")
+    if any((not isinstance(x, (int, float))) or x < 0 or math.isnan(x) for x in split) or sum(split) <= 0:
+        raise WorkloadError("--split needs non-negative proportions with a positive sum, like 3,1")
+    n = pl.table.n
+    layers = n - 2 if n > 2 else n
+    total = float(sum(split))
+    bounds, acc = [], 0.0
+    for x in split:
+        acc += x
+        bounds.append(round(layers * acc / total))
+    ranges: list[tuple[int, int, int]] = []
+    prev = 0
+    for g, b in zip(gpus, bounds):
+        if b > prev:
+            ranges.append((g, prev, b))
+        prev = b
+    if n > 2:  # shift by the embedding block, then give block 0 and the head to the end GPUs
+        ranges = [(g, s + 1, e + 1) for g, s, e in ranges]
+        g0, s0, e0 = ranges[0]
+        ranges[0] = (g0, 0, e0)
+        gl, sl, el = ranges[-1]
+        ranges[-1] = (gl, sl, n)
+    return ranges
+
+
+def plan_profile(profile: ModelProfile, devices: list[Device], workload: Workload,
+                 reserve_bytes: int | str | None = None, split: list[float] | None = None,
+                 suggest: bool = True) -> Plan:
+    check_workload(workload.context, workload.batch, workload.objective, workload.prefill_chunk)
+    reserve = _reserve(devices, reserve_bytes)
+    pl = _Planner(profile, devices, workload, reserve)
+    notes: list[str] = []
+    if profile.max_position_embeddings and workload.context > profile.max_position_embeddings:
+        notes.append(f"context {workload.context} is beyond the model's trained maximum of "
+                     f"{profile.max_position_embeddings} tokens")
+
+    if split is not None:
+        ranges = _manual_placement(pl, list(split))
+    else:
+        placement = pl.search()
+        if placement is None:
+            need = sum(pl.table.weights) + sum(pl.table.kv) + max(pl.table.act, default=0)
+            have = sum(pl.capacity)
+            short = max(need - have, 1)
+            sugg = _suggestions(pl, profile, devices, workload, reserve_bytes, short) if suggest else []
+            raise DoesNotFitError(
+                f"{profile.name} does not fit on {', '.join(d.id for d in devices)}: "
+                f"{format_bytes(short)} short at context {workload.context}"
+                + (f" ({'; '.join(sugg)})" if sugg else ""), shortfall_bytes=short, suggestions=sugg)
+        ranges = placement.ranges
+    return _assemble(pl, profile, devices, workload, ranges, notes, split, reserve_bytes, suggest)
+
+
+def _assemble(pl: _Planner, profile: ModelProfile, devices: list[Device], workload: Workload,
+              ranges: list[tuple[int, int, int]], notes: list[str], split: list[float] | None,
+              reserve_bytes: int | str | None, suggest: bool) -> Plan:
+    table = pl.table
+    # offloaded stages: execute where they are, or stream to a GPU, by the cost model
+    modes: dict[int, str] = {}
+    extra: dict[int, int] = {}        # staging buffers for streamed blocks, per GPU device index
+    gpu_stage_devices = [d for d, _, _ in ranges if devices[d].kind == "gpu"]
+    for si, (d, s, e) in enumerate(ranges):
+        if devices[d].kind == "gpu":
+            continue
+        ex = sum(pl.exec_time[d][b][0] for b in range(s, e))
+        st = pl.stream_time[d]
+        mode = "execute"
+        if st is not None and gpu_stage_devices and sum(st[b][0] for b in range(s, e)) < ex:
+            # double buffer of the largest streamed block on the GPU that computes them
+            staging = 2 * max(table.weights[b] for b in range(s, e))
+            target = None
+            for g in sorted(gpu_stage_devices, key=lambda i: -devices[i].bandwidth_bytes_per_s):
+                used = sum(table.range_memory(s2, e2).total_bytes for d2, s2, e2 in ranges if d2 == g)
+                if used + extra.get(g, 0) + staging <= pl.capacity[g]:
+                    target = g
+                    break
+            if target is not None:
+                mode = "stream"
+                extra[target] = extra.get(target, 0) + staging
+                modes[si] = f"stream:{target}"
+        modes.setdefault(si, mode)
+
+    names = engine_device_names(devices)
+    stages: list[Stage] = []
+    block_device: list[str] = [""] * table.n
+    fits = True
+    overflow: list[str] = []
+    prev_dev: Device | None = None
+    hop_dec = hop_pre = 0.0
+    for si, (d, s, e) in enumerate(ranges):
+        dev = devices[d]
+        mem = table.range_memory(s, e)
+        mode = modes.get(si, "execute")
+        compute = None
+        if mode.startswith("stream:"):
+            compute = devices[int(mode.split(":")[1])].id
+            mode = "stream"
+            dec = sum(pl.stream_time[d][b][0] for b in range(s, e))
+            pre = sum(pl.stream_time[d][b][1] for b in range(s, e))
+        else:
+            dec = sum(pl.exec_time[d][b][0] for b in range(s, e))
+            pre = sum(pl.exec_time[d][b][1] for b in range(s, e))
+        act = mem.activation_bytes + extra.get(d, 0)
+        st = Stage(device=dev.id, kind=dev.kind, blocks=(s, e), weights_bytes=mem.weights_bytes,
+                   kv_cache_bytes=mem.kv_cache_bytes, activation_bytes=act,
+                   reserve_bytes=pl.reserve[dev.id], capacity_bytes=dev.free_bytes, mode=mode,
+                   compute_device=compute, torch_device=dev.torch_device,
+                   decode_seconds=dec, prefill_seconds=pre)
+        if prev_dev is not None and prev_dev.id != dev.id:
+            hd, hp = pl.cost.hop_seconds(prev_dev, dev)
+            hop_dec += hd
+            hop_pre += hp
+        prev_dev = dev
+        stages.append(st)
+        for b in range(s, e):
+            block_device[b] = dev.id
+        if dev.kind != "gpu":
+            fits = False
+        if st.total_bytes > st.capacity_bytes:
+            fits = False
+            overflow.append(f"{dev.id} needs {format_bytes(st.total_bytes - st.capacity_bytes)} more")
+
+    stage_ranges = [(devices[d].id, s, e) for d, s, e in ranges]
+    batch = workload.batch
+    total_dec = sum(s.decode_seconds for s in stages) + hop_dec
+    total_pre = sum(s.prefill_seconds for s in stages) + hop_pre
+    if workload.objective == "throughput" and len(stages) > 1:
+        # with enough sequences in flight every stage works at once: the slowest stage sets the pace
+        bottleneck = max(s.decode_seconds for s in stages)
+        decode_tps = batch / bottleneck
+        prefill_tps = table.chunk_tokens / max(s.prefill_seconds for s in stages)
+    else:
+        decode_tps = batch / total_dec
+        prefill_tps = table.chunk_tokens / total_pre
+    predicted = {
+        "decode_tokens_per_s": round(decode_tps, 3),
+        "prefill_tokens_per_s": round(prefill_tps, 1),
+        "decode_ms_per_step": round(total_dec * 1e3, 3),
+        "bottleneck_stage": max(range(len(stages)), key=lambda i: stages[i].decode_seconds),
+    }
+    gpu_only_capacity = pl.capacity
+    max_ctx = _max_context(profile, workload, ranges, gpu_only_capacity, extra) if not overflow else 0
+
+    plan = Plan(
+        model=profile.name, workload=workload, fits=fits and not overflow, stages=stages,
+        blocks=[{"name": b.name, "weights_bytes": b.weights_bytes, "shared_bytes": sum(b.shared.values()),
+                 "kv_bytes_per_token": b.kv_bytes_per_token, "device": block_device[i]}
+                for i, b in enumerate(profile.blocks)],
+        max_context=max_ctx, predicted=predicted,
+        device_map=device_map(profile, block_device, names),
+        exports={}, devices=list(devices), notes=notes, manual_split=list(split) if split else None,
+    )
+    if profile.kind == "causal-lm":
+        plan.exports = {
+            "llama_cpp": llama_cpp_flags(profile, stage_ranges, devices, workload.context, batch),
+            "vllm_pp_layer_partition": vllm_layer_partition(profile, stage_ranges, devices),
+        }
+    if overflow:
+        plan.shortfall_bytes = sum(max(0, s.total_bytes - s.capacity_bytes) for s in stages)
+        plan.notes.append("the manual split does not fit: " + "; ".join(overflow))
+    elif not fits:
+        off = [s for s in stages if s.kind != "gpu"]
+        plan.shortfall_bytes = sum(s.weights_bytes + s.kv_cache_bytes for s in off)
+        nblocks = sum(s.num_blocks for s in off)
+        plan.notes.append(
+            f"does not fit on the GPUs: {nblocks} of {table.n} blocks "
+            f"({format_bytes(plan.shortfall_bytes)}) go to "
+            + ", ".join(f"{s.device} ({s.mode})" for s in off))
+        if suggest:
+            plan.suggestions = _suggestions(pl, profile, devices, workload, reserve_bytes, plan.shortfall_bytes)
+    return plan
+
+
+def _suggestions(pl: _Planner, profile: ModelProfile, devices: list[Device], workload: Workload,
+                 reserve_bytes: int | str | None, shortfall: int) -> list[str]:
+    """What would make the model fit on the GPUs: a shorter context, a smaller dtype, another GPU."""
+    out: list[str] = []
+    gpus = [d for d in devices if d.kind == "gpu"]
+    if gpus:
+        lo, hi = 0, workload.context
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            w = replace(workload, context=mid)
+            p = _Planner(profile, gpus, w, pl.reserve)
+            if p.search(gpu_only=True, max_orders=6) is not None:
+                lo = mid
+            else:
+                hi = mid
+        if lo >= min(256, workload.context // 2):
+            out.append(f"--context {lo} fits on the GPUs")
+        if profile.config is not None and profile.source in ("catalog", "hf-folder", "hf-cache", "config"):
+            from ..models.dtypes import resolve_dtype
+
+            current_bits = resolve_dtype(profile.dtype).bits_per_weight
+            for name in SMALLER_DTYPES:
+                if resolve_dtype(name).bits_per_weight >= current_bits:
+                    continue
+                try:
+                    from ..models.resolve import profile as make_profile
+
+                    other = make_profile(profile.path or profile.name, dtype=name)
+                except Exception:  # noqa: BLE001 - a suggestion must never break the plan
+                    break
+                p = _Planner(other, gpus, workload, pl.reserve)
+                if p.search(gpu_only=True, max_orders=6) is not None:
+                    out.append(f"--dtype {name} fits at context {workload.context}")
+                    break
+    out.append(f"or add about {format_bytes(shortfall + 768 * 2**20, 0)} of GPU memory "
+               f"(e.g. another GPU in --devices)")
+    return out
+
+
+def plan(model: Any, devices: Any = "auto", context: int = 4096, batch: int = 1, dtype: str | None = None,
+         objective: str = "latency", split: list[float] | None = None, reserve_bytes: int | str | None = None,
+         prefill_chunk: int = 512, backing: str = "cpu") -> Plan:
+    """See vramancer.plan. Raises WorkloadError / DeviceSpecError / UnknownModelError (exit 2) and
+    DoesNotFitError (exit 3)."""
+    from ..devices.spec import parse_devices
+
+    check_workload(context, batch, objective, prefill_chunk)
+    if isinstance(model, ModelProfile):
+        prof = model
+    else:
+        from ..models.resolve import profile as make_profile
+
+        prof = make_profile(model, dtype=dtype)
+    devs = parse_devices(devices, backing=backing)
+    workload = Workload(context=context, batch=batch, dtype=prof.dtype, objective=objective,  # type: ignore[arg-type]
+                        prefill_chunk=prefill_chunk)
+    return plan_profile(prof, devs, workload, reserve_bytes=reserve_bytes, split=split)
