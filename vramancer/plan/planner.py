@@ -22,7 +22,7 @@ from .memory import BlockTable, default_reserve_bytes
 from .partition import MAX_ORDERS, Placement, candidate_orders, partition
 from .plan import Plan, Stage, Workload
 
-__all__ = ["plan", "plan_profile", "check_workload", "SMALLER_DTYPES"]
+__all__ = ["plan", "plan_profile", "plan_placement", "check_workload", "SMALLER_DTYPES"]
 
 # what to suggest, in order, when a model does not fit: each smaller than the one before
 SMALLER_DTYPES = ["float16", "int8", "q6_k", "q4_k_m", "q3_k_m"]
@@ -187,9 +187,31 @@ def plan_profile(profile: ModelProfile, devices: list[Device], workload: Workloa
     return _assemble(pl, profile, devices, workload, ranges, notes, split, reserve_bytes, suggest)
 
 
+def plan_placement(profile: ModelProfile, devices: list[Device], workload: Workload, block_devices: list[str],
+                   offload_mode: str | None = None, reserve_bytes: int | str | None = None) -> Plan:
+    """The Plan of a placement made elsewhere (e.g. accelerate's device_map): ``block_devices[b]`` is
+    the device id of block b; runs of the same device become stages. ``offload_mode`` forces
+    "stream" or "execute" for offloaded stages (None: the cost model chooses). Used to judge other
+    tools' placements with the same memory and speed model."""
+    check_workload(workload.context, workload.batch, workload.objective, workload.prefill_chunk)
+    if len(block_devices) != profile.num_blocks:
+        raise WorkloadError(f"placement names {len(block_devices)} blocks, the model has {profile.num_blocks}")
+    index = {d.id: i for i, d in enumerate(devices)}
+    ranges: list[tuple[int, int, int]] = []
+    for b, dev_id in enumerate(block_devices):
+        if dev_id not in index:
+            raise WorkloadError(f"placement names unknown device {dev_id!r}")
+        if ranges and ranges[-1][0] == index[dev_id] and ranges[-1][2] == b:
+            ranges[-1] = (ranges[-1][0], ranges[-1][1], b + 1)
+        else:
+            ranges.append((index[dev_id], b, b + 1))
+    pl = _Planner(profile, devices, workload, _reserve(devices, reserve_bytes))
+    return _assemble(pl, profile, devices, workload, ranges, [], None, reserve_bytes, False, offload_mode)
+
+
 def _assemble(pl: _Planner, profile: ModelProfile, devices: list[Device], workload: Workload,
               ranges: list[tuple[int, int, int]], notes: list[str], split: list[float] | None,
-              reserve_bytes: int | str | None, suggest: bool) -> Plan:
+              reserve_bytes: int | str | None, suggest: bool, offload_mode: str | None = None) -> Plan:
     table = pl.table
     # offloaded stages: execute where they are, or stream to a GPU, by the cost model
     modes: dict[int, str] = {}
@@ -201,7 +223,9 @@ def _assemble(pl: _Planner, profile: ModelProfile, devices: list[Device], worklo
         ex = sum(pl.exec_time[d][b][0] for b in range(s, e))
         st = pl.stream_time[d]
         mode = "execute"
-        if st is not None and gpu_stage_devices and sum(st[b][0] for b in range(s, e)) < ex:
+        prefer_stream = (st is not None and sum(st[b][0] for b in range(s, e)) < ex) if offload_mode is None \
+            else offload_mode == "stream"
+        if st is not None and gpu_stage_devices and prefer_stream:
             # double buffer of the largest streamed block on the GPU that computes them
             staging = 2 * max(table.weights[b] for b in range(s, e))
             target = None
@@ -293,7 +317,7 @@ def _assemble(pl: _Planner, profile: ModelProfile, devices: list[Device], worklo
         }
     if overflow:
         plan.shortfall_bytes = sum(max(0, s.total_bytes - s.capacity_bytes) for s in stages)
-        plan.notes.append("the manual split does not fit: " + "; ".join(overflow))
+        plan.notes.append("this placement does not fit: " + "; ".join(overflow))
     elif not fits:
         off = [s for s in stages if s.kind != "gpu"]
         plan.shortfall_bytes = sum(s.weights_bytes + s.kv_cache_bytes for s in off)

@@ -1,0 +1,44 @@
+"""The public API is pinned, and importing it (or planning a catalog model) never imports torch."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import vramancer
+
+
+def test_public_api_is_pinned():
+    assert sorted(vramancer.__all__) == sorted([
+        "__version__", "parse_devices", "profile", "plan", "load", "track",
+        "Device", "ModelProfile", "BlockProfile", "Plan", "Stage", "Workload",
+        "VramancerError", "BadInputError", "UnknownModelError", "MalformedCheckpointError", "DeviceSpecError",
+        "WorkloadError", "DoesNotFitError", "CheckpointMismatchError", "DeviceOutOfMemoryError", "TraceFileError",
+    ])
+    for name in vramancer.__all__:
+        assert hasattr(vramancer, name), name
+
+
+def test_error_exit_codes():
+    assert vramancer.BadInputError("x").exit_code == 2
+    assert vramancer.UnknownModelError("x").exit_code == 2
+    assert vramancer.DoesNotFitError("x").exit_code == 3
+    assert vramancer.VramancerError("x").exit_code == 1
+
+
+def _modules_after(code: str) -> set[str]:
+    out = subprocess.run([sys.executable, "-c", code + "\nimport sys, json; print(json.dumps(sorted(sys.modules)))"],
+                         capture_output=True, text=True, check=True)
+    return set(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def test_import_does_not_import_torch():
+    mods = _modules_after("import vramancer")
+    assert "torch" not in mods and "transformers" not in mods
+
+
+def test_planning_a_catalog_model_does_not_import_torch():
+    mods = _modules_after(
+        "from vramancer.cli import main\n"
+        "main(['plan', 'llama-3.1-8b', '--devices', 'rtx3090,rtx3060', '--json'])")
+    assert "torch" not in mods and "transformers" not in mods

@@ -1,0 +1,154 @@
+"""`vramancer plan MODEL`: how to split a model over devices, before loading anything."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import WorkloadError
+
+__all__ = ["configure", "main", "add_planner_flags", "planner_kwargs", "render_plan"]
+
+
+def add_planner_flags(p: argparse.ArgumentParser, devices_default: str = "auto") -> None:
+    """The planner's options, shared by every command that plans (plan, run, serve, ...)."""
+    p.add_argument("--devices", default=devices_default,
+                   help="device spec: auto (this machine), or e.g. rtx3090,rtx3060,cpu:64GiB "
+                        "(see `vramancer devices --catalog`)")
+    p.add_argument("--context", type=int, default=4096, help="tokens of context per sequence (default 4096)")
+    p.add_argument("--batch", type=int, default=1, help="sequences at once (default 1)")
+    p.add_argument("--dtype", default=None,
+                   help="weights dtype: bfloat16, float16, float32, int8, nf4, q8_0, q6_k, q4_k_m, ... "
+                        "(default: the checkpoint's)")
+    p.add_argument("--objective", choices=["latency", "throughput"], default="latency",
+                   help="latency: one stream, fastest devices take more blocks; "
+                        "throughput: many streams, balance the slowest stage")
+    p.add_argument("--split", default=None, help="manual proportions over the GPUs in the order given, "
+                   "like llama.cpp --tensor-split (e.g. 3,1)")
+    p.add_argument("--reserve", default=None, help="memory kept free per GPU (default 512MiB + 2%% of the card)")
+    p.add_argument("--prefill-chunk", type=int, default=512, help="tokens per prefill step (default 512)")
+    p.add_argument("--backing", default="cpu", help="real torch device behind simulated GPUs (default cpu)")
+
+
+def parse_split(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise WorkloadError(f"--split must be numbers separated by commas, like 3,1 (got {text!r})") from None
+
+
+def planner_kwargs(args: argparse.Namespace) -> dict:
+    return dict(devices=args.devices, context=args.context, batch=args.batch, dtype=args.dtype,
+                objective=args.objective, split=parse_split(args.split), reserve_bytes=args.reserve,
+                prefill_chunk=args.prefill_chunk, backing=args.backing)
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", help="catalog name (llama-3.1-70b), local HF folder, .safetensors, "
+                   ".gguf, or an HF id in the local cache")
+    add_planner_flags(p)
+    p.add_argument("--json", action="store_true", help="print the Plan JSON")
+    p.add_argument("-o", "--output", default=None, help="also write the Plan JSON to this file")
+    p.add_argument("--list-models", action="store_true", help="list the built-in model catalog")
+
+
+def _block_label(start: int, end: int, n: int) -> str:
+    parts = []
+    if start == 0:
+        parts.append("embed")
+    lo, hi = max(start, 1), min(end, n - 1)
+    if hi > lo:
+        parts.append(f"layer {lo - 1}" if hi - lo == 1 else f"layers {lo - 1}-{hi - 2}")
+    if end == n:
+        parts.append("head")
+    return " + ".join(parts)
+
+
+def _bar(used: int, cap: int, width: int = 16) -> str:
+    if cap <= 0:
+        return ""
+    frac = min(used / cap, 1.0)
+    full = int(round(frac * width))
+    color = "green" if frac < 0.85 else ("yellow" if frac <= 1.0 else "red")
+    return f"[{color}]{'█' * full}[/][dim]{'░' * (width - full)}[/] {used / cap:4.0%}"
+
+
+def render_plan(plan, console) -> None:
+    from rich.table import Table
+
+    from ..units import format_bytes as fb
+
+    n = len(plan.blocks)
+    names = {d.id: d.name for d in plan.devices}
+    w = plan.workload
+    t = Table(title=f"{plan.model}  ·  context {w.context:,}  ·  batch {w.batch}  ·  {w.dtype}  ·  {w.objective}",
+              title_justify="left")
+    for col, just in (("#", "right"), ("device", "left"), ("blocks", "left"), ("weights", "right"),
+                      ("KV cache", "right"), ("activ.", "right"), ("reserve", "right"), ("free", "right"),
+                      ("fullness", "left")):
+        t.add_column(col, justify=just)
+    for i, s in enumerate(plan.stages):
+        dev = s.device + (f" ({names[s.device]})" if names.get(s.device) and names[s.device] != s.device else "")
+        if s.kind != "gpu":
+            dev += f"  [{s.mode}{' on ' + s.compute_device if s.compute_device else ''}]"
+        free = s.capacity_bytes - s.total_bytes
+        t.add_row(str(i), dev, f"{s.blocks[0]}-{s.blocks[1] - 1}  {_block_label(*s.blocks, n)}",
+                  fb(s.weights_bytes), fb(s.kv_cache_bytes), fb(s.activation_bytes), fb(s.reserve_bytes),
+                  ("[red]" + fb(free) + "[/]") if free < 0 else fb(free), _bar(s.total_bytes, s.capacity_bytes))
+    console.print(t)
+    p = plan.predicted
+    if plan.fits:
+        console.print(f"[bold green]Fits on the GPUs.[/] Largest context for this split: "
+                      f"[bold]{plan.max_context:,}[/] tokens.")
+    elif plan.manual_split and plan.shortfall_bytes and not plan.offloaded:
+        console.print(f"[bold red]Does not fit:[/] {plan.notes[-1]}")
+    else:
+        console.print(f"[bold yellow]Does not fit on the GPUs[/]: {fb(plan.shortfall_bytes)} short; "
+                      f"{sum(s.num_blocks for s in plan.offloaded)} of {n} blocks run from "
+                      + ", ".join(f"{s.device} ({s.mode})" for s in plan.offloaded) + ".")
+        for sgg in plan.suggestions:
+            console.print(f"  to fit: {sgg}")
+    console.print(f"Predicted: [bold]{p['decode_tokens_per_s']:.1f}[/] tokens/s decode "
+                  f"({p['decode_ms_per_step']:.1f} ms/step), {p['prefill_tokens_per_s']:.0f} tokens/s prefill.")
+    for note in plan.notes:
+        if plan.fits or not note.startswith("does not fit"):
+            console.print(f"[dim]note: {note}[/]")
+    if plan.exports:
+        console.print(f"[dim]llama.cpp: {plan.exports['llama_cpp']}   vLLM: "
+                      f"VLLM_PP_LAYER_PARTITION={plan.exports['vllm_pp_layer_partition']}[/]")
+
+
+def _list_models(console) -> int:
+    from rich.table import Table
+
+    from ..models.catalog import list_models
+
+    t = Table(title="Model catalog (plans with no download)")
+    for col in ("name", "HF id", "kind", "description"):
+        t.add_column(col)
+    for m in list_models():
+        t.add_row(m.key, m.hf_id, m.kind, m.description)
+    console.print(t)
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .planner import plan
+
+    console = Console()
+    if args.list_models:
+        return _list_models(console)
+    if not args.model:
+        raise WorkloadError("which model? e.g. `vramancer plan llama-3.1-8b` (see --list-models)")
+    result = plan(args.model, **planner_kwargs(args))
+    if args.output:
+        result.save(args.output)
+    if args.json:
+        sys.stdout.write(result.to_json() + "\n")
+    else:
+        render_plan(result, console)
+    # a manual split that overflows a device cannot run: exit 3 ("does not fit")
+    return 3 if (result.shortfall_bytes and not result.offloaded and not result.fits) else 0
