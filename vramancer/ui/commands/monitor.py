@@ -1,0 +1,94 @@
+"""``vramancer monitor``: live VRAM in the terminal (textual), or one line per sample with --no-tui.
+
+    vramancer monitor [--devices SPEC] [--interval S] [--duration S] [--export FILE] [--no-tui]
+
+Keys in the TUI: e export (to --export, else a timestamped CSV + JSON pair here), p pause the
+display (recording goes on), q quit. ``--export FILE`` (.csv or .json) is also written on exit.
+``--no-tui`` line format (one per sample, flushed):
+    2025-01-31T14:03:07.250 rtx3090#0 1.25/24.00 GiB | cpu 10.02/62.70 GiB phase=load
+"""
+from __future__ import annotations
+
+import argparse
+import queue
+import sys
+import time
+from pathlib import Path
+
+from ...errors import VramancerError
+from . import add_duration_argument, check_duration, missing_toolkit
+
+__all__ = ["configure", "main", "run_lines"]
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    from ..source import add_source_arguments
+
+    add_source_arguments(parser)
+    add_duration_argument(parser)
+    parser.add_argument("--export", metavar="FILE", default=None,
+                        help="write the recorded trace here (.csv or .json) on exit and on the e key")
+    parser.add_argument("--no-tui", action="store_true",
+                        help="print one line per sample instead of the terminal UI (for logs and pipes)")
+
+
+def run_lines(recorder, duration_s: float | None, out=None) -> int:
+    """Start ``recorder``, print one line per snapshot until ``duration_s`` passes (or Ctrl-C)."""
+    from ..view import sample_line
+
+    out = out or sys.stdout
+    subscription = recorder.subscribe()
+    deadline = None if duration_s is None else time.monotonic() + duration_s
+    try:
+        with recorder:
+            while True:
+                wait = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
+                if wait <= 0:
+                    break
+                try:
+                    snap = subscription.get(timeout=wait)
+                except queue.Empty:
+                    snap = None
+                if snap is not None:
+                    out.write(sample_line(snap) + "\n")
+                    out.flush()
+    finally:
+        subscription.close()
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..source import export_format, export_trace, recorder_from_args
+
+    duration_s = check_duration(args.duration)
+    export = Path(args.export) if args.export else None
+    if export is not None:
+        export_format(export)          # a bad suffix is bad input before anything runs
+    recorder = recorder_from_args(args)
+    use_tui = not args.no_tui
+    if use_tui and not sys.stdout.isatty():
+        print("vramancer monitor: stdout is not a terminal; printing one line per sample (--no-tui)",
+              file=sys.stderr)
+        use_tui = False
+    try:
+        if not use_tui:
+            try:
+                return run_lines(recorder, duration_s)
+            except BrokenPipeError:        # `vramancer monitor --no-tui | head`
+                sys.stdout = None          # type: ignore[assignment]  (nothing more to flush)
+                return 0
+        try:
+            from ..tui import MonitorApp
+        except ModuleNotFoundError as e:
+            raise VramancerError(missing_toolkit("monitor", "textual", "ui", e)
+                                 + " (or use --no-tui)") from None
+        with recorder:
+            app = MonitorApp(recorder, interval_s=args.interval, export_path=export, duration_s=duration_s)
+            code = app.run()
+        for path in app.exported:
+            print(f"exported {path}", file=sys.stderr)
+        return int(code or 0)
+    finally:
+        if export is not None and recorder.snapshots():
+            for path in export_trace(recorder, export):
+                print(f"wrote {path}", file=sys.stderr)

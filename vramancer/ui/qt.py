@@ -1,0 +1,256 @@
+"""The desktop window (PySide6 + pyqtgraph): a live memory chart per device, a process table
+and the peaks, fed from the Recorder's subscription by a QTimer on the GUI thread.
+
+Imported only by ``vramancer gui`` and tests; it does not start or stop the recorder.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import deque
+from typing import Any
+
+from PySide6 import QtCore, QtGui, QtWidgets  # noqa: I001  (PySide6 first: pyqtgraph binds to it)
+import pyqtgraph as pg
+
+from ..telemetry.samples import DeviceSample, Snapshot
+from ..units import GiB
+from .view import (device_view, iso_time, no_process_text, peak_rows, process_rows, top_phase_rows,
+                   top_process_text)
+
+__all__ = ["MonitorWindow", "DeviceChart", "run_gui", "has_display", "HISTORY_POINTS"]
+
+HISTORY_POINTS = 600
+PEAKS_REFRESH_S = 1.0
+
+
+def has_display() -> bool:
+    """Whether Qt can open a window here (it aborts the process when it cannot)."""
+    if os.environ.get("QT_QPA_PLATFORM"):
+        return True
+    if sys.platform.startswith("linux"):
+        return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+    return True
+
+
+class DeviceChart(QtWidgets.QGroupBox):
+    """One device: usage text and bar, other fields, and memory used over time (GiB)."""
+
+    def __init__(self, device: str, history_points: int = HISTORY_POINTS,
+                 parent: QtWidgets.QWidget | None = None) -> None:
+        super().__init__(device, parent)
+        self.device = device
+        self.xs: deque[float] = deque(maxlen=history_points)          # unix seconds
+        self.used: deque[float] = deque(maxlen=history_points)        # GiB (nan: absent)
+        self.total: deque[float] = deque(maxlen=history_points)       # GiB (nan: absent)
+        layout = QtWidgets.QVBoxLayout(self)
+        row = QtWidgets.QHBoxLayout()
+        self.bar = QtWidgets.QProgressBar()
+        self.bar.setRange(0, 1000)
+        self.bar.setTextVisible(False)
+        self.bar.setMaximumHeight(12)
+        self.usage = QtWidgets.QLabel("")
+        row.addWidget(self.bar, 1)
+        row.addWidget(self.usage)
+        layout.addLayout(row)
+        self.details = QtWidgets.QLabel("")
+        self.details.setStyleSheet("color: gray")
+        self.details.setWordWrap(True)
+        layout.addWidget(self.details)
+        self.plot = pg.PlotWidget(axisItems={"bottom": pg.DateAxisItem(orientation="bottom")})
+        self.plot.setMinimumHeight(180)
+        self.plot.setSizePolicy(QtWidgets.QSizePolicy.Expanding, QtWidgets.QSizePolicy.Ignored)
+        self.plot.setLabel("left", "GiB")
+        self.plot.showGrid(x=True, y=True, alpha=0.25)
+        self.plot.addLegend(offset=(10, 5))
+        self.plot.setMouseEnabled(x=False, y=False)
+        self.total_curve = self.plot.plot([], [], name="total",
+                                          pen=pg.mkPen((150, 150, 150), width=1, style=QtCore.Qt.DashLine))
+        self.used_curve = self.plot.plot([], [], name="used", pen=pg.mkPen((94, 196, 255), width=2),
+                                         fillLevel=0, brush=pg.mkBrush(94, 196, 255, 50))
+        layout.addWidget(self.plot, 1)          # the chart takes the spare height
+
+    def add(self, sample: DeviceSample, timestamp: float) -> None:
+        nan = float("nan")
+        self.xs.append(timestamp)
+        self.used.append(sample.used_bytes / GiB if sample.used_bytes is not None else nan)
+        self.total.append(sample.total_bytes / GiB if sample.total_bytes is not None else nan)
+
+    def redraw(self) -> None:
+        xs = list(self.xs)
+        self.used_curve.setData(xs, list(self.used), connect="finite")
+        self.total_curve.setData(xs, list(self.total), connect="finite")
+        top = max([v for v in list(self.used) + list(self.total) if v == v] or [1.0])
+        self.plot.setYRange(0, top * 1.05, padding=0)
+
+    def show_sample(self, sample: DeviceSample) -> None:
+        view = device_view(sample)
+        self.setTitle(view.title)
+        self.usage.setText(view.usage)
+        self.bar.setValue(int(round((view.fraction or 0.0) * 1000)))
+        self.details.setText("  ·  ".join(view.details))
+        self.setStyleSheet("QGroupBox { color: #d33; font-weight: bold }" if view.lost else "")
+
+
+def _table(headers: list[str]) -> QtWidgets.QTableWidget:
+    t = QtWidgets.QTableWidget(0, len(headers))
+    t.setHorizontalHeaderLabels(headers)
+    t.verticalHeader().setVisible(False)
+    t.setEditTriggers(QtWidgets.QAbstractItemView.NoEditTriggers)
+    t.setSelectionMode(QtWidgets.QAbstractItemView.NoSelection)
+    t.horizontalHeader().setSectionResizeMode(QtWidgets.QHeaderView.Stretch)
+    return t
+
+
+def _fill(table: QtWidgets.QTableWidget, rows: list[tuple], numeric: tuple[int, ...] = ()) -> None:
+    table.setRowCount(len(rows))
+    for r, row in enumerate(rows):
+        for c, cell in enumerate(row):
+            item = QtWidgets.QTableWidgetItem(str(cell))
+            if c in numeric:
+                item.setTextAlignment(QtCore.Qt.AlignRight | QtCore.Qt.AlignVCenter)
+            table.setItem(r, c, item)
+
+
+class MonitorWindow(QtWidgets.QMainWindow):
+    """Live view of ``recorder``; polls its subscription every ``poll_ms`` on the GUI thread."""
+
+    def __init__(self, recorder: Any, *, interval_s: float = 1.0, poll_ms: int | None = None,
+                 history_points: int = HISTORY_POINTS) -> None:
+        super().__init__()
+        self.recorder = recorder
+        self.history_points = history_points
+        self.charts: dict[str, DeviceChart] = {}
+        self.samples_seen = 0
+        self.last_snapshot: Snapshot | None = None
+        self._peaks_at = 0.0
+        self.setWindowTitle("VRAMancer — live VRAM")
+        self.resize(1100, 760)
+
+        self.grid_host = QtWidgets.QWidget()
+        self.grid = QtWidgets.QGridLayout(self.grid_host)
+        self.waiting = QtWidgets.QLabel("waiting for the first sample…")
+        self.grid.addWidget(self.waiting, 0, 0)
+        scroll = QtWidgets.QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setWidget(self.grid_host)
+
+        self.processes = _table(["pid", "name", "device", "used"])
+        self.peaks = _table(["device", "peak", "at", "phase", "headroom"])
+        self.top_phases = QtWidgets.QLabel("")
+        proc_box = QtWidgets.QGroupBox("Processes")
+        QtWidgets.QVBoxLayout(proc_box).addWidget(self.processes)
+        peaks_box = QtWidgets.QGroupBox("Peaks")
+        peaks_layout = QtWidgets.QVBoxLayout(peaks_box)
+        peaks_layout.addWidget(self.peaks)
+        peaks_layout.addWidget(self.top_phases)
+        bottom = QtWidgets.QWidget()
+        bottom_layout = QtWidgets.QHBoxLayout(bottom)
+        bottom_layout.setContentsMargins(0, 0, 0, 0)
+        bottom_layout.addWidget(proc_box)
+        bottom_layout.addWidget(peaks_box)
+
+        splitter = QtWidgets.QSplitter(QtCore.Qt.Vertical)
+        splitter.addWidget(scroll)
+        splitter.addWidget(bottom)
+        splitter.setStretchFactor(0, 3)
+        splitter.setStretchFactor(1, 1)
+        splitter.setSizes([540, 200])
+        self.setCentralWidget(splitter)
+        self.status = self.statusBar()
+
+        self._subscription = recorder.subscribe()
+        past = list(recorder.snapshots())[-history_points:]
+        for snap in past:
+            self._take(snap)
+        if past:
+            self._show(past[-1], force_peaks=True)
+        self.timer = QtCore.QTimer(self)
+        self.timer.timeout.connect(self.poll)
+        self.timer.start(int(poll_ms if poll_ms is not None else max(50, min(250, interval_s * 500))))
+
+    def chart(self, device: str) -> DeviceChart:
+        chart = self.charts.get(device)
+        if chart is None:
+            if self.waiting is not None:
+                self.grid.removeWidget(self.waiting)
+                self.waiting.hide()
+                self.waiting.deleteLater()
+                self.waiting = None
+            chart = DeviceChart(device, self.history_points)
+            n = len(self.charts)
+            self.grid.addWidget(chart, n // 2, n % 2)
+            self.charts[device] = chart
+        return chart
+
+    def poll(self) -> int:
+        """Take every queued snapshot, redraw; returns how many came in."""
+        if self._subscription is None:
+            return 0
+        new = self._subscription.drain()
+        for snap in new:
+            self._take(snap)
+        if new:
+            self._show(new[-1])
+        return len(new)
+
+    def _take(self, snap: Snapshot) -> None:
+        self.samples_seen += 1
+        self.last_snapshot = snap
+        for sample in snap.devices:
+            self.chart(sample.device).add(sample, snap.timestamp)
+
+    def _show(self, snap: Snapshot, force_peaks: bool = False) -> None:
+        for sample in snap.devices:
+            self.chart(sample.device).show_sample(sample)
+        for chart in self.charts.values():
+            chart.redraw()
+        rows = process_rows(snap.processes) or [("-", no_process_text(snap), "", "")]
+        _fill(self.processes, rows, numeric=(3,))
+        now = time.monotonic()
+        if force_peaks or now - self._peaks_at >= PEAKS_REFRESH_S:
+            self._peaks_at = now
+            report = self.recorder.peaks().to_dict()
+            _fill(self.peaks, peak_rows(report), numeric=(1, 4))
+            phases = top_phase_rows(report)
+            lines = []
+            if phases:
+                lines.append("top phases: " + ", ".join(f"{n} {p}" for n, p in phases))
+            top_process = top_process_text(report)
+            if top_process:
+                lines.append("top process: " + top_process)
+            self.top_phases.setText("\n".join(lines))
+        msg = f"last sample {iso_time(snap.timestamp)[11:]}  ·  {self.samples_seen} samples"
+        if snap.phase:
+            msg += f"  ·  phase {snap.phase}"
+        if snap.missing:
+            msg += "  ·  missing: " + "; ".join(snap.missing)
+        self.status.showMessage(msg)
+
+    def closeEvent(self, event: QtGui.QCloseEvent) -> None:  # noqa: N802 (Qt's name)
+        self.timer.stop()
+        if self._subscription is not None:
+            self._subscription.close()
+            self._subscription = None
+        super().closeEvent(event)
+
+
+def run_gui(recorder: Any, *, interval_s: float = 1.0, duration_s: float | None = None,
+            screenshot: str | None = None) -> int:
+    """Show the window until it is closed (or ``duration_s`` passes); ``screenshot``: a PNG
+    of the window written just before it closes."""
+    app = QtWidgets.QApplication.instance() or QtWidgets.QApplication(["vramancer"])
+    window = MonitorWindow(recorder, interval_s=interval_s)
+    window.show()
+
+    def finish() -> None:
+        window.poll()
+        if screenshot:
+            window.grab().save(str(screenshot), "PNG")
+        window.close()
+        app.quit()
+
+    if duration_s is not None:
+        QtCore.QTimer.singleShot(int(max(duration_s, 0) * 1000), finish)
+    return int(app.exec() or 0)

@@ -1,0 +1,110 @@
+"""Serving the dashboard with uvicorn: a listening socket we bind ourselves (so a port that is
+taken is one clear error and ``--port 0`` picks a free one), in the foreground for the CLI or
+in a thread for tests and embedding."""
+from __future__ import annotations
+
+import ipaddress
+import socket
+import threading
+import time
+from typing import Any
+
+from ...errors import VramancerError
+
+__all__ = ["is_loopback", "bind_socket", "ThreadedServer", "serve_forever"]
+
+GRACEFUL_SHUTDOWN_S = 2
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError as e:
+        sock.close()
+        raise VramancerError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _config(app: Any, log_level: str):
+    import uvicorn
+
+    return uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="off",
+                          timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+
+
+def serve_forever(app: Any, sock: socket.socket, duration_s: float | None = None,
+                  log_level: str = "warning") -> None:
+    """Serve ``app`` on ``sock`` until Ctrl-C (uvicorn's signal handling) or ``duration_s``."""
+    import uvicorn
+
+    server = uvicorn.Server(_config(app, log_level))
+    timer = None
+    if duration_s is not None:
+        timer = threading.Timer(duration_s, setattr, args=(server, "should_exit", True))
+        timer.daemon = True
+        timer.start()
+    try:
+        server.run(sockets=[sock])
+    finally:
+        if timer is not None:
+            timer.cancel()
+        stop = getattr(getattr(app, "state", None), "stop_event", None)
+        if stop is not None:
+            stop.set()
+        sock.close()
+
+
+class ThreadedServer:
+    """``app`` served on ``host:port`` (0: a free port) in a daemon thread; ``url`` once started.
+
+        with ThreadedServer(create_app(rec)) as server:
+            httpx.get(server.url + "/api/snapshot")
+    """
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        import uvicorn
+
+        self.app = app
+        self.sock = bind_socket(host, port)
+        self.host, self.port = self.sock.getsockname()[:2]
+        self.url = f"http://{host}:{self.port}"
+        self._server = uvicorn.Server(_config(app, log_level))
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self.sock]},
+                                        name="vramancer-dashboard", daemon=True)
+
+    def start(self, timeout_s: float = 10.0) -> "ThreadedServer":
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise VramancerError(f"the dashboard did not start on {self.url}")
+            time.sleep(0.02)
+        return self
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        stop = getattr(getattr(self.app, "state", None), "stop_event", None)
+        if stop is not None:
+            stop.set()
+        self._server.should_exit = True
+        self._thread.join(timeout_s)
+        self.sock.close()
+
+    def __enter__(self) -> "ThreadedServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
