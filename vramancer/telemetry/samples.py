@@ -27,6 +27,7 @@ class DeviceSample:
     mem_clock_mhz: float | None = None
     lost: bool = False
     missing: list[str] = field(default_factory=list)
+    peak_bytes: int | None = None       # the sampler's own running peak (torch max_memory_allocated)
 
     @property
     def free_bytes(self) -> int | None:
@@ -55,6 +56,7 @@ class Snapshot:
     devices: list[DeviceSample] = field(default_factory=list)
     processes: list[ProcessSample] = field(default_factory=list)
     phase: str | None = None        # set by the Recorder: the innermost active phase
+    missing: list[str] = field(default_factory=list)   # what could not be sampled this tick, one line each
 
     def to_dict(self) -> dict:
         return {
@@ -62,4 +64,5 @@ class Snapshot:
             "phase": self.phase,
             "devices": [d.to_dict() for d in self.devices],
             "processes": [p.to_dict() for p in self.processes],
+            "missing": list(self.missing),
         }

@@ -1,0 +1,113 @@
+"""`vramancer report FILE [--json] [--plot out.png]`: the peak analysis of a recorded trace
+(CSV or JSON, as `monitor --export` / `Recorder.to_csv` / `to_json` write them) and a chart.
+
+A missing, truncated or malformed file exits 2 with one line (TraceFileError)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+__all__ = ["configure", "main", "render_report"]
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", metavar="FILE", help="a trace recorded as .csv or .json")
+    parser.add_argument("--json", action="store_true", help="print the peak report as JSON")
+    parser.add_argument("--plot", metavar="PNG", help="draw memory over time per device, phases shaded, to PNG")
+    parser.add_argument("--top", type=int, default=10, metavar="N", help="processes and phases to list (default 10)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..errors import BadInputError
+    from .export import read_trace
+    from .peaks import analyse
+
+    if args.top < 1:
+        raise BadInputError(f"--top must be at least 1, got {args.top}")
+    trace = read_trace(args.file)
+    report = analyse(trace.snapshots, trace.phases)
+    if args.plot:
+        from .plot import plot_trace
+
+        plot_trace(trace, args.plot, report)
+    if args.json:
+        doc = report.to_dict()
+        doc["trace"] = {"path": trace.path, "format": trace.format, "interval": trace.interval,
+                        "marks": [m.to_dict() for m in trace.marks]}
+        if args.plot:
+            doc["plot"] = str(args.plot)
+        json.dump(doc, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        render_report(trace, report, top=args.top)
+        if args.plot:
+            print(f"chart written to {args.plot}")
+    return 0
+
+
+def _bytes(n: int | None) -> str:
+    from ..units import format_bytes
+
+    return "-" if n is None else format_bytes(n, 2)
+
+
+def _at(ts: float | None, t0: float | None) -> str:
+    if ts is None or t0 is None:
+        return "-"
+    return f"+{ts - t0:.2f} s"
+
+
+def render_report(trace, report, top: int = 10, console=None) -> None:
+    """Print the peak report as rich tables."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    t0 = report.start
+    span = (report.end - report.start) if report.start is not None and report.end is not None else 0.0
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t0)) if t0 is not None else "-"
+    interval = f", interval {trace.interval:g} s" if trace.interval else ""
+    console.print(f"[bold]{trace.path}[/bold]: {report.samples} samples over {span:.1f} s from {started}{interval}")
+    if not report.samples:
+        console.print("the trace has no samples")
+        return
+
+    t = Table(title="Peak memory per device", title_justify="left")
+    for col, just in (("device", "left"), ("name", "left"), ("peak used", "right"), ("total", "right"),
+                      ("headroom", "right"), ("peak reserved", "right"), ("at", "right"), ("phase", "left"),
+                      ("notes", "left")):
+        t.add_column(col, justify=just)
+    for d in report.devices:
+        notes = []
+        if d.lost:
+            notes.append(f"[red]lost {_at(d.lost_timestamp, t0)}[/red]")
+        if d.missing:
+            notes.append("not reported: " + ", ".join(d.missing))
+        t.add_row(d.device, d.name, _bytes(d.peak_used_bytes), _bytes(d.total_bytes), _bytes(d.headroom_bytes),
+                  _bytes(d.peak_reserved_bytes), _at(d.peak_timestamp, t0), d.peak_phase or "-", "; ".join(notes))
+    console.print(t)
+
+    if report.processes:
+        t = Table(title="Peak memory per process", title_justify="left")
+        for col, just in (("pid", "right"), ("process", "left"), ("device", "left"), ("peak used", "right"),
+                          ("at", "right"), ("phase", "left")):
+            t.add_column(col, justify=just)
+        for p in report.processes[:top]:
+            t.add_row(str(p.pid), p.name or "(gone)", p.device, _bytes(p.peak_used_bytes),
+                      _at(p.peak_timestamp, t0), p.peak_phase or "-")
+        console.print(t)
+
+    if report.phases:
+        t = Table(title="Phases by peak", title_justify="left")
+        for col, just in (("phase", "left"), ("peak used", "right"), ("on", "left"), ("at", "right"),
+                          ("duration", "right"), ("samples", "right")):
+            t.add_column(col, justify=just)
+        for ph in report.phases[:top]:
+            t.add_row(ph.name, _bytes(ph.peak_used_bytes), ph.device or "-", _at(ph.peak_timestamp, t0),
+                      f"{ph.duration_s:.2f} s" if ph.duration_s is not None else "-", str(ph.samples))
+        console.print(t)
+    gaps = sorted({m for s in trace.snapshots for m in s.missing})
+    if gaps:
+        console.print("[yellow]not sampled:[/yellow] " + "; ".join(gaps[:5]) + (" ..." if len(gaps) > 5 else ""))
