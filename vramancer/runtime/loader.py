@@ -1,0 +1,648 @@
+"""Load a model split over devices: build it on ``meta``, then read each tensor of the safetensors
+checkpoint straight onto the device of the stage that owns it, and attach the split runtime.
+
+    model = vramancer.runtime.loader.load("./my-model", devices="rtx3090,rtx3060")
+    model.generate(...)            # transformers interface
+    model.vramancer                # the SplitRuntime: .plan, .stages, .memory_report(), .detach()
+
+Where each tensor goes, by its stage in the plan:
+  * "execute" stage: its torch device (a GPU, or the CPU for the cpu tier and simulated devices);
+  * "stream" stage on the cpu tier: host RAM (pinned when the compute device is CUDA), copied to the
+    compute device just before use (see stream.py);
+  * "stream" stage on the disk tier: nothing is loaded; the tensor streams from the checkpoint file
+    (or, when it must be converted first, from an offload file written here one tensor at a time).
+
+Host memory during a load stays at what the loaded model keeps in host RAM plus one staging buffer
+of the largest tensor: tensors are read with ``pread`` into their destination (see checkpoint.py).
+Checkpoint names are mapped to the model's with transformers' own conversion mapping (renames such
+as ``block_sparse_moe`` -> ``mlp``, and merges such as per-expert weights -> fused expert tensors).
+Tied weights (embeddings and LM head) are one tensor on a stage that holds both, one copy on each
+stage otherwise.
+"""
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from ..errors import (
+    BadInputError,
+    CheckpointMismatchError,
+    DeviceOutOfMemoryError,
+    UnknownModelError,
+    WorkloadError,
+)
+from ..units import format_bytes
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from torch import nn
+
+    from ..models.profile import ModelProfile
+    from ..plan.plan import Plan
+    from .checkpoint import Checkpoint
+    from .layout import BlockLayout, StageLayout
+    from .split import SplitRuntime
+
+__all__ = ["load", "load_module", "load_folder", "build_empty_model", "model_class", "torch_dtype",
+           "weights_folder", "block_layout"]
+
+_FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+_LIST_MAX = 12
+
+
+def torch_dtype(name: str) -> "torch.dtype":
+    """"bfloat16" / "bf16" -> torch.bfloat16; quantized names are refused (the runtime runs float weights)."""
+    import torch
+
+    from ..models.dtypes import resolve_dtype
+
+    d = resolve_dtype(name)
+    if d.quantized or d.name not in _FLOAT_DTYPES:
+        raise WorkloadError(f"the runtime loads float weights (float32, float16, bfloat16), not {d.name}")
+    return getattr(torch, d.name)
+
+
+def weights_folder(model: Any) -> Path:
+    """The local folder with config.json and safetensors for ``model`` (a folder, or a name the
+    profile resolver finds on disk, such as an HF id in the local cache)."""
+    p = Path(str(model)).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise UnknownModelError(f"{p}: no config.json (a transformers model folder is needed)")
+        return p
+    if p.is_file():
+        if p.suffix == ".safetensors" and (p.parent / "config.json").is_file():
+            return p.parent
+        raise UnknownModelError(f"{p}: the runtime loads a transformers folder (config.json + safetensors)")
+    from ..models.resolve import profile as make_profile
+
+    prof = make_profile(model)
+    if not prof.path:
+        raise UnknownModelError(f"{model}: no local weights (catalog models can be planned, not run); "
+                                "pass a folder with config.json and safetensors")
+    return weights_folder(prof.path)
+
+
+def model_class(config: Any) -> type:
+    """The transformers class named in ``config.architectures``, else the causal-LM / base auto class."""
+    import transformers
+
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    for auto in (AutoModelForCausalLM, AutoModel):
+        if type(config) in auto._model_mapping:
+            return auto._model_mapping[type(config)]
+    raise UnknownModelError(f"transformers has no model class for {getattr(config, 'model_type', '?')}")
+
+
+def build_empty_model(config: Any, dtype: "torch.dtype") -> "nn.Module":
+    """The model of ``config`` with parameters on ``meta`` (no memory) and buffers computed on the
+    CPU, tied weights tied, in eval mode."""
+    from accelerate import init_empty_weights
+
+    cls = model_class(config)
+    with init_empty_weights(include_buffers=False):
+        model = cls._from_config(config, dtype=dtype)
+    model.tie_weights()
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def block_layout(model_ref: Any, module: "nn.Module", dtype: str | None) -> "BlockLayout":
+    """Blocks as the profile names them (the planner planned over the same blocks): the profile of
+    ``model_ref`` (a folder) when given, else the profile read off ``module``."""
+    from .layout import layout_from_profile
+
+    prof = None
+    if model_ref is not None:
+        try:
+            from ..models.resolve import profile as make_profile
+        except ImportError:  # pragma: no cover - resolver absent: read the blocks off the module
+            make_profile = None
+        if make_profile is not None:
+            prof = make_profile(model_ref, dtype=dtype)
+            if not all(b.modules for b in prof.blocks):
+                prof = None
+    if prof is None:
+        from ..models.module import profile_from_module
+
+        prof = profile_from_module(module, dtype=dtype)
+    return layout_from_profile(prof)
+
+
+# ------------------------------------------------------------------------------------------------
+# where each tensor comes from
+@dataclass
+class _Source:
+    """``key`` in the checkpoint, or ``tensor`` (an nn.Module's own, or the output of a conversion),
+    or ``convert``: a callable producing {target name: tensor} (run when needed)."""
+
+    key: str | None = None
+    tensor: Any = None
+    convert: Callable[[], dict] | None = None
+
+
+def _ignored(name: str, patterns: Any) -> bool:
+    return any(re.search(p, name) for p in (patterns or ()))
+
+
+def _listing(names: list[str]) -> str:
+    names = sorted(names)
+    more = f" (+{len(names) - _LIST_MAX} more)" if len(names) > _LIST_MAX else ""
+    return ", ".join(names[:_LIST_MAX]) + more
+
+
+def _checkpoint_sources(model: "nn.Module", ckpt: "Checkpoint") -> dict[str, _Source]:
+    """Model state name -> source, with transformers' conversion mapping; raises
+    CheckpointMismatchError listing missing, unexpected and mis-shaped tensors."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+
+    meta_sd = model.state_dict()
+    mapping = get_model_conversion_mapping(model)
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    by_pattern = {p: c for c in converters for p in c.source_patterns}
+    direct: dict[str, str] = {}
+    pending: dict[str, Any] = {}
+    unexpected: list[str] = []
+    for key in sorted(ckpt.keys(), key=dot_natural_key):
+        renamed, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_sd)
+        if renamed not in meta_sd and key in meta_sd:
+            renamed, pattern = key, None
+        if renamed not in meta_sd:
+            if not _ignored(key, getattr(model, "_keys_to_ignore_on_load_unexpected", None)):
+                unexpected.append(key)
+            continue
+        if pattern is None:
+            direct.setdefault(renamed, key)
+        else:
+            conv = pending.setdefault(renamed, copy.deepcopy(by_pattern[pattern]))
+            conv.add_tensor(renamed, key, pattern, lambda k=key: ckpt.read(k))
+    sources: dict[str, _Source] = {}
+    mismatched: list[str] = []
+    for name, key in direct.items():
+        info = ckpt.info(key)
+        if tuple(info.shape) != tuple(meta_sd[name].shape):
+            mismatched.append(f"{name} {list(info.shape)} vs {list(meta_sd[name].shape)}")
+        sources[name] = _Source(key=key)
+    for first, conv in pending.items():
+        def run(first=first, conv=conv) -> dict:
+            out = copy.deepcopy(conv).convert(first, model=model, config=model.config)
+            return {k: (v[0] if isinstance(v, list) else v) for k, v in out.items()}
+        produced = [first] + [first.replace(conv.target_patterns[0], t) for t in conv.target_patterns[1:]]
+        for name in produced:
+            sources.setdefault(name, _Source(convert=run))
+    # tied names share one source
+    groups: dict[int, list[str]] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(t), []).append(name)
+    for names in groups.values():
+        have = next((sources[n] for n in names if n in sources), None)
+        if have is not None:
+            for n in names:
+                sources.setdefault(n, have)
+    missing = [n for n in meta_sd if n not in sources
+               and not _ignored(n, getattr(model, "_keys_to_ignore_on_load_missing", None))]
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)}: {_listing(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)}: {_listing(unexpected)}")
+        if mismatched:
+            parts.append(f"wrong shape {len(mismatched)}: {_listing(mismatched)}")
+        raise CheckpointMismatchError(f"checkpoint {ckpt.path} does not match {type(model).__name__}: "
+                                      + "; ".join(parts), missing=missing, unexpected=unexpected)
+    return sources
+
+
+# ------------------------------------------------------------------------------------------------
+class _Placer:
+    """Puts every tensor of ``model`` where its stage wants it, and builds the SplitRuntime."""
+
+    def __init__(self, model: "nn.Module", plan: "Plan", layout: "StageLayout", dtype: "torch.dtype | None",
+                 sources: dict[str, _Source], ckpt: "Checkpoint | None", offload_dir: str | None):
+        import torch
+
+        self.model = model
+        self.plan = plan
+        self.layout = layout
+        self.dtype = dtype
+        self.sources = sources
+        self.ckpt = ckpt
+        self.offload_dir = offload_dir
+        self.made_offload_dir = False
+        self.checkpoints: list[Checkpoint] = [ckpt] if ckpt is not None else []
+        devs = {d.id: d for d in plan.devices}
+        self.device: list[torch.device] = []
+        self.compute: list[torch.device] = []
+        self.tier: list[str] = []          # "device" | "host" | "disk"
+        for st in plan.stages:
+            home = _torch_device(st.torch_device)
+            if st.mode == "stream":
+                comp_dev = devs.get(st.compute_device or "")
+                compute = _torch_device(comp_dev.torch_device if comp_dev else st.torch_device)
+                tier = "disk" if st.kind == "disk" else "host"
+                home = torch.device("cpu")
+            else:
+                compute = home
+                tier = "device"
+            self.device.append(home)
+            self.compute.append(compute)
+            self.tier.append(tier)
+        self.stage_now = 0
+        self.staging: torch.Tensor | None = None
+        self.placed: dict[str, Any] = {}                      # name -> tensor on its stage (or home)
+        self.disk: dict[str, tuple[Any, str]] = {}           # name -> (checkpoint, key) for disk tier
+        self.converted: dict[int, dict] = {}                 # id(convert fn) -> its outputs, while needed
+
+    # -- reading ----------------------------------------------------------------------------
+    def _staging(self, nbytes: int, pinned: bool) -> "torch.Tensor":
+        import torch
+
+        if self.staging is None or self.staging.numel() < nbytes or (pinned and not self.staging.is_pinned()):
+            self.staging = None
+            size = max(nbytes, self.ckpt.largest_tensor_bytes if self.ckpt else nbytes)
+            self.staging = torch.empty(size, dtype=torch.uint8, pin_memory=pinned)
+        return self.staging
+
+    def _produce(self, name: str, src: _Source) -> "torch.Tensor":
+        """The tensor for ``name`` as a CPU (or source-device) tensor, for conversions and copies."""
+        if src.tensor is not None:
+            return src.tensor
+        if src.convert is not None:
+            out = self.converted.get(id(src.convert))
+            if out is None:
+                out = src.convert()
+                self.converted[id(src.convert)] = out
+            if name not in out:
+                raise CheckpointMismatchError(f"conversion did not produce {name}", missing=[name])
+            return out[name]
+        return self.ckpt.read(src.key)
+
+    def _materialize(self, name: str, src: _Source, meta: "torch.Tensor", device: "torch.device",
+                     pinned: bool) -> "torch.Tensor":
+        import torch
+
+        dtype = meta.dtype if meta.is_floating_point() else None
+        if src.key is not None:
+            info = self.ckpt.info(src.key)
+            from .checkpoint import torch_dtype_of
+
+            stored = torch_dtype_of(info.dtype)
+            want = dtype or stored
+            if device.type == "cpu" and stored == want:
+                out = torch.empty(info.shape, dtype=want, pin_memory=pinned)
+                self.ckpt.read_into(src.key, out)
+                return out
+            view = self.ckpt.read_into(src.key, self._staging(info.nbytes, device.type == "cuda"))
+            out = torch.empty(info.shape, dtype=want, device=device, pin_memory=pinned and device.type == "cpu")
+            out.copy_(view)
+            return out
+        t = self._produce(name, src)
+        if tuple(t.shape) != tuple(meta.shape):
+            raise CheckpointMismatchError(f"{name}: shape {list(t.shape)} where the model has {list(meta.shape)}",
+                                          missing=[name])
+        want = dtype or t.dtype
+        if t.device == device and t.dtype == want and not pinned:
+            return t
+        if pinned:
+            out = torch.empty(t.shape, dtype=want, pin_memory=True)
+            out.copy_(t)
+            return out
+        return t.to(device=device, dtype=want)
+
+    # -- placing ----------------------------------------------------------------------------
+    def place_all(self) -> None:
+        import torch
+
+        meta = self.model.state_dict(keep_vars=True)
+        groups: dict[int, list[str]] = {}
+        for name, t in meta.items():
+            groups.setdefault(id(t), []).append(name)
+        order = sorted(groups.values(), key=lambda names: min(self.layout.stage_of(n) for n in names))
+        disk_specs: list[tuple[str, Any, tuple[int, ...], Callable[[], Any]]] = []
+        with torch.no_grad():
+            for names in order:
+                first = names[0]
+                src = self.sources.get(first)
+                if src is None:
+                    continue  # ignored missing key: keeps what the module was built with
+                by_stage: dict[int, list[str]] = {}
+                for n in names:
+                    by_stage.setdefault(self.layout.stage_of(n), []).append(n)
+                made: torch.Tensor | None = None
+                is_param = _is_param(self.model, first)
+                for si in sorted(by_stage):
+                    self.stage_now = si
+                    tier = self.tier[si]
+                    if tier == "disk" and is_param:
+                        key_ok = (src.key is not None and self.ckpt is not None
+                                  and _stored_dtype(self.ckpt, src.key) == meta[first].dtype)
+                        for n in by_stage[si]:
+                            if key_ok:
+                                self.disk[n] = (self.ckpt, src.key)
+                            else:
+                                disk_specs.append((n, meta[first].dtype, tuple(meta[first].shape),
+                                                   lambda n=n, s=src, m=meta[first]: self._to_cpu(n, s, m)))
+                        continue
+                    # streamed stages keep their parameters at home; buffers live where they run
+                    device = self.compute[si] if (tier == "disk" or not is_param) else self.device[si]
+                    pinned = tier == "host" and is_param and self.compute[si].type == "cuda"
+                    if made is None:
+                        t = self._materialize(first, src, meta[first], device, pinned)
+                    else:  # the same weight on another stage: its own copy there
+                        t = torch.empty_like(made, device=device, pin_memory=pinned and device.type == "cpu")
+                        t.copy_(made)
+                    made = t
+                    for n in by_stage[si]:
+                        self.placed[n] = t
+                    self._assign(by_stage[si], t)
+                self._drop_converted(src)
+            # buffers nobody loads (non-persistent: rotary frequencies, ...) are computed, not loaded
+            for name, buf in list(self.model.named_buffers(remove_duplicate=False)):
+                if name in self.placed:
+                    continue
+                si = self.layout.stage_of(name)
+                self.stage_now = si
+                dev = self.compute[si]
+                if buf.device != dev:
+                    self._assign([name], buf.to(dev))
+            if disk_specs:
+                self._write_offload(disk_specs)
+        self.staging = None
+
+    def _to_cpu(self, name: str, src: _Source, meta: "torch.Tensor") -> "torch.Tensor":
+        import torch
+
+        return self._materialize(name, src, meta, torch.device("cpu"), False)
+
+    def _drop_converted(self, src: _Source) -> None:
+        if src.convert is not None:
+            out = self.converted.get(id(src.convert))
+            if out is not None and all(n in self.placed or n in self.disk for n in out):
+                del self.converted[id(src.convert)]
+
+    def _write_offload(self, specs: list[tuple[str, Any, tuple[int, ...], Callable[[], Any]]]) -> None:
+        from .checkpoint import write_safetensors
+
+        if self.offload_dir is None:
+            self.offload_dir = tempfile.mkdtemp(prefix="vramancer-offload-")
+            self.made_offload_dir = True
+        os.makedirs(self.offload_dir, exist_ok=True)
+        path = os.path.join(self.offload_dir, f"offload-{os.getpid()}-{id(self):x}.safetensors")
+        ck = write_safetensors(path, [(n, d, s) for n, d, s, _ in specs], (f() for _, _, _, f in specs))
+        self.checkpoints.append(ck)
+        for n, _, _, _ in specs:
+            self.disk[n] = (ck, n)
+
+    def _assign(self, names: list[str], t: "torch.Tensor") -> None:
+        """Point every name in ``names`` at ``t`` (one Parameter object: ties stay ties)."""
+        from torch import nn
+
+        param: Any = None
+        for n in names:
+            owner, attr = _owner(self.model, n)
+            if attr in owner._parameters:
+                if param is None:
+                    param = t if isinstance(t, nn.Parameter) else nn.Parameter(t, requires_grad=False)
+                setattr(owner, attr, param)
+            else:
+                setattr(owner, attr, t)
+
+    # -- runtime ------------------------------------------------------------------------------
+    def build_runtime(self) -> "SplitRuntime":
+        import torch
+        from torch import nn
+
+        from .split import RuntimeStage, SplitRuntime
+        from .stream import StreamEngine, StreamParam, StreamUnit
+
+        stages: list[RuntimeStage] = []
+        blocks = self.layout.blocks
+        config = getattr(self.model, "config", None)
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        homes: dict[str, nn.Parameter] = {}
+        for si, st in enumerate(self.plan.stages):
+            units: list[tuple[str, nn.Module]] = []
+            layers: list[tuple[int, nn.Module]] = []
+            for b, prefix in self.layout.block_modules(si):
+                try:
+                    mod = self.model.get_submodule(prefix)
+                except AttributeError:
+                    raise BadInputError(f"the profile names module {prefix!r}, which "
+                                        f"{type(self.model).__name__} does not have") from None
+                units.append((prefix, mod))
+                li = blocks.layer_index(b)
+                if li is not None:
+                    layers.append((li, mod))
+            rs = RuntimeStage(si, st, st.mode if self.tier[si] != "device" else "execute",
+                              self.device[si], self.compute[si], units, layers, config=text_config)
+            if self.tier[si] != "device":
+                with torch.no_grad():
+                    for prefix, mod in units:
+                        unit = StreamUnit(prefix, mod, si)
+                        for name, p in mod.named_parameters(prefix=prefix, remove_duplicate=False):
+                            owner, attr = _owner(self.model, name)
+                            if name in self.disk:
+                                ck, key = self.disk[name]
+                                home_t, ident = None, f"{ck.path}:{key}"
+                            else:
+                                home_t = self.placed[name]
+                                ident = f"host:{id(home_t)}"
+                            hp = homes.get(ident)
+                            if hp is None:
+                                hp = (nn.Parameter(home_t, requires_grad=False) if home_t is not None else
+                                      nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
+                                                   requires_grad=False))
+                                homes[ident] = hp
+                            setattr(owner, attr, hp)
+                            sp = StreamParam(owner, attr, tuple(p.shape), p.dtype, p.numel() * p.element_size(),
+                                             home=home_t, home_param=hp, key=ident)
+                            if home_t is None:
+                                sp.source, sp.file_key = self.disk[name]
+                            unit.params.append(sp)
+                        if unit.params:
+                            rs.stream_units.append(unit)
+            stages.append(rs)
+        engines = []
+        by_device: dict[str, list] = {}
+        for rs in stages:
+            if rs.stream_units:
+                by_device.setdefault(str(rs.compute_device), []).extend(rs.stream_units)
+        for dev, units in by_device.items():
+            engines.append(StreamEngine(units, torch.device(dev)))
+        notes = []
+        unowned_params = [n for n in self.layout.unowned if _is_param(self.model, n)]
+        if unowned_params:
+            notes.append(f"parameters no block lists went to stage 0: {_listing(unowned_params)}")
+        return SplitRuntime(self.model, self.plan, self.layout, stages, engines=engines,
+                            checkpoints=self.checkpoints, offload_dir=self.offload_dir, notes=notes,
+                            cleanup_offload_dir=self.made_offload_dir)
+
+    def oom_error(self, err: BaseException) -> DeviceOutOfMemoryError:
+        st = self.plan.stages[self.stage_now]
+        dev = st.device if self.tier[self.stage_now] == "device" else f"{st.compute_device or st.device}"
+        return DeviceOutOfMemoryError(
+            f"out of memory on {dev} while loading stage {self.stage_now} (blocks {st.blocks[0]}-"
+            f"{st.blocks[1] - 1}, planned {format_bytes(st.total_bytes)}): free memory on {dev}, or plan "
+            f"with a larger --reserve, a shorter --context, or more --devices (e.g. add cpu)",
+            device=dev, stage=self.stage_now)
+
+
+def _torch_device(name: str) -> "torch.device":
+    import torch
+
+    d = torch.device(name)
+    if d.type == "cuda" and d.index is None:
+        d = torch.device("cuda", torch.cuda.current_device())
+    return d
+
+
+def _owner(model: "nn.Module", name: str) -> tuple["nn.Module", str]:
+    path, _, attr = name.rpartition(".")
+    return (model.get_submodule(path) if path else model), attr
+
+
+def _is_param(model: "nn.Module", name: str) -> bool:
+    owner, attr = _owner(model, name)
+    return attr in owner._parameters
+
+
+def _stored_dtype(ckpt: "Checkpoint", key: str) -> "torch.dtype":
+    from .checkpoint import torch_dtype_of
+
+    return torch_dtype_of(ckpt.info(key).dtype)
+
+
+def _free_module(model: "nn.Module") -> None:
+    import torch
+
+    with torch.no_grad():
+        for module in model.modules():
+            for name, p in list(module.named_parameters(recurse=False)):
+                setattr(module, name, torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False))
+            for name, b in list(module.named_buffers(recurse=False)):
+                setattr(module, name, torch.empty_like(b, device="meta"))
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _check_plan(plan: "Plan", layout: "BlockLayout") -> None:
+    if plan.blocks and len(plan.blocks) != layout.num_blocks:
+        raise BadInputError(f"the plan has {len(plan.blocks)} blocks but the model has {layout.num_blocks}; "
+                            "was it made for another model?")
+    if not plan.stages:
+        raise BadInputError("the plan has no stages")
+
+
+def _place(model: "nn.Module", plan: "Plan", blocks: "BlockLayout", sources: dict[str, _Source],
+           ckpt: "Checkpoint | None", offload_dir: str | None, free_on_error: bool) -> "nn.Module":
+    import torch
+
+    from .layout import stage_layout
+
+    _check_plan(plan, blocks)
+    layout = stage_layout(model, blocks, plan)
+    placer = _Placer(model, plan, layout, None, sources, ckpt, offload_dir)
+    try:
+        placer.place_all()
+        runtime = placer.build_runtime()
+    except (torch.OutOfMemoryError, MemoryError) as e:
+        err = placer.oom_error(e)
+        for ck in placer.checkpoints:
+            ck.close()
+        placer.placed.clear()
+        placer.converted.clear()
+        if free_on_error:
+            _free_module(model)
+        raise err from None
+    except BaseException:
+        for ck in placer.checkpoints:
+            ck.close()
+        raise
+    runtime.attach()
+    model.vramancer = runtime
+    return model
+
+
+# ------------------------------------------------------------------------------------------------
+def load_folder(folder: str | os.PathLike, plan: "Plan", dtype: str | None = None,
+                offload_dir: str | None = None, model_ref: Any = None) -> "nn.Module":
+    """Build the model of ``folder`` on meta and load its checkpoint per ``plan``."""
+    from transformers import AutoConfig
+
+    from .checkpoint import Checkpoint
+
+    folder = Path(folder)
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError, json.JSONDecodeError) as e:
+        raise UnknownModelError(f"{folder}: unreadable config.json ({e})") from None
+    dt_name = dtype or plan.workload.dtype
+    dt = torch_dtype(dt_name)
+    model = build_empty_model(config, dt)
+    gen = folder / "generation_config.json"
+    if gen.is_file() and getattr(model, "can_generate", lambda: False)():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    blocks = block_layout(str(model_ref) if model_ref is not None else str(folder), model, dt_name)
+    ckpt = Checkpoint(folder)
+    try:
+        sources = _checkpoint_sources(model, ckpt)
+    except BaseException:
+        ckpt.close()
+        raise
+    return _place(model, plan, blocks, sources, ckpt, offload_dir, free_on_error=True)
+
+
+def load_module(module: "nn.Module", devices: Any = "auto", plan: "Plan | None" = None,
+                offload_dir: str | None = None, **plan_kwargs: Any) -> "nn.Module":
+    """Split an already built module in place per ``plan`` (made here when not given)."""
+    if plan is None:
+        from .. import plan as make_plan
+
+        plan = make_plan(module, devices=devices, **plan_kwargs)
+    module.eval()
+    module.requires_grad_(False)
+    blocks = block_layout(None, module, plan.workload.dtype)
+    sources = {n: _Source(tensor=t.detach()) for n, t in module.state_dict(keep_vars=True).items()}
+    return _place(module, plan, blocks, sources, None, offload_dir, free_on_error=False)
+
+
+def load(model: Any, devices: Any = "auto", plan: "Plan | None" = None, *, dtype: str | None = None,
+         offload_dir: str | None = None, **plan_kwargs: Any) -> "nn.Module":
+    """Load ``model`` (a transformers folder, a name the resolver finds locally, or an nn.Module) split
+    over ``devices`` per ``plan`` (planned here with ``plan_kwargs`` when not given). The result keeps
+    the transformers interface and carries the runtime as ``model.vramancer``."""
+    from torch import nn
+
+    if getattr(model, "vramancer", None) is not None:
+        raise BadInputError("this model is already split; call model.vramancer.detach() first")
+    if isinstance(model, nn.Module):
+        if dtype is not None:  # an nn.Module is planned and loaded in the dtype it has
+            model.to(torch_dtype(dtype))
+        return load_module(model, devices=devices, plan=plan, offload_dir=offload_dir, **plan_kwargs)
+    folder = weights_folder(model)
+    if plan is None:
+        from .. import plan as make_plan
+
+        plan = make_plan(str(folder), devices=devices, dtype=dtype, **plan_kwargs)
+    elif dtype is not None and torch_dtype(dtype) != torch_dtype(plan.workload.dtype):
+        raise WorkloadError(f"dtype {dtype} differs from the plan's {plan.workload.dtype}")
+    return load_folder(folder, plan, dtype=dtype, offload_dir=offload_dir, model_ref=folder)

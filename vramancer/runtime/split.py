@@ -1,0 +1,295 @@
+"""The split model at run time: its stages, the hooks that carry activations across stage
+boundaries and stream offloaded weights, and the memory each stage measures.
+
+``SplitRuntime`` is attached to a loaded model as ``model.vramancer``::
+
+    model = vramancer.load("./my-model", devices="rtx3090,rtx3060")
+    model.generate(...)                         # transformers interface, unchanged
+    rt = model.vramancer
+    rt.plan, rt.stages, rt.memory_report()      # the plan, the stages, measured bytes vs plan
+    rt.detach()                                 # remove every hook (weights stay where they are)
+
+A ``RuntimeStage`` is a unit with a tensors-in / tensors-out boundary: ``stage.forward(hidden,
+**layer_kwargs)`` runs its repeated layers on a hidden-state tensor with the keyword arguments the
+model passes each of its layers (mask, position embeddings, positions, ``cache``); give each stage its
+own cache (``stage.new_cache()``) to run stages of different requests at once.
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .boundary import BoundaryHook, BoundaryStats, StageInputCache, move_tensors
+from .memory import MemoryReport, StageMemoryReport, cache_layer_bytes, tensor_bytes
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from torch import nn
+
+    from ..plan.plan import Plan, Stage
+    from .checkpoint import Checkpoint
+    from .layout import StageLayout
+    from .stream import StreamEngine, StreamUnit
+
+__all__ = ["RuntimeStage", "SplitRuntime"]
+
+
+@dataclass
+class RuntimeStage:
+    """One pipeline stage as loaded. ``device``: where its weights live; ``compute_device``: where it
+    runs (the same unless ``mode == "stream"``). ``units``: its modules in run order (name, module);
+    ``layers``: its repeated layers as (layer index, module)."""
+
+    index: int
+    plan: "Stage"
+    mode: str
+    device: "torch.device"
+    compute_device: "torch.device"
+    units: list[tuple[str, "nn.Module"]]
+    layers: list[tuple[int, "nn.Module"]]
+    config: Any = None
+    stats: BoundaryStats = field(default_factory=BoundaryStats)
+    stream_units: list["StreamUnit"] = field(default_factory=list)
+
+    @property
+    def blocks(self) -> tuple[int, int]:
+        return tuple(self.plan.blocks)  # type: ignore[return-value]
+
+    @property
+    def layer_indices(self) -> list[int]:
+        return [i for i, _ in self.layers]
+
+    def new_cache(self) -> Any:
+        """An empty transformers DynamicCache for this model's layers; this stage's layers fill their
+        own entries (on this stage's compute device) and leave the others empty."""
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.config) if self.config is not None else DynamicCache()
+
+    def _layer_type(self, index: int) -> str:
+        types = getattr(self.config, "layer_types", None) if self.config is not None else None
+        return types[index] if types and index < len(types) else "full_attention"
+
+    def forward(self, hidden_states: "torch.Tensor", *args: Any, **kwargs: Any) -> "torch.Tensor":
+        """Run this stage's repeated layers: ``hidden_states`` [batch, tokens, hidden] in, the same
+        shape out, on this stage's compute device. ``args`` / ``kwargs`` are what the model passes each
+        layer (an ``attention_mask`` or ``position_embeddings`` given as a dict keyed by layer type,
+        as hybrid-attention models build them, is resolved per layer)."""
+        import torch
+
+        if not self.layers:
+            raise ValueError(f"stage {self.index} holds no repeated layers")
+        with torch.no_grad():
+            for idx, layer in self.layers:
+                kw = dict(kwargs)
+                for key in ("attention_mask", "position_embeddings"):
+                    if isinstance(kw.get(key), dict):
+                        kw[key] = kw[key][self._layer_type(idx)]
+                out = layer(hidden_states, *args, **kw)
+                hidden_states = out[0] if isinstance(out, tuple) else out
+        return hidden_states
+
+    __call__ = forward
+
+
+class SplitRuntime:
+    """Everything that makes ``model`` run split: attach() installs the hooks, detach() removes them."""
+
+    def __init__(self, model: "nn.Module", plan: "Plan", layout: "StageLayout", stages: list[RuntimeStage],
+                 engines: list["StreamEngine"] | None = None, checkpoints: list["Checkpoint"] | None = None,
+                 offload_dir: str | None = None, notes: list[str] | None = None,
+                 cleanup_offload_dir: bool = False):
+        self.model = model
+        self.plan = plan
+        self.layout = layout
+        self.stages = stages
+        self.engines = list(engines or [])
+        self.checkpoints = list(checkpoints or [])
+        self.offload_dir = offload_dir
+        self.cleanup_offload_dir = cleanup_offload_dir
+        self.notes = list(notes or [])
+        self.current_stage: int | None = None
+        self.forwards = 0
+        self._handles: list[Any] = []
+        self._caches = [StageInputCache() for _ in stages]
+        self._kv_layers: list[int] = []
+        self._kv_tokens = 0
+        self._kv_batch = 0
+        self.attached = False
+
+    # -- hooks --------------------------------------------------------------------------------
+    @property
+    def input_device(self) -> "torch.device":
+        return self.stages[0].compute_device
+
+    def _root_pre(self, module: "nn.Module", args: tuple, kwargs: dict):
+        self.current_stage = 0
+        self.forwards += 1
+        dev = self.input_device
+        return move_tensors(args, dev), move_tensors(kwargs, dev)
+
+    def _root_post(self, module: "nn.Module", args: tuple, kwargs: dict, output: Any):
+        import torch
+
+        cache = getattr(output, "cache", None)
+        if cache is None:
+            cache = getattr(output, "past_key_values", None)
+        if cache is not None:
+            self._kv_layers, self._kv_tokens, self._kv_batch = cache_layer_bytes(cache)
+        dev = self.input_device
+        if self.stages[-1].compute_device != dev and hasattr(output, "keys"):
+            for k in list(output.keys()):
+                v = output[k]
+                if isinstance(v, torch.Tensor) and v.device != dev:
+                    output[k] = v.to(dev)
+        return output
+
+    def _entered(self, index: int):
+        def hook(module: "nn.Module", args: tuple, kwargs: dict):
+            self.current_stage = index
+        return hook
+
+    def attach(self) -> "SplitRuntime":
+        if self.attached:
+            return self
+        h = self._handles
+        h.append(self.model.register_forward_pre_hook(self._root_pre, with_kwargs=True))
+        h.append(self.model.register_forward_hook(self._root_post, with_kwargs=True))
+        first = self.stages[0].compute_device
+        for st in self.stages:
+            move = st.compute_device != first
+            for j, (_, mod) in enumerate(st.units):
+                entry = j == 0
+                if st.index == 0 or not (entry or move):
+                    continue
+                hook = BoundaryHook(st.compute_device, self._caches[st.index], st.stats, entry=entry, move=move)
+                h.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
+                if entry:
+                    h.append(mod.register_forward_pre_hook(self._entered(st.index), with_kwargs=True))
+        for eng in self.engines:
+            for unit in eng.units:
+                h.append(unit.module.register_forward_pre_hook(
+                    lambda m, a, u=unit, e=eng: e.ensure(u)))
+                h.append(unit.module.register_forward_hook(
+                    lambda m, a, o, u=unit, e=eng: e.release(u)))
+        self.attached = True
+        return self
+
+    def detach(self) -> None:
+        """Remove every hook; close the stream engines and checkpoint files. The weights stay where
+        they are (streamed ones at their host home, disk-tier ones as meta placeholders)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for c in self._caches:
+            c.clear()
+        self._sync()
+        for eng in self.engines:
+            eng.close()
+        self.engines = []
+        for ck in self.checkpoints:
+            ck.close()
+        self.checkpoints = []
+        if self.cleanup_offload_dir and self.offload_dir:
+            shutil.rmtree(self.offload_dir, ignore_errors=True)
+            self.offload_dir = None
+        self.attached = False
+        if getattr(self.model, "vramancer", None) is self:
+            del self.model.vramancer
+
+    def free(self) -> None:
+        """Detach and drop every weight (parameters and buffers become meta); frees device memory."""
+        import torch
+
+        self.detach()
+        with torch.no_grad():
+            for module in self.model.modules():
+                for name, p in list(module.named_parameters(recurse=False)):
+                    setattr(module, name, torch.nn.Parameter(torch.empty_like(p, device="meta"),
+                                                             requires_grad=False))
+                for name, b in list(module.named_buffers(recurse=False)):
+                    setattr(module, name, torch.empty_like(b, device="meta"))
+        for st in self.stages:
+            st.stream_units = []
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _sync(self) -> None:
+        import torch
+
+        if torch.cuda.is_available() and any(s.compute_device.type == "cuda" for s in self.stages):
+            torch.cuda.synchronize()
+
+    def stage_of_device_error(self) -> RuntimeStage | None:
+        if self.current_stage is None:
+            return None
+        return self.stages[self.current_stage]
+
+    # -- memory ---------------------------------------------------------------------------------
+    def _stage_weights(self, st: RuntimeStage) -> tuple[int, int, list[str]]:
+        """(parameter bytes, buffer bytes, names not on the stage's device) of ``st``."""
+        seen: set[int] = set()
+        weights = 0
+        buffers = 0
+        misplaced: list[str] = []
+        if st.mode == "stream":
+            keys: set[str] = set()
+            for u in st.stream_units:
+                for p in u.params:
+                    if p.key not in keys:
+                        keys.add(p.key)
+                        weights += p.nbytes
+        for prefix, mod in st.units:
+            if st.mode != "stream":
+                for name, p in mod.named_parameters(prefix=prefix):
+                    if id(p) in seen:
+                        continue
+                    seen.add(id(p))
+                    weights += tensor_bytes(p)
+                    if p.device != st.device:
+                        misplaced.append(name)
+            for name, b in mod.named_buffers(prefix=prefix):
+                if id(b) in seen:
+                    continue
+                seen.add(id(b))
+                buffers += tensor_bytes(b)
+        return weights, buffers, misplaced
+
+    def memory_report(self, cache: Any = None) -> MemoryReport:
+        """Measured bytes per stage next to the plan's. KV bytes come from ``cache`` when given, else
+        from the cache the last forward returned (after ``generate``, the generation's cache)."""
+        import torch
+
+        if cache is not None:
+            kv_layers, tokens, batch = cache_layer_bytes(cache)
+        else:
+            kv_layers, tokens, batch = self._kv_layers, self._kv_tokens, self._kv_batch
+        peaks: dict[str, int] = {}
+        if torch.cuda.is_available():
+            for st in self.stages:
+                d = st.compute_device
+                if d.type == "cuda" and str(d) not in peaks:
+                    peaks[str(d)] = int(torch.cuda.max_memory_allocated(d))
+        out: list[StageMemoryReport] = []
+        for st in self.stages:
+            weights, buffers, misplaced = self._stage_weights(st)
+            kv = sum(kv_layers[i] for i in st.layer_indices if i < len(kv_layers))
+            slots = sum(e.buffer_bytes for e in self.engines
+                        if any(u.stage == st.index for u in e.units))
+            out.append(StageMemoryReport(
+                stage=st.index, device=st.plan.device, kind=st.plan.kind, mode=st.mode,
+                blocks=st.blocks, torch_device=str(st.device), compute_device=str(st.compute_device),
+                weights_bytes=weights, planned_weights_bytes=st.plan.weights_bytes,
+                kv_cache_bytes=kv, planned_kv_cache_bytes=st.plan.kv_cache_bytes,
+                buffers_bytes=buffers, stream_buffer_bytes=slots,
+                allocator_peak_bytes=peaks.get(str(st.compute_device)), misplaced=misplaced))
+        return MemoryReport(out, kv_tokens=tokens, batch=batch, notes=list(self.notes))
+
+    def boundary_stats(self) -> list[dict]:
+        return [dict(stage=s.index, **s.stats.to_dict()) for s in self.stages]
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{s.plan.device}[{s.blocks[0]}:{s.blocks[1]}]{'*' if s.mode == 'stream' else ''}"
+                          for s in self.stages)
+        return f"SplitRuntime({parts})"
