@@ -1,0 +1,187 @@
+"""The running batch's KV cache, and where its bytes live (per pipeline stage).
+
+``BatchKV`` keeps one transformers ``DynamicCache`` for all running sequences, rows
+left-padded to a common width W (rows are right-aligned: every row's newest token is in
+the last column), with a ``mask`` [B, W] that is 1 on real tokens. A sequence prefilled on
+its own joins at a token boundary (padding the shorter side on the left); finished or
+cancelled rows leave by row selection, and columns that became padding in every row are
+trimmed, so W is always the longest running row.
+
+``StageKV`` says which decoder layers' caches live on which stage, with the KV budget the
+plan reserved there and the bytes one token adds (measured on the real cache).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+__all__ = ["StageKV", "BatchKV", "cache_layer_bytes", "new_cache"]
+
+
+@dataclass(frozen=True)
+class StageKV:
+    """One pipeline stage as the KV admission sees it.
+
+    layers: half-open range of decoder layer indices whose KV this stage holds
+    budget_bytes: KV bytes the plan reserved on this stage (context x batch of the plan)
+    kv_bytes_per_token: bytes one token of one sequence adds to this stage's cache (measured)
+    """
+
+    index: int
+    device: str
+    layers: tuple[int, int]
+    budget_bytes: int
+    kv_bytes_per_token: int
+
+    def needed_bytes(self, rows: int, width_tokens: int) -> int:
+        """Bytes of a padded batch cache of ``rows`` x ``width_tokens`` on this stage."""
+        return rows * width_tokens * self.kv_bytes_per_token
+
+
+def new_cache(config: Any = None):
+    """An empty DynamicCache laid out for ``config`` (sliding-window layers where it has them)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=config) if config is not None else DynamicCache()
+
+
+def _pairs(cache: Any) -> list[tuple[Any, Any, Any]]:
+    """(keys [B, H, T, D] | None, values | None, sliding-window tensor | None) per layer."""
+    out = []
+    for item in cache:
+        k, v = item[0], item[1]
+        out.append((k, v, item[2] if len(item) > 2 else None))
+    return out
+
+
+def cache_layer_bytes(cache: Any) -> list[int]:
+    """Bytes held by each layer's keys and values."""
+    return [(k.numel() * k.element_size() if k is not None else 0)
+            + (v.numel() * v.element_size() if v is not None else 0)
+            for k, v, _ in _pairs(cache)]
+
+
+def _pad_left(t: "torch.Tensor", width: int) -> "torch.Tensor":
+    """[B, H, T, D] -> [B, H, width, D], zeros on the left."""
+    import torch
+
+    missing = width - t.shape[-2]
+    if missing <= 0:
+        return t
+    pad = torch.zeros(*t.shape[:-2], missing, t.shape[-1], dtype=t.dtype, device=t.device)
+    return torch.cat([pad, t], dim=-2)
+
+
+def _rebuild(layers: Iterator[tuple[Any, ...]]):
+    """A DynamicCache holding the given per-layer tensors (consumed one layer at a time)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(ddp_cache_data=layers)
+
+
+class BatchKV:
+    """One batched cache for the running rows. Not thread-safe: the scheduler thread owns it."""
+
+    def __init__(self) -> None:
+        self.cache: Any = None       # DynamicCache, layers [B, H, W_layer, D]
+        self.mask: Any = None        # [B, W] int64, 1 = real token
+        self.lengths: list[int] = []  # real tokens per row (= next position id)
+
+    @property
+    def rows(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def width(self) -> int:
+        return 0 if self.mask is None else int(self.mask.shape[1])
+
+    def join(self, row_cache: Any, row_len: int) -> None:
+        """Add a prefilled sequence (its own cache, batch 1, ``row_len`` tokens) as the last row."""
+        import torch
+
+        if self.cache is None:
+            self.cache = row_cache
+            self.mask = torch.ones(1, row_len, dtype=torch.long)
+            self.lengths = [row_len]
+            return
+        old, new = _pairs(self.cache), _pairs(row_cache)
+        self.cache = None
+
+        def layers() -> Iterator[tuple[Any, ...]]:
+            for i in range(len(old)):
+                (k, v, sw), (rk, rv, _) = old[i], new[i]
+                old[i] = new[i] = None  # free each old layer as soon as its replacement exists
+                if k is None or rk is None:
+                    yield (None, None)
+                    continue
+                w = max(k.shape[-2], rk.shape[-2])
+                k2 = torch.cat([_pad_left(k, w), _pad_left(rk.to(k.device), w)], dim=0)
+                v2 = torch.cat([_pad_left(v, w), _pad_left(rv.to(v.device), w)], dim=0)
+                del k, v, rk, rv
+                yield (k2, v2) if sw is None else (k2, v2, sw)
+
+        self.cache = _rebuild(layers())
+        width = max(self.width, row_len)
+        pad_old = torch.zeros(self.rows, width - self.width, dtype=torch.long)
+        row = torch.cat([torch.zeros(width - row_len, dtype=torch.long),
+                         torch.ones(row_len, dtype=torch.long)])
+        self.mask = torch.cat([torch.cat([pad_old, self.mask], dim=1), row[None]], dim=0)
+        self.lengths.append(row_len)
+
+    def step(self) -> tuple[Any, Any]:
+        """Mask and position ids for one decode token per row: ([B, W+1], [B, 1]).
+        Call ``advance()`` after the forward that used them."""
+        import torch
+
+        mask = torch.cat([self.mask, torch.ones(self.rows, 1, dtype=torch.long)], dim=1)
+        positions = torch.tensor(self.lengths, dtype=torch.long)[:, None]
+        return mask, positions
+
+    def advance(self, mask: Any) -> None:
+        self.mask = mask
+        self.lengths = [n + 1 for n in self.lengths]
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only ``rows`` (in that order); drop columns that are now padding everywhere."""
+        import torch
+
+        if not rows:
+            self.clear()
+            return
+        if rows == list(range(self.rows)):
+            return
+        index = torch.tensor(rows, dtype=torch.long)
+        mask = self.mask[index]
+        lengths = [self.lengths[r] for r in rows]
+        trim = self.width - max(lengths)  # leading columns with no real token left
+        old = _pairs(self.cache)
+        self.cache = None
+
+        def layers() -> Iterator[tuple[Any, ...]]:
+            for i in range(len(old)):
+                k, v, sw = old[i]
+                old[i] = None
+                if k is None:
+                    yield (None, None)
+                    continue
+                # a sliding layer holds only the last k.shape[-2] columns of the mask
+                t = max(0, trim - (self.width - k.shape[-2]))
+                idx = index.to(k.device)
+                k2, v2 = k[:, :, t:][idx], v[:, :, t:][idx]
+                del k, v
+                yield (k2, v2) if sw is None else (k2, v2, sw)
+
+        self.cache = _rebuild(layers())
+        self.mask = mask[:, trim:].contiguous()
+        self.lengths = lengths
+
+    def clear(self) -> None:
+        self.cache = None
+        self.mask = None
+        self.lengths = []
+
+    def layer_bytes(self) -> list[int]:
+        return [] if self.cache is None else cache_layer_bytes(self.cache)

@@ -1,0 +1,127 @@
+"""Run the server: build engine + app around a loaded model, serve it with uvicorn, in the
+foreground (the CLI) or on a background thread (tests, benchmarks, notebooks).
+
+    with ServerThread(model, tokenizer, context_tokens=512) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none")
+"""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..errors import BadInputError
+from .app import ServerConfig, create_app
+from .engine import Engine
+from .metrics import ServeMetrics
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..plan.plan import Plan
+
+__all__ = ["Server", "build_server", "ServerThread", "is_loopback", "check_bind"]
+
+
+def is_loopback(host: str) -> bool:
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, api_key: str | None, insecure: bool) -> None:
+    """Refuse to expose the model beyond this machine without an API key (unless insecure)."""
+    if not is_loopback(host) and not api_key and not insecure:
+        raise BadInputError(
+            f"refusing to listen on {host} without an API key: anyone who can reach it could use the "
+            f"model; pass --api-key KEY (or VRAMANCER_API_KEY), or --insecure if you mean it")
+
+
+@dataclass
+class Server:
+    engine: Engine
+    metrics: ServeMetrics
+    config: ServerConfig
+    app: Any
+
+
+def build_server(model: Any, tokenizer: Any, *, model_name: str = "model", context_tokens: int = 4096,
+                 max_batch: int = 16, prefill_chunk_tokens: int = 512, plan: "Plan | None" = None,
+                 kv_budget_bytes: int | None = None, api_key: str | None = None,
+                 max_tokens_limit: int = 4096, max_body_bytes: int = 4 * 2**20) -> Server:
+    """Engine (not started) + metrics + FastAPI app for ``model``."""
+    metrics = ServeMetrics()
+    engine = Engine(model, tokenizer, context_tokens=context_tokens, max_batch=max_batch,
+                    prefill_chunk_tokens=prefill_chunk_tokens, plan=plan, kv_budget_bytes=kv_budget_bytes,
+                    metrics=metrics)
+    config = ServerConfig(model_name=model_name, api_key=api_key, max_body_bytes=max_body_bytes,
+                          max_tokens_limit=max_tokens_limit)
+    return Server(engine, metrics, config, create_app(engine, config, metrics))
+
+
+def _uvicorn_server(app: Any, log_level: str):
+    import uvicorn
+
+    config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=2,
+                            lifespan="off")
+    return uvicorn.Server(config)
+
+
+def serve_forever(server: Server, host: str, port: int, log_level: str = "info") -> None:
+    """Start the engine and serve until interrupted (Ctrl-C)."""
+    uv = _uvicorn_server(server.app, log_level)
+    uv.config.host, uv.config.port = host, port
+    server.engine.start()
+    try:
+        uv.run()
+    finally:
+        server.engine.stop()
+
+
+class ServerThread:
+    """The server on 127.0.0.1, a free port, in a background thread; a context manager.
+    ``url``: http://127.0.0.1:PORT. Extra keyword arguments go to ``build_server``."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, start_timeout_s: float = 30.0, **kwargs: Any) -> None:
+        self.server = build_server(model, tokenizer, **kwargs)
+        self.engine, self.metrics = self.server.engine, self.server.metrics
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self.port = self._sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._uv = _uvicorn_server(self.server.app, "warning")
+        self._thread = threading.Thread(target=self._serve, name="vramancer-http", daemon=True)
+        self._start_timeout_s = start_timeout_s
+
+    def _serve(self) -> None:
+        asyncio.run(self._uv.serve(sockets=[self._sock]))
+
+    def start(self) -> "ServerThread":
+        self.engine.start()
+        self._thread.start()
+        for _ in range(int(self._start_timeout_s / 0.01)):
+            if self._uv.started or not self._thread.is_alive():
+                break
+            threading.Event().wait(0.01)
+        if not self._uv.started:
+            self.stop()
+            raise RuntimeError("the HTTP server did not start")
+        return self
+
+    def stop(self) -> None:
+        self._uv.should_exit = True
+        if self._thread.is_alive():
+            self._thread.join(10)
+        self.engine.stop()
+        self._sock.close()
+
+    def __enter__(self) -> "ServerThread":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
