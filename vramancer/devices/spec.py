@@ -91,9 +91,9 @@ def parse_item(item: str, backing: str = "cpu", real: list[Device] | None = None
 
     # split off an optional ":SIZE" suffix (the last colon-separated part that parses as a size)
     base, mem = low, None
-    parts = low.rsplit(":", 1)
-    if len(parts) == 2 and re.match(r"^[0-9.]+\s*[a-z]*$", parts[1]) and not _REAL_GPU_RE.match(low):
-        base, mem = parts[0], _size(parts[1], raw)
+    if ":" in low and not _REAL_GPU_RE.match(low):
+        base, suffix = low.rsplit(":", 1)
+        mem = _size(suffix, raw)
 
     if base in ("cpu", "ram", "host"):
         from .inventory import host_device

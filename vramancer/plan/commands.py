@@ -54,24 +54,34 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def _block_label(start: int, end: int, n: int) -> str:
+    """Blocks [start, end) as a person reads them: "embed+L0-16", "L17-55", "L56-79+head"."""
     parts = []
     if start == 0:
         parts.append("embed")
     lo, hi = max(start, 1), min(end, n - 1)
     if hi > lo:
-        parts.append(f"layer {lo - 1}" if hi - lo == 1 else f"layers {lo - 1}-{hi - 2}")
+        parts.append(f"L{lo - 1}" if hi - lo == 1 else f"L{lo - 1}-{hi - 2}")
     if end == n:
         parts.append("head")
-    return " + ".join(parts)
+    return "+".join(parts)
 
 
-def _bar(used: int, cap: int, width: int = 16) -> str:
+def _short_bytes(n: int) -> str:
+    """Compact GiB/MiB for table cells: "8.9G", "758M"."""
+    from ..units import GiB, MiB
+
+    if abs(n) >= GiB:
+        return f"{n / GiB:.1f}G"
+    return f"{n / MiB:.0f}M"
+
+
+def _bar(used: int, cap: int, width: int = 8) -> str:
     if cap <= 0:
         return ""
-    frac = min(used / cap, 1.0)
-    full = int(round(frac * width))
-    color = "green" if frac < 0.85 else ("yellow" if frac <= 1.0 else "red")
-    return f"[{color}]{'█' * full}[/][dim]{'░' * (width - full)}[/] {used / cap:4.0%}"
+    frac = used / cap
+    full = int(round(min(frac, 1.0) * width))
+    color = "green" if frac < 0.9 else ("yellow" if frac <= 1.0 else "red")
+    return f"[{color}]{'█' * full}[/][dim]{'░' * (width - full)}[/]{frac:4.0%}"
 
 
 def render_plan(plan, console) -> None:
@@ -82,21 +92,26 @@ def render_plan(plan, console) -> None:
     n = len(plan.blocks)
     names = {d.id: d.name for d in plan.devices}
     w = plan.workload
-    t = Table(title=f"{plan.model}  ·  context {w.context:,}  ·  batch {w.batch}  ·  {w.dtype}  ·  {w.objective}",
-              title_justify="left")
+    console.print(f"[bold]{plan.model}[/]  context {w.context:,} · batch {w.batch} · {w.dtype} · {w.objective}")
+    t = Table(box=None, header_style="bold", pad_edge=False)
     for col, just in (("#", "right"), ("device", "left"), ("blocks", "left"), ("weights", "right"),
-                      ("KV cache", "right"), ("activ.", "right"), ("reserve", "right"), ("free", "right"),
-                      ("fullness", "left")):
-        t.add_column(col, justify=just)
+                      ("KV", "right"), ("act", "right"), ("rsv", "right"), ("free", "right"),
+                      ("used", "left")):
+        t.add_column(col, justify=just, no_wrap=True)
     for i, s in enumerate(plan.stages):
-        dev = s.device + (f" ({names[s.device]})" if names.get(s.device) and names[s.device] != s.device else "")
-        if s.kind != "gpu":
-            dev += f"  [{s.mode}{' on ' + s.compute_device if s.compute_device else ''}]"
         free = s.capacity_bytes - s.total_bytes
-        t.add_row(str(i), dev, f"{s.blocks[0]}-{s.blocks[1] - 1}  {_block_label(*s.blocks, n)}",
-                  fb(s.weights_bytes), fb(s.kv_cache_bytes), fb(s.activation_bytes), fb(s.reserve_bytes),
-                  ("[red]" + fb(free) + "[/]") if free < 0 else fb(free), _bar(s.total_bytes, s.capacity_bytes))
+        t.add_row(str(i), s.device, _block_label(*s.blocks, n), _short_bytes(s.weights_bytes),
+                  _short_bytes(s.kv_cache_bytes), _short_bytes(s.activation_bytes), _short_bytes(s.reserve_bytes),
+                  ("[red]" + _short_bytes(free) + "[/]") if free < 0 else _short_bytes(free),
+                  _bar(s.total_bytes, s.capacity_bytes))
     console.print(t)
+    for s in plan.stages:
+        label = names.get(s.device, s.device)
+        how = ""
+        if s.kind != "gpu":
+            how = (f": weights stay here, streamed to {s.compute_device} before each use" if s.mode == "stream"
+                   else ": runs here")
+        console.print(f"[dim]  {s.device} = {label}{how}[/]")
     p = plan.predicted
     if plan.fits:
         console.print(f"[bold green]Fits on the GPUs.[/] Largest context for this split: "
@@ -108,15 +123,15 @@ def render_plan(plan, console) -> None:
                       f"{sum(s.num_blocks for s in plan.offloaded)} of {n} blocks run from "
                       + ", ".join(f"{s.device} ({s.mode})" for s in plan.offloaded) + ".")
         for sgg in plan.suggestions:
-            console.print(f"  to fit: {sgg}")
+            console.print(f"  to fit on the GPUs: {sgg}")
     console.print(f"Predicted: [bold]{p['decode_tokens_per_s']:.1f}[/] tokens/s decode "
-                  f"({p['decode_ms_per_step']:.1f} ms/step), {p['prefill_tokens_per_s']:.0f} tokens/s prefill.")
+                  f"({p['decode_ms_per_step']:.1f} ms/token), {p['prefill_tokens_per_s']:,.0f} tokens/s prefill.")
     for note in plan.notes:
         if plan.fits or not note.startswith("does not fit"):
             console.print(f"[dim]note: {note}[/]")
     if plan.exports:
-        console.print(f"[dim]llama.cpp: {plan.exports['llama_cpp']}   vLLM: "
-                      f"VLLM_PP_LAYER_PARTITION={plan.exports['vllm_pp_layer_partition']}[/]")
+        console.print(f"[dim]llama.cpp: {plan.exports['llama_cpp']}[/]")
+        console.print(f"[dim]vLLM: VLLM_PP_LAYER_PARTITION={plan.exports['vllm_pp_layer_partition']}[/]")
 
 
 def _list_models(console) -> int:
@@ -139,6 +154,8 @@ def main(args: argparse.Namespace) -> int:
     from .planner import plan
 
     console = Console()
+    if not console.is_terminal:  # pipes and logs: do not squeeze the table into 80 columns
+        console = Console(width=max(console.width, 110))
     if args.list_models:
         return _list_models(console)
     if not args.model:
@@ -150,5 +167,8 @@ def main(args: argparse.Namespace) -> int:
         sys.stdout.write(result.to_json() + "\n")
     else:
         render_plan(result, console)
-    # a manual split that overflows a device cannot run: exit 3 ("does not fit")
-    return 3 if (result.shortfall_bytes and not result.offloaded and not result.fits) else 0
+    if result.manual_split and not result.fits and not result.offloaded:
+        # a manual split that overflows a device cannot run: one line and exit 3 ("does not fit")
+        print(f"vramancer: error: {result.notes[-1]}", file=sys.stderr)
+        return 3
+    return 0

@@ -48,9 +48,14 @@ def _reserve(devices: list[Device], reserve_bytes: int | str | None) -> dict[str
 
 
 class _Planner:
+    """One planning problem. ``offload_mode`` fixes how offloaded blocks are costed ("execute",
+    "stream", or None for the faster of the two per block); ``staging_bytes`` is taken off the
+    capacity of the GPU that computes streamed blocks (its double buffer)."""
+
     def __init__(self, profile: ModelProfile, devices: list[Device], workload: Workload,
-                 reserve: dict[str, int]):
+                 reserve: dict[str, int], offload_mode: str | None = None, staging_bytes: int = 0):
         self.profile = profile
+        self.offload_mode = offload_mode
         self.devices = devices
         self.workload = workload
         self.reserve = reserve
@@ -59,6 +64,9 @@ class _Planner:
         self.capacity = [max(0, d.free_bytes - reserve[d.id]) for d in devices]
         gpus = [d for d in devices if d.kind == "gpu"]
         self.stream_gpu = max(gpus, key=lambda d: (d.bandwidth_bytes_per_s, d.free_bytes)) if gpus else None
+        if staging_bytes and self.stream_gpu is not None:
+            i = devices.index(self.stream_gpu)
+            self.capacity[i] = max(0, self.capacity[i] - staging_bytes)
         self.exec_time: list[list[tuple[float, float]]] = []
         self.stream_time: list[list[tuple[float, float]] | None] = []
         for d in devices:
@@ -72,8 +80,10 @@ class _Planner:
         """Per-block time on device d used by the objective (which: 0 decode, 1 prefill)."""
         ex = [t[which] for t in self.exec_time[d]]
         st = self.stream_time[d]
-        if st is None:
+        if st is None or self.offload_mode == "execute":
             return ex
+        if self.offload_mode == "stream":
+            return [s[which] for s in st]
         return [min(a, s[which]) for a, s in zip(ex, st)]
 
     def hops(self) -> list[float]:
@@ -95,8 +105,6 @@ class _Planner:
             p = partition(self.table, devs, order, capacity, seconds, hops, self.workload.objective)
             if p is not None and (best is None or p.cost < best.cost):
                 best = p
-                if self.workload.objective == "latency" and p.cost[0] == 0 and len(p.ranges) == 1:
-                    break
         return best
 
 
@@ -172,19 +180,45 @@ def plan_profile(profile: ModelProfile, devices: list[Device], workload: Workloa
 
     if split is not None:
         ranges = _manual_placement(pl, list(split))
-    else:
-        placement = pl.search()
-        if placement is None:
-            need = sum(pl.table.weights) + sum(pl.table.kv) + max(pl.table.act, default=0)
-            have = sum(pl.capacity)
-            short = max(need - have, 1)
-            sugg = _suggestions(pl, profile, devices, workload, reserve_bytes, short) if suggest else []
-            raise DoesNotFitError(
-                f"{profile.name} does not fit on {', '.join(d.id for d in devices)}: "
-                f"{format_bytes(short)} short at context {workload.context}"
-                + (f" ({'; '.join(sugg)})" if sugg else ""), shortfall_bytes=short, suggestions=sugg)
-        ranges = placement.ranges
-    return _assemble(pl, profile, devices, workload, ranges, notes, split, reserve_bytes, suggest)
+        return _assemble(pl, profile, devices, workload, ranges, notes, split, reserve_bytes, suggest)
+    placement = pl.search()
+    if placement is None:
+        need = sum(pl.table.weights) + sum(pl.table.kv) + max(pl.table.act, default=0)
+        short = max(need - sum(pl.capacity), 1)
+        sugg = _suggestions(pl, profile, devices, workload, reserve_bytes, short, anywhere=True) if suggest else []
+        raise DoesNotFitError(
+            f"{profile.name} does not fit on {', '.join(d.id for d in devices)}: "
+            f"{format_bytes(short)} short at context {workload.context}"
+            + (f"; to fit: {'; or '.join(sugg)}" if sugg else ""), shortfall_bytes=short, suggestions=sugg)
+    best = _assemble(pl, profile, devices, workload, placement.ranges, list(notes), None, reserve_bytes, False,
+                     offload_mode="execute")
+    if best.offloaded and pl.stream_gpu is not None:
+        # Streaming offloaded blocks to a GPU needs a double buffer there: plan again with that room
+        # kept on the streaming GPU, and keep whichever plan serves a request sooner.
+        staging = 2 * max(b.weights_bytes for b in profile.blocks)
+        pl_stream = _Planner(profile, devices, workload, reserve, offload_mode="stream", staging_bytes=staging)
+        placement_s = pl_stream.search()
+        if placement_s is not None:
+            pl_stream.capacity = pl.capacity  # staging is accounted on the GPU stage itself
+            streamed = _assemble(pl_stream, profile, devices, workload, placement_s.ranges, list(notes), None,
+                                 reserve_bytes, False, offload_mode="stream")
+            if (streamed.fits or all(s.mode == "stream" for s in streamed.offloaded)) and \
+                    request_seconds(streamed) < request_seconds(best):
+                best = streamed
+    if best.offloaded and suggest:
+        best.suggestions = _suggestions(pl, profile, devices, workload, reserve_bytes, best.shortfall_bytes)
+    return best
+
+
+# a representative request for choosing between plans: a prompt filling half the context, then this many new tokens
+REQUEST_NEW_TOKENS = 256
+
+
+def request_seconds(plan: Plan) -> float:
+    """Seconds a plan takes to serve one representative request (prefill half the context, decode 256)."""
+    w = plan.workload
+    p = plan.predicted
+    return (w.context / 2 * w.batch) / p["prefill_tokens_per_s"] + REQUEST_NEW_TOKENS * w.batch / p["decode_tokens_per_s"]
 
 
 def plan_placement(profile: ModelProfile, devices: list[Device], workload: Workload, block_devices: list[str],
@@ -332,22 +366,24 @@ def _assemble(pl: _Planner, profile: ModelProfile, devices: list[Device], worklo
 
 
 def _suggestions(pl: _Planner, profile: ModelProfile, devices: list[Device], workload: Workload,
-                 reserve_bytes: int | str | None, shortfall: int) -> list[str]:
-    """What would make the model fit on the GPUs: a shorter context, a smaller dtype, another GPU."""
+                 reserve_bytes: int | str | None, shortfall: int, anywhere: bool = False) -> list[str]:
+    """What would make the model fit on the GPUs (``anywhere``: on the devices given at all):
+    a shorter context, a smaller dtype, more GPU memory."""
     out: list[str] = []
-    gpus = [d for d in devices if d.kind == "gpu"]
+    gpus = devices if anywhere else [d for d in devices if d.kind == "gpu"]
+    where = "on these devices" if anywhere else "on the GPUs"
     if gpus:
         lo, hi = 0, workload.context
         while hi - lo > 1:
             mid = (lo + hi) // 2
             w = replace(workload, context=mid)
             p = _Planner(profile, gpus, w, pl.reserve)
-            if p.search(gpu_only=True, max_orders=6) is not None:
+            if p.search(gpu_only=not anywhere, max_orders=6) is not None:
                 lo = mid
             else:
                 hi = mid
         if lo >= min(256, workload.context // 2):
-            out.append(f"--context {lo} fits on the GPUs")
+            out.append(f"--context {lo} fits {where}")
         if profile.config is not None and profile.source in ("catalog", "hf-folder", "hf-cache", "config"):
             from ..models.dtypes import resolve_dtype
 
@@ -362,11 +398,10 @@ def _suggestions(pl: _Planner, profile: ModelProfile, devices: list[Device], wor
                 except Exception:  # noqa: BLE001 - a suggestion must never break the plan
                     break
                 p = _Planner(other, gpus, workload, pl.reserve)
-                if p.search(gpu_only=True, max_orders=6) is not None:
-                    out.append(f"--dtype {name} fits at context {workload.context}")
+                if p.search(gpu_only=not anywhere, max_orders=6) is not None:
+                    out.append(f"--dtype {name} fits {where} at context {workload.context}")
                     break
-    out.append(f"or add about {format_bytes(shortfall + 768 * 2**20, 0)} of GPU memory "
-               f"(e.g. another GPU in --devices)")
+    out.append(f"about {format_bytes(shortfall + 768 * 2**20, 0)} more GPU memory (another GPU in --devices)")
     return out
 
 
