@@ -50,7 +50,7 @@ def main(args: argparse.Namespace) -> int:
 def _bytes(n: int | None) -> str:
     from ..units import format_bytes
 
-    return "-" if n is None else format_bytes(n, 2)
+    return "-" if n is None else format_bytes(n, 1)
 
 
 def _at(ts: float | None, t0: float | None) -> str:
@@ -61,6 +61,7 @@ def _at(ts: float | None, t0: float | None) -> str:
 
 def render_report(trace, report, top: int = 10, console=None) -> None:
     """Print the peak report as rich tables."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
@@ -74,23 +75,29 @@ def render_report(trace, report, top: int = 10, console=None) -> None:
         console.print("the trace has no samples")
         return
 
-    t = Table(title="Peak memory per device", title_justify="left")
-    for col, just in (("device", "left"), ("name", "left"), ("peak used", "right"), ("total", "right"),
-                      ("headroom", "right"), ("peak reserved", "right"), ("at", "right"), ("phase", "left"),
-                      ("notes", "left")):
-        t.add_column(col, justify=just)
+    show_reserved = any(d.peak_reserved_bytes is not None for d in report.devices)
+    t = Table(title="Peak memory per device", title_justify="left", box=box.SIMPLE_HEAD)
+    t.add_column("device", overflow="ellipsis", min_width=23, max_width=30)
+    for col in ("peak used", "total", "headroom") + (("reserved",) if show_reserved else ()) + ("at",):
+        t.add_column(col, justify="right", no_wrap=True)
+    t.add_column("phase", overflow="ellipsis", max_width=14)
+    notes = []
     for d in report.devices:
-        notes = []
+        row = [f"{d.device}\n[dim]{d.name}[/dim]" if d.name and d.name != d.device else d.device,
+               _bytes(d.peak_used_bytes), _bytes(d.total_bytes), _bytes(d.headroom_bytes)]
+        if show_reserved:
+            row.append(_bytes(d.peak_reserved_bytes))
+        t.add_row(*row, _at(d.peak_timestamp, t0), d.peak_phase or "-")
         if d.lost:
-            notes.append(f"[red]lost {_at(d.lost_timestamp, t0)}[/red]")
+            notes.append(f"[red]{d.device} was lost at {_at(d.lost_timestamp, t0)}[/red]")
         if d.missing:
-            notes.append("not reported: " + ", ".join(d.missing))
-        t.add_row(d.device, d.name, _bytes(d.peak_used_bytes), _bytes(d.total_bytes), _bytes(d.headroom_bytes),
-                  _bytes(d.peak_reserved_bytes), _at(d.peak_timestamp, t0), d.peak_phase or "-", "; ".join(notes))
+            notes.append(f"{d.device} did not report: {', '.join(d.missing)}")
     console.print(t)
+    for line in notes:
+        console.print(line)
 
     if report.processes:
-        t = Table(title="Peak memory per process", title_justify="left")
+        t = Table(title="Peak memory per process", title_justify="left", box=box.SIMPLE_HEAD)
         for col, just in (("pid", "right"), ("process", "left"), ("device", "left"), ("peak used", "right"),
                           ("at", "right"), ("phase", "left")):
             t.add_column(col, justify=just)
@@ -100,7 +107,7 @@ def render_report(trace, report, top: int = 10, console=None) -> None:
         console.print(t)
 
     if report.phases:
-        t = Table(title="Phases by peak", title_justify="left")
+        t = Table(title="Phases by peak", title_justify="left", box=box.SIMPLE_HEAD)
         for col, just in (("phase", "left"), ("peak used", "right"), ("on", "left"), ("at", "right"),
                           ("duration", "right"), ("samples", "right")):
             t.add_column(col, justify=just)

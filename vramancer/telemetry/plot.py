@@ -50,10 +50,14 @@ def plot_trace(trace: Trace, path: str | Path, report: PeakReport | None = None,
     phase_colors = {name: colormaps["Pastel1"](i % 9) for i, name in enumerate(phase_names)}
     end = max(s.timestamp for s in trace.snapshots) - t0
     for ax, (panel_title, devs) in zip(axes, panels):
-        for iv in trace.phases:
+        for k, iv in enumerate(trace.phases):
             stop = (iv.end if iv.end is not None else t0 + end) - t0
-            ax.axvspan(iv.start - t0, max(stop, iv.start - t0 + 1e-3), color=phase_colors[iv.name], alpha=0.5,
-                       lw=0, zorder=0)
+            # nested phases get a shorter band, so the outer one stays visible above them
+            ax.axvspan(iv.start - t0, max(stop, iv.start - t0 + 1e-3), ymax=1.0 - 0.06 * min(iv.depth, 5),
+                       color=phase_colors[iv.name], alpha=0.55, lw=0, zorder=0)
+            if ax is axes[0] and k < 40:
+                ax.text(iv.start - t0, 1.0 - 0.06 * min(iv.depth, 5), f" {iv.name}", transform=ax.get_xaxis_transform(),
+                        fontsize=7, va="top", ha="left", color="0.3", zorder=1, clip_on=True)
         for m in trace.marks:
             ax.axvline(m.timestamp - t0, color="0.4", lw=0.8, ls=":", zorder=1)
         for k, dev in enumerate(devs):
@@ -77,7 +81,7 @@ def plot_trace(trace: Trace, path: str | Path, report: PeakReport | None = None,
         ax.set_ylim(bottom=0)
         ax.grid(True, lw=0.3, alpha=0.6)
         if devs:
-            ax.legend(loc="upper left", fontsize=8, framealpha=0.8)
+            ax.legend(loc="best", fontsize=8, framealpha=0.8)
     axes[-1].set_xlabel("seconds since the start of the trace")
     if phase_names:
         from matplotlib.patches import Patch

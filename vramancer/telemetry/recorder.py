@@ -225,7 +225,7 @@ class Recorder:
 
     def _run(self) -> None:
         next_tick = time.monotonic()
-        while not self._stop.is_set():
+        while True:                  # the first sample is taken even when stop() came already
             try:
                 self.sample_once()
             except Exception:  # noqa: BLE001 - the thread must outlive any bug in a tick
