@@ -3,46 +3,15 @@ a Recorder over it (not started: tests call ``sample_once`` so every value is kn
 folder screenshots go to."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 
 from vramancer.telemetry.recorder import Recorder
-from vramancer.telemetry.samples import DeviceSample, ProcessSample, Snapshot
 
-GiB = 2**30
+from .scripted import ScriptedSampler
+
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "artifacts" / "screenshots"
-
-
-class ScriptedSampler:
-    """A telemetry Sampler (``name``, ``sample()``, ``close()``) reporting two simulated GPUs
-    whose used bytes, processes and missing fields the test sets between samples."""
-
-    name = "scripted"
-
-    def __init__(self) -> None:
-        self.devices = {
-            "rtx3090#0": ("NVIDIA GeForce RTX 3090", 24 * GiB),
-            "rtx3060#0": ("NVIDIA GeForce RTX 3060", 12 * GiB),
-        }
-        self.used = {"rtx3090#0": 6 * GiB, "rtx3060#0": 3 * GiB}
-        self.processes = [ProcessSample("rtx3090#0", 4242, 5 * GiB, "python")]
-        self.power_w: float | None = None           # None: "not supported" on both GPUs
-        self.lost: set[str] = set()
-
-    def sample(self) -> Snapshot:
-        devices = []
-        for dev, (name, total) in self.devices.items():
-            missing = [] if self.power_w is not None else ["power_w"]
-            devices.append(DeviceSample(
-                device=dev, name=name, source="simulated", used_bytes=None if dev in self.lost else self.used[dev],
-                total_bytes=total, utilization_pct=40.0, power_w=self.power_w, temperature_c=61.0,
-                lost=dev in self.lost, missing=missing))
-        return Snapshot(timestamp=time.time(), devices=devices, processes=list(self.processes))
-
-    def close(self) -> None:
-        pass
 
 
 @pytest.fixture

@@ -18,6 +18,8 @@ def test_usage_and_fraction():
     assert v.title == "cuda:0  NVIDIA A100"          # real samplers need no source tag
     sim = device_view(DeviceSample("rtx3090#0", "RTX 3090", "simulated", used_bytes=0, total_bytes=24 * GiB))
     assert sim.title.endswith("[simulated]") and sim.usage == "0.00 / 24.00 GiB (0%)"
+    sim_missing = DeviceSample("rtx3090#0", "RTX 3090", "simulated", used_bytes=0, total_bytes=GiB, missing=["power_w"])
+    assert "power: n/a (simulated)" in device_view(sim_missing).details
 
 
 def test_absent_fields_are_said_not_hidden():

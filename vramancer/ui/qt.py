@@ -19,7 +19,7 @@ from ..units import GiB
 from .view import (device_view, iso_time, no_process_text, peak_rows, process_rows, top_phase_rows,
                    top_process_text)
 
-__all__ = ["MonitorWindow", "DeviceChart", "run_gui", "has_display", "HISTORY_POINTS"]
+__all__ = ["MonitorWindow", "DeviceChart", "run_gui", "has_display", "emit_leaks_bools", "HISTORY_POINTS"]
 
 HISTORY_POINTS = 600
 PEAKS_REFRESH_S = 1.0
@@ -32,6 +32,21 @@ def has_display() -> bool:
     if sys.platform.startswith("linux"):
         return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
     return True
+
+
+class _Probe(QtCore.QObject):
+    ping = QtCore.Signal()
+
+
+def emit_leaks_bools() -> bool:
+    """Whether this PySide6 drops a reference to ``True`` on every ``Signal.emit`` (PySide6
+    6.12.0 does). Where bools are not immortal (Python < 3.12) that frees ``True`` after a few
+    thousand emits and aborts the process; pyqtgraph emits several signals per redraw."""
+    probe = _Probe()
+    before = sys.getrefcount(True)
+    for _ in range(8):
+        probe.ping.emit()
+    return sys.getrefcount(True) < before
 
 
 class DeviceChart(QtWidgets.QGroupBox):
@@ -114,12 +129,14 @@ def _fill(table: QtWidgets.QTableWidget, rows: list[tuple], numeric: tuple[int, 
 
 
 class MonitorWindow(QtWidgets.QMainWindow):
-    """Live view of ``recorder``; polls its subscription every ``poll_ms`` on the GUI thread."""
+    """Live view of ``recorder``; polls its subscription every ``poll_ms`` on the GUI thread and
+    recomputes the peaks at most every ``peaks_every_s``."""
 
     def __init__(self, recorder: Any, *, interval_s: float = 1.0, poll_ms: int | None = None,
-                 history_points: int = HISTORY_POINTS) -> None:
+                 history_points: int = HISTORY_POINTS, peaks_every_s: float = PEAKS_REFRESH_S) -> None:
         super().__init__()
         self.recorder = recorder
+        self.peaks_every_s = peaks_every_s
         self.history_points = history_points
         self.charts: dict[str, DeviceChart] = {}
         self.samples_seen = 0
@@ -209,7 +226,7 @@ class MonitorWindow(QtWidgets.QMainWindow):
         rows = process_rows(snap.processes) or [("-", no_process_text(snap), "", "")]
         _fill(self.processes, rows, numeric=(3,))
         now = time.monotonic()
-        if force_peaks or now - self._peaks_at >= PEAKS_REFRESH_S:
+        if force_peaks or now - self._peaks_at >= self.peaks_every_s:
             self._peaks_at = now
             report = self.recorder.peaks().to_dict()
             _fill(self.peaks, peak_rows(report), numeric=(1, 4))

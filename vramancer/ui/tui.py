@@ -118,7 +118,8 @@ class DeviceCard(Vertical):
 
 class MonitorApp(App[int]):
     """Live view of ``recorder``. ``export_path``: where ``e`` writes (by suffix: .csv or .json);
-    None writes a timestamped CSV and JSON pair in ``export_dir``. ``duration_s``: quit after it."""
+    None writes a timestamped CSV and JSON pair in ``export_dir``. ``duration_s``: quit after it.
+    ``peaks_every_s``: the peaks panel is recomputed at most this often."""
 
     TITLE = "VRAMancer monitor"
     CSS = """
@@ -136,8 +137,10 @@ class MonitorApp(App[int]):
     ]
 
     def __init__(self, recorder, *, interval_s: float = 1.0, export_path: str | Path | None = None,
-                 export_dir: str | Path = ".", duration_s: float | None = None) -> None:
+                 export_dir: str | Path = ".", duration_s: float | None = None,
+                 peaks_every_s: float = PEAKS_REFRESH_S) -> None:
         super().__init__()
+        self.peaks_every_s = peaks_every_s
         self.recorder = recorder
         self.interval_s = float(interval_s)
         self.export_path = Path(export_path) if export_path else None
@@ -226,7 +229,7 @@ class MonitorApp(App[int]):
         if not rows:
             table.add_row("-", no_process_text(snap), "", "")
         now = time.monotonic()
-        if force_peaks or now - self._peaks_at >= PEAKS_REFRESH_S:
+        if force_peaks or now - self._peaks_at >= self.peaks_every_s:
             self._peaks_at = now
             self._show_peaks()
         self._update_status()

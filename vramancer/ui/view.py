@@ -68,7 +68,7 @@ def _why_absent(sample: DeviceSample, field_name: str) -> str:
     if sample.lost:
         return "n/a (device lost)"
     if field_name in sample.missing:
-        return "n/a (not supported)"
+        return "n/a (simulated)" if sample.source == "simulated" else "n/a (not supported)"
     return "n/a"
 
 

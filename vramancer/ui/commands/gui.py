@@ -27,7 +27,7 @@ def main(args: argparse.Namespace) -> int:
 
     duration_s = check_duration(args.duration)
     try:
-        from ..qt import has_display, run_gui
+        from ..qt import emit_leaks_bools, has_display, run_gui
     except ModuleNotFoundError as e:
         raise VramancerError(missing_toolkit("gui", "PySide6 and pyqtgraph", "ui", e)) from None
     except ImportError as e:   # PySide6 present but its system libraries (libGL, libEGL...) are not
@@ -35,6 +35,12 @@ def main(args: argparse.Namespace) -> int:
     if not has_display():
         raise VramancerError("`vramancer gui` needs a display (DISPLAY or WAYLAND_DISPLAY is not set); "
                              "use `vramancer monitor` or `vramancer dashboard`, or set QT_QPA_PLATFORM=offscreen")
+    if emit_leaks_bools():
+        import PySide6
+
+        raise VramancerError(f"PySide6 {PySide6.__version__} drops a reference on every Qt signal and would crash "
+                             f"this Python after a few minutes; install another version: "
+                             f"pip install 'PySide6-Essentials!={PySide6.__version__}'")
     recorder = recorder_from_args(args)
     with recorder:
         return run_gui(recorder, interval_s=args.interval, duration_s=duration_s, screenshot=args.screenshot)

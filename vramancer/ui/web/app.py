@@ -29,12 +29,10 @@ from sse_starlette.sse import EventSourceResponse
 
 from ..view import display_dict
 
-__all__ = ["create_app", "STATIC_DIR", "API_SCHEMA", "METRICS_CONTENT_TYPE"]
+__all__ = ["create_app", "STATIC_DIR", "API_SCHEMA"]
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 API_SCHEMA = 1
-# The classic Prometheus text exposition format, which render_metrics writes.
-METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PEAKS_EVERY_S = 1.0
 EVENT_WAIT_S = 0.5          # a stream checks for disconnect / shutdown at least this often
 
@@ -86,9 +84,9 @@ def create_app(recorder: Any, *, interval_s: float | None = None, history_limit:
 
     @app.get("/metrics")
     def metrics() -> Response:
-        from ...telemetry.prometheus import render_metrics
+        from ...telemetry.prometheus import CONTENT_TYPE, render_metrics
 
-        return Response(render_metrics(recorder), media_type=METRICS_CONTENT_TYPE)
+        return Response(render_metrics(recorder), media_type=CONTENT_TYPE)
 
     @app.get("/api/events")
     async def events(request: Request) -> EventSourceResponse:

@@ -34,6 +34,8 @@
     const card = {el: root, xs: [], used: [], total: [], chart: null};
     const opts = {
       width: chartWidth(card), height: 200,
+      legend: {live: false},
+      cursor: {points: {show: false}},
       scales: {x: {time: true}, y: {range: (u, min, max) => [0, Math.max(max || 0, 0.5) * 1.05]}},
       axes: [
         {stroke: "#8a96a6", grid: {stroke: "#2b3340"}, ticks: {stroke: "#2b3340"}},
@@ -42,9 +44,9 @@
       ],
       series: [
         {},
-        {label: "used GiB", stroke: "#5ec4ff", width: 2, fill: "rgba(94,196,255,0.15)",
+        {label: "used GiB", stroke: "#5ec4ff", width: 2, fill: "rgba(94,196,255,0.15)", points: {show: false},
          value: (u, v) => v == null ? "n/a" : v.toFixed(2)},
-        {label: "total GiB", stroke: "#8a96a6", width: 1, dash: [6, 4],
+        {label: "total GiB", stroke: "#8a96a6", width: 1, dash: [6, 4], points: {show: false},
          value: (u, v) => v == null ? "n/a" : v.toFixed(2)},
       ],
     };

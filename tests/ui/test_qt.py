@@ -1,0 +1,97 @@
+"""The Qt window rendered offscreen: charts per device with the recorded data, the process
+table, the peaks, and a PNG grab a person can look at."""
+from __future__ import annotations
+
+import gc
+import os
+import time
+
+import pytest
+
+from .scripted import GiB
+
+
+@pytest.fixture(scope="module")
+def qapp():
+    os.environ["QT_QPA_PLATFORM"] = "offscreen"      # before the QApplication exists
+    QtWidgets = pytest.importorskip("PySide6.QtWidgets")
+    pytest.importorskip("pyqtgraph")
+    app = QtWidgets.QApplication.instance() or QtWidgets.QApplication(["vramancer-test"])
+    from vramancer.ui.qt import emit_leaks_bools
+
+    if emit_leaks_bools():   # PySide6 6.12.0 on Python < 3.12: the process would abort at exit
+        pytest.skip("this PySide6 drops a reference to True on every Signal.emit; install PySide6-Essentials!=6.12.0")
+    yield app
+    # Tear the widgets down while Python is still whole: left to interpreter shutdown, PySide6
+    # and pyqtgraph free objects in an order that can abort the process.
+    for widget in app.topLevelWidgets():
+        widget.close()
+        widget.deleteLater()
+    app.sendPostedEvents(None, 0)     # 0: QEvent.DeferredDelete included
+    app.processEvents()
+    gc.collect()
+
+
+def _cells(table) -> list[list[str]]:
+    return [[table.item(r, c).text() for c in range(table.columnCount())] for r in range(table.rowCount())]
+
+
+def test_window_charts_tables_and_grab(qapp, recorder, sampler, screenshots):
+    from vramancer.ui.qt import MonitorWindow
+
+    with recorder.phase("load"):
+        for i in range(1, 11):                       # before the window: loaded as history
+            sampler.used["rtx3090#0"] = i * 2 * GiB
+            sampler.used["rtx3060#0"] = i * GiB
+            recorder.sample_once()
+            time.sleep(0.02)                         # spread along the time axis for the picture
+    window = MonitorWindow(recorder, interval_s=0.05, poll_ms=10_000, peaks_every_s=0)  # the test drives poll()
+    window.show()
+    qapp.processEvents()
+    assert set(window.charts) == {"rtx3090#0", "rtx3060#0"}
+    chart = window.charts["rtx3090#0"]
+    xs, ys = chart.used_curve.getData()
+    assert list(ys) == [2.0 * i for i in range(1, 11)]
+    assert list(chart.total_curve.getData()[1]) == [24.0] * 10
+
+    with recorder.phase("decode"):
+        for used in (19, 15, 14):
+            sampler.used["rtx3090#0"] = used * GiB
+            recorder.sample_once()
+            time.sleep(0.02)
+    assert window.poll() == 3
+    qapp.processEvents()
+    xs, ys = chart.used_curve.getData()
+    assert len(xs) == 13 and list(ys[-3:]) == [19.0, 15.0, 14.0]
+    assert list(xs) == sorted(xs)
+    assert chart.usage.text() == "14.00 / 24.00 GiB (58%)" and chart.bar.value() == 583
+    assert "power: n/a (not supported)" in chart.details.text()
+    assert _cells(window.processes) == [["4242", "python", "rtx3090#0", "5.00 GiB"]]
+    peaks = {row[0]: row for row in _cells(window.peaks)}
+    assert peaks["rtx3090#0"][1] == "20.00 GiB" and peaks["rtx3090#0"][3] == "load"
+    assert peaks["rtx3090#0"][4] == "4.00 GiB" and peaks["rtx3060#0"][1] == "10.00 GiB"
+    assert "decode 19.00 GiB on rtx3090#0" in window.top_phases.text()
+    assert window.poll() == 0                          # nothing new: nothing redrawn
+
+    image = window.grab()
+    assert image.width() > 600 and image.height() > 400
+    path = screenshots / "gui-qt.png"
+    assert image.save(str(path), "PNG") and path.stat().st_size > 10_000
+    window.close()
+    assert window.poll() == 0                          # closed: unsubscribed
+
+
+def test_lost_device_and_no_processes(qapp, recorder, sampler):
+    from vramancer.ui.qt import MonitorWindow
+
+    window = MonitorWindow(recorder, interval_s=0.05, poll_ms=10_000)
+    sampler.lost.add("rtx3060#0")
+    sampler.processes = []
+    recorder.sample_once()
+    window.poll()
+    chart = window.charts["rtx3060#0"]
+    assert chart.title().endswith("LOST") and chart.usage.text().startswith("used: n/a (device lost)")
+    assert _cells(window.processes) == [["-", "no process reported", "", ""]]
+    ys = chart.used_curve.getData()[1]
+    assert len(ys) == 1 and ys[0] != ys[0]            # absent: NaN, drawn as a gap, never 0
+    window.close()
