@@ -19,6 +19,10 @@ class DType:
     compute: str
     quantized: bool = False
     torch_name: str | None = None
+    # False where embeddings and the LM head stay at the compute dtype (bitsandbytes, GPTQ/AWQ
+    # int4 replace nn.Linear layers only, and skip the output embedding); True for GGUF, where
+    # token_embd and output are block-quantized like every other matrix.
+    quantize_embeddings: bool = True
 
     @property
     def compute_bytes(self) -> int:
@@ -36,10 +40,10 @@ DTYPES: dict[str, DType] = {
         DType("float16", 16, "float16", torch_name="float16"),
         DType("bfloat16", 16, "bfloat16", torch_name="bfloat16"),
         # bitsandbytes LLM.int8: int8 weights + one fp16 scale per row (rows amortised to ~0)
-        DType("int8", 8, "bfloat16", quantized=True),
+        DType("int8", 8, "bfloat16", quantized=True, quantize_embeddings=False),
         # bitsandbytes NF4/FP4, block 64, fp32 absmax -> 4 + 32/64 = 4.5 bits
-        DType("nf4", 4.5, "bfloat16", quantized=True),
-        DType("int4", 4.5, "bfloat16", quantized=True),
+        DType("nf4", 4.5, "bfloat16", quantized=True, quantize_embeddings=False),
+        DType("int4", 4.5, "bfloat16", quantized=True, quantize_embeddings=False),
         # GGUF block formats (ggml-common.h): bytes per block / weights per block * 8
         DType("q8_0", 34 * 8 / 32, "float16", quantized=True),
         DType("q6_k", 210 * 8 / 256, "float16", quantized=True),

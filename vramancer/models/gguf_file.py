@@ -1,0 +1,221 @@
+"""Profiles from GGUF files (llama.cpp), read with the ``gguf`` package's GGUFReader: the header
+only (the tensor data is memory-mapped, never read). Each tensor's ``n_bytes`` is exact for its
+quantization type; the architecture's hyperparameters come from the KV metadata
+(``<arch>.block_count``, ``<arch>.attention.head_count_kv``, ...). Blocks: ``token_embd`` is
+block 0, ``blk.N.*`` block N+1, ``output_norm`` / ``output`` the last block (``token_embd`` shared
+by both when the file has no ``output``, i.e. tied embeddings). A split file
+(``*-00001-of-00003.gguf``) is read with all its parts. No torch import.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from ..errors import MalformedCheckpointError
+from .arch import arch_spec, layout_from_config
+from .checkpoint import HeaderTensor, layout_from_tensor_names
+from .dtypes import resolve_dtype
+from .layout import ArchLayout, TensorSpec, assemble_profile
+from .profile import ModelProfile
+
+__all__ = ["GGUF_ARCHES", "GGUF_FILE_TYPES", "read_gguf", "gguf_config", "profile_from_gguf"]
+
+# GGUF general.architecture -> transformers model_type (llama.cpp's "llama" also carries
+# Mistral, and Mixtral when it has experts)
+GGUF_ARCHES: dict[str, str] = {
+    "llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma", "gemma2": "gemma2",
+    "gemma3": "gemma3_text", "phi3": "phi3", "qwen2moe": "qwen2_moe", "gpt2": "gpt2", "gptneox": "gpt_neox",
+    "bert": "bert",
+}
+# general.file_type names (gguf.LlamaFileType) -> our dtype names
+GGUF_FILE_TYPES: dict[str, str] = {
+    "ALL_F32": "float32", "MOSTLY_F16": "float16", "MOSTLY_BF16": "bfloat16", "MOSTLY_Q8_0": "q8_0",
+    "MOSTLY_Q6_K": "q6_k", "MOSTLY_Q5_K_M": "q5_k_m", "MOSTLY_Q4_K_M": "q4_k_m", "MOSTLY_Q4_0": "q4_0",
+    "MOSTLY_Q3_K_M": "q3_k_m", "MOSTLY_Q2_K": "q2_k",
+}
+# dominant tensor type (gguf.GGMLQuantizationType) -> our dtype names, when the file type is not set
+_TENSOR_TYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "Q8_0": "q8_0", "Q6_K": "q6_k",
+                 "Q5_K": "q5_k_m", "Q4_K": "q4_k_m", "Q4_0": "q4_0", "Q3_K": "q3_k_m", "Q2_K": "q2_k"}
+_SPLIT_RE = re.compile(r"^(?P<stem>.*)-(?P<i>\d{5})-of-(?P<n>\d{5})\.gguf$")
+
+
+def _split_parts(path: Path) -> tuple[list[Path], list[str]]:
+    m = _SPLIT_RE.match(path.name)
+    if not m:
+        return [path], []
+    n = int(m.group("n"))
+    parts = [path.with_name(f"{m.group('stem')}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1)]
+    missing = [p.name for p in parts if not p.is_file()]
+    return [p for p in parts if p.is_file()], ([f"split GGUF parts missing: {', '.join(missing)}"] if missing else [])
+
+
+def read_gguf(path: str | Path) -> tuple[dict[str, Any], list[HeaderTensor]]:
+    """(KV metadata as plain values, tensors in transformers shape order with exact n_bytes) of a
+    GGUF file and its split parts. MalformedCheckpointError names the file on a bad header."""
+    from gguf import GGUFReader
+
+    path = Path(path)
+    parts, _ = _split_parts(path)
+    fields: dict[str, Any] = {}
+    tensors: list[HeaderTensor] = []
+    for part in parts:
+        try:
+            reader = GGUFReader(str(part), "r")
+            for key, field in reader.fields.items():
+                if key.startswith("GGUF.") or key in fields:
+                    continue
+                if key.startswith("tokenizer.ggml.") and key not in ("tokenizer.ggml.tokens",):
+                    continue
+                fields[key] = field.contents()
+            for t in reader.tensors:
+                shape = tuple(int(s) for s in reversed(list(t.shape)))  # ggml lists ne0 (fastest) first
+                tensors.append(HeaderTensor(str(t.name), shape, t.tensor_type.name, int(t.n_bytes), str(part)))
+        except MalformedCheckpointError:
+            raise
+        except OSError as e:
+            raise MalformedCheckpointError(f"cannot read GGUF file {part}: {e.strerror or e}") from None
+        except Exception as e:  # GGUFReader raises ValueError, IndexError, struct errors, ... on bad bytes
+            raise MalformedCheckpointError(f"malformed GGUF file {part}: {type(e).__name__}: {e}") from None
+    if "general.architecture" not in fields:
+        raise MalformedCheckpointError(f"malformed GGUF file {path}: no general.architecture")
+    return fields, tensors
+
+
+def gguf_config(fields: dict[str, Any], tensors: list[HeaderTensor]) -> dict:
+    """A transformers-style config dict from GGUF metadata (model_type mapped when we know the
+    architecture, else the GGUF name)."""
+    arch = str(fields["general.architecture"])
+
+    def f(key: str, default: Any = None) -> Any:
+        v = fields.get(f"{arch}.{key}", default)
+        if isinstance(v, list):  # per-layer arrays (e.g. feed_forward_length): the largest
+            v = max(v) if v else default
+        return v
+
+    names = {t.name: t for t in tensors}
+    embd = names.get("token_embd.weight")
+    vocab = f("vocab_size") or (embd.shape[0] if embd else None) or len(fields.get("tokenizer.ggml.tokens") or [])
+    heads = f("attention.head_count")
+    hidden = f("embedding_length")
+    experts = f("expert_count") or 0
+    model_type = GGUF_ARCHES.get(arch, arch)
+    if arch == "llama" and experts:
+        model_type = "mixtral"
+    cfg: dict[str, Any] = {
+        "model_type": model_type, "hidden_size": hidden, "num_hidden_layers": f("block_count"),
+        "num_attention_heads": heads, "num_key_value_heads": f("attention.head_count_kv", heads),
+        "intermediate_size": f("feed_forward_length"), "vocab_size": vocab,
+        "max_position_embeddings": f("context_length"), "tie_word_embeddings": "output.weight" not in names,
+        "sliding_window": f("attention.sliding_window"),
+    }
+    if f("attention.key_length"):
+        cfg["head_dim"] = f("attention.key_length")
+    if f("rope.freq_base") is not None:
+        cfg["rope_theta"] = f("rope.freq_base")
+    if f("attention.layer_norm_rms_epsilon") is not None:
+        cfg["rms_norm_eps"] = f("attention.layer_norm_rms_epsilon")
+    if model_type == "mixtral":
+        cfg.update(num_local_experts=experts, num_experts_per_tok=f("expert_used_count"))
+    if model_type == "qwen2_moe":
+        cfg.update(num_experts=experts, num_experts_per_tok=f("expert_used_count"),
+                   moe_intermediate_size=f("expert_feed_forward_length"),
+                   shared_expert_intermediate_size=f("expert_shared_feed_forward_length"))
+    if model_type in ("qwen2", "qwen3", "qwen2_moe") and cfg["sliding_window"]:
+        cfg["use_sliding_window"] = True
+        cfg["max_window_layers"] = 0
+    if model_type == "gpt2":
+        cfg.update(n_embd=hidden, n_layer=cfg["num_hidden_layers"], n_head=heads,
+                   n_positions=cfg["max_position_embeddings"], n_inner=cfg["intermediate_size"])
+    if model_type == "bert":
+        cfg["type_vocab_size"] = names["token_types.weight"].shape[0] if "token_types.weight" in names else 2
+    return {k: v for k, v in cfg.items() if v is not None}
+
+
+def _place(layout: ArchLayout, tensors: list[HeaderTensor], exact: bool) -> ArchLayout:
+    n = len(layout.blocks)
+    own: list[list[TensorSpec]] = [[] for _ in range(n)]
+    shared: list[list[TensorSpec]] = [[] for _ in range(n)]
+    L = layout.num_layers
+    for t in tensors:
+        nbytes = t.nbytes if exact else None
+        m = re.match(r"^blk\.(\d+)\.", t.name)
+        if t.name == "token_embd.weight":
+            if layout.tied_key:
+                shared[0].append(TensorSpec(t.name, t.shape, "embed", nbytes))
+                shared[-1].append(TensorSpec(t.name, t.shape, "head", nbytes))
+            else:
+                own[0].append(TensorSpec(t.name, t.shape, "embed", nbytes))
+            continue
+        if m and int(m.group(1)) < L:
+            i = int(m.group(1)) + 1
+        elif re.match(r"^(token_types|position_embd|token_embd_norm)\.", t.name):
+            i = 0
+        else:
+            i = n - 1
+        if len(t.shape) < 2:
+            role = "vector"
+        elif "_exps" in t.name:
+            role = "expert"
+        elif t.name == "output.weight":
+            role = "head"
+        elif i == 0:
+            role = "embed" if not t.name.startswith("token_embd_norm") else "vector"
+        else:
+            role = "matrix"
+        own[i].append(TensorSpec(t.name, t.shape, role, nbytes))
+    out = layout.with_block_tensors(own, shared)
+    # GGUF tensors are named blk.N.*, but a runtime that loads the file through transformers
+    # (gguf_file=...) sees the transformers modules: keep those in ``modules``.
+    return out
+
+
+def _file_dtype(fields: dict[str, Any], tensors: list[HeaderTensor]) -> tuple[str, str | None]:
+    """(our dtype name, GGUF quantization name) of the file."""
+    from gguf import LlamaFileType
+
+    quant = None
+    ft = fields.get("general.file_type")
+    if ft is not None:
+        try:
+            quant = LlamaFileType(int(ft)).name
+        except ValueError:
+            quant = f"file_type {ft}"
+        if quant in GGUF_FILE_TYPES:
+            return GGUF_FILE_TYPES[quant], quant
+    by: dict[str, int] = {}
+    for t in tensors:
+        if len(t.shape) >= 2:
+            by[t.dtype] = by.get(t.dtype, 0) + t.nbytes
+    top = max(by, key=lambda k: by[k]) if by else "F16"
+    return _TENSOR_TYPES.get(top, "float16"), quant or top
+
+
+def profile_from_gguf(path: str | Path, dtype: str | None = None, *, name: str | None = None) -> ModelProfile:
+    """Profile of a GGUF file: exact bytes per tensor as quantized in the file (or sized in the
+    requested dtype when it differs from the file's). The KV cache is sized in float16, llama.cpp's
+    default cache type."""
+    path = Path(path)
+    _, notes = _split_parts(path)
+    fields, tensors = read_gguf(path)
+    config = gguf_config(fields, tensors)
+    file_dtype, quant = _file_dtype(fields, tensors)
+    exact = dtype is None or resolve_dtype(dtype).name == file_dtype
+    dname = file_dtype if dtype is None else resolve_dtype(dtype).name
+    if not exact:
+        notes.append(f"file stored as {quant}: sized in the requested {dname}")
+    spec = arch_spec(config.get("model_type"))
+    layout: ArchLayout | None = None
+    if spec is not None:
+        try:
+            layout = _place(layout_from_config(config, str(path)), tensors, exact)
+        except MalformedCheckpointError:
+            layout = None
+    if layout is None:
+        layout = layout_from_tensor_names(tensors, config, str(config.get("model_type")), exact)
+    layout.config = config
+    if file_dtype in ("float16", "bfloat16", "float32") and not quant:
+        quant = None
+    return assemble_profile(layout, resolve_dtype(dname), name=name or str(path), source="gguf", path=str(path),
+                            kv_dtype=resolve_dtype("float16"), quantization=quant if exact else
+                            (dname if resolve_dtype(dname).quantized else None), notes=notes)
