@@ -46,13 +46,18 @@ class AmdSmiSampler:
             try:
                 if self._module is None:
                     self._module = importlib.import_module("amdsmi")
+            except Exception as e:  # noqa: BLE001 - ImportError, or OSError when libamd_smi.so is absent
+                self._unavailable = f"amdsmi does not import ({type(e).__name__}: {e})"
+                log.info("AMD SMI unavailable: %s", self._unavailable)
+                return False
+            try:
                 mod = self._module
                 flags = getattr(getattr(mod, "AmdSmiInitFlags", None), "INIT_AMD_GPUS", None)
                 mod.amdsmi_init(flags) if flags is not None else mod.amdsmi_init()
                 self._handles = list(mod.amdsmi_get_processor_handles())
-            except Exception as e:  # noqa: BLE001 - ImportError, OSError, AmdSmiException: all mean "no AMD SMI"
-                self._unavailable = f"AMD SMI unavailable ({type(e).__name__}: {e})"
-                log.info("%s", self._unavailable)
+            except Exception as e:  # noqa: BLE001 - AmdSmiException, OSError: no AMD driver here
+                self._unavailable = f"AMD SMI does not start ({type(e).__name__}: {e})"
+                log.info("AMD SMI unavailable: %s", self._unavailable)
             return self._unavailable is None
 
     def available(self) -> bool:
