@@ -192,8 +192,24 @@ def layer_windows(model_type: str, config: dict, num_layers: int, defaults: dict
     return out
 
 
-def _tied_blocks(key: str, shape: tuple[int, ...]) -> tuple[TensorSpec, TensorSpec]:
-    return TensorSpec(key, shape, "embed"), TensorSpec(key, shape, "head")
+def _embedding_and_head(b0: BlockLayout, head: BlockLayout, embed_key: str, vocab: int, hidden: int,
+                        tied: bool) -> None:
+    """Put the token embedding in block 0 and the LM head in the last block; tied, one tensor
+    listed as shared by both (an embedding lookup in block 0, the head matmul in the last)."""
+    if tied:
+        b0.shared.append(TensorSpec(embed_key, (vocab, hidden), "embed"))
+        head.shared.append(TensorSpec(embed_key, (vocab, hidden), "head"))
+    else:
+        b0.tensors.insert(0, TensorSpec(embed_key, (vocab, hidden), "embed"))
+        head.tensors.append(TensorSpec("lm_head.weight", (vocab, hidden), "head"))
+
+
+def _causal_lm(model_type: str, layers_prefix: str, blocks: list[BlockLayout], *, hidden: int,
+               vocab: int, embed_key: str, tied: bool, max_positions: int | None) -> ArchLayout:
+    return ArchLayout(model_type=model_type, kind="causal-lm", layers_prefix=layers_prefix, blocks=blocks,
+                      hidden_size=hidden, num_layers=len(blocks) - 2, vocab_size=vocab,
+                      max_position_embeddings=max_positions, tied_key=embed_key if tied else None,
+                      head_name="lm_head.weight")
 
 
 def _llama_family(spec: ArchSpec, c: _Cfg) -> ArchLayout:
@@ -215,13 +231,7 @@ def _llama_family(spec: ArchSpec, c: _Cfg) -> ArchLayout:
     b0 = BlockLayout("model.embed_tokens", ["model.embed_tokens", "model.rotary_emb"], act_elems_per_token=H)
     head = BlockLayout("lm_head", ["model.norm", "lm_head"], [TensorSpec("model.norm.weight", (H,), "vector")],
                        act_elems_per_token=H, logits_elems_per_token=V)
-    if tied:
-        e, h = _tied_blocks(embed_key, (V, H))
-        b0.shared.append(e)
-        head.shared.append(h)
-    else:
-        b0.tensors.append(TensorSpec(embed_key, (V, H), "embed"))
-        head.tensors.append(TensorSpec("lm_head.weight", (V, H), "head"))
+    _embedding_and_head(b0, head, embed_key, V, H, tied)
 
     layers = []
     for i in range(L):
@@ -282,12 +292,8 @@ def _llama_family(spec: ArchSpec, c: _Cfg) -> ArchLayout:
             score_heads=heads, attn_flops_per_token_per_ctx=4.0 * heads * hd,
             expert_fraction=fraction,
         ))
-    return ArchLayout(
-        model_type=spec.model_type, kind="causal-lm", layers_prefix="model.layers",
-        blocks=[b0, *layers, head], hidden_size=H, num_layers=L, vocab_size=V,
-        max_position_embeddings=c.get("max_position_embeddings"),
-        tied_key=embed_key if tied else None, head_name="lm_head.weight",
-    )
+    return _causal_lm(spec.model_type, "model.layers", [b0, *layers, head], hidden=H, vocab=V,
+                      embed_key=embed_key, tied=tied, max_positions=c.get("max_position_embeddings"))
 
 
 def _qwen2_moe_sparse(c: _Cfg, i: int) -> bool:
@@ -308,13 +314,7 @@ def _gpt2(spec: ArchSpec, c: _Cfg) -> ArchLayout:
                        [TensorSpec("transformer.ln_f.weight", (H,), "vector"),
                         TensorSpec("transformer.ln_f.bias", (H,), "vector")],
                        act_elems_per_token=H, logits_elems_per_token=V)
-    if tied:
-        e, h = _tied_blocks(embed_key, (V, H))
-        b0.shared.append(e)
-        head.shared.append(h)
-    else:
-        b0.tensors.insert(0, TensorSpec(embed_key, (V, H), "embed"))
-        head.tensors.append(TensorSpec("lm_head.weight", (V, H), "head"))
+    _embedding_and_head(b0, head, embed_key, V, H, tied)
     layers = []
     for i in range(L):
         p = f"transformer.h.{i}"
@@ -328,9 +328,8 @@ def _gpt2(spec: ArchSpec, c: _Cfg) -> ArchLayout:
         layers.append(BlockLayout(p, [p], t, kv_elems_per_token=2 * H,
                                   act_elems_per_token=2 * H + 3 * H + H + H + 2 * inner,
                                   score_heads=heads, attn_flops_per_token_per_ctx=4.0 * heads * hd))
-    return ArchLayout(model_type="gpt2", kind="causal-lm", layers_prefix="transformer.h",
-                      blocks=[b0, *layers, head], hidden_size=H, num_layers=L, vocab_size=V,
-                      max_position_embeddings=P, tied_key=embed_key if tied else None, head_name="lm_head.weight")
+    return _causal_lm("gpt2", "transformer.h", [b0, *layers, head], hidden=H, vocab=V,
+                      embed_key=embed_key, tied=tied, max_positions=P)
 
 
 def _gpt_neox(spec: ArchSpec, c: _Cfg) -> ArchLayout:
@@ -345,13 +344,7 @@ def _gpt_neox(spec: ArchSpec, c: _Cfg) -> ArchLayout:
                        [TensorSpec("gpt_neox.final_layer_norm.weight", (H,), "vector"),
                         TensorSpec("gpt_neox.final_layer_norm.bias", (H,), "vector")],
                        act_elems_per_token=H, logits_elems_per_token=V)
-    if tied:
-        e, h = _tied_blocks(embed_key, (V, H))
-        b0.shared.append(e)
-        head.shared.append(h)
-    else:
-        b0.tensors.append(TensorSpec(embed_key, (V, H), "embed"))
-        head.tensors.append(TensorSpec("lm_head.weight", (V, H), "head"))
+    _embedding_and_head(b0, head, embed_key, V, H, tied)
     layers = []
     for i in range(L):
         p = f"gpt_neox.layers.{i}"
@@ -368,10 +361,8 @@ def _gpt_neox(spec: ArchSpec, c: _Cfg) -> ArchLayout:
         layers.append(BlockLayout(p, [p], t, kv_elems_per_token=2 * H,
                                   act_elems_per_token=2 * H + 3 * H + H + H + 2 * I,
                                   score_heads=heads, attn_flops_per_token_per_ctx=4.0 * heads * hd))
-    return ArchLayout(model_type="gpt_neox", kind="causal-lm", layers_prefix="gpt_neox.layers",
-                      blocks=[b0, *layers, head], hidden_size=H, num_layers=L, vocab_size=V,
-                      max_position_embeddings=c.get("max_position_embeddings"),
-                      tied_key=embed_key if tied else None, head_name="lm_head.weight")
+    return _causal_lm("gpt_neox", "gpt_neox.layers", [b0, *layers, head], hidden=H, vocab=V,
+                      embed_key=embed_key, tied=tied, max_positions=c.get("max_position_embeddings"))
 
 
 def _bert(spec: ArchSpec, c: _Cfg) -> ArchLayout:
