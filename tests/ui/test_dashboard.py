@@ -68,7 +68,8 @@ def test_history_limit_and_since(served, recorder, sampler):
     last2 = httpx.get(served.url + "/api/history", params={"limit": 2}, timeout=10).json()["snapshots"]
     assert [s["timestamp"] for s in last2] == stamps[-2:]
     since = httpx.get(served.url + "/api/history", params={"since": stamps[2]}, timeout=10).json()["snapshots"]
-    assert [[d["used_bytes"] for d in s["devices"] if d["device"] == "rtx3060#0"][0] for s in since] == [3 * GiB, 4 * GiB]
+    used = [[d["used_bytes"] for d in s["devices"] if d["device"] == "rtx3060#0"][0] for s in since]
+    assert used == [3 * GiB, 4 * GiB]
     assert httpx.get(served.url + "/api/history", params={"limit": 0}, timeout=10).status_code == 422
 
 
@@ -126,7 +127,8 @@ def test_page_and_assets_are_served_locally(served):
     external = [u for u in refs if re.match(r"^(https?:)?//", u)]
     assert external == []                        # nothing from a CDN: works offline
     assets = [u for u in refs if u.startswith("static/")]
-    assert {"static/uPlot.iife.min.js", "static/uPlot.min.css", "static/dashboard.js", "static/dashboard.css"} <= set(assets)
+    wanted = {"static/uPlot.iife.min.js", "static/uPlot.min.css", "static/dashboard.js", "static/dashboard.css"}
+    assert wanted <= set(assets)
     for asset in assets:
         r = httpx.get(f"{served.url}/{asset}", timeout=10)
         assert r.status_code == 200 and len(r.content) > 100, asset
@@ -174,13 +176,15 @@ def test_page_in_headless_chromium(screenshots):
     with rec.phase("load"):
         for _ in range(15):                       # history the page loads first
             rec.sample_once()
-    with rec, rec.phase("generate"), ThreadedServer(create_app(rec, interval_s=0.1)) as server, Chromium(find_chromium()) as browser:
+    server = ThreadedServer(create_app(rec, interval_s=0.1))
+    with rec, rec.phase("generate"), server, Chromium(find_chromium()) as browser:
         browser.open(server.url + "/")
         browser.wait_for("document.querySelectorAll('.card canvas').length >= 2")
-        first = browser.wait_for("Number(document.body.dataset.samples) >= 16 && Number(document.body.dataset.samples)")
+        samples = "Number(document.body.dataset.samples)"
+        first = browser.wait_for(f"{samples} >= 16 && {samples}")
         points_first = browser.evaluate("Number(document.querySelector('[data-device=\"rtx3090#0\"]').dataset.points)")
         # The SSE stream keeps it moving: more samples, more chart points, a later last timestamp.
-        later = browser.wait_for(f"Number(document.body.dataset.samples) >= {first + 5} && Number(document.body.dataset.samples)")
+        later = browser.wait_for(f"{samples} >= {first + 5} && {samples}")
         points_later = browser.evaluate("Number(document.querySelector('[data-device=\"rtx3090#0\"]').dataset.points)")
         assert later >= first + 5 and points_later > points_first
         assert browser.evaluate("document.body.dataset.connected") == "true"

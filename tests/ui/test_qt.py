@@ -45,7 +45,7 @@ def test_window_charts_tables_and_grab(qapp, recorder, sampler, screenshots):
             sampler.used["rtx3060#0"] = i * GiB
             recorder.sample_once()
             time.sleep(0.02)                         # spread along the time axis for the picture
-    window = MonitorWindow(recorder, interval_s=0.05, poll_ms=10_000, peaks_every_s=0)  # the test drives poll()
+    window = MonitorWindow(recorder, interval_s=0.05, poll_ms=10_000)  # the test drives poll()
     window.show()
     qapp.processEvents()
     assert set(window.charts) == {"rtx3090#0", "rtx3060#0"}
@@ -66,10 +66,10 @@ def test_window_charts_tables_and_grab(qapp, recorder, sampler, screenshots):
     assert list(xs) == sorted(xs)
     assert chart.usage.text() == "14.00 / 24.00 GiB (58%)" and chart.bar.value() == 583
     assert "power: n/a (not supported)" in chart.details.text()
-    assert _cells(window.processes) == [["4242", "python", "rtx3090#0", "5.00 GiB"]]
+    assert _cells(window.processes) == [["4242", "python", "rtx3090#0", "5.00"]]
     peaks = {row[0]: row for row in _cells(window.peaks)}
-    assert peaks["rtx3090#0"][1] == "20.00 GiB" and peaks["rtx3090#0"][3] == "load"
-    assert peaks["rtx3090#0"][4] == "4.00 GiB" and peaks["rtx3060#0"][1] == "10.00 GiB"
+    assert peaks["rtx3090#0"][1] == "20.00" and peaks["rtx3090#0"][3] == "load"
+    assert peaks["rtx3090#0"][4] == "4.00" and peaks["rtx3060#0"][1] == "10.00"
     assert "decode 19.00 GiB on rtx3090#0" in window.top_phases.text()
     assert window.poll() == 0                          # nothing new: nothing redrawn
 

@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("textual")
 
-from textual.widgets import DataTable, ProgressBar  # noqa: E402
+from textual.widgets import DataTable  # noqa: E402
 
 from vramancer.ui.tui import DeviceCard, MonitorApp  # noqa: E402
 
@@ -39,7 +39,7 @@ def _cell_texts(table: DataTable) -> list[list[str]]:
 def test_bars_update_pause_and_export(recorder, sampler, tmp_path, screenshots):
     async def scenario() -> None:
         recorder.sample_once()                       # one sample before the app starts: shown at mount
-        app = MonitorApp(recorder, interval_s=0.05, export_path=tmp_path / "trace.json", peaks_every_s=0)
+        app = MonitorApp(recorder, interval_s=0.05, export_path=tmp_path / "trace.json")
         async with app.run_test(size=(120, 44)) as pilot:
             await _until(pilot, lambda: set(_cards(app)) == {"rtx3090#0", "rtx3060#0"}, "both devices")
             card = _cards(app)["rtx3090#0"]
@@ -57,10 +57,10 @@ def test_bars_update_pause_and_export(recorder, sampler, tmp_path, screenshots):
             await _until(pilot, lambda: card.bar.percentage == pytest.approx(0.75), "the new usage")
             assert _text(card.usage_label) == "18.00 / 24.00 GiB (75%)"
             assert card.sparkline.values == [6.0, 18.0] and card.sparkline.top == 24.0
-            assert _cell_texts(app.query_one("#processes", DataTable)) == [["4242", "python", "rtx3090#0", "17.00 GiB"]]
+            assert _cell_texts(app.query_one("#processes", DataTable)) == [["4242", "python", "rtx3090#0", "17.00"]]
             peaks = _cell_texts(app.query_one("#peaks", DataTable))
-            assert [r[:2] for r in peaks] == [["rtx3090#0", "18.00 GiB"], ["rtx3060#0", "3.00 GiB"]]
-            assert peaks[0][4] == "6.00 GiB"
+            assert [r[:2] for r in peaks] == [["rtx3090#0", "18.00"], ["rtx3060#0", "3.00"]]
+            assert peaks[0][4] == "6.00"
 
             # p pauses the display; the recorder keeps recording, and resuming catches up.
             await pilot.press("p")

@@ -5,8 +5,8 @@ import time
 
 from vramancer.telemetry.peaks import analyse
 from vramancer.telemetry.samples import DeviceSample, ProcessSample, Snapshot
-from vramancer.ui.view import (device_view, display_dict, history_blocks, iso_time, no_process_text, peak_rows, process_rows,
-                               sample_line, top_phase_rows, top_process_text)
+from vramancer.ui.view import (device_view, display_dict, history_blocks, iso_time, no_process_text, peak_rows,
+                               process_rows, sample_line, top_phase_rows, top_process_text)
 
 GiB = 2**30
 
@@ -19,7 +19,7 @@ def test_usage_and_fraction():
     sim = device_view(DeviceSample("rtx3090#0", "RTX 3090", "simulated", used_bytes=0, total_bytes=24 * GiB))
     assert sim.title.endswith("[simulated]") and sim.usage == "0.00 / 24.00 GiB (0%)"
     sim_missing = DeviceSample("rtx3090#0", "RTX 3090", "simulated", used_bytes=0, total_bytes=GiB, missing=["power_w"])
-    assert "power: n/a (simulated)" in device_view(sim_missing).details
+    assert device_view(sim_missing).details == ("util, temp, sm clock, mem clock: n/a", "power: n/a (simulated)")
 
 
 def test_absent_fields_are_said_not_hidden():
@@ -28,19 +28,20 @@ def test_absent_fields_are_said_not_hidden():
     details = device_view(s).details
     assert "util 7%" in details
     assert "power: n/a (not supported)" in details
-    assert "temp: n/a" in details                     # absent but not declared unsupported
+    assert "temp, sm clock, mem clock: n/a" in details    # absent but not declared unsupported
+    assert details == ("util 7%", "power: n/a (not supported)", "temp, sm clock, mem clock: n/a")
     none_used = device_view(DeviceSample("cuda:1", "GPU", "nvml", used_bytes=None, total_bytes=8 * GiB,
                                          missing=["used_bytes"]))
     assert none_used.usage == "used: n/a (not supported)  (total 8.00 GiB)" and none_used.fraction is None
     lost = device_view(DeviceSample("cuda:2", "GPU", "nvml", lost=True))
     assert lost.lost and lost.title.endswith("LOST") and lost.usage == "used: n/a (device lost)"
-    assert "power: n/a (device lost)" in lost.details
+    assert lost.details == ("util, power, temp, sm clock, mem clock: n/a (device lost)",)
 
 
 def test_process_rows_largest_first_and_vanished():
     rows = process_rows([ProcessSample("cuda:0", 10, GiB, "a"), ProcessSample("cuda:0", 11, None, None),
                          ProcessSample("cuda:1", 12, 3 * GiB, "b")])
-    assert rows == [("12", "b", "cuda:1", "3.00 GiB"), ("10", "a", "cuda:0", "1.00 GiB"),
+    assert rows == [("12", "b", "cuda:1", "3.00"), ("10", "a", "cuda:0", "1.00"),
                     ("11", "(gone)", "cuda:0", "n/a (not reported)")]
     snap = Snapshot(0.0, [DeviceSample("cuda:0", "GPU", "nvml", missing=["processes"])])
     assert no_process_text(snap) == "per-process memory: n/a (not supported)"
@@ -58,14 +59,14 @@ def test_peak_rows_from_a_real_peak_report():
                  phase="decode"),
     ]
     report = analyse(snaps).to_dict()
-    assert peak_rows(report) == [("cuda:0", "5.00 GiB", iso_time(t0 + 1)[11:], "prefill", "3.00 GiB")]
+    assert peak_rows(report) == [("cuda:0", "5.00", iso_time(t0 + 1)[11:], "prefill", "3.00")]
     assert top_phase_rows(report) == [("prefill", "5.00 GiB on cuda:0"), ("decode", "3.00 GiB on cuda:0"),
                                       ("load", "2.00 GiB on cuda:0")]
     assert top_process_text(report) == "pid 77 python: 4.00 GiB on cuda:0 (prefill)"
     shown = display_dict(snaps[1], report)
     assert shown["devices"]["cuda:0"]["usage"] == "5.00 / 8.00 GiB (62%)"
-    assert shown["processes"] == [["77", "python", "cuda:0", "4.00 GiB"]]
-    assert shown["peaks"][0][1] == "5.00 GiB"
+    assert shown["processes"] == [["77", "python", "cuda:0", "4.00"]]
+    assert shown["peaks"][0][1] == "5.00"
 
 
 def test_sample_line_format():

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from collections import deque
 from typing import Any
 
@@ -16,13 +15,12 @@ import pyqtgraph as pg
 
 from ..telemetry.samples import DeviceSample, Snapshot
 from ..units import GiB
-from .view import (device_view, iso_time, no_process_text, peak_rows, process_rows, top_phase_rows,
-                   top_process_text)
+from .view import (PEAK_HEADERS, PROCESS_HEADERS, device_view, iso_time, no_process_text, peak_rows,
+                   process_rows, top_phase_rows, top_process_text)
 
 __all__ = ["MonitorWindow", "DeviceChart", "run_gui", "has_display", "emit_leaks_bools", "HISTORY_POINTS"]
 
 HISTORY_POINTS = 600
-PEAKS_REFRESH_S = 1.0
 
 
 def has_display() -> bool:
@@ -129,19 +127,17 @@ def _fill(table: QtWidgets.QTableWidget, rows: list[tuple], numeric: tuple[int, 
 
 
 class MonitorWindow(QtWidgets.QMainWindow):
-    """Live view of ``recorder``; polls its subscription every ``poll_ms`` on the GUI thread and
-    recomputes the peaks at most every ``peaks_every_s``."""
+    """Live view of ``recorder``; polls its subscription every ``poll_ms`` on the GUI thread.
+    The peaks come from the recorder's incremental tracker, cheap to ask on every redraw."""
 
     def __init__(self, recorder: Any, *, interval_s: float = 1.0, poll_ms: int | None = None,
-                 history_points: int = HISTORY_POINTS, peaks_every_s: float = PEAKS_REFRESH_S) -> None:
+                 history_points: int = HISTORY_POINTS) -> None:
         super().__init__()
         self.recorder = recorder
-        self.peaks_every_s = peaks_every_s
         self.history_points = history_points
         self.charts: dict[str, DeviceChart] = {}
         self.samples_seen = 0
         self.last_snapshot: Snapshot | None = None
-        self._peaks_at = 0.0
         self.setWindowTitle("VRAMancer — live VRAM")
         self.resize(1100, 760)
 
@@ -153,8 +149,8 @@ class MonitorWindow(QtWidgets.QMainWindow):
         scroll.setWidgetResizable(True)
         scroll.setWidget(self.grid_host)
 
-        self.processes = _table(["pid", "name", "device", "used"])
-        self.peaks = _table(["device", "peak", "at", "phase", "headroom"])
+        self.processes = _table(list(PROCESS_HEADERS))
+        self.peaks = _table(list(PEAK_HEADERS))
         self.top_phases = QtWidgets.QLabel("")
         proc_box = QtWidgets.QGroupBox("Processes")
         QtWidgets.QVBoxLayout(proc_box).addWidget(self.processes)
@@ -182,7 +178,7 @@ class MonitorWindow(QtWidgets.QMainWindow):
         for snap in past:
             self._take(snap)
         if past:
-            self._show(past[-1], force_peaks=True)
+            self._show(past[-1])
         self.timer = QtCore.QTimer(self)
         self.timer.timeout.connect(self.poll)
         self.timer.start(int(poll_ms if poll_ms is not None else max(50, min(250, interval_s * 500))))
@@ -218,26 +214,23 @@ class MonitorWindow(QtWidgets.QMainWindow):
         for sample in snap.devices:
             self.chart(sample.device).add(sample, snap.timestamp)
 
-    def _show(self, snap: Snapshot, force_peaks: bool = False) -> None:
+    def _show(self, snap: Snapshot) -> None:
         for sample in snap.devices:
             self.chart(sample.device).show_sample(sample)
         for chart in self.charts.values():
             chart.redraw()
         rows = process_rows(snap.processes) or [("-", no_process_text(snap), "", "")]
         _fill(self.processes, rows, numeric=(3,))
-        now = time.monotonic()
-        if force_peaks or now - self._peaks_at >= self.peaks_every_s:
-            self._peaks_at = now
-            report = self.recorder.peaks().to_dict()
-            _fill(self.peaks, peak_rows(report), numeric=(1, 4))
-            phases = top_phase_rows(report)
-            lines = []
-            if phases:
-                lines.append("top phases: " + ", ".join(f"{n} {p}" for n, p in phases))
-            top_process = top_process_text(report)
-            if top_process:
-                lines.append("top process: " + top_process)
-            self.top_phases.setText("\n".join(lines))
+        report = self.recorder.peaks().to_dict()
+        _fill(self.peaks, peak_rows(report), numeric=(1, 4))
+        phases = top_phase_rows(report)
+        lines = []
+        if phases:
+            lines.append("top phases: " + ", ".join(f"{n} {p}" for n, p in phases))
+        top_process = top_process_text(report)
+        if top_process:
+            lines.append("top process: " + top_process)
+        self.top_phases.setText("\n".join(lines))
         msg = f"last sample {iso_time(snap.timestamp)[11:]}  ·  {self.samples_seen} samples"
         if snap.phase:
             msg += f"  ·  phase {snap.phase}"

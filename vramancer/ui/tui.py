@@ -6,7 +6,6 @@ start or stop the recorder (``vramancer monitor`` does). Imported only by that s
 """
 from __future__ import annotations
 
-import time
 from collections import deque
 from pathlib import Path
 
@@ -20,13 +19,12 @@ from textual.widgets import DataTable, Footer, Header, Label, ProgressBar, Stati
 from ..telemetry.samples import DeviceSample, Snapshot
 from ..units import GiB
 from .source import export_trace
-from .view import (device_view, history_blocks, iso_time, no_process_text, peak_rows, process_rows, top_phase_rows,
-                   top_process_text)
+from .view import (PEAK_HEADERS, PROCESS_HEADERS, device_view, history_blocks, iso_time, no_process_text,
+                   peak_rows, process_rows, top_phase_rows, top_process_text)
 
 __all__ = ["MonitorApp", "DeviceCard", "HistoryStrip", "HISTORY_POINTS"]
 
 HISTORY_POINTS = 240        # samples kept per device for the sparkline
-PEAKS_REFRESH_S = 1.0       # peaks are recomputed at most this often
 
 
 def _card_id(device: str) -> str:
@@ -118,8 +116,7 @@ class DeviceCard(Vertical):
 
 class MonitorApp(App[int]):
     """Live view of ``recorder``. ``export_path``: where ``e`` writes (by suffix: .csv or .json);
-    None writes a timestamped CSV and JSON pair in ``export_dir``. ``duration_s``: quit after it.
-    ``peaks_every_s``: the peaks panel is recomputed at most this often."""
+    None writes a timestamped CSV and JSON pair in ``export_dir``. ``duration_s``: quit after it."""
 
     TITLE = "VRAMancer monitor"
     CSS = """
@@ -137,10 +134,8 @@ class MonitorApp(App[int]):
     ]
 
     def __init__(self, recorder, *, interval_s: float = 1.0, export_path: str | Path | None = None,
-                 export_dir: str | Path = ".", duration_s: float | None = None,
-                 peaks_every_s: float = PEAKS_REFRESH_S) -> None:
+                 export_dir: str | Path = ".", duration_s: float | None = None) -> None:
         super().__init__()
-        self.peaks_every_s = peaks_every_s
         self.recorder = recorder
         self.interval_s = float(interval_s)
         self.export_path = Path(export_path) if export_path else None
@@ -151,7 +146,6 @@ class MonitorApp(App[int]):
         self.exported: list[Path] = []
         self.last_snapshot: Snapshot | None = None
         self._subscription = None
-        self._peaks_at = 0.0
         self._message = ""
 
     # -- layout ---------------------------------------------------------------------------
@@ -171,15 +165,15 @@ class MonitorApp(App[int]):
 
     def on_mount(self) -> None:
         self.sub_title = f"every {self.interval_s:g} s"
-        self.query_one("#processes", DataTable).add_columns("pid", "name", "device", "used")
-        self.query_one("#peaks", DataTable).add_columns("device", "peak", "at", "phase", "headroom")
+        self.query_one("#processes", DataTable).add_columns(*PROCESS_HEADERS)
+        self.query_one("#peaks", DataTable).add_columns(*PEAK_HEADERS)
         self._subscription = self.recorder.subscribe()
         # What the recorder already holds fills the history, so a late start loses nothing.
         past = list(self.recorder.snapshots())[-HISTORY_POINTS:]
         for snap in past:
             self._take(snap)
         if past:
-            self._show(past[-1], force_peaks=True)
+            self._show(past[-1], )
         self.set_interval(min(self.interval_s, 0.25), self.poll)
         if self.duration_s is not None:
             self.set_timer(max(self.duration_s, 0.0), self._finish)
@@ -218,7 +212,7 @@ class MonitorApp(App[int]):
         for sample in snap.devices:
             self._card(sample.device).add_history(sample)
 
-    def _show(self, snap: Snapshot, force_peaks: bool = False) -> None:
+    def _show(self, snap: Snapshot) -> None:
         for sample in snap.devices:
             self._card(sample.device).show(sample)
         table = self.query_one("#processes", DataTable)
@@ -228,10 +222,7 @@ class MonitorApp(App[int]):
             table.add_row(*row)
         if not rows:
             table.add_row("-", no_process_text(snap), "", "")
-        now = time.monotonic()
-        if force_peaks or now - self._peaks_at >= self.peaks_every_s:
-            self._peaks_at = now
-            self._show_peaks()
+        self._show_peaks()
         self._update_status()
 
     def _show_peaks(self) -> None:
@@ -268,7 +259,7 @@ class MonitorApp(App[int]):
     def action_pause(self) -> None:
         self.paused = not self.paused
         if not self.paused and self.last_snapshot is not None:
-            self._show(self.last_snapshot, force_peaks=True)
+            self._show(self.last_snapshot, )
         self._update_status()
 
     def export(self) -> list[Path]:

@@ -21,6 +21,8 @@ __all__ = [
     "used_fraction",
     "detail_texts",
     "process_rows",
+    "PROCESS_HEADERS",
+    "PEAK_HEADERS",
     "no_process_text",
     "peak_rows",
     "top_phase_rows",
@@ -73,15 +75,17 @@ def _why_absent(sample: DeviceSample, field_name: str) -> str:
 
 
 def detail_texts(sample: DeviceSample) -> list[str]:
-    """One short text per optional field: "util 45%", "power: n/a (not supported)"."""
-    out: list[str] = []
+    """The optional fields: those present one by one ("util 45%"), then those absent grouped
+    by why ("power, temp: n/a (not supported)")."""
+    present: list[str] = []
+    absent: dict[str, list[str]] = {}
     for field_name, label, fmt in DETAIL_FIELDS:
         value = getattr(sample, field_name, None)
         if value is None:
-            out.append(f"{label}: {_why_absent(sample, field_name)}")
+            absent.setdefault(_why_absent(sample, field_name), []).append(label)
         else:
-            out.append(f"{label} {fmt.format(value)}")
-    return out
+            present.append(f"{label} {fmt.format(value)}")
+    return present + [f"{', '.join(labels)}: {why}" for why, labels in absent.items()]
 
 
 @dataclass(frozen=True)
@@ -115,12 +119,17 @@ def device_view(sample: DeviceSample) -> DeviceView:
     return DeviceView(sample.device, title, usage, fraction, tuple(detail_texts(sample)), sample.lost)
 
 
+PROCESS_HEADERS = ("pid", "name", "device", "used GiB")
+PEAK_HEADERS = ("device", "peak GiB", "at", "phase", "headroom GiB")
+
+
 def process_rows(processes: Iterable[ProcessSample]) -> list[tuple[str, str, str, str]]:
-    """(pid, name, device, used GiB) per process, largest first; unknown values said as such."""
+    """(pid, name, device, used GiB) per process (``PROCESS_HEADERS``), largest first; unknown
+    values said as such."""
     rows = sorted(processes, key=lambda p: (p.used_bytes is None, -(p.used_bytes or 0), p.pid))
     return [
         (str(p.pid), p.name or "(gone)", p.device,
-         f"{gib_text(p.used_bytes)} GiB" if p.used_bytes is not None else "n/a (not reported)")
+         gib_text(p.used_bytes) if p.used_bytes is not None else "n/a (not reported)")
         for p in rows
     ]
 
@@ -139,7 +148,8 @@ def _get(d: Any, key: str, default: Any = None) -> Any:
 
 
 def peak_rows(peaks: dict) -> list[tuple[str, str, str, str, str]]:
-    """(device, peak GiB, when, phase, headroom GiB) per device from ``PeakReport.to_dict()``."""
+    """(device, peak GiB, when, phase, headroom GiB) per device (``PEAK_HEADERS``) from
+    ``PeakReport.to_dict()``."""
     rows = []
     for item in _get(peaks, "devices", []) or []:
         peak = _get(item, "peak_used_bytes")
@@ -148,10 +158,10 @@ def peak_rows(peaks: dict) -> list[tuple[str, str, str, str, str]]:
         device = str(_get(item, "device", "?")) + (" (lost)" if _get(item, "lost") else "")
         rows.append((
             device,
-            f"{gib_text(peak)} GiB" if peak is not None else "n/a (never reported)",
+            gib_text(peak) if peak is not None else "n/a (never reported)",
             iso_time(when)[11:] if isinstance(when, (int, float)) else "-",
             str(_get(item, "peak_phase") or "-"),
-            f"{gib_text(headroom)} GiB" if headroom is not None else "n/a",
+            gib_text(headroom) if headroom is not None else "n/a",
         ))
     return rows
 

@@ -33,10 +33,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run_lines(recorder, duration_s: float | None, out=None) -> int:
-    """Start ``recorder``, print one line per snapshot until ``duration_s`` passes (or Ctrl-C)."""
+    """Start ``recorder``, print one line per snapshot until ``duration_s`` passes (or Ctrl-C).
+    What a sampler could not read goes to stderr, once each time it changes."""
     from ..view import sample_line
 
     out = out or sys.stdout
+    said_missing: list[str] = []
     subscription = recorder.subscribe()
     deadline = None if duration_s is None else time.monotonic() + duration_s
     try:
@@ -52,6 +54,9 @@ def run_lines(recorder, duration_s: float | None, out=None) -> int:
                 if snap is not None:
                     out.write(sample_line(snap) + "\n")
                     out.flush()
+                    if snap.missing and snap.missing != said_missing:
+                        print("vramancer monitor: missing: " + "; ".join(snap.missing), file=sys.stderr)
+                    said_missing = snap.missing
     finally:
         subscription.close()
     return 0

@@ -6,8 +6,8 @@ Routes:
     GET /api/snapshot     {"schema": 1, "snapshot": Snapshot.to_dict() | null, "peaks": PeakReport.to_dict(),
                            "devices": [id, ...], "interval_s": float, "display": view.display_dict(...)}
     GET /api/history      {"schema": 1, "snapshots": [Snapshot.to_dict(), ...]}  (?limit=N, ?since=T)
-    GET /api/events       text/event-stream; event "snapshot", data {"snapshot": {...}, "display": {...}, "peaks": {...}?}
-                          (peaks at most once a second)
+    GET /api/events       text/event-stream; event "snapshot",
+                          data {"snapshot": {...}, "peaks": {...}, "display": {...}}
     GET /metrics          Prometheus text format (vramancer.telemetry.prometheus.render_metrics)
 
 Read-only: nothing here changes the recorder. Imported only by ``vramancer dashboard`` and tests.
@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import queue
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,6 @@ __all__ = ["create_app", "STATIC_DIR", "API_SCHEMA"]
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 API_SCHEMA = 1
-PEAKS_EVERY_S = 1.0
 EVENT_WAIT_S = 0.5          # a stream checks for disconnect / shutdown at least this often
 
 
@@ -93,7 +91,6 @@ def create_app(recorder: Any, *, interval_s: float | None = None, history_limit:
         subscription = recorder.subscribe()
 
         async def stream():
-            peaks_at = 0.0
             try:
                 while not stop.is_set():
                     if await request.is_disconnected():
@@ -101,14 +98,8 @@ def create_app(recorder: Any, *, interval_s: float | None = None, history_limit:
                     snap = await anyio.to_thread.run_sync(_next_snapshot, subscription, EVENT_WAIT_S)
                     if snap is None:
                         continue
-                    peaks = None
-                    now = time.monotonic()
-                    if now - peaks_at >= PEAKS_EVERY_S:
-                        peaks_at = now
-                        peaks = recorder.peaks().to_dict()
-                    payload: dict[str, Any] = {"snapshot": snap.to_dict(), "display": display_dict(snap, peaks)}
-                    if peaks is not None:
-                        payload["peaks"] = peaks
+                    peaks = recorder.peaks().to_dict()     # incremental tracker: cheap per event
+                    payload = {"snapshot": snap.to_dict(), "peaks": peaks, "display": display_dict(snap, peaks)}
                     yield {"event": "snapshot", "data": json.dumps(payload)}
             finally:
                 subscription.close()
