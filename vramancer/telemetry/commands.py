@@ -59,11 +59,19 @@ def _at(ts: float | None, t0: float | None) -> str:
     return f"+{ts - t0:.2f} s"
 
 
+def _table(title: str, *columns: tuple[str, str]):
+    from rich import box
+    from rich.table import Table
+
+    t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
+    for name, justify in columns:
+        t.add_column(name, justify=justify, no_wrap=True)
+    return t
+
+
 def render_report(trace, report, top: int = 10, console=None) -> None:
     """Print the peak report as rich tables."""
-    from rich import box
     from rich.console import Console
-    from rich.table import Table
 
     console = console or Console()
     t0 = report.start
@@ -76,7 +84,7 @@ def render_report(trace, report, top: int = 10, console=None) -> None:
         return
 
     show_reserved = any(d.peak_reserved_bytes is not None for d in report.devices)
-    t = Table(title="Peak memory per device", title_justify="left", box=box.SIMPLE_HEAD)
+    t = _table("Peak memory per device")
     t.add_column("device", overflow="ellipsis", min_width=23, max_width=30)
     for col in ("peak used", "total", "headroom") + (("reserved",) if show_reserved else ()) + ("at",):
         t.add_column(col, justify="right", no_wrap=True)
@@ -97,20 +105,16 @@ def render_report(trace, report, top: int = 10, console=None) -> None:
         console.print(line)
 
     if report.processes:
-        t = Table(title="Peak memory per process", title_justify="left", box=box.SIMPLE_HEAD)
-        for col, just in (("pid", "right"), ("process", "left"), ("device", "left"), ("peak used", "right"),
-                          ("at", "right"), ("phase", "left")):
-            t.add_column(col, justify=just)
+        t = _table("Peak memory per process", ("pid", "right"), ("process", "left"), ("device", "left"),
+                   ("peak used", "right"), ("at", "right"), ("phase", "left"))
         for p in report.processes[:top]:
             t.add_row(str(p.pid), p.name or "(gone)", p.device, _bytes(p.peak_used_bytes),
                       _at(p.peak_timestamp, t0), p.peak_phase or "-")
         console.print(t)
 
     if report.phases:
-        t = Table(title="Phases by peak", title_justify="left", box=box.SIMPLE_HEAD)
-        for col, just in (("phase", "left"), ("peak used", "right"), ("on", "left"), ("at", "right"),
-                          ("duration", "right"), ("samples", "right")):
-            t.add_column(col, justify=just)
+        t = _table("Phases by peak", ("phase", "left"), ("peak used", "right"), ("on", "left"), ("at", "right"),
+                   ("duration", "right"), ("samples", "right"))
         for ph in report.phases[:top]:
             t.add_row(ph.name, _bytes(ph.peak_used_bytes), ph.device or "-", _at(ph.peak_timestamp, t0),
                       f"{ph.duration_s:.2f} s" if ph.duration_s is not None else "-", str(ph.samples))
