@@ -89,10 +89,11 @@ def create_app(recorder: Any, *, interval_s: float | None = None, history_limit:
     @app.get("/api/events")
     async def events(request: Request) -> EventSourceResponse:
         subscription = recorder.subscribe()
+        shutdown = anyio.Event()        # set by sse-starlette when the server shuts down
 
         async def stream():
             try:
-                while not stop.is_set():
+                while not (stop.is_set() or shutdown.is_set()):
                     if await request.is_disconnected():
                         break
                     snap = await anyio.to_thread.run_sync(_next_snapshot, subscription, EVENT_WAIT_S)
@@ -104,6 +105,9 @@ def create_app(recorder: Any, *, interval_s: float | None = None, history_limit:
             finally:
                 subscription.close()
 
-        return EventSourceResponse(stream(), ping=15)
+        # The grace period outlasts one wait for a snapshot, so the stream ends by itself and the
+        # response completes instead of being cancelled mid-way.
+        return EventSourceResponse(stream(), ping=15, shutdown_event=shutdown,
+                                   shutdown_grace_period=EVENT_WAIT_S + 0.5)
 
     return app

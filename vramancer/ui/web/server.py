@@ -46,15 +46,26 @@ def _config(app: Any, log_level: str):
                           timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
 
 
+def _stop_streams(app: Any) -> None:
+    stop = getattr(getattr(app, "state", None), "stop_event", None)
+    if stop is not None:
+        stop.set()
+
+
 def serve_forever(app: Any, sock: socket.socket, duration_s: float | None = None,
                   log_level: str = "warning") -> None:
     """Serve ``app`` on ``sock`` until Ctrl-C (uvicorn's signal handling) or ``duration_s``."""
     import uvicorn
 
     server = uvicorn.Server(_config(app, log_level))
+
+    def finish() -> None:
+        _stop_streams(app)          # open event streams end first, so shutdown does not wait on them
+        server.should_exit = True
+
     timer = None
     if duration_s is not None:
-        timer = threading.Timer(duration_s, setattr, args=(server, "should_exit", True))
+        timer = threading.Timer(duration_s, finish)
         timer.daemon = True
         timer.start()
     try:
@@ -62,9 +73,7 @@ def serve_forever(app: Any, sock: socket.socket, duration_s: float | None = None
     finally:
         if timer is not None:
             timer.cancel()
-        stop = getattr(getattr(app, "state", None), "stop_event", None)
-        if stop is not None:
-            stop.set()
+        _stop_streams(app)
         sock.close()
 
 
@@ -96,9 +105,7 @@ class ThreadedServer:
         return self
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        stop = getattr(getattr(self.app, "state", None), "stop_event", None)
-        if stop is not None:
-            stop.set()
+        _stop_streams(self.app)
         self._server.should_exit = True
         self._thread.join(timeout_s)
         self.sock.close()
