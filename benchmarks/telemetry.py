@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['cpu_us_per_tick']:>8.0f}us {r['cpu_pct']:>7.3f}% {goal:>5g}%  "
                   f"{'GOAL MET' if r['met'] else 'GOAL NOT MET'}")
 
-    print(f"\n2. CPU per query on the same NVML (each tool in its own process; ratio = tool / ours)")
+    print("\n2. CPU per query on the same NVML (each tool in its own process; ratio = tool / ours)")
     nvmls = ["fake"] + (["real"] if NvmlBackend().available() else [])
     if "real" not in nvmls:
         print("   (no NVIDIA driver here: the real-driver rows are skipped)")

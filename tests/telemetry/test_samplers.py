@@ -2,6 +2,7 @@
 and default_samplers' choice."""
 from __future__ import annotations
 
+import collections
 import os
 import subprocess
 import sys
@@ -47,7 +48,24 @@ def test_host_sampler_reads_psutil():
     total = psutil.virtual_memory().total
     assert (cpu.device, cpu.source, cpu.total_bytes) == ("cpu", "host", total)
     assert 0 < cpu.used_bytes <= total
-    assert 0.0 <= cpu.utilization_pct <= 100.0
+    assert cpu.utilization_pct is None or 0.0 <= cpu.utilization_pct <= 100.0
+
+
+def test_host_sampler_busy_percent_between_samples():
+    times = iter([(10.0, 5.0, 80.0, 5.0, 1.0), (11.0, 6.0, 80.5, 5.5, 2.0), (11.0, 6.0, 80.5, 5.5, 2.0)])
+
+    fake = types.SimpleNamespace(cpu_times=lambda: _Times(*next(times)),
+                                 virtual_memory=lambda: types.SimpleNamespace(total=64 * GiB, available=40 * GiB))
+    s = HostSampler(module=fake)
+    first = s.sample().devices[0]
+    # 1 s user + 1 s system + 0.5 s idle + 0.5 s iowait (+1 s guest, already inside user): 3 s, 1 s idle
+    assert (first.used_bytes, first.total_bytes) == (24 * GiB, 64 * GiB)
+    assert first.utilization_pct == pytest.approx(100.0 * 2 / 3)
+    second = s.sample().devices[0]            # no CPU time passed: unknown, not 0
+    assert second.utilization_pct is None and second.missing == ["utilization_pct"]
+
+
+_Times = collections.namedtuple("scputimes", "user system idle iowait guest")   # like psutil's
 
 
 # -- torch allocator --------------------------------------------------------------------------

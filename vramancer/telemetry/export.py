@@ -229,7 +229,7 @@ def read_csv(path: str | Path, text: str | None = None) -> Trace:
                 raise _fail(path, f"line {line}: ", f"{len(row)} fields, expected {len(header)}"
                             + (" (truncated?)" if len(row) < len(header) else ""))
 
-            def get(name: str) -> str:
+            def get(name: str, row: list[str] = row) -> str:
                 i = col.get(name)
                 return row[i] if i is not None else ""
 

@@ -49,7 +49,7 @@ def plot_trace(trace: Trace, path: str | Path, report: PeakReport | None = None,
     phase_names = list(dict.fromkeys(p.name for p in trace.phases))
     phase_colors = {name: colormaps["Pastel1"](i % 9) for i, name in enumerate(phase_names)}
     end = max(s.timestamp for s in trace.snapshots) - t0
-    for ax, (panel_title, devs) in zip(axes, panels):
+    for ax, (panel_title, devs) in zip(axes, panels, strict=True):
         for k, iv in enumerate(trace.phases):
             stop = (iv.end if iv.end is not None else t0 + end) - t0
             # nested phases get a shorter band, so the outer one stays visible above them

@@ -74,12 +74,13 @@ class AmdSmiSampler:
             self._unavailable = None
             self._handles = []
 
-    def _read(self, index: int, key: str, missing: list[str], fn: Callable[[], Any]) -> Any:
+    def _read(self, index: int, key: str, missing: list[str], fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` for field ``key``: None (and ``key`` in ``missing``) when AMD SMI cannot say."""
         if self._unsupported.get((index, key)):
             missing.append(key)
             return None
         try:
-            value = fn()
+            value = fn(*args)
         except _Missing:
             missing.append(key)
             return None
@@ -111,19 +112,18 @@ class AmdSmiSampler:
             name, uuid, total = self._identity(i, h)
             missing: list[str] = []
             device = f"rocm:{i}"
-            used = self._read(i, "used_bytes", missing, lambda: int(mod.amdsmi_get_gpu_memory_usage(h, vram)))
+            used = self._read(i, "used_bytes", missing, mod.amdsmi_get_gpu_memory_usage, h, vram)
             if total is None:
                 missing.append("total_bytes")
-            util = self._read(i, "utilization_pct", missing, lambda: _na(mod.amdsmi_get_gpu_activity(h), "gfx_activity"))
-            power = self._read(i, "power_w", missing, lambda: _power(mod.amdsmi_get_power_info(h)))
-            temp = self._read(i, "temperature_c", missing, lambda: _temperature(mod, h))
-            sm = self._read(i, "sm_clock_mhz", missing,
-                            lambda: _na(mod.amdsmi_get_clock_info(h, mod.AmdSmiClkType.GFX), "clk"))
-            mclk = self._read(i, "mem_clock_mhz", missing,
-                              lambda: _na(mod.amdsmi_get_clock_info(h, mod.AmdSmiClkType.MEM), "clk"))
+            util = self._read(i, "utilization_pct", missing, _activity, mod, h)
+            power = self._read(i, "power_w", missing, _power, mod, h)
+            temp = self._read(i, "temperature_c", missing, _temperature, mod, h)
+            sm = self._read(i, "sm_clock_mhz", missing, _clock, mod, h, mod.AmdSmiClkType.GFX)
+            mclk = self._read(i, "mem_clock_mhz", missing, _clock, mod, h, mod.AmdSmiClkType.MEM)
             missing.append("reserved_bytes")
             devices.append(DeviceSample(
-                device=device, name=name, source=self.name, uuid=uuid, used_bytes=used, total_bytes=total,
+                device=device, name=name, source=self.name, uuid=uuid,
+                used_bytes=int(used) if used is not None else None, total_bytes=total,
                 utilization_pct=float(util) if util is not None else None,
                 power_w=float(power) if power is not None else None,
                 temperature_c=float(temp) if temp is not None else None,
@@ -131,7 +131,7 @@ class AmdSmiSampler:
                 mem_clock_mhz=float(mclk) if mclk is not None else None,
                 missing=missing,
             ))
-            plist = self._read(i, "processes", missing, lambda: list(mod.amdsmi_get_gpu_process_list(h)))
+            plist = self._read(i, "processes", missing, mod.amdsmi_get_gpu_process_list, h)
             for p in plist or []:
                 if not isinstance(p, dict) or "pid" not in p:
                     continue
@@ -149,24 +149,34 @@ class AmdSmiSampler:
         if ident is None:
             mod = self._module
             missing: list[str] = []
-            asic = self._read(index, "name", missing, lambda: mod.amdsmi_get_gpu_asic_info(h))
+            asic = self._read(index, "name", missing, mod.amdsmi_get_gpu_asic_info, h)
             name = (asic or {}).get("market_name") or f"AMD GPU {index}"
-            uuid = self._read(index, "uuid", missing, lambda: mod.amdsmi_get_gpu_device_uuid(h))
-            total = self._read(index, "total_bytes", missing,
-                               lambda: int(mod.amdsmi_get_gpu_memory_total(h, mod.AmdSmiMemoryType.VRAM)))
+            uuid = self._read(index, "uuid", missing, mod.amdsmi_get_gpu_device_uuid, h)
+            total = self._read(index, "total_bytes", missing, mod.amdsmi_get_gpu_memory_total, h,
+                               mod.AmdSmiMemoryType.VRAM)
+            total = int(total) if total is not None else None
             ident = (str(name), str(uuid) if uuid else None, total)
             self._static[index] = ident
         return ident
 
 
-def _na(d: dict, key: str) -> Any:
+def _na(d: Any, key: str) -> Any:
     value = d.get(key) if isinstance(d, dict) else None
     if value is None or value == "N/A":
         raise _Missing(key)
     return value
 
 
-def _power(info: dict) -> Any:
+def _activity(mod: Any, h: Any) -> Any:
+    return _na(mod.amdsmi_get_gpu_activity(h), "gfx_activity")
+
+
+def _clock(mod: Any, h: Any, clk: Any) -> Any:
+    return _na(mod.amdsmi_get_clock_info(h, clk), "clk")
+
+
+def _power(mod: Any, h: Any) -> Any:
+    info = mod.amdsmi_get_power_info(h)
     for key in ("current_socket_power", "average_socket_power", "socket_power"):
         value = info.get(key) if isinstance(info, dict) else None
         if value is not None and value != "N/A":
