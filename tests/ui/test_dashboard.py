@@ -192,6 +192,7 @@ def test_page_in_headless_chromium(screenshots):
         assert used > 0 and used % (GiB // 2) == 0
         browser.wait_for("document.querySelector('#processes tbody').textContent.includes('4242')")
         browser.wait_for("document.querySelector('#peaks tbody').textContent.includes('rtx3090#0')")
+        browser.wait_for("document.getElementById('top-phases').textContent.startsWith('top phases: ')")
         text = browser.evaluate("document.body.innerText")
         assert "power: n/a (not supported)" in text and "NVIDIA GeForce RTX 3090" in text
         time.sleep(0.5)                            # a few more points for the picture

@@ -15,8 +15,8 @@ import pyqtgraph as pg
 
 from ..telemetry.samples import DeviceSample, Snapshot
 from ..units import GiB
-from .view import (PEAK_HEADERS, PROCESS_HEADERS, device_view, iso_time, no_process_text, peak_rows,
-                   process_rows, top_phase_rows, top_process_text)
+from .source import poll_feed
+from .view import PEAK_HEADERS, PROCESS_HEADERS, device_view, iso_time, peak_rows, peaks_summary, process_table_rows
 
 __all__ = ["MonitorWindow", "DeviceChart", "run_gui", "has_display", "emit_leaks_bools", "HISTORY_POINTS"]
 
@@ -199,14 +199,7 @@ class MonitorWindow(QtWidgets.QMainWindow):
 
     def poll(self) -> int:
         """Take every queued snapshot, redraw; returns how many came in."""
-        if self._subscription is None:
-            return 0
-        new = self._subscription.drain()
-        for snap in new:
-            self._take(snap)
-        if new:
-            self._show(new[-1])
-        return len(new)
+        return poll_feed(self._subscription, self._take, self._show)
 
     def _take(self, snap: Snapshot) -> None:
         self.samples_seen += 1
@@ -219,18 +212,10 @@ class MonitorWindow(QtWidgets.QMainWindow):
             self.chart(sample.device).show_sample(sample)
         for chart in self.charts.values():
             chart.redraw()
-        rows = process_rows(snap.processes) or [("-", no_process_text(snap), "", "")]
-        _fill(self.processes, rows, numeric=(3,))
+        _fill(self.processes, process_table_rows(snap), numeric=(3,))
         report = self.recorder.peaks().to_dict()
         _fill(self.peaks, peak_rows(report), numeric=(1, 4))
-        phases = top_phase_rows(report)
-        lines = []
-        if phases:
-            lines.append("top phases: " + ", ".join(f"{n} {p}" for n, p in phases))
-        top_process = top_process_text(report)
-        if top_process:
-            lines.append("top process: " + top_process)
-        self.top_phases.setText("\n".join(lines))
+        self.top_phases.setText(peaks_summary(report))
         msg = f"last sample {iso_time(snap.timestamp)[11:]}  ·  {self.samples_seen} samples"
         if snap.phase:
             msg += f"  ·  phase {snap.phase}"

@@ -24,6 +24,7 @@ __all__ = [
     "simulated_source",
     "export_trace",
     "export_format",
+    "poll_feed",
     "MIN_INTERVAL_S",
 ]
 
@@ -114,6 +115,20 @@ def recorder_from_args(args: argparse.Namespace) -> Any:
     if args.replay is not None and args.devices not in (None, "auto"):
         raise BadInputError("--replay and --devices do not go together: a replay shows the recorded devices")
     return open_recorder(args.devices, args.interval, replay=args.replay, speed=args.speed)
+
+
+def poll_feed(subscription: Any, take: Callable[[Any], None], show: Callable[[Any], None],
+              paused: bool = False) -> int:
+    """A live view's tick: ``take`` every snapshot queued on ``subscription`` (history), then
+    ``show`` the newest unless ``paused``. Returns how many came in (0 once unsubscribed)."""
+    if subscription is None:
+        return 0
+    new = subscription.drain()
+    for snap in new:
+        take(snap)
+    if new and not paused:
+        show(new[-1])
+    return len(new)
 
 
 def export_format(path: Path) -> str:

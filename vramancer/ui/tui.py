@@ -18,9 +18,9 @@ from textual.widgets import DataTable, Footer, Header, Label, ProgressBar, Stati
 
 from ..telemetry.samples import DeviceSample, Snapshot
 from ..units import GiB
-from .source import export_trace
-from .view import (PEAK_HEADERS, PROCESS_HEADERS, device_view, history_blocks, iso_time, no_process_text,
-                   peak_rows, process_rows, top_phase_rows, top_process_text)
+from .source import export_trace, poll_feed
+from .view import (PEAK_HEADERS, PROCESS_HEADERS, device_view, history_blocks, iso_time, peak_rows, peaks_summary,
+                   process_table_rows)
 
 __all__ = ["MonitorApp", "DeviceCard", "HistoryStrip", "HISTORY_POINTS"]
 
@@ -187,14 +187,7 @@ class MonitorApp(App[int]):
     # -- data -----------------------------------------------------------------------------
     def poll(self) -> int:
         """Take every snapshot the subscription queued; show the newest. Returns how many."""
-        if self._subscription is None:
-            return 0
-        new = self._subscription.drain()
-        for snap in new:
-            self._take(snap)
-        if new and not self.paused:
-            self._show(new[-1])
-        return len(new)
+        return poll_feed(self._subscription, self._take, self._show, self.paused)
 
     def _card(self, device: str) -> DeviceCard:
         try:
@@ -217,11 +210,8 @@ class MonitorApp(App[int]):
             self._card(sample.device).show(sample)
         table = self.query_one("#processes", DataTable)
         table.clear()
-        rows = process_rows(snap.processes)
-        for row in rows:
+        for row in process_table_rows(snap):
             table.add_row(*row)
-        if not rows:
-            table.add_row("-", no_process_text(snap), "", "")
         self._show_peaks()
         self._update_status()
 
@@ -231,14 +221,7 @@ class MonitorApp(App[int]):
         table.clear()
         for row in peak_rows(report):
             table.add_row(*row)
-        phases = top_phase_rows(report)
-        lines = []
-        if phases:
-            lines.append("top phases: " + ", ".join(f"{name} {peak}" for name, peak in phases))
-        top_process = top_process_text(report)
-        if top_process:
-            lines.append("top process: " + top_process)
-        self.query_one("#top-phases", Label).update("\n".join(lines))
+        self.query_one("#top-phases", Label).update(peaks_summary(report))
 
     def _update_status(self) -> None:
         parts = []

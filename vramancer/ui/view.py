@@ -27,6 +27,8 @@ __all__ = [
     "peak_rows",
     "top_phase_rows",
     "top_process_text",
+    "process_table_rows",
+    "peaks_summary",
     "display_dict",
     "sample_line",
     "history_blocks",
@@ -177,6 +179,23 @@ def top_phase_rows(peaks: dict, limit: int = 5) -> list[tuple[str, str]]:
     return rows
 
 
+def process_table_rows(snapshot: Snapshot) -> list[tuple[str, str, str, str]]:
+    """``process_rows``, or one row saying why there are none."""
+    return process_rows(snapshot.processes) or [("-", no_process_text(snapshot), "", "")]
+
+
+def peaks_summary(peaks: dict) -> str:
+    """The lines under the peaks table: the top phases and the top process (either may be absent)."""
+    lines = []
+    phases = top_phase_rows(peaks)
+    if phases:
+        lines.append("top phases: " + ", ".join(f"{name} {peak}" for name, peak in phases))
+    top_process = top_process_text(peaks)
+    if top_process:
+        lines.append("top process: " + top_process)
+    return "\n".join(lines)
+
+
 def top_process_text(peaks: dict) -> str:
     """The process with the highest peak: "pid 1234 python: 8.00 GiB on cuda:0 (decode)", or ""."""
     for item in _get(peaks, "processes", []) or []:
@@ -192,8 +211,8 @@ def top_process_text(peaks: dict) -> str:
 def display_dict(snapshot: Snapshot | None, peaks: dict | None = None) -> dict:
     """What a view shows for ``snapshot`` (and ``peaks`` when given), as JSON-ready texts:
     {"devices": {id: {"title", "usage", "fraction", "details"}}, "processes": [[pid, name, device, used]],
-     "missing": [line, ...], "peaks": [[device, peak, at, phase, headroom]], "top_phases": [[phase, peak]],
-     "top_process": text}."""
+     "no_processes": text, "missing": [line, ...], "peaks": [[device, peak, at, phase, headroom]],
+     "summary": text}."""
     out: dict[str, Any] = {"devices": {}, "processes": []}
     if snapshot is not None:
         for sample in snapshot.devices:
@@ -205,8 +224,7 @@ def display_dict(snapshot: Snapshot | None, peaks: dict | None = None) -> dict:
         out["missing"] = list(getattr(snapshot, "missing", []) or [])
     if peaks is not None:
         out["peaks"] = [list(r) for r in peak_rows(peaks)]
-        out["top_phases"] = [list(r) for r in top_phase_rows(peaks)]
-        out["top_process"] = top_process_text(peaks)
+        out["summary"] = peaks_summary(peaks)
     return out
 
 

@@ -110,12 +110,7 @@
       m.textContent = display.missing.length ? "missing: " + display.missing.join("; ") : "";
     }
     if (display.peaks) fillTable("peaks", display.peaks, [1, 4], "no samples yet");
-    if (display.top_phases) {
-      const lines = [];
-      if (display.top_phases.length) lines.push("top phases: " + display.top_phases.map(p => p[0] + " " + p[1]).join(", "));
-      if (display.top_process) lines.push("top process: " + display.top_process);
-      document.getElementById("top-phases").textContent = lines.join("\n");
-    }
+    if (display.summary !== undefined) document.getElementById("top-phases").textContent = display.summary;
   }
 
   // One snapshot in: chart points always; labels and tables when `display` comes with it.
