@@ -47,3 +47,14 @@ def client(server):
 
     with openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def split_tiny(tiny_path):
+    """The tiny model split by the runtime over two simulated RTX 3060s, half the layers each;
+    the plan reserves KV for 4 sequences of CONTEXT tokens."""
+    import vramancer
+
+    model = vramancer.load(str(tiny_path), devices="rtx3060,rtx3060", context=CONTEXT, batch=4, split=[1, 1])
+    assert len(model.vramancer.stages) == 2
+    return model

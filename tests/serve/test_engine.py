@@ -143,7 +143,7 @@ def test_requests_beyond_the_kv_budget_wait_then_finish(tiny, engine):
     small = Engine(model, tok, context_tokens=256, max_batch=8, prefill_chunk_tokens=8, kv_budget_bytes=budget)
     try:
         seqs, waiters = run_all(small, prompts, GREEDY)
-        stats = small.stats()
+        stats = small.wait_idle()
     finally:
         small.stop()
     assert [w.text for w in waiters] == alone
@@ -161,7 +161,7 @@ def test_kv_budget_admits_as_many_padded_rows_as_fit(tiny):
     eng = Engine(model, tok, context_tokens=256, kv_budget_bytes=2 * widest * kvpt)  # two padded rows
     try:
         run_all(eng, prompts, params)
-        stats = eng.stats()
+        stats = eng.wait_idle()
     finally:
         eng.stop()
     assert stats.peak_running == 2 and stats.waited == 2
@@ -206,11 +206,8 @@ def test_cancel_frees_the_kv_cache_at_once(tiny, engine):
     rows = stats.kv_bytes_by_stage[0] // engine.kv_bytes_per_token
     assert 2 + 1 <= rows <= 2 + 150
     keep.wait()
-    for _ in range(2000):
-        if engine.stats().kv_bytes_by_stage == (0,):
-            break
-        threading.Event().wait(0.005)
-    assert engine.stats().kv_bytes_by_stage == (0,) and engine.stats().running == 0
+    stats = engine.wait_idle()
+    assert stats.kv_bytes_by_stage == (0,) and stats.reserved_bytes_by_stage == (0,)
 
 
 def test_stop_strings_end_the_output_before_them(tiny, engine):

@@ -164,6 +164,9 @@ def create_app(engine: "Engine", config: ServerConfig, metrics: "ServeMetrics") 
     async def _invalid(_: Request, e: RequestValidationError):
         parts = []
         for err in e.errors()[:3]:
+            if err.get("type") == "json_invalid":
+                parts.append(f"the body is not valid JSON ({err.get('ctx', {}).get('error', 'decode error')})")
+                continue
             where = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
             parts.append(f"{where}: {err.get('msg', 'invalid')}")
         more = len(e.errors()) - 3
@@ -255,14 +258,20 @@ def create_app(engine: "Engine", config: ServerConfig, metrics: "ServeMetrics") 
     async def collect(request: Request, seq: Any, sink: _Sink) -> tuple[str, Event]:
         """Wait for the whole output; cancel if the client goes away meanwhile."""
         parts: list[str] = []
+        loop = asyncio.get_running_loop()
+        next_check = loop.time() + _DISCONNECT_POLL_S
         try:
             while True:
                 try:
                     ev = await asyncio.wait_for(sink.queue.get(), _DISCONNECT_POLL_S)
                 except asyncio.TimeoutError:
+                    ev = None
+                if loop.time() >= next_check:
+                    next_check = loop.time() + _DISCONNECT_POLL_S
                     if await request.is_disconnected():
                         engine.cancel(seq)
-                        raise APIError(499, "client closed the request") from None
+                        raise APIError(499, "client closed the request")
+                if ev is None:
                     continue
                 parts.append(ev.text)
                 if ev.kind == "finish":

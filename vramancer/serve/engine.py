@@ -10,7 +10,9 @@ Each loop iteration (a token boundary):
    ``prefill_chunk_tokens``), about one chunk's worth of tokens per iteration so running
    rows keep streaming, then join the batch cache (``BatchKV``) with their first token;
 4. one batched forward decodes one token for every running row, with left padding, its
-   attention mask and explicit position ids; finished rows leave.
+   attention mask and explicit position ids; finished rows leave. Over a model split into
+   stages, the rows may form several micro-batches ("lanes", pipeline.py) whose forwards
+   overlap stage by stage.
 
 A request's greedy output is the same alone or batched: its prefill never depends on other
 requests, and a batched decode differs from a single-row one only by masked (zero-weight)
@@ -116,6 +118,7 @@ class EngineStats:
     peak_running: int = 0
     waited: int = 0
     finished: int = 0
+    peak_lanes: int = 0   # most micro-batches decoded in one step (pipeline overlap)
 
 
 def stages_from_plan(plan: "Plan", layer_kv_bytes_per_token: list[int]) -> list[StageKV]:
@@ -140,18 +143,35 @@ def _forward_kwargs(model: Any) -> tuple[str, bool]:
     return cache_kw, "logits_to_keep" in params
 
 
+@dataclass
+class _Lane:
+    """One micro-batch of running rows with its own batched cache (see pipeline.py)."""
+
+    kv: BatchKV = field(default_factory=BatchKV)
+    seqs: list[Sequence] = field(default_factory=list)
+
+    def keep(self, rows: list[int]) -> None:
+        self.kv.keep(rows)
+        self.seqs = [self.seqs[i] for i in rows]
+
+
 class Engine:
     """Continuous batching over one model. Thread-safe API: ``submit``, ``cancel``, ``stats``;
     everything else runs on the scheduler thread started by ``start()``.
 
     context_tokens: the longest prompt + max_tokens a request may have (the planned context).
-    stages: KV budget per stage (``stages_from_plan``); None: one stage with
-        ``kv_budget_bytes`` (default: room for ``max_batch`` full-context sequences).
+    plan: the plan whose per-stage KV budgets admission keeps to (default: the plan of a model
+        split by ``vramancer.load``); without one, a single stage with ``kv_budget_bytes``
+        (default: room for ``max_batch`` full-context sequences).
+    pipeline_lanes: micro-batches in flight over a split model's stages (None: one per CUDA
+        device among the stages; 1: plain batched forwards); a new lane opens once the
+        others hold ``min_rows_per_lane`` rows.
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, context_tokens: int, max_batch: int = 16,
                  prefill_chunk_tokens: int = 512, plan: "Plan | None" = None,
-                 kv_budget_bytes: int | None = None, metrics: "ServeMetrics | None" = None) -> None:
+                 kv_budget_bytes: int | None = None, metrics: "ServeMetrics | None" = None,
+                 pipeline_lanes: int | None = None, min_rows_per_lane: int = 8) -> None:
         import torch
 
         if context_tokens < 2 or max_batch < 1 or prefill_chunk_tokens < 1:
@@ -171,6 +191,9 @@ class Engine:
         with torch.inference_mode():
             self.layer_kv_bytes_per_token = self._measure_kv_bytes_per_token()
         self.kv_bytes_per_token = sum(self.layer_kv_bytes_per_token)
+        runtime = getattr(model, "vramancer", None)
+        if plan is None and runtime is not None:
+            plan = runtime.plan
         if plan is not None:
             self.stages = stages_from_plan(plan, self.layer_kv_bytes_per_token)
         else:
@@ -193,12 +216,19 @@ class Engine:
         # scheduler-thread state
         self._queue: deque[Sequence] = deque()
         self._prefilling: list[Sequence] = []
-        self._running: list[Sequence] = []
-        self._batch = BatchKV()
+        from .pipeline import StagePipeline, default_lanes
+
+        lanes = default_lanes(model) if pipeline_lanes is None else int(pipeline_lanes)
+        if lanes < 1 or min_rows_per_lane < 1:
+            raise BadInputError("pipeline lanes and rows per lane must be >= 1")
+        self.min_rows_per_lane = int(min_rows_per_lane)
+        self._pipeline = StagePipeline(model, lanes) if lanes > 1 else None
+        self._lanes = [_Lane() for _ in range(lanes)]
         zeros = tuple(0 for _ in self.stages)
         self._stats = EngineStats(0, 0, 0, zeros, zeros, zeros)
         self._waited = 0
         self._finished = 0
+        self._peak_lanes = 0
         if metrics is not None:
             metrics.set_stages(self.stages)
         self._publish()
@@ -247,6 +277,9 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout_s)
             self._thread = None
+        if self._pipeline is not None:
+            self._pipeline.close()
+            self._pipeline = None
 
     def check(self, prompt_tokens: int, max_tokens: int) -> None:
         """Raise RequestRejected when such a request could never run here."""
@@ -295,6 +328,16 @@ class Engine:
     def stats(self) -> EngineStats:
         return self._stats
 
+    def wait_idle(self, timeout_s: float = 60.0) -> EngineStats:
+        """Block until nothing is queued or running and the stats say so (or the timeout)."""
+        def idle() -> bool:
+            st = self._stats
+            return not self._inbox and st.queued == st.prefilling == st.running == 0
+        with self._cv:
+            if not self._cv.wait_for(idle, timeout_s):
+                raise TimeoutError(f"the engine was still busy after {timeout_s} s")
+        return self._stats
+
     def generate(self, prompt_ids: list[int], params: SamplingParams, timeout_s: float = 600.0) -> Event:
         """Blocking helper: run one request to the end; returns the finish Event with the
         whole text in ``text``."""
@@ -323,6 +366,10 @@ class Engine:
             return False
         width = max((s.reserved_tokens for s in seqs), default=0)
         return all(st.needed_bytes(len(seqs), width) <= st.budget_bytes for st in self.stages)
+
+    @property
+    def _running(self) -> list[Sequence]:
+        return [s for lane in self._lanes for s in lane.seqs]
 
     def _reserved_bytes(self) -> tuple[int, ...]:
         seqs = self._running + self._prefilling
@@ -363,14 +410,25 @@ class Engine:
                     self._decode_step()
                 except Exception as e:  # a failed forward ends every request in flight, not the server
                     log.exception("generation step failed")
-                    self._fail_all(f"{type(e).__name__}: {e}")
+                    self._fail_all(self._describe_failure(e))
                 self._publish()
+                with self._cv:
+                    self._cv.notify_all()
             self._fail_all("the server is shutting down")
             with self._cv:
                 for s in self._inbox:
                     self._finish(s, "error", error="the server is shutting down")
                 self._inbox.clear()
             self._publish()
+
+    def _describe_failure(self, e: Exception) -> str:
+        import torch
+
+        if isinstance(e, torch.OutOfMemoryError):
+            from ..runtime.generate import oom_error
+
+            return str(oom_error(self.model, e, "serving"))
+        return f"{type(e).__name__}: {e}"
 
     def _reap_cancelled(self) -> None:
         for s in [s for s in self._queue if s.cancelled]:
@@ -379,13 +437,12 @@ class Engine:
         for s in [s for s in self._prefilling if s.cancelled]:
             self._prefilling.remove(s)
             self._finish(s, "cancelled")
-        if any(s.cancelled for s in self._running):
-            keep = [i for i, s in enumerate(self._running) if not s.cancelled]
-            for s in self._running:
-                if s.cancelled:
-                    self._finish(s, "cancelled")
-            self._batch.keep(keep)
-            self._running = [self._running[i] for i in keep]
+        for lane in self._lanes:
+            if any(s.cancelled for s in lane.seqs):
+                for s in lane.seqs:
+                    if s.cancelled:
+                        self._finish(s, "cancelled")
+                lane.keep([i for i, s in enumerate(lane.seqs) if not s.cancelled])
 
     def _prefill_some(self) -> None:
         """About one chunk of prompt tokens per iteration, in fixed per-request chunks."""
@@ -412,30 +469,48 @@ class Engine:
             if self._emit(seq, token):
                 seq.cache = None
                 continue
-            self._batch.join(seq.cache, n)
+            lane = self._lane_for_new_row()
+            lane.kv.join(seq.cache, n)
             seq.cache = None
             seq.state = "running"
             seq.next_token = token
-            self._running.append(seq)
+            lane.seqs.append(seq)
 
-    def _decode_step(self) -> None:
+    def _lane_for_new_row(self) -> _Lane:
+        """Fill the first lane up to min_rows_per_lane, then open the next; once all are open,
+        the one with fewest rows."""
+        for lane in self._lanes:
+            if len(lane.seqs) < self.min_rows_per_lane:
+                return lane
+        return min(self._lanes, key=lambda lane: len(lane.seqs))
+
+    def _decode_lane(self, lane: _Lane) -> list[int]:
+        """One token for every row of ``lane``: one batched forward, then sampling."""
         import torch
 
-        if not self._running:
+        ids = torch.tensor([[s.next_token] for s in lane.seqs], dtype=torch.long)  # [B, 1]
+        mask, positions = lane.kv.step()  # [B, W+1], [B, 1]
+        logits = self._forward(ids, mask, positions, lane.kv.cache)  # [B, V]
+        lane.kv.advance(mask)
+        return sample_rows(logits, [s.sampler for s in lane.seqs])
+
+    def _decode_step(self) -> None:
+        lanes = [lane for lane in self._lanes if lane.seqs]
+        if not lanes:
             return
-        ids = torch.tensor([[s.next_token] for s in self._running], dtype=torch.long)  # [B, 1]
-        mask, positions = self._batch.step()  # [B, W+1], [B, 1]
-        logits = self._forward(ids, mask, positions, self._batch.cache)  # [B, V]
-        self._batch.advance(mask)
-        tokens = sample_rows(logits, [s.sampler for s in self._running])
-        keep = []
-        for i, (seq, tok) in enumerate(zip(self._running, tokens)):
-            if not self._emit(seq, tok):
-                seq.next_token = tok
-                keep.append(i)
-        if len(keep) < len(self._running):
-            self._batch.keep(keep)
-            self._running = [self._running[i] for i in keep]
+        self._peak_lanes = max(self._peak_lanes, len(lanes))
+        if self._pipeline is not None and len(lanes) > 1:
+            results = self._pipeline.run([lambda lane=lane: self._decode_lane(lane) for lane in lanes])
+        else:
+            results = [self._decode_lane(lane) for lane in lanes]
+        for lane, tokens in zip(lanes, results):
+            keep = []
+            for i, (seq, tok) in enumerate(zip(lane.seqs, tokens)):
+                if not self._emit(seq, tok):
+                    seq.next_token = tok
+                    keep.append(i)
+            if len(keep) < len(lane.seqs):
+                lane.keep(keep)
 
     def _emit(self, seq: Sequence, token: int) -> bool:
         """Record a generated token, send its text; True when the sequence is finished."""
@@ -486,25 +561,27 @@ class Engine:
             self._finish(s, "error", error=message)
         self._queue.clear()
         self._prefilling.clear()
-        self._running.clear()
-        self._batch.clear()
+        for lane in self._lanes:
+            lane.kv.clear()
+            lane.seqs = []
 
     def _publish(self) -> None:
         """Refresh stats and gauges from the real cache tensors."""
         per_stage = [0] * len(self.stages)
-        layer_bytes = self._batch.layer_bytes()
-        for s in self._prefilling:
-            if s.cache is not None:
-                extra = cache_layer_bytes(s.cache)
-                layer_bytes = [a + b for a, b in itertools.zip_longest(layer_bytes, extra, fillvalue=0)]
+        layer_bytes: list[int] = []
+        parts = [lane.kv.layer_bytes() for lane in self._lanes]
+        parts += [cache_layer_bytes(s.cache) for s in self._prefilling if s.cache is not None]
+        for extra in parts:
+            layer_bytes = [a + b for a, b in itertools.zip_longest(layer_bytes, extra, fillvalue=0)]
         for layer, nbytes in enumerate(layer_bytes):
             if layer < len(self._layer_stage):
                 per_stage[self._layer_stage[layer]] += nbytes
         prev = self._stats
+        running = sum(len(lane.seqs) for lane in self._lanes)
         self._stats = EngineStats(
-            len(self._queue) + len(self._inbox), len(self._prefilling), len(self._running),
+            len(self._queue) + len(self._inbox), len(self._prefilling), running,
             tuple(per_stage), self._reserved_bytes(),
             tuple(max(a, b) for a, b in zip(prev.peak_kv_bytes_by_stage, per_stage)),
-            max(prev.peak_running, len(self._running)), self._waited, self._finished)
+            max(prev.peak_running, running), self._waited, self._finished, self._peak_lanes)
         if self.metrics is not None:
             self.metrics.publish_engine(self._stats, self.stages)

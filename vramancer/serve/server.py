@@ -21,7 +21,8 @@ from .metrics import ServeMetrics
 if TYPE_CHECKING:  # pragma: no cover
     from ..plan.plan import Plan
 
-__all__ = ["Server", "build_server", "ServerThread", "is_loopback", "check_bind"]
+__all__ = ["Server", "build_server", "ServerThread", "serve_forever", "bind_socket", "is_loopback",
+           "check_bind"]
 
 
 def is_loopback(host: str) -> bool:
@@ -52,12 +53,13 @@ class Server:
 def build_server(model: Any, tokenizer: Any, *, model_name: str = "model", context_tokens: int = 4096,
                  max_batch: int = 16, prefill_chunk_tokens: int = 512, plan: "Plan | None" = None,
                  kv_budget_bytes: int | None = None, api_key: str | None = None,
-                 max_tokens_limit: int = 4096, max_body_bytes: int = 4 * 2**20) -> Server:
+                 max_tokens_limit: int = 4096, max_body_bytes: int = 4 * 2**20,
+                 pipeline_lanes: int | None = None, min_rows_per_lane: int = 8) -> Server:
     """Engine (not started) + metrics + FastAPI app for ``model``."""
     metrics = ServeMetrics()
     engine = Engine(model, tokenizer, context_tokens=context_tokens, max_batch=max_batch,
                     prefill_chunk_tokens=prefill_chunk_tokens, plan=plan, kv_budget_bytes=kv_budget_bytes,
-                    metrics=metrics)
+                    metrics=metrics, pipeline_lanes=pipeline_lanes, min_rows_per_lane=min_rows_per_lane)
     config = ServerConfig(model_name=model_name, api_key=api_key, max_body_bytes=max_body_bytes,
                           max_tokens_limit=max_tokens_limit)
     return Server(engine, metrics, config, create_app(engine, config, metrics))
@@ -71,15 +73,30 @@ def _uvicorn_server(app: Any, log_level: str):
     return uvicorn.Server(config)
 
 
-def serve_forever(server: Server, host: str, port: int, log_level: str = "info") -> None:
-    """Start the engine and serve until interrupted (Ctrl-C)."""
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening-ready socket on host:port (port 0: a free one); one clear error if it is taken."""
+    from ..errors import VramancerError
+
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError as e:
+        sock.close()
+        raise VramancerError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def serve_forever(server: Server, sock: socket.socket, log_level: str = "info") -> None:
+    """Start the engine and serve on ``sock`` until interrupted (Ctrl-C, SIGTERM)."""
     uv = _uvicorn_server(server.app, log_level)
-    uv.config.host, uv.config.port = host, port
     server.engine.start()
     try:
-        uv.run()
+        uv.run(sockets=[sock])
     finally:
         server.engine.stop()
+        sock.close()
 
 
 class ServerThread:
@@ -89,9 +106,7 @@ class ServerThread:
     def __init__(self, model: Any, tokenizer: Any, *, start_timeout_s: float = 30.0, **kwargs: Any) -> None:
         self.server = build_server(model, tokenizer, **kwargs)
         self.engine, self.metrics = self.server.engine, self.server.metrics
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind(("127.0.0.1", 0))
+        self._sock = bind_socket("127.0.0.1", 0)
         self.port = self._sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self._uv = _uvicorn_server(self.server.app, "warning")
