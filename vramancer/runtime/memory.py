@@ -6,12 +6,19 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..units import format_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["StageMemoryReport", "MemoryReport", "cache_layer_bytes", "tensor_bytes"]
+__all__ = ["StageMemoryReport", "MemoryReport", "cache_layer_bytes", "tensor_bytes", "short_bytes"]
+
+
+def short_bytes(n: int) -> str:
+    """Compact sizes for table cells: "47.2M", "212K", "1.5G", "0"."""
+    for unit, size in (("G", 2**30), ("M", 2**20), ("K", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(int(n))
 
 
 def tensor_bytes(t: "torch.Tensor | None") -> int:
@@ -109,19 +116,20 @@ class MemoryReport:
                 "notes": list(self.notes)}
 
     def rows(self) -> list[list[str]]:
-        """Table rows for people: stage, device, blocks, weights (plan), KV (plan), peak."""
+        """Table rows for people, matching ``HEADER``."""
         rows = []
         for s in self.stages:
-            where = s.device if s.mode == "execute" else f"{s.device} -> {s.compute_device} (stream)"
+            where = s.device if s.mode == "execute" else f"{s.device}->{s.compute_device}"
             rows.append([
                 str(s.stage), where, f"{s.blocks[0]}-{s.blocks[1] - 1}",
-                f"{format_bytes(s.weights_bytes)} ({format_bytes(s.planned_weights_bytes)})",
-                f"{format_bytes(s.kv_cache_bytes)} ({format_bytes(s.planned_kv_cache_bytes)})",
-                "-" if s.allocator_peak_bytes is None else format_bytes(s.allocator_peak_bytes),
+                short_bytes(s.weights_bytes), short_bytes(s.planned_weights_bytes),
+                short_bytes(s.kv_cache_bytes), short_bytes(s.planned_kv_cache_bytes),
+                short_bytes(s.stream_buffer_bytes) if s.stream_buffer_bytes else "-",
+                "-" if s.allocator_peak_bytes is None else short_bytes(s.allocator_peak_bytes),
             ])
         return rows
 
-    HEADER = ["stage", "device", "blocks", "weights (plan)", f"KV cache (plan)", "CUDA peak"]
+    HEADER = ["#", "device", "blocks", "weights", "plan", "KV", "plan", "stream", "CUDA peak"]
 
     def table(self) -> str:
         rows = [self.HEADER] + self.rows()

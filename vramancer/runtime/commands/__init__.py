@@ -1,0 +1,112 @@
+"""The runtime's CLI subcommands (run, chat, demo) and what they share: loading a model and its
+tokenizer per a plan, and printing the plan, speed and memory per stage."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ...errors import BadInputError, DoesNotFitError, VramancerError
+from ...units import format_bytes
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ...plan.plan import Plan
+    from ..generate import GenerationResult
+    from ..memory import MemoryReport
+
+__all__ = ["add_run_flags", "make_plan", "load_tokenizer", "load_split", "render_memory", "render_speed",
+           "check_plan_fits", "summary_json", "missing_runtime"]
+
+
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    """The planner's flags plus --plan FILE (a saved plan instead of planning here)."""
+    from ...plan.commands import add_planner_flags
+
+    add_planner_flags(p)
+    p.add_argument("--plan", default=None, metavar="FILE",
+                   help="use this plan (from `vramancer plan ... -o FILE`) instead of planning here")
+
+
+def check_plan_fits(plan: "Plan") -> None:
+    """A plan whose stages need more than their devices hold (a manual split too big) is refused
+    before anything is loaded. Offloaded plans run."""
+    over = [s for s in plan.stages if s.total_bytes > s.capacity_bytes]
+    if over:
+        short = sum(s.total_bytes - s.capacity_bytes for s in over)
+        raise DoesNotFitError(
+            "the plan does not fit: " + "; ".join(
+                f"{s.device} needs {format_bytes(s.total_bytes - s.capacity_bytes)} more" for s in over)
+            + " (change --split, --context or --devices)", shortfall_bytes=short)
+
+
+def make_plan(args: argparse.Namespace, model: str) -> "Plan":
+    from ...plan.plan import Plan
+
+    if getattr(args, "plan", None):
+        return Plan.load(args.plan)
+    from ...plan.commands import planner_kwargs
+    from ...plan.planner import plan as planner
+
+    return planner(model, **planner_kwargs(args))
+
+
+def load_tokenizer(folder: str | Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError, TypeError) as e:
+        raise BadInputError(f"{folder}: no usable tokenizer ({str(e).splitlines()[0]})") from None
+
+
+def load_split(model: str, plan: "Plan", dtype: str | None = None) -> tuple[Any, Any]:
+    """(model split per ``plan``, tokenizer) for ``model`` (a local transformers folder)."""
+    from ..loader import load, weights_folder
+
+    folder = weights_folder(model)
+    tok = load_tokenizer(folder)
+    check_plan_fits(plan)
+    return load(str(folder), plan=plan, dtype=dtype), tok
+
+
+def render_memory(report: "MemoryReport", console: Any) -> None:
+    from rich.table import Table
+
+    t = Table(box=None, header_style="bold", pad_edge=False, title="memory per stage: measured (plan)",
+              title_justify="left", title_style="bold")
+    for col in report.HEADER:
+        t.add_column(col, no_wrap=True)
+    for row, st in zip(report.rows(), report.stages):
+        style = "red" if st.over_plan else None
+        t.add_row(*row, style=style)
+    console.print(t)
+    if report.kv_tokens:
+        console.print(f"[dim]KV cache: {report.kv_tokens} tokens x batch {report.batch} "
+                      f"(the plan sizes the KV cache for its whole context)[/]")
+    for st in report.stages:
+        if st.over_plan:
+            console.print(f"[red]stage {st.stage} measures more than its plan: a memory-model bug, please report[/]")
+    for note in report.notes:
+        console.print(f"[dim]note: {note}[/]")
+
+
+def render_speed(result: "GenerationResult", console: Any, label: str = "") -> None:
+    console.print(f"{label}prefill [bold]{result.prefill_tokens_per_s:,.1f}[/] tokens/s "
+                  f"({result.prompt_tokens} tokens in {result.prefill_seconds * 1e3:.0f} ms), "
+                  f"decode [bold]{result.decode_tokens_per_s:,.1f}[/] tokens/s "
+                  f"({result.new_tokens} tokens)")
+
+
+def summary_json(model_name: str, plan: "Plan", result: "GenerationResult", report: "MemoryReport",
+                 **extra: Any) -> dict:
+    return {"schema": 1, "model": model_name, **extra, "generation": result.to_dict(),
+            "plan": plan.to_dict(), "memory": report.to_dict()}
+
+
+def missing_runtime() -> None:
+    """Refuse early, in one line, when the runtime's packages are not installed."""
+    import importlib.util
+
+    for mod in ("torch", "transformers", "accelerate"):
+        if importlib.util.find_spec(mod) is None:
+            raise VramancerError(f"`{mod}` is not installed: pip install 'vramancer[runtime]'")
