@@ -53,7 +53,7 @@ __all__ = ["Case", "ToolResult", "CaseResult", "MetaModel", "CASES", "build_meta
            "summarize", "main"]
 
 GOAL_405B_PLAN_SECONDS = 0.5   # "well under a second"
-TPS_REL_TOL = 1e-3             # predicted tokens/s are rounded to 3 decimals in Plan.predicted
+TPS_REL_TOL = 5e-3             # the planner counts time in quanta of 0.5% (TIME_QUANTUM_FRACTION): closer is a tie it breaks by headroom
 TOOLS = ("ours", "acc-seq", "acc-bal")
 
 # the device sets (a machine always has host RAM; accelerate gets it as "cpu" too)
@@ -286,56 +286,23 @@ def block_devices_from_device_map(num_blocks: int, param_bytes: list[tuple[str, 
 # -- judging --------------------------------------------------------------------------------------
 
 def device_overflow(plan: Plan, profile: ModelProfile) -> dict[str, int]:
-    """Bytes past capacity per device (negative: room left). Stages on one device are summed: a
-    placement may come back to a device (accelerate keeps a tied LM head beside the embeddings, on
-    GPU 0), and then the device holds both stages' weights and KV cache, its reserve once, each tied
-    tensor once and the larger activation workspace (blocks run one after another)."""
-    by_dev: dict[str, list[Any]] = {}
-    for s in plan.stages:
-        by_dev.setdefault(s.device, []).append(s)
+    """Bytes past capacity per device (negative: room left). A placement may come back to a device
+    (accelerate keeps a tied LM head beside the embeddings, on GPU 0); plan_placement then reports
+    for the later stage only what it adds (no second reserve, tied tensors once, the larger
+    workspace), so a device's stage totals add up to what it holds."""
     out: dict[str, int] = {}
-    for dev, stages in by_dev.items():
-        total = sum(s.total_bytes for s in stages)
-        if len(stages) > 1:
-            total -= (len(stages) - 1) * stages[0].reserve_bytes
-            acts = [s.activation_bytes for s in stages]
-            total -= sum(acts) - max(acts)
-            uses: dict[str, list[int]] = {}
-            for s in stages:
-                shared: dict[str, int] = {}
-                for b in range(*s.blocks):
-                    shared.update(profile.blocks[b].shared)
-                for name, nbytes in shared.items():
-                    uses.setdefault(name, []).append(nbytes)
-            total -= sum(sum(v) - v[0] for v in uses.values())
-        out[dev] = total - stages[0].capacity_bytes
-    return out
-
-
-def _revisits(plan: Plan) -> bool:
-    devs = [s.device for s in plan.stages]
-    return len(devs) != len(set(devs))
+    cap: dict[str, int] = {}
+    for s in plan.stages:
+        out[s.device] = out.get(s.device, 0) + s.total_bytes
+        cap[s.device] = s.capacity_bytes
+    return {d: used - cap[d] for d, used in out.items()}
 
 
 def judge(profile: ModelProfile, devices: list[Device], workload: Workload, block_devices: list[str],
           tool: str, seconds: float, offload_mode: str | None = None) -> ToolResult:
     """A placement (block index -> device id) judged by our memory and speed model."""
     p = plan_placement(profile, devices, workload, block_devices, offload_mode=offload_mode)
-    r = _summarise_plan(p, profile, tool, seconds)
-    if _revisits(p):  # plan_placement's max_context checks stage by stage; check device by device
-        def fits(ctx: int) -> bool:
-            q = plan_placement(profile, devices, replace(workload, context=ctx), block_devices,
-                               offload_mode=offload_mode)
-            return max(device_overflow(q, profile).values()) <= 0
-
-        lo, hi = 0, max(workload.context, profile.max_position_embeddings or workload.context)
-        if fits(hi):
-            lo = hi
-        while hi - lo > 256:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-        r.max_context = lo
-    return r
+    return _summarise_plan(p, profile, tool, seconds)
 
 
 def _summarise_plan(p: Plan, profile: ModelProfile, tool: str, seconds: float) -> ToolResult:

@@ -4,7 +4,8 @@
     kv cache    sum over blocks of kv_bytes_per_token x min(context, window) x batch
     activation  workspace for one prefill chunk of ``chunk = min(context, prefill_chunk) x batch`` tokens:
                 chunk x max(block act_bytes_per_token)            hidden states, q/k/v, MLP intermediate
-              + batch x min(context, chunk) x keys x max(attn_score_bytes)   scores, if materialised
+              + batch x min(context, chunk) x keys x max(attn_score_bytes)   scores, only where the model
+                runs eager attention (transformers' default SDPA kernels and FlashAttention never hold them)
               + chunk x logits_bytes_per_token                    LM head logits, on the head's stage
                 (blocks run one after another, so only the largest block's workspace is live at once)
     reserve     per device, see ``default_reserve_bytes``
@@ -20,7 +21,8 @@ from ..models.profile import BlockProfile, ModelProfile
 from ..units import GiB, MiB
 
 __all__ = ["StageMemory", "stage_memory", "default_reserve_bytes", "GPU_RESERVE_BASE_BYTES",
-           "GPU_RESERVE_FRACTION", "HOST_RESERVE_BYTES", "DISK_RESERVE_BYTES", "BlockTable"]
+           "GPU_RESERVE_FRACTION", "HOST_RESERVE_BYTES", "DISK_RESERVE_BYTES", "BlockTable",
+           "attention_materializes_scores"]
 
 # GPU reserve = 512 MiB + 2% of the card's memory.
 #  - 512 MiB: the CUDA context of a torch process (~300-450 MiB on Ampere/Ada/Hopper with lazy
@@ -55,12 +57,21 @@ class StageMemory:
         return self.weights_bytes + self.kv_cache_bytes + self.activation_bytes
 
 
+def attention_materializes_scores(profile: ModelProfile) -> bool:
+    """True when the model is set to eager attention (its config says so): only then does a
+    prefill chunk hold its full (query x key) score matrix."""
+    cfg = profile.config or {}
+    impl = cfg.get("attn_implementation") or cfg.get("_attn_implementation")
+    return impl == "eager"
+
+
 class BlockTable:
     """Per-block byte figures for one workload, precomputed so a planner can ask for
     any range's memory cheaply."""
 
     def __init__(self, profile: ModelProfile, context: int, batch: int, prefill_chunk: int):
         self.profile = profile
+        self.materialized_scores = attention_materializes_scores(profile)
         self.context = context
         self.batch = batch
         q_tokens = min(context, prefill_chunk)
@@ -74,6 +85,8 @@ class BlockTable:
         self.shared: list[dict[str, int]] = [b.shared for b in blocks]
 
     def _act(self, b: BlockProfile, q_tokens: int) -> int:
+        if not self.materialized_scores:
+            return b.act_bytes_per_token * self.chunk_tokens
         keys = self.context if b.kv_window is None else min(self.context, b.kv_window)
         return b.act_bytes_per_token * self.chunk_tokens + b.attn_score_bytes * self.batch * q_tokens * keys
 
@@ -86,6 +99,30 @@ class BlockTable:
         kv = sum(self.kv[start:end])
         act = max((self.act[i] for i in range(start, end)), default=0) + sum(self.logits[start:end])
         return StageMemory(weights, kv, act)
+
+
+    def ranges_memory(self, ranges: list[tuple[int, int]]) -> StageMemory:
+        """Memory of several ranges held by ONE device (a pipeline that returns to it, e.g. the
+        LM head back on the GPU holding the tied embedding): tied tensors once, KV summed,
+        workspace the largest of the ranges (they never run at once)."""
+        shared: dict[str, int] = {}
+        weights = kv = act = 0
+        for s, e in ranges:
+            for i in range(s, e):
+                shared.update(self.shared[i])
+            weights += sum(self.weights[s:e])
+            kv += sum(self.kv[s:e])
+            act = max(act, self.range_memory(s, e).activation_bytes)
+        return StageMemory(weights + sum(shared.values()), kv, act)
+
+    def without_last(self) -> "BlockTable":
+        """The same table without its last block (planning the rest when the head is pinned)."""
+        t = object.__new__(BlockTable)
+        t.__dict__.update(self.__dict__)
+        t.n = self.n - 1
+        for name in ("weights", "kv", "act", "logits", "shared"):
+            setattr(t, name, getattr(self, name)[:-1])
+        return t
 
 
 def stage_memory(profile: ModelProfile, start: int, end: int, context: int, batch: int,

@@ -2,10 +2,16 @@
 
 For one device order, ``dp[j][i]`` is the best cost of placing blocks [0, i) on the first j
 devices, each device taking one contiguous (possibly empty) range whose memory fits its capacity.
-The cost is a pair compared lexicographically: (blocks placed off the GPUs, seconds), so a
-placement with fewer offloaded blocks always wins and, among those, the faster one. Seconds are
-summed over stages for the ``latency`` objective (one stream walks every stage in turn) and
-maxed for ``throughput`` (with many streams in flight the slowest stage sets the pace).
+The cost is a triple compared lexicographically: (blocks placed off the GPUs, time, -headroom), so a
+placement with fewer offloaded blocks always wins; among those, the faster one; among equally fast
+ones, the one whose fullest device keeps the most free memory (room for a longer context: no
+"GPU 0 packed to the brim" while a twin GPU idles). Time is counted in quanta of 0.5% of the
+model's total time, so differences below that (a hop's 25 us, float noise) count as ties; a range's
+quanta are differences of rounded prefix sums, so the quanta of consecutive ranges on one kind of
+device add up to the same total wherever the cut falls. Time
+is summed over stages for the ``latency`` objective (one stream walks every stage in turn) and
+maxed for ``throughput`` (with many streams in flight the slowest stage sets the pace); headroom
+is the smallest free fraction (capacity - used) / capacity over the stages.
 
 Which device order to use is the planner's choice: orders that differ only by swapping identical
 devices are the same; all distinct orders of the GPUs are tried when there are few, a set of
@@ -20,10 +26,18 @@ from dataclasses import dataclass
 from ..devices.device import Device
 from .memory import BlockTable
 
-__all__ = ["Placement", "partition", "candidate_orders", "MAX_ORDERS"]
+__all__ = ["Placement", "partition", "candidate_orders", "time_quantum", "MAX_ORDERS", "TIME_QUANTUM_FRACTION"]
 
-INF = (math.inf, math.inf)
+INF = (math.inf, math.inf, math.inf)
 MAX_ORDERS = 120
+TIME_QUANTUM_FRACTION = 5e-3
+
+
+def time_quantum(seconds: list[list[float]]) -> float:
+    """0.5% of the model's time on its fastest devices: the resolution at which placements differ."""
+    n = len(seconds[0]) if seconds else 0
+    total = sum(min(row[b] for row in seconds) for b in range(n))
+    return max(total * TIME_QUANTUM_FRACTION, 1e-12)
 
 
 @dataclass
@@ -31,7 +45,7 @@ class Placement:
     """ranges[s] = (device index in the order given to ``partition``, start, end); cost as in the DP."""
 
     ranges: list[tuple[int, int, int]]
-    cost: tuple[float, float]
+    cost: tuple[float, float, float]
     order: list[int]
 
 
@@ -68,25 +82,57 @@ def candidate_orders(devices: list[Device], max_orders: int = MAX_ORDERS) -> lis
 
     for h in heuristics:
         add(h)
-    if len(gpus) <= 8:
-        for perm in itertools.permutations(heuristics[0]):
-            if len(out) >= max_orders:
-                break
-            add(list(perm))
+    for order in _distinct_orders(heuristics[0], [_signature(devices[i]) for i in heuristics[0]]):
+        if len(out) >= max_orders:
+            break
+        add(order)
     return out
+
+
+def _distinct_orders(items: list[int], keys: list[tuple]):
+    """Orders of ``items`` that differ in their sequence of keys (identical devices never swapped):
+    8 identical GPUs give 1 order, not 40320."""
+    groups: dict[tuple, list[int]] = {}
+    for i, k in zip(items, keys):
+        groups.setdefault(k, []).append(i)
+    kinds = list(groups)
+    counts = [len(groups[k]) for k in kinds]
+    n = len(items)
+
+    def rec(prefix: list[int]):
+        if len(prefix) == n:
+            used = [0] * len(kinds)
+            order = []
+            for g in prefix:
+                order.append(groups[kinds[g]][used[g]])
+                used[g] += 1
+            yield order
+            return
+        for g in range(len(kinds)):
+            if counts[g]:
+                counts[g] -= 1
+                prefix.append(g)
+                yield from rec(prefix)
+                prefix.pop()
+                counts[g] += 1
+
+    yield from rec([])
 
 
 def partition(table: BlockTable, devices: list[Device], order: list[int], capacity: list[int],
               seconds: list[list[float]], hop_seconds: list[float], objective: str = "latency",
-              offload: list[bool] | None = None) -> Placement | None:
+              offload: list[bool] | None = None, quantum: float | None = None) -> Placement | None:
     """Best placement of all blocks over ``devices`` taken in ``order``.
 
     capacity[d]     bytes device d may hold for weights + KV + activations (its reserve already taken off)
     seconds[d][b]   time of block b on device d
     hop_seconds[d]  time to move the hidden state into a stage on device d from the previous stage
     offload[d]      True for tiers whose blocks count as "left off the GPUs"
+    quantum         seconds per time unit of the cost (default: ``time_quantum(seconds)``)
     Returns None when no placement fits.
     """
+    if quantum is None:
+        quantum = time_quantum(seconds)
     n = table.n
     m = len(order)
     if offload is None:
@@ -94,16 +140,18 @@ def partition(table: BlockTable, devices: list[Device], order: list[int], capaci
     is_sum = objective != "throughput"
     W, KV, ACT, LOG, SH = table.weights, table.kv, table.act, table.logits, table.shared
     prev_row = [INF] * (n + 1)
-    prev_row[0] = (0.0, 0.0)
+    prev_row[0] = (0, 0, -1.0)
     choices: list[list[int]] = []
     for j in range(m):
         d = order[j]
         cap = capacity[d]
         secs = seconds[d]
-        pref = [0.0] * (n + 1)
+        pref = [0] * (n + 1)           # rounded prefix sums, in quanta
+        acc = 0.0
         for b in range(n):
-            pref[b + 1] = pref[b] + secs[b]
-        hop = hop_seconds[d]
+            acc += secs[b]
+            pref[b + 1] = round(acc / quantum)
+        hop = round(hop_seconds[d] / quantum)
         off = offload[d]
         row = list(prev_row)            # empty range on device j: dp unchanged
         arg = list(range(n + 1))        # arg[i] == i means empty
@@ -127,9 +175,10 @@ def partition(table: BlockTable, devices: list[Device], order: list[int], capaci
                 p = prev_row[k]
                 if p[0] == math.inf:
                     continue
-                t = pref[i] - pref[k] + (hop if k > 0 else 0.0)
+                t = pref[i] - pref[k] + (hop if k > 0 else 0)
                 n_off = p[0] + ((i - k) if off else 0)
-                val = (n_off, p[1] + t) if is_sum else (n_off, max(p[1], t))
+                neg_headroom = max(p[2], (mem - cap) / cap if cap > 0 else 0.0)
+                val = (n_off, p[1] + t, neg_headroom) if is_sum else (n_off, max(p[1], t), neg_headroom)
                 if val < best:
                     best, best_k = val, k
             row[i] = best

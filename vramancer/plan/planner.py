@@ -19,7 +19,7 @@ from ..units import format_bytes, parse_bytes
 from .cost import CostModel
 from .exports import device_map, engine_device_names, llama_cpp_flags, vllm_layer_partition
 from .memory import BlockTable, default_reserve_bytes
-from .partition import MAX_ORDERS, Placement, candidate_orders, partition
+from .partition import MAX_ORDERS, Placement, candidate_orders, partition, time_quantum
 from .plan import Plan, Stage, Workload
 
 __all__ = ["plan", "plan_profile", "plan_placement", "check_workload", "SMALLER_DTYPES"]
@@ -100,16 +100,61 @@ class _Planner:
         n = self.table.n
         if n > 64:  # large models: fewer orders keep planning well under a second
             max_orders = min(max_orders, 24)
+        quantum = time_quantum(seconds)
+        orders = candidate_orders(devs, max_orders)
         best: Placement | None = None
-        for order in candidate_orders(devs, max_orders):
-            p = partition(self.table, devs, order, capacity, seconds, hops, self.workload.objective)
+        for order in orders:
+            p = partition(self.table, devs, order, capacity, seconds, hops, self.workload.objective,
+                          quantum=quantum)
             if p is not None and (best is None or p.cost < best.cost):
                 best = p
+        if best is not None and best.cost[0] > 0 and n >= 3:
+            best = self._head_back_on_a_gpu(best, orders, capacity, seconds, hops, quantum)
+        return best
+
+    def _head_back_on_a_gpu(self, best: Placement, orders: list[list[int]], capacity: list[int],
+                            seconds: list[list[float]], hops: list[float], quantum: float) -> Placement:
+        """When blocks must leave the GPUs, the pipeline may come back to a GPU for the last block
+        (final norm + LM head, and its logits): host RAM then runs only repeated layers. With tied
+        embeddings the head costs the GPU holding the embedding no extra weights."""
+        t = self.table
+        n = t.n
+        rest = t.without_last()
+        head = t.range_memory(n - 1, n)
+        for h, dev in enumerate(self.devices):
+            if dev.kind != "gpu":
+                continue
+            cap = list(capacity)
+            # the head's own weights and KV; its workspace only beyond what the layers' already is
+            # (ranges on one device never run at once); the exact check on h follows below
+            cap[h] -= (head.weights_bytes - sum(t.shared[n - 1].values()) + head.kv_cache_bytes
+                       + max(0, head.activation_bytes - max(rest.act, default=0)))
+            if cap[h] <= 0:
+                continue
+            head_q = round(seconds[h][n - 1] / quantum) + round(hops[h] / quantum)
+            for order in orders:
+                p = partition(rest, self.devices, order, cap, [row[:-1] for row in seconds], hops,
+                              self.workload.objective, quantum=quantum)
+                if p is None:
+                    continue
+                ranges = p.ranges + [(h, n - 1, n)]
+                on_h = [(s, e) for d, s, e in ranges if d == h]
+                if t.ranges_memory(on_h).total_bytes > capacity[h]:
+                    continue  # the tied weights were not on h after all
+                if self.workload.objective == "throughput":
+                    cost = (p.cost[0], max(p.cost[1], head_q), p.cost[2])
+                else:
+                    cost = (p.cost[0], p.cost[1] + head_q, p.cost[2])
+                if cost < best.cost:
+                    best = Placement(ranges=ranges, cost=cost, order=order)
         return best
 
 
-def _stage_fits(table: BlockTable, start: int, end: int, cap: int, extra: int = 0) -> bool:
-    return table.range_memory(start, end).total_bytes + extra <= cap
+def _device_ranges(ranges: list[tuple[int, int, int]]) -> dict[int, list[tuple[int, int]]]:
+    out: dict[int, list[tuple[int, int]]] = {}
+    for d, s, e in ranges:
+        out.setdefault(d, []).append((s, e))
+    return out
 
 
 def _max_context(profile: ModelProfile, workload: Workload, ranges: list[tuple[int, int, int]],
@@ -119,7 +164,8 @@ def _max_context(profile: ModelProfile, workload: Workload, ranges: list[tuple[i
 
     def fits(ctx: int) -> bool:
         t = BlockTable(profile, ctx, workload.batch, workload.prefill_chunk)
-        return all(_stage_fits(t, s, e, capacity[d], extra.get(d, 0)) for d, s, e in ranges)
+        return all(t.ranges_memory(rs).total_bytes + extra.get(d, 0) <= capacity[d]
+                   for d, rs in _device_ranges(ranges).items())
 
     hi_cap = profile.max_position_embeddings or _MAX_CONTEXT_CAP
     lo = 0
@@ -194,17 +240,26 @@ def plan_profile(profile: ModelProfile, devices: list[Device], workload: Workloa
                      offload_mode="execute")
     if best.offloaded and pl.stream_gpu is not None:
         # Streaming offloaded blocks to a GPU needs a double buffer there: plan again with that room
-        # kept on the streaming GPU, and keep whichever plan serves a request sooner.
-        staging = 2 * max(b.weights_bytes for b in profile.blocks)
+        # kept on the streaming GPU, and keep the streamed plan when it serves a request sooner
+        # without leaving more blocks off the GPUs.
+        staging = max(staging_bytes(pl.table.weights, s.blocks) for s in best.offloaded)
         pl_stream = _Planner(profile, devices, workload, reserve, offload_mode="stream", staging_bytes=staging)
         placement_s = pl_stream.search()
         if placement_s is not None:
             pl_stream.capacity = pl.capacity  # staging is accounted on the GPU stage itself
             streamed = _assemble(pl_stream, profile, devices, workload, placement_s.ranges, list(notes), None,
                                  reserve_bytes, False, offload_mode="stream")
-            if (streamed.fits or all(s.mode == "stream" for s in streamed.offloaded)) and \
+            n_off = sum(s.num_blocks for s in best.offloaded)
+            if all(s.mode == "stream" for s in streamed.offloaded) and \
+                    sum(s.num_blocks for s in streamed.offloaded) <= n_off and \
                     request_seconds(streamed) < request_seconds(best):
                 best = streamed
+            elif request_seconds(streamed) < request_seconds(best):
+                gain = request_seconds(best) / request_seconds(streamed)
+                best.notes.append(
+                    f"streaming the offloaded blocks through a GPU would serve a request {gain:.1f}x sooner "
+                    f"(prefill on the GPU) but its {format_bytes(staging)} double buffer would push "
+                    f"{sum(s.num_blocks for s in streamed.offloaded) - n_off} more blocks off the GPUs")
     if best.offloaded and suggest:
         best.suggestions = _suggestions(pl, profile, devices, workload, reserve_bytes, best.shortfall_bytes)
     return best
@@ -212,6 +267,15 @@ def plan_profile(profile: ModelProfile, devices: list[Device], workload: Workloa
 
 # a representative request for choosing between plans: a prompt filling half the context, then this many new tokens
 REQUEST_NEW_TOKENS = 256
+
+
+def staging_bytes(weights: list[int], blocks: tuple[int, int]) -> int:
+    """GPU double buffer for streaming blocks [start, end): a block runs while the next one is
+    copied in, so the buffer holds the largest pair of neighbours."""
+    s, e = blocks
+    if e - s == 1:
+        return weights[s]
+    return max(weights[b] + weights[b + 1] for b in range(s, e - 1))
 
 
 def request_seconds(plan: Plan) -> float:
@@ -261,10 +325,10 @@ def _assemble(pl: _Planner, profile: ModelProfile, devices: list[Device], worklo
             else offload_mode == "stream"
         if st is not None and gpu_stage_devices and prefer_stream:
             # double buffer of the largest streamed block on the GPU that computes them
-            staging = 2 * max(table.weights[b] for b in range(s, e))
+            staging = staging_bytes(table.weights, (s, e))
             target = None
             for g in sorted(gpu_stage_devices, key=lambda i: -devices[i].bandwidth_bytes_per_s):
-                used = sum(table.range_memory(s2, e2).total_bytes for d2, s2, e2 in ranges if d2 == g)
+                used = table.ranges_memory([(s2, e2) for d2, s2, e2 in ranges if d2 == g]).total_bytes
                 if used + extra.get(g, 0) + staging <= pl.capacity[g]:
                     target = g
                     break
@@ -281,6 +345,8 @@ def _assemble(pl: _Planner, profile: ModelProfile, devices: list[Device], worklo
     overflow: list[str] = []
     prev_dev: Device | None = None
     hop_dec = hop_pre = 0.0
+    used_on: dict[str, int] = {}
+    seen_ranges: dict[int, list[tuple[int, int]]] = {}
     for si, (d, s, e) in enumerate(ranges):
         dev = devices[d]
         mem = table.range_memory(s, e)
@@ -294,10 +360,19 @@ def _assemble(pl: _Planner, profile: ModelProfile, devices: list[Device], worklo
         else:
             dec = sum(pl.exec_time[d][b][0] for b in range(s, e))
             pre = sum(pl.exec_time[d][b][1] for b in range(s, e))
-        act = mem.activation_bytes + extra.get(d, 0)
+        # a device holding two stages (a placement made elsewhere may return to it) keeps one
+        # reserve and one staging buffer; its capacity is checked for all its stages together
+        again = dev.id in used_on
+        if again:  # report what this stage adds to what the device already holds
+            before = table.ranges_memory(seen_ranges[d])
+            after = table.ranges_memory(seen_ranges[d] + [(s, e)])
+            mem = type(mem)(after.weights_bytes - before.weights_bytes, after.kv_cache_bytes - before.kv_cache_bytes,
+                            after.activation_bytes - before.activation_bytes)
+        seen_ranges.setdefault(d, []).append((s, e))
+        act = mem.activation_bytes + (0 if again else extra.get(d, 0))
         st = Stage(device=dev.id, kind=dev.kind, blocks=(s, e), weights_bytes=mem.weights_bytes,
                    kv_cache_bytes=mem.kv_cache_bytes, activation_bytes=act,
-                   reserve_bytes=pl.reserve[dev.id], capacity_bytes=dev.free_bytes, mode=mode,
+                   reserve_bytes=0 if again else pl.reserve[dev.id], capacity_bytes=dev.free_bytes, mode=mode,
                    compute_device=compute, torch_device=dev.torch_device,
                    decode_seconds=dec, prefill_seconds=pre)
         if prev_dev is not None and prev_dev.id != dev.id:
@@ -310,9 +385,11 @@ def _assemble(pl: _Planner, profile: ModelProfile, devices: list[Device], worklo
             block_device[b] = dev.id
         if dev.kind != "gpu":
             fits = False
-        if st.total_bytes > st.capacity_bytes:
+        used_on[dev.id] = used_on.get(dev.id, 0) + st.total_bytes
+    for dev in devices:
+        if used_on.get(dev.id, 0) > dev.free_bytes:
             fits = False
-            overflow.append(f"{dev.id} needs {format_bytes(st.total_bytes - st.capacity_bytes)} more")
+            overflow.append(f"{dev.id} needs {format_bytes(used_on[dev.id] - dev.free_bytes)} more")
 
     stage_ranges = [(devices[d].id, s, e) for d, s, e in ranges]
     batch = workload.batch
@@ -350,7 +427,7 @@ def _assemble(pl: _Planner, profile: ModelProfile, devices: list[Device], worklo
             "vllm_pp_layer_partition": vllm_layer_partition(profile, stage_ranges, devices),
         }
     if overflow:
-        plan.shortfall_bytes = sum(max(0, s.total_bytes - s.capacity_bytes) for s in stages)
+        plan.shortfall_bytes = sum(max(0, used_on.get(d.id, 0) - d.free_bytes) for d in devices)
         plan.notes.append("this placement does not fit: " + "; ".join(overflow))
     elif not fits:
         off = [s for s in stages if s.kind != "gpu"]
