@@ -65,21 +65,22 @@ GPUS = {2: "rtx3090,rtx3060", 3: "rtx3090,rtx3060,rtx4090"}
 
 
 def make_plan(target, n_stages: int, context: int = 64, devices: str | None = None, dtype: str | None = None,
-              batch: int = 1):
-    """A plan splitting ``target`` (folder or nn.Module) evenly over ``n_stages`` simulated GPUs."""
-    import vramancer
+              batch: int = 1, backing: str = "cpu"):
+    """A plan splitting ``target`` (folder or nn.Module) evenly over ``n_stages`` GPUs (simulated
+    ones backed by ``backing`` unless ``devices`` names others)."""
+    from vramancer.plan.planner import plan
 
-    return vramancer.plan(target if not isinstance(target, Path) else str(target),
-                          devices=devices or GPUS[n_stages], split=[1] * n_stages, context=context,
-                          dtype=dtype, batch=batch)
+    return plan(target if not isinstance(target, Path) else str(target),
+                devices=devices or GPUS[n_stages], split=[1] * n_stages, context=context,
+                dtype=dtype, batch=batch, backing=backing)
 
 
-def offload_plan(target, context: int = 64, dtype: str | None = None, batch: int = 1):
+def offload_plan(target, context: int = 64, dtype: str | None = None, batch: int = 1, backing: str = "cpu"):
     """Three stages: blocks on a simulated GPU, then host RAM streamed to it, then disk streamed to it."""
-    import vramancer
+    from vramancer.devices.spec import parse_devices
 
-    plan = make_plan(target, 3, context=context, dtype=dtype, batch=batch)
-    devs = vramancer.parse_devices("rtx3090,rtx3060,rtx4090,cpu,disk")
+    plan = make_plan(target, 3, context=context, dtype=dtype, batch=batch, backing=backing)
+    devs = parse_devices("rtx3090,rtx3060,rtx4090,cpu,disk", backing=backing)
     gpu, cpu, disk = devs[0], devs[3], devs[4]
     s0, s1, s2 = plan.stages
     plan.stages[1] = replace(s1, device=cpu.id, kind="cpu", mode="stream", compute_device=gpu.id,

@@ -279,3 +279,28 @@ def test_dtype_conversion_on_load(saved_models):
 
 def test_archs_cover_the_issue_list():
     assert {"llama", "mistral", "qwen2", "gemma2", "phi3", "gpt2", "mixtral", "bert"} <= set(ARCHS)
+
+
+def test_out_of_memory_while_generating_names_the_stage(saved_models):
+    from vramancer.errors import DeviceOutOfMemoryError
+    from vramancer.runtime.generate import generate_ids
+
+    folder = saved_models["llama"]
+    plan = make_plan(folder, 3)
+    model = _load(folder, plan)
+    st = model.vramancer.stages[2]
+    boom = {"after": 3}
+
+    def out_of_memory(mod, args):
+        boom["after"] -= 1
+        if boom["after"] == 0:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+
+    h = st.layers[0][1].register_forward_pre_hook(out_of_memory)
+    ids = _prompt()
+    with pytest.raises(DeviceOutOfMemoryError) as e:
+        generate_ids(model, {"input_ids": ids}, max_new_tokens=8)
+    h.remove()
+    assert e.value.stage == 2 and e.value.device == plan.stages[2].device
+    assert "stage 2" in str(e.value) and plan.stages[2].device in str(e.value)
+    model.vramancer.detach()
