@@ -34,11 +34,18 @@ def tiny(tiny_path):
 @pytest.fixture(scope="module")
 def server(tiny):
     from vramancer.serve.server import ServerThread
+    from vramancer.telemetry.recorder import Recorder
+    from vramancer.telemetry.samplers.host import HostSampler
 
     model, tok = tiny
-    with ServerThread(model, tok, model_name="tiny", context_tokens=CONTEXT, max_batch=8,
-                      prefill_chunk_tokens=16, api_key=API_KEY, max_tokens_limit=200) as srv:
-        yield srv
+    recorder = Recorder(samplers=[HostSampler()], interval=0.1).start()
+    try:
+        with ServerThread(model, tok, model_name="tiny", context_tokens=CONTEXT, max_batch=8,
+                          prefill_chunk_tokens=16, api_key=API_KEY, max_tokens_limit=200,
+                          recorder=recorder) as srv:
+            yield srv
+    finally:
+        recorder.close()
 
 
 @pytest.fixture()

@@ -49,6 +49,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="the model id clients see (default: the folder name)")
     p.add_argument("--pipeline-lanes", type=int, default=None,
                    help="micro-batches in flight across the stages (default: one per GPU among the stages)")
+    p.add_argument("--telemetry-interval", type=float, default=1.0,
+                   help="seconds between device samples exported on /metrics (0: none; default 1)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -72,6 +74,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise BadInputError(f"--max-batch must be at least 1 (got {args.max_batch})")
     if args.max_tokens_limit < 1:
         raise BadInputError(f"--max-tokens must be at least 1 (got {args.max_tokens_limit})")
+    if args.telemetry_interval < 0:
+        raise BadInputError(f"--telemetry-interval must not be negative (got {args.telemetry_interval})")
     if args.pipeline_lanes is not None and args.pipeline_lanes < 1:
         raise BadInputError(f"--pipeline-lanes must be at least 1 (got {args.pipeline_lanes})")
 
@@ -93,11 +97,17 @@ def main(args: argparse.Namespace) -> int:
     model, tokenizer = load_split(args.model, plan, dtype=None)
     from .server import build_server, serve_forever
 
+    recorder = None
+    if args.telemetry_interval > 0:
+        from ..telemetry.recorder import track
+
+        recorder = track(interval=args.telemetry_interval)
     name = args.served_model_name or Path(str(args.model).rstrip("/")).name
     server = build_server(model, tokenizer, model_name=name, context_tokens=plan.workload.context,
                           max_batch=args.max_batch, prefill_chunk_tokens=plan.workload.prefill_chunk,
                           plan=plan, api_key=key, max_tokens_limit=args.max_tokens_limit,
-                          max_body_bytes=max_body_bytes, pipeline_lanes=args.pipeline_lanes)
+                          max_body_bytes=max_body_bytes, pipeline_lanes=args.pipeline_lanes,
+                          recorder=recorder)
     eng = server.engine
     budget = ", ".join(f"{s.device} {format_bytes(s.budget_bytes)}" for s in eng.stages)
     host = f"[{args.host}]" if ":" in args.host else args.host
@@ -105,5 +115,9 @@ def main(args: argparse.Namespace) -> int:
     print(f"vramancer: serving {name} at http://{host}:{port}/v1 - {len(eng.stages)} stage(s), "
           f"context {eng.context_tokens} tokens, KV budget {budget}, max batch {eng.max_batch}, "
           f"{'API key required' if key else 'no API key'}", file=sys.stderr, flush=True)
-    serve_forever(server, sock, log_level=args.log_level)
+    try:
+        serve_forever(server, sock, log_level=args.log_level)
+    finally:
+        if recorder is not None:
+            recorder.close()
     return 0

@@ -2,7 +2,7 @@
 so two servers in one process, as in tests, do not collide)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     from .engine import EngineStats
@@ -45,6 +45,12 @@ class ServeMetrics:
             ["stage", "device"], registry=r)
         self.kv_budget_bytes = Gauge("vramancer_serve_kv_cache_budget_bytes",
                                      "KV bytes the plan reserved per stage", ["stage", "device"], registry=r)
+
+    def add_telemetry(self, recorder: Any) -> None:
+        """Also export a telemetry Recorder's device gauges (VRAM used, utilization, ...)."""
+        from ..telemetry.prometheus import RecorderCollector
+
+        self.registry.register(RecorderCollector(recorder))
 
     def set_stages(self, stages: "list[StageKV]") -> None:
         for st in stages:

@@ -54,9 +54,13 @@ def build_server(model: Any, tokenizer: Any, *, model_name: str = "model", conte
                  max_batch: int = 16, prefill_chunk_tokens: int = 512, plan: "Plan | None" = None,
                  kv_budget_bytes: int | None = None, api_key: str | None = None,
                  max_tokens_limit: int = 4096, max_body_bytes: int = 4 * 2**20,
-                 pipeline_lanes: int | None = None, min_rows_per_lane: int = 8) -> Server:
-    """Engine (not started) + metrics + FastAPI app for ``model``."""
+                 pipeline_lanes: int | None = None, min_rows_per_lane: int = 8,
+                 recorder: Any = None) -> Server:
+    """Engine (not started) + metrics + FastAPI app for ``model``. ``recorder``: a telemetry
+    Recorder whose device gauges /metrics exports too."""
     metrics = ServeMetrics()
+    if recorder is not None:
+        metrics.add_telemetry(recorder)
     engine = Engine(model, tokenizer, context_tokens=context_tokens, max_batch=max_batch,
                     prefill_chunk_tokens=prefill_chunk_tokens, plan=plan, kv_budget_bytes=kv_budget_bytes,
                     metrics=metrics, pipeline_lanes=pipeline_lanes, min_rows_per_lane=min_rows_per_lane)
