@@ -184,6 +184,9 @@ def test_body_limits_and_bad_bodies(server):
     big = b'{"prompt": "' + b"a" * (5 * 2**20) + b'"}'
     r = httpx.post(server.url + "/v1/completions", content=big, headers=AUTH)
     assert r.status_code == 413
+    chunked = httpx.post(server.url + "/v1/completions", content=iter([b'{"prompt": "', b"a" * (5 * 2**20), b'"}']),
+                         headers={**AUTH, "content-type": "application/json"})  # no content-length
+    assert chunked.status_code == 413 and "larger than" in chunked.json()["error"]["message"]
     as_json = {**AUTH, "content-type": "application/json"}
     r = httpx.post(server.url + "/v1/completions", content=b"{not json", headers=as_json)
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]

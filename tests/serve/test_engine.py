@@ -7,6 +7,7 @@ import threading
 import pytest
 import torch
 
+from vramancer.errors import BadInputError
 from vramancer.serve.engine import Engine, RequestRejected
 from vramancer.serve.kv import BatchKV, new_cache
 from vramancer.serve.sampling import SamplingParams
@@ -242,12 +243,45 @@ def test_a_failed_step_ends_the_requests_in_flight_not_the_engine(tiny, engine):
         handle.remove()
 
 
+def test_sliding_window_model_batched_matches_alone_and_reference(tiny):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    _, tok = tiny
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, sliding_window=8, initializer_range=0.2)
+    model = MistralForCausalLM(cfg).eval()
+    prompts = [[5, 6, 7], [8] * 20, [9, 10, 11, 12, 13]]  # shorter and longer than the window
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    eng = Engine(model, tok, context_tokens=128, prefill_chunk_tokens=4)
+    try:
+        eng.start()
+        alone = [run_all(eng, [p], params, start=False)[0][0].output_ids for p in prompts]
+        batched = [s.output_ids for s in run_all(eng, prompts, params, start=False)[0]]
+    finally:
+        eng.stop()
+    assert batched == alone
+    assert alone == [reference_greedy(model, p, 16) for p in prompts]
+
+
+def test_models_with_recurrent_layers_are_refused(tiny):
+    model, tok = tiny
+    cfg = model.config.__class__(**{**model.config.to_dict(), "layer_types": ["full_attention", "linear_attention",
+                                                                             "full_attention", "full_attention"]})
+
+    class Wrapped(torch.nn.Module):
+        config = cfg
+
+    with pytest.raises(BadInputError, match="linear_attention"):
+        Engine(Wrapped(), tok, context_tokens=64)
+
+
 def test_batch_kv_pads_left_and_trims_exactly(tiny):
     model, tok = tiny
     with torch.inference_mode():
         caches = []
         for n in (5, 9, 3):
-            c = new_cache(model.config)
+            c = new_cache()
             model(input_ids=torch.arange(n)[None], use_cache=True, cache=c)
             caches.append((c, n))
         per_token = sum(k.numel() * k.element_size() + v.numel() * v.element_size()

@@ -214,9 +214,9 @@ def create_app(engine: "Engine", config: ServerConfig, metrics: "ServeMetrics") 
         return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                               seed=req.seed, stop=req.stop_strings(), ignore_eos=req.ignore_eos)
 
-    def encode_text(text: str) -> list[int]:
+    def encode_text(text: str, add_special_tokens: bool = False) -> list[int]:
         try:
-            return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+            return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
         except Exception as e:  # text the tokenizer cannot take (lone surrogates, ...)
             raise APIError(400, f"the prompt could not be tokenized: {type(e).__name__}") from None
 
@@ -226,12 +226,8 @@ def create_app(engine: "Engine", config: ServerConfig, metrics: "ServeMetrics") 
             if len(p) != 1:
                 raise APIError(400, "one prompt per request is supported", param="prompt")
             p = p[0]
-        if isinstance(p, str):
-            ids = encode_text(p)
-            bos = getattr(tokenizer, "bos_token_id", None)
-            if getattr(tokenizer, "add_bos_token", False) and bos is not None and ids[:1] != [bos]:
-                ids = [bos] + ids
-            return ids
+        if isinstance(p, str):  # raw text: the tokenizer's own special tokens (BOS), as transformers adds them
+            return encode_text(p, add_special_tokens=True)
         return list(p)
 
     def chat_prompt(req: ChatCompletionRequest) -> list[int]:
@@ -243,7 +239,7 @@ def create_app(engine: "Engine", config: ServerConfig, metrics: "ServeMetrics") 
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except Exception as e:  # the template rejected the conversation (roles out of order, ...)
             raise APIError(400, f"the chat template rejected these messages: {e}") from None
-        return encode_text(text)
+        return encode_text(text)  # the template wrote the special tokens it wants
 
     async def submit(prompt_ids: list[int], params: SamplingParams):
         sink = _Sink()

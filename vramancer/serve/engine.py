@@ -18,9 +18,12 @@ A request's greedy output is the same alone or batched: its prefill never depend
 requests, and a batched decode differs from a single-row one only by masked (zero-weight)
 padding columns.
 
-The model is any transformers causal LM (a model split by ``vramancer.load`` keeps that
-interface): ``model(input_ids, attention_mask, position_ids, cache|past_key_values,
-use_cache=True)`` with a ``DynamicCache``.
+The model is any transformers causal LM with attention KV caches (a model split by
+``vramancer.load`` keeps that interface): ``model(input_ids, attention_mask, position_ids,
+cache|past_key_values, use_cache=True)`` with a ``DynamicCache`` whose layers keep every token
+(sliding windows are applied by the mask; see kv.new_cache). Models whose cache holds
+recurrent state (linear-attention / state-space layers) are not batched correctly by row
+padding and are refused.
 
 KV admission: a padded batch of R rows never grows wider than the longest row's
 prompt + max_tokens, so admitting a request when R x max(prompt + max_tokens) x
@@ -136,6 +139,20 @@ def stages_from_plan(plan: "Plan", layer_kv_bytes_per_token: list[int]) -> list[
     return out
 
 
+_ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def _check_cache_kind(config: Any) -> None:
+    """Refuse models whose cache is not attention KV (recurrent / linear-attention layers)."""
+    if config is None:
+        return
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    odd = sorted({t for t in (getattr(text, "layer_types", None) or []) if t not in _ATTENTION_LAYER_TYPES})
+    if odd:
+        raise BadInputError(f"the server batches attention KV caches; this model also has {', '.join(odd)} "
+                            "layers, whose recurrent state it cannot batch yet")
+
+
 def _forward_kwargs(model: Any) -> tuple[str, bool]:
     """The name the model's forward uses for the cache, and whether it takes logits_to_keep."""
     params = inspect.signature(model.forward).parameters
@@ -183,6 +200,7 @@ class Engine:
         self.prefill_chunk_tokens = int(prefill_chunk_tokens)
         self.metrics = metrics
         self._config = getattr(model, "config", None)
+        _check_cache_kind(self._config)
         self._cache_kw, self._logits_to_keep = _forward_kwargs(model)
         self._input_device = model.get_input_embeddings().weight.device
         self._eos_ids = self._find_eos_ids()
@@ -259,7 +277,7 @@ class Engine:
         """Bytes one token adds to each layer's cache, from a one-token forward."""
         import torch
 
-        cache = new_cache(self._config)
+        cache = new_cache()
         one = torch.ones(1, 1, dtype=torch.long)
         self._forward(torch.zeros(1, 1, dtype=torch.long), one, torch.zeros(1, 1, dtype=torch.long), cache)
         return cache_layer_bytes(cache)
@@ -381,7 +399,7 @@ class Engine:
         while self._queue and self.fits(active + [self._queue[0]]):
             seq = self._queue.popleft()
             seq.state = "prefill"
-            seq.cache = new_cache(self._config)
+            seq.cache = new_cache()
             self._prefilling.append(seq)
             active.append(seq)
         for seq in self._queue:

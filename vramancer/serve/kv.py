@@ -41,27 +41,26 @@ class StageKV:
         return rows * width_tokens * self.kv_bytes_per_token
 
 
-def new_cache(config: Any = None):
-    """An empty DynamicCache laid out for ``config`` (sliding-window layers where it has them)."""
+def new_cache():
+    """An empty DynamicCache whose layers keep every token. Sliding-window layers too: their
+    window is applied by the attention mask, which in a right-aligned batch is exact (column
+    distance = position distance), whereas a cache that drops old columns would drop a
+    different number of real tokens in each padded row."""
     from transformers import DynamicCache
 
-    return DynamicCache(config=config) if config is not None else DynamicCache()
+    return DynamicCache()
 
 
-def _pairs(cache: Any) -> list[tuple[Any, Any, Any]]:
-    """(keys [B, H, T, D] | None, values | None, sliding-window tensor | None) per layer."""
-    out = []
-    for item in cache:
-        k, v = item[0], item[1]
-        out.append((k, v, item[2] if len(item) > 2 else None))
-    return out
+def _pairs(cache: Any) -> list[tuple[Any, Any]]:
+    """(keys [B, H, T, D] | None, values | None) per layer."""
+    return [(item[0], item[1]) for item in cache]
 
 
 def cache_layer_bytes(cache: Any) -> list[int]:
     """Bytes held by each layer's keys and values."""
     return [(k.numel() * k.element_size() if k is not None else 0)
             + (v.numel() * v.element_size() if v is not None else 0)
-            for k, v, _ in _pairs(cache)]
+            for k, v in _pairs(cache)]
 
 
 def _pad_left(t: "torch.Tensor", width: int) -> "torch.Tensor":
@@ -112,7 +111,7 @@ class BatchKV:
 
         def layers() -> Iterator[tuple[Any, ...]]:
             for i in range(len(old)):
-                (k, v, sw), (rk, rv, _) = old[i], new[i]
+                (k, v), (rk, rv) = old[i], new[i]
                 old[i] = new[i] = None  # free each old layer as soon as its replacement exists
                 if k is None or rk is None:
                     yield (None, None)
@@ -121,7 +120,7 @@ class BatchKV:
                 k2 = torch.cat([_pad_left(k, w), _pad_left(rk.to(k.device), w)], dim=0)
                 v2 = torch.cat([_pad_left(v, w), _pad_left(rv.to(v.device), w)], dim=0)
                 del k, v, rk, rv
-                yield (k2, v2) if sw is None else (k2, v2, sw)
+                yield (k2, v2)
 
         self.cache = _rebuild(layers())
         width = max(self.width, row_len)
@@ -162,17 +161,15 @@ class BatchKV:
 
         def layers() -> Iterator[tuple[Any, ...]]:
             for i in range(len(old)):
-                k, v, sw = old[i]
+                k, v = old[i]
                 old[i] = None
                 if k is None:
                     yield (None, None)
                     continue
-                # a sliding layer holds only the last k.shape[-2] columns of the mask
-                t = max(0, trim - (self.width - k.shape[-2]))
                 idx = index.to(k.device)
-                k2, v2 = k[:, :, t:][idx], v[:, :, t:][idx]
+                k2, v2 = k[:, :, trim:][idx], v[:, :, trim:][idx]  # one copy: rows and columns kept
                 del k, v
-                yield (k2, v2) if sw is None else (k2, v2, sw)
+                yield (k2, v2)
 
         self.cache = _rebuild(layers())
         self.mask = mask[:, trim:].contiguous()
