@@ -304,3 +304,19 @@ def test_out_of_memory_while_generating_names_the_stage(saved_models):
     assert e.value.stage == 2 and e.value.device == plan.stages[2].device
     assert "stage 2" in str(e.value) and plan.stages[2].device in str(e.value)
     model.vramancer.detach()
+
+
+def test_sharded_checkpoint_planned_by_load(tmp_path):
+    """A checkpoint in several shards with an index; vramancer.load plans it from its keywords."""
+    import vramancer
+
+    ids, want, ref = _reference("phi3")
+    folder = tmp_path / "sharded"
+    ref.save_pretrained(folder, safe_serialization=True, max_shard_size="40KB")
+    assert (folder / "model.safetensors.index.json").is_file()
+    assert len(list(folder.glob("*.safetensors"))) > 2
+    model = vramancer.load(str(folder), devices="rtx3090,rtx3060,rtx4090", split=[2, 1, 1], context=64)
+    rt = model.vramancer
+    assert [s.plan.device for s in rt.stages] == ["rtx3090#0", "rtx3060-12gb#0", "rtx4090#0"]
+    assert _greedy(model, ids).tolist() == want.tolist()
+    rt.detach()

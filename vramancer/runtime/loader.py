@@ -22,7 +22,6 @@ stage otherwise.
 from __future__ import annotations
 
 import copy
-import gc
 import json
 import os
 import re
@@ -233,14 +232,13 @@ def _checkpoint_sources(model: "nn.Module", ckpt: "Checkpoint") -> dict[str, _So
 class _Placer:
     """Puts every tensor of ``model`` where its stage wants it, and builds the SplitRuntime."""
 
-    def __init__(self, model: "nn.Module", plan: "Plan", layout: "StageLayout", dtype: "torch.dtype | None",
-                 sources: dict[str, _Source], ckpt: "Checkpoint | None", offload_dir: str | None):
+    def __init__(self, model: "nn.Module", plan: "Plan", layout: "StageLayout", sources: dict[str, _Source],
+                 ckpt: "Checkpoint | None", offload_dir: str | None):
         import torch
 
         self.model = model
         self.plan = plan
         self.layout = layout
-        self.dtype = dtype
         self.sources = sources
         self.ckpt = ckpt
         self.offload_dir = offload_dir
@@ -528,20 +526,6 @@ def _stored_dtype(ckpt: "Checkpoint", key: str) -> "torch.dtype":
     return torch_dtype_of(ckpt.info(key).dtype)
 
 
-def _free_module(model: "nn.Module") -> None:
-    import torch
-
-    with torch.no_grad():
-        for module in model.modules():
-            for name, p in list(module.named_parameters(recurse=False)):
-                setattr(module, name, torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False))
-            for name, b in list(module.named_buffers(recurse=False)):
-                setattr(module, name, torch.empty_like(b, device="meta"))
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def _check_plan(plan: "Plan", layout: "BlockLayout") -> None:
     if plan.blocks and len(plan.blocks) != layout.num_blocks:
         raise BadInputError(f"the plan has {len(plan.blocks)} blocks but the model has {layout.num_blocks}; "
@@ -558,7 +542,7 @@ def _place(model: "nn.Module", plan: "Plan", blocks: "BlockLayout", sources: dic
 
     _check_plan(plan, blocks)
     layout = stage_layout(model, blocks, plan)
-    placer = _Placer(model, plan, layout, None, sources, ckpt, offload_dir)
+    placer = _Placer(model, plan, layout, sources, ckpt, offload_dir)
     try:
         placer.place_all()
         runtime = placer.build_runtime()
@@ -569,7 +553,9 @@ def _place(model: "nn.Module", plan: "Plan", blocks: "BlockLayout", sources: dic
         placer.placed.clear()
         placer.converted.clear()
         if free_on_error:
-            _free_module(model)
+            from .split import free_module
+
+            free_module(model)
         raise err from None
     except BaseException:
         for ck in placer.checkpoints:
@@ -615,7 +601,7 @@ def load_module(module: "nn.Module", devices: Any = "auto", plan: "Plan | None" 
                 offload_dir: str | None = None, **plan_kwargs: Any) -> "nn.Module":
     """Split an already built module in place per ``plan`` (made here when not given)."""
     if plan is None:
-        from .. import plan as make_plan
+        from ..plan.planner import plan as make_plan
 
         plan = make_plan(module, devices=devices, **plan_kwargs)
     module.eval()
@@ -640,7 +626,7 @@ def load(model: Any, devices: Any = "auto", plan: "Plan | None" = None, *, dtype
         return load_module(model, devices=devices, plan=plan, offload_dir=offload_dir, **plan_kwargs)
     folder = weights_folder(model)
     if plan is None:
-        from .. import plan as make_plan
+        from ..plan.planner import plan as make_plan
 
         plan = make_plan(str(folder), devices=devices, dtype=dtype, **plan_kwargs)
     elif dtype is not None and torch_dtype(dtype) != torch_dtype(plan.workload.dtype):

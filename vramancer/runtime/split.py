@@ -32,7 +32,25 @@ if TYPE_CHECKING:  # pragma: no cover
     from .layout import StageLayout
     from .stream import StreamEngine, StreamUnit
 
-__all__ = ["RuntimeStage", "SplitRuntime"]
+__all__ = ["RuntimeStage", "SplitRuntime", "free_module"]
+
+
+def free_module(model: "nn.Module") -> None:
+    """Point every parameter and buffer of ``model`` at ``meta`` (no memory) and give cached device
+    memory back."""
+    import gc
+
+    import torch
+
+    with torch.no_grad():
+        for module in model.modules():
+            for name, p in list(module.named_parameters(recurse=False)):
+                setattr(module, name, torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False))
+            for name, b in list(module.named_buffers(recurse=False)):
+                setattr(module, name, torch.empty_like(b, device="meta"))
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 @dataclass
@@ -200,20 +218,10 @@ class SplitRuntime:
 
     def free(self) -> None:
         """Detach and drop every weight (parameters and buffers become meta); frees device memory."""
-        import torch
-
         self.detach()
-        with torch.no_grad():
-            for module in self.model.modules():
-                for name, p in list(module.named_parameters(recurse=False)):
-                    setattr(module, name, torch.nn.Parameter(torch.empty_like(p, device="meta"),
-                                                             requires_grad=False))
-                for name, b in list(module.named_buffers(recurse=False)):
-                    setattr(module, name, torch.empty_like(b, device="meta"))
         for st in self.stages:
             st.stream_units = []
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_module(self.model)
 
     def _sync(self) -> None:
         import torch
