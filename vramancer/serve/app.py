@@ -66,50 +66,44 @@ def _json_response(status: int, body: dict, headers: dict | None = None) -> JSON
 
 
 class _BodyLimit:
-    """ASGI middleware: 413 for request bodies over ``limit`` bytes (declared or streamed)."""
+    """ASGI middleware: 413 for request bodies over ``limit`` bytes, declared or streamed. The body
+    is read here (at most ``limit`` bytes) before the app runs, then handed to it unchanged."""
 
     def __init__(self, app: Any, limit: int) -> None:
         self.app, self.limit = app, limit
 
+    async def _too_big(self, scope: dict, receive: Any, send: Any) -> None:
+        response = _json_response(413, _error_body(413, f"request body is larger than {self.limit} bytes"))
+        await response(scope, receive, send)
+
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        too_big = _json_response(413, _error_body(413, f"request body is larger than {self.limit} bytes"))
         for name, value in scope.get("headers", []):
-            if name == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    declared = self.limit + 1
-                if declared > self.limit:
-                    return await too_big(scope, receive, send)
-        seen = 0
-        started = False
-
-        async def limited_receive() -> dict:
-            nonlocal seen
+            if name == b"content-length" and (not value.isdigit() or int(value) > self.limit):
+                return await self._too_big(scope, receive, send)
+        chunks: list[bytes] = []
+        size = 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _BodyTooLarge()
-            return message
+            if message["type"] != "http.request":  # the client went away before sending it all
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await self._too_big(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        body: list[bytes] | None = [b"".join(chunks)]
 
-        async def tracking_send(message: dict) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
+        async def replay() -> dict:
+            nonlocal body
+            if body is not None:
+                data, body = body[0], None
+                return {"type": "http.request", "body": data, "more_body": False}
+            return await receive()
 
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _BodyTooLarge:
-            if not started:
-                await too_big(scope, receive, send)
-
-
-class _BodyTooLarge(Exception):
-    pass
+        await self.app(scope, replay, send)
 
 
 class _CountRequests:
