@@ -33,7 +33,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -178,7 +177,6 @@ def _goal(ratio: float, goal: float) -> str:
 # ---------------------------------------------------------------------------------------------------
 def _load_child(kind: str, folder: str, plan_file: str) -> None:
     """In a fresh process: load one way, print {"seconds", "peak_bytes", "decode_tokens_per_s"}."""
-    import psutil
     import torch
     import transformers  # noqa: F401 - imported before the baseline, as both ways need it
     from transformers import AutoConfig
@@ -186,41 +184,27 @@ def _load_child(kind: str, folder: str, plan_file: str) -> None:
     from vramancer.plan.plan import Plan
     from vramancer.runtime.loader import build_empty_model
 
+    from tests.runtime.peak_load import PeakRss
+
     plan = Plan.load(plan_file)
     build_empty_model(AutoConfig.from_pretrained(folder), torch.float32)  # import the model's code
-    gc.collect()
-    proc = psutil.Process()
-    base = proc.memory_info().rss
-    peak = [base]
-    stop = threading.Event()
+    with PeakRss(interval=0.0005) as mem:
+        t0 = time.perf_counter()
+        if kind == "ours":
+            from vramancer.runtime.loader import load
 
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.0005)
+            model = load(folder, plan=plan)
+        else:
+            from transformers import AutoModelForCausalLM
 
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    t0 = time.perf_counter()
-    if kind == "ours":
-        from vramancer.runtime.loader import load
-
-        model = load(folder, plan=plan)
-    else:
-        from transformers import AutoModelForCausalLM
-
-        dm = _hf_device_map(plan)
-        model = AutoModelForCausalLM.from_pretrained(folder, device_map=dm, dtype=torch.float32)
-    _sync()
-    seconds = time.perf_counter() - t0
-    stop.set()
-    th.join()
-    peak[0] = max(peak[0], proc.memory_info().rss)
+            dm = _hf_device_map(plan)
+            model = AutoModelForCausalLM.from_pretrained(folder, device_map=dm, dtype=torch.float32)
+        _sync()
+        seconds = time.perf_counter() - t0
     decode_tps(model, 4)  # first use: kernels warm, mapped pages read in
     tps = decode_tps(model, 16)
-    used = proc.memory_info().rss - base
-    print(json.dumps({"seconds": seconds, "peak_bytes": peak[0] - base, "rss_after_use_bytes": used,
-                      "decode_tokens_per_s": tps}))
+    print(json.dumps({"seconds": seconds, "peak_bytes": mem.peak - mem.base,
+                      "rss_after_use_bytes": mem.rss() - mem.base, "decode_tokens_per_s": tps}))
 
 
 def _hf_device_map(plan) -> dict[str, str]:

@@ -1,10 +1,10 @@
-"""Run as a script: load a folder split over two simulated GPUs and print host memory figures as JSON.
+"""Peak host memory while something runs, and a script that loads a model under it.
 
     python -m tests.runtime.peak_load FOLDER DTYPE
 
-Prints {"base", "peak", "final", "weights", "largest"} in bytes: resident set size before the load
-(after imports, planning and building the model class once), the peak while loading (sampled every
-0.2 ms and from getrusage), after it, the weights the model holds, and its largest tensor as stored.
+loads FOLDER split over two simulated GPUs and prints {"base", "peak", "final", "weights", "largest"}
+in bytes: resident set size before the load (after imports, planning and building the model class
+once), the peak while loading, after it, the weights the model holds, and its largest stored tensor.
 """
 from __future__ import annotations
 
@@ -15,10 +15,50 @@ import sys
 import threading
 import time
 
+__all__ = ["PeakRss"]
+
+
+class PeakRss:
+    """``with PeakRss() as m: ...`` -> ``m.base`` (RSS at entry), ``m.peak`` (highest RSS seen inside:
+    sampled every ``interval`` s, and from getrusage when the process's lifetime peak rose)."""
+
+    def __init__(self, interval: float = 0.0002):
+        import psutil
+
+        self.proc = psutil.Process()
+        self.interval = interval
+        self.base = self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._max_before = 0
+
+    def rss(self) -> int:
+        return self.proc.memory_info().rss
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            time.sleep(self.interval)
+
+    def __enter__(self) -> "PeakRss":
+        gc.collect()
+        self.base = self.peak = self.rss()
+        self._max_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())
+        max_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        if max_after > self._max_before:
+            self.peak = max(self.peak, max_after)
+
 
 def main() -> None:
     folder, dtype = sys.argv[1], sys.argv[2]
-    import psutil
     import torch
     from transformers import AutoConfig
 
@@ -31,30 +71,11 @@ def main() -> None:
     del warm
     with Checkpoint(folder) as ck:
         largest = ck.largest_tensor_bytes
+    with PeakRss() as m:
+        model = load(folder, plan=plan)
     gc.collect()
-    proc = psutil.Process()
-    base = proc.memory_info().rss
-    max_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    peak = [base]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.0002)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    model = load(folder, plan=plan)
-    stop.set()
-    t.join()
-    gc.collect()
-    final = proc.memory_info().rss
-    max_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    if max_after > max_before:
-        peak[0] = max(peak[0], max_after)
     weights = model.vramancer.memory_report().weights_bytes
-    print(json.dumps({"base": base, "peak": peak[0], "final": final, "weights": weights, "largest": largest}))
+    print(json.dumps({"base": m.base, "peak": m.peak, "final": m.rss(), "weights": weights, "largest": largest}))
 
 
 if __name__ == "__main__":

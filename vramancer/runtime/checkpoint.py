@@ -228,7 +228,7 @@ def write_safetensors(path: str | os.PathLike, specs: list[tuple[str, "torch.dty
         count = 0
         for (name, dtype, shape), nbytes, t in zip(specs, sizes, tensors):
             t = t.detach().to("cpu", dtype).contiguous()
-            if tuple(t.shape) != tuple(shape):
+            if tuple(t.shape) != tuple(shape) or t.numel() * t.element_size() != nbytes:
                 raise ValueError(f"{name}: shape {tuple(t.shape)} does not match {tuple(shape)}")
             f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
             count += 1

@@ -43,7 +43,6 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
     from torch import nn
 
-    from ..models.profile import ModelProfile
     from ..plan.plan import Plan
     from .checkpoint import Checkpoint
     from .layout import BlockLayout, StageLayout

@@ -257,7 +257,7 @@ class SplitRuntime:
                     weights += tensor_bytes(p)
                     if p.device != st.device:
                         misplaced.append(name)
-            for name, b in mod.named_buffers(prefix=prefix):
+            for b in mod.buffers():
                 if id(b) in seen:
                     continue
                 seen.add(id(b))
