@@ -68,7 +68,8 @@ def test_real_gpu_split_matches_cpu(saved_models, arch):
     assert [r.weights_bytes for r in rep.stages] == [s.weights_bytes for s in plan.stages]
     assert all(r.misplaced == [] for r in rep.stages)
     assert rep.stages[0].allocator_peak_bytes > 0
-    # the first stage's KV cache lives on its GPU, the second's where that stage runs
+    # each stage's KV cache lives where that stage runs; activations crossed devices on entry
+    assert [r.kv_devices for r in rep.stages] == [[str(s.compute_device)] for s in rt.stages]
     assert rt.stages[1].stats.copied_bytes > 0
     rt.free()
 
@@ -105,6 +106,9 @@ def test_streamed_offload_on_cuda(saved_models, arch):
         assert all(p.home.is_pinned() for p in unit.params)
     assert _greedy(model, ids.cuda()).cpu().tolist() == want.tolist()
     assert engine.prefetch_hits > 0
+    rep = rt.memory_report()
+    assert [r.weights_bytes for r in rep.stages] == [s.weights_bytes for s in plan.stages]
+    assert all(r.kv_devices == ["cuda:0"] for r in rep.stages if r.kv_cache_bytes)
     for unit in rt.stages[2].stream_units:
         assert all(p.owner._parameters[p.attr].device.type == "meta" for p in unit.params)
     rt.free()

@@ -64,9 +64,10 @@ def _check_bytes(model, plan, tokens: int, batch: int = 1, target=None):
     """Weights per stage equal the plan's exactly; the KV cache equals the plan's when the plan's
     context is the number of tokens the cache holds (sliding windows: see _kv_expected)."""
     rep = model.vramancer.memory_report()
-    for st, row in zip(plan.stages, rep.stages):
+    for st, row, rs in zip(plan.stages, rep.stages, model.vramancer.stages):
         assert row.weights_bytes == st.weights_bytes, (row.stage, row.weights_bytes, st.weights_bytes)
         assert row.misplaced == []
+        assert row.kv_devices == ([str(rs.compute_device)] if row.kv_cache_bytes else [])
     assert rep.kv_tokens == tokens and rep.batch == batch
     kv = [r.kv_cache_bytes for r in rep.stages]
     assert kv == _kv_expected(target if target is not None else model, plan, tokens, batch)
@@ -319,4 +320,26 @@ def test_sharded_checkpoint_planned_by_load(tmp_path):
     rt = model.vramancer
     assert [s.plan.device for s in rt.stages] == ["rtx3090#0", "rtx3060-12gb#0", "rtx4090#0"]
     assert _greedy(model, ids).tolist() == want.tolist()
+    rt.detach()
+
+
+def test_cpu_execute_and_disk_stages_without_a_gpu(saved_models):
+    """No GPU to stream to: a cpu stage runs where it is, a disk stage streams from its file to the CPU."""
+    from dataclasses import replace
+
+    from vramancer.devices.spec import parse_devices
+
+    folder = saved_models["qwen2"]
+    ids, want, _ = _reference("qwen2")
+    plan = make_plan(folder, 3, context=PROMPT + NEW_TOKENS - 1)
+    cpu, disk = parse_devices("cpu,disk")
+    plan.stages[1] = replace(plan.stages[1], device=cpu.id, kind="cpu", mode="execute", torch_device="cpu")
+    plan.stages[2] = replace(plan.stages[2], device=disk.id, kind="disk", mode="execute", torch_device="cpu")
+    plan.devices = [plan.devices[0], cpu, disk]
+    model = _load(folder, plan)
+    rt = model.vramancer
+    assert [s.mode for s in rt.stages] == ["execute", "execute", "stream"]
+    assert str(rt.stages[2].compute_device) == "cpu"
+    assert _greedy(model, ids).tolist() == want.tolist()
+    _check_bytes(model, plan, PROMPT + NEW_TOKENS - 1, target=folder)
     rt.detach()

@@ -249,9 +249,10 @@ class _Placer:
         self.tier: list[str] = []          # "device" | "host" | "disk"
         for st in plan.stages:
             home = _torch_device(st.torch_device)
-            if st.mode == "stream":
+            if st.mode == "stream" or st.kind == "disk":  # the disk tier always streams from its file
                 comp_dev = devs.get(st.compute_device or "")
-                compute = _torch_device(comp_dev.torch_device if comp_dev else st.torch_device)
+                compute = _torch_device(comp_dev.torch_device if comp_dev else
+                                        ("cpu" if st.kind == "disk" else st.torch_device))
                 tier = "disk" if st.kind == "disk" else "host"
                 home = torch.device("cpu")
             else:
@@ -446,7 +447,7 @@ class _Placer:
                 li = blocks.layer_index(b)
                 if li is not None:
                     layers.append((li, mod))
-            rs = RuntimeStage(si, st, st.mode if self.tier[si] != "device" else "execute",
+            rs = RuntimeStage(si, st, "stream" if self.tier[si] != "device" else "execute",
                               self.device[si], self.compute[si], units, layers, config=text_config)
             if self.tier[si] != "device":
                 with torch.no_grad():

@@ -37,27 +37,33 @@ def _cache_layers(cache: Any) -> list[Any]:
     return list(getattr(cache, "layers", None) or [])
 
 
-def cache_layer_bytes(cache: Any) -> tuple[list[int], int, int]:
-    """(bytes per layer index, tokens seen, batch) of ``cache``; a layer never written holds 0."""
+def cache_layer_bytes(cache: Any) -> tuple[list[int], int, int, list[str | None]]:
+    """(bytes per layer index, tokens seen, batch, device per layer) of ``cache``; a layer never
+    written holds 0 bytes on no device."""
     import torch
 
     out: list[int] = []
+    devices: list[str | None] = []
     tokens = 0
     batch = 0
     for layer in _cache_layers(cache):
         n = 0
+        dev = None
         for name in ("keys", "values"):
             t = getattr(layer, name, None)
             if isinstance(t, torch.Tensor):
                 n += tensor_bytes(t)
+                if t.numel():
+                    dev = str(t.device)
                 if t.dim() == 4 and t.numel():
                     batch = max(batch, t.shape[0])
         out.append(n)
+        devices.append(dev)
     try:
         tokens = int(cache.get_seq_length()) if cache is not None and out else 0
     except Exception:  # noqa: BLE001 - a cache type without a length: report 0 tokens
         tokens = 0
-    return out, tokens, batch
+    return out, tokens, batch, devices
 
 
 @dataclass
@@ -65,7 +71,9 @@ class StageMemoryReport:
     """One stage. ``weights_bytes`` counts each tensor once per stage (tied copies on each stage
     that uses them). For a streamed stage the weights live on ``device`` (host RAM or disk) and
     ``stream_buffer_bytes`` are the two slots on ``compute_device``. ``allocator_peak_bytes`` is the
-    CUDA caching allocator's peak on the stage's compute device (shared by stages on one device)."""
+    CUDA caching allocator's peak on the stage's compute device (shared by stages on one device).
+    ``misplaced``: parameters not on the stage's device (should be empty); ``kv_devices``: the
+    devices holding its layers' KV cache (should be its compute device alone)."""
 
     stage: int
     device: str
@@ -82,6 +90,7 @@ class StageMemoryReport:
     stream_buffer_bytes: int = 0
     allocator_peak_bytes: int | None = None
     misplaced: list[str] = field(default_factory=list)
+    kv_devices: list[str] = field(default_factory=list)   # where this stage's KV tensors are
 
     @property
     def over_plan(self) -> bool:

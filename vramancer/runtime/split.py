@@ -131,9 +131,7 @@ class SplitRuntime:
         self.forwards = 0
         self._handles: list[Any] = []
         self._caches = [StageInputCache() for _ in stages]
-        self._kv_layers: list[int] = []
-        self._kv_tokens = 0
-        self._kv_batch = 0
+        self._kv: tuple[list[int], int, int, list[str | None]] = ([], 0, 0, [])
         self.attached = False
 
     # -- hooks --------------------------------------------------------------------------------
@@ -154,7 +152,7 @@ class SplitRuntime:
         if cache is None:
             cache = getattr(output, "past_key_values", None)
         if cache is not None:
-            self._kv_layers, self._kv_tokens, self._kv_batch = cache_layer_bytes(cache)
+            self._kv = cache_layer_bytes(cache)
         dev = self.input_device
         if self.stages[-1].compute_device != dev and hasattr(output, "keys"):
             for k in list(output.keys()):
@@ -269,10 +267,7 @@ class SplitRuntime:
         from the cache the last forward returned (after ``generate``, the generation's cache)."""
         import torch
 
-        if cache is not None:
-            kv_layers, tokens, batch = cache_layer_bytes(cache)
-        else:
-            kv_layers, tokens, batch = self._kv_layers, self._kv_tokens, self._kv_batch
+        kv_layers, tokens, batch, kv_devs = cache_layer_bytes(cache) if cache is not None else self._kv
         peaks: dict[str, int] = {}
         if torch.cuda.is_available():
             for st in self.stages:
@@ -283,6 +278,7 @@ class SplitRuntime:
         for st in self.stages:
             weights, buffers, misplaced = self._stage_weights(st)
             kv = sum(kv_layers[i] for i in st.layer_indices if i < len(kv_layers))
+            on = sorted({kv_devs[i] for i in st.layer_indices if i < len(kv_devs) and kv_devs[i]})
             slots = sum(e.buffer_bytes for e in self.engines
                         if any(u.stage == st.index for u in e.units))
             out.append(StageMemoryReport(
@@ -291,7 +287,7 @@ class SplitRuntime:
                 weights_bytes=weights, planned_weights_bytes=st.plan.weights_bytes,
                 kv_cache_bytes=kv, planned_kv_cache_bytes=st.plan.kv_cache_bytes,
                 buffers_bytes=buffers, stream_buffer_bytes=slots,
-                allocator_peak_bytes=peaks.get(str(st.compute_device)), misplaced=misplaced))
+                allocator_peak_bytes=peaks.get(str(st.compute_device)), misplaced=misplaced, kv_devices=on))
         return MemoryReport(out, kv_tokens=tokens, batch=batch, notes=list(self.notes))
 
     def boundary_stats(self) -> list[dict]:
