@@ -343,3 +343,25 @@ def test_cpu_execute_and_disk_stages_without_a_gpu(saved_models):
     assert _greedy(model, ids).tolist() == want.tolist()
     _check_bytes(model, plan, PROMPT + NEW_TOKENS - 1, target=folder)
     rt.detach()
+
+
+def test_long_prompt_prefills_in_plan_chunks(saved_models):
+    """A prompt longer than the plan's prefill chunk runs in chunks (the workspace the plan sized),
+    with the same tokens as one unchunked prefill of the unsplit model."""
+    from vramancer.plan.planner import plan as make
+
+    from vramancer.runtime.generate import generate_ids
+
+    folder = saved_models["mistral"]  # sliding window 8: chunks cross the window
+    ref = build_model("mistral")
+    ids = torch.randint(3, VOCAB, (1, 23), generator=torch.Generator().manual_seed(9))
+    want = _greedy(ref, ids)
+    plan = make(str(folder), devices="rtx3090,rtx3060", split=[1, 1], context=64, prefill_chunk=5)
+    model = _load(folder, plan)
+    rt = model.vramancer
+    before = rt.forwards
+    got = generate_ids(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, NEW_TOKENS,
+                       min_new_tokens=NEW_TOKENS)
+    assert got.tolist() == want.tolist()
+    assert rt.forwards - before == 5 + NEW_TOKENS - 1  # ceil(23 / 5) prefill chunks, then one per token
+    rt.detach()

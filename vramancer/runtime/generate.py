@@ -98,10 +98,14 @@ def prompt_ids(tokenizer: Any, prompt: str | list[dict], device: Any = None) -> 
 def generate_ids(model: "nn.Module", inputs: dict, max_new_tokens: int, temperature: float = 0.0,
                  streamer: Any = None, pad_token_id: int | None = None, **kwargs: Any):
     """``model.generate`` greedy (temperature 0) or sampled; out-of-memory becomes
-    DeviceOutOfMemoryError naming the stage."""
+    DeviceOutOfMemoryError naming the stage. A split model prefills in chunks of its plan's
+    ``prefill_chunk`` tokens: the activation workspace the plan sized."""
     import torch
 
     gen: dict[str, Any] = dict(max_new_tokens=max_new_tokens, streamer=streamer)
+    rt = getattr(model, "vramancer", None)
+    if rt is not None and inputs["input_ids"].shape[-1] > rt.plan.workload.prefill_chunk:
+        gen["prefill_chunk_size"] = rt.plan.workload.prefill_chunk
     if temperature and temperature > 0:
         gen.update(do_sample=True, temperature=float(temperature))
     else:

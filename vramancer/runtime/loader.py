@@ -251,6 +251,9 @@ class _Placer:
             home = _torch_device(st.torch_device)
             if st.mode == "stream" or st.kind == "disk":  # the disk tier always streams from its file
                 comp_dev = devs.get(st.compute_device or "")
+                if st.compute_device and comp_dev is None:
+                    raise BadInputError(f"plan stage on {st.device} streams to {st.compute_device}, "
+                                        "which is not among the plan's devices")
                 compute = _torch_device(comp_dev.torch_device if comp_dev else
                                         ("cpu" if st.kind == "disk" else st.torch_device))
                 tier = "disk" if st.kind == "disk" else "host"
