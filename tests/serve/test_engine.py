@@ -211,6 +211,25 @@ def test_cancel_frees_the_kv_cache_at_once(tiny, engine):
     assert stats.kv_bytes_by_stage == (0,) and stats.reserved_bytes_by_stage == (0,)
 
 
+def test_cancelling_a_queued_request_removes_it_before_it_runs(tiny, engine):
+    model, tok = tiny
+    prompt = encode(tok, "Hello")
+    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    one_row = Engine(model, tok, context_tokens=256, kv_budget_bytes=(len(prompt) + 30) * engine.kv_bytes_per_token)
+    first, second = Waiter(), Waiter()
+    one_row.submit(prompt, params, first)
+    queued = one_row.submit(prompt, params, second)
+    one_row.cancel(queued)
+    try:
+        one_row.start()
+        assert second.wait().finish_reason == "cancelled" and second.events[-1].completion_tokens == 0
+        assert first.wait().completion_tokens == 30
+        stats = one_row.wait_idle()
+    finally:
+        one_row.stop()
+    assert stats.peak_running == 1 and stats.finished == 2
+
+
 def test_stop_strings_end_the_output_before_them(tiny, engine):
     _, tok = tiny
     engine.start()
