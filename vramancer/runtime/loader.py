@@ -385,11 +385,19 @@ class _Placer:
             if disk_specs:
                 self._write_offload(disk_specs)
         self.staging = None
+        empty = [n for n, p in self.model.named_parameters(remove_duplicate=False)
+                 if p.device.type == "meta" and n not in self.disk]
+        if empty:
+            raise CheckpointMismatchError(f"no weights for {len(empty)} parameters: {_listing(empty)}",
+                                          missing=empty)
 
     def _to_cpu(self, name: str, src: _Source, meta: "torch.Tensor") -> "torch.Tensor":
+        """One tensor for the offload file; a conversion's outputs are not kept past it."""
         import torch
 
-        return self._materialize(name, src, meta, torch.device("cpu"), False)
+        t = self._materialize(name, src, meta, torch.device("cpu"), False)
+        self.converted.clear()
+        return t
 
     def _drop_converted(self, src: _Source) -> None:
         if src.convert is not None:
