@@ -47,11 +47,13 @@ class StagePipeline:
     def __init__(self, model: Any, lanes: int) -> None:
         import torch
 
+        from ..errors import BadInputError
+
         rt = getattr(model, "vramancer", None)
         if rt is None or len(rt.stages) < 2:
-            raise ValueError("pipeline lanes need a model split into stages (vramancer.load)")
+            raise BadInputError("pipeline lanes need a model split into two or more stages")
         if any(s.mode == "stream" for s in rt.stages):
-            raise ValueError("pipeline lanes cannot run stages that stream offloaded weights")
+            raise BadInputError("pipeline lanes cannot run stages that stream offloaded weights")
         self.lanes = int(lanes)
         self._locks = [threading.Lock() for _ in rt.stages]
         self._local = threading.local()
