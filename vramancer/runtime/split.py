@@ -133,6 +133,7 @@ class SplitRuntime:
         self._caches = [StageInputCache() for _ in stages]
         self._kv: tuple[list[int], int, int, list[str | None]] = ([], 0, 0, [])
         self.attached = False
+        self._multi_device = len({str(s.compute_device) for s in stages}) > 1
 
     # -- hooks --------------------------------------------------------------------------------
     @property
@@ -154,11 +155,12 @@ class SplitRuntime:
         if cache is not None:
             self._kv = cache_layer_bytes(cache)
         dev = self.input_device
-        if self.stages[-1].compute_device != dev and hasattr(output, "keys"):
+        if self._multi_device and hasattr(output, "keys"):
+            # logits, hidden states and the like where the caller's inputs are (the cache stays put)
             for k in list(output.keys()):
-                v = output[k]
-                if isinstance(v, torch.Tensor) and v.device != dev:
-                    output[k] = v.to(dev)
+                output[k] = move_tensors(output[k], dev)
+        elif isinstance(output, torch.Tensor) and output.device != dev:
+            output = output.to(dev)
         return output
 
     def _entered(self, index: int):
