@@ -11,10 +11,10 @@ budget is taken. Import-light: torch, transformers and the web stack load only i
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
+from .. import envs
 from ..errors import BadInputError
 
 __all__ = ["configure", "main"]
@@ -64,7 +64,7 @@ def _api_key(args: argparse.Namespace) -> str | None:
         if not key:
             raise BadInputError(f"{args.api_key_file}: the first line is empty")
         return key
-    return args.api_key or os.environ.get("VRAMANCER_API_KEY") or None
+    return args.api_key or envs.get("VRAMANCER_API_KEY") or None
 
 
 def _check_args(args: argparse.Namespace) -> None:

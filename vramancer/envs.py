@@ -1,0 +1,42 @@
+"""Every environment variable VRAMancer reads, in one registry with one default each.
+Prefer CLI flags; these exist for secrets and for paths shared by many commands.
+
+    VRAMANCER_API_KEY    bearer key `vramancer serve` requires (default: none; --api-key wins)
+    VRAMANCER_CACHE_DIR  demo models and the disk tier (default: $XDG_CACHE_HOME/vramancer or ~/.cache/vramancer)
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+__all__ = ["ENV", "get", "parse_bool"]
+
+
+def parse_bool(text: str) -> bool:
+    """The one boolean parser: 1/true/yes/on and 0/false/no/off (any case)."""
+    t = text.strip().lower()
+    if t in ("1", "true", "yes", "on"):
+        return True
+    if t in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {text!r} (use 1/0, true/false, yes/no, on/off)")
+
+
+def _default_cache() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return str(Path(base) / "vramancer")
+
+
+# name -> (default factory, converter)
+ENV: dict[str, tuple[Callable[[], object], Callable[[str], object]]] = {
+    "VRAMANCER_API_KEY": (lambda: None, str),
+    "VRAMANCER_CACHE_DIR": (_default_cache, str),
+}
+
+
+def get(name: str):
+    """The value of a registered variable (read at call time, never cached at import)."""
+    default, convert = ENV[name]
+    raw = os.environ.get(name)
+    return default() if raw is None or raw == "" else convert(raw)
