@@ -48,6 +48,12 @@ def build_model(arch: str, seed: int = 0):
     return model
 
 
+@pytest.fixture(autouse=True)
+def _cache_in_tmp(tmp_path, monkeypatch):
+    """Offload files and demo models go under a temp cache folder, never the user's."""
+    monkeypatch.setenv("VRAMANCER_CACHE_DIR", str(tmp_path / "vramancer-cache"))
+
+
 @pytest.fixture(scope="session")
 def saved_models(tmp_path_factory) -> dict[str, Path]:
     """Every ARCHS model saved once per session (safetensors); returns folder by arch."""

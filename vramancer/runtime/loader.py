@@ -408,8 +408,12 @@ class _Placer:
     def _write_offload(self, specs: list[tuple[str, Any, tuple[int, ...], Callable[[], Any]]]) -> None:
         from .checkpoint import write_safetensors
 
-        if self.offload_dir is None:
-            self.offload_dir = tempfile.mkdtemp(prefix="vramancer-offload-")
+        if self.offload_dir is None:  # under the cache folder: /tmp may be RAM (tmpfs), defeating the disk tier
+            from .._paths import cache_dir
+
+            root = cache_dir() / "offload"
+            root.mkdir(parents=True, exist_ok=True)
+            self.offload_dir = tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=root)
             self.made_offload_dir = True
         os.makedirs(self.offload_dir, exist_ok=True)
         path = os.path.join(self.offload_dir, f"offload-{os.getpid()}-{id(self):x}.safetensors")
