@@ -7,12 +7,12 @@ foreground (the CLI) or on a background thread (tests, benchmarks, notebooks).
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import socket
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .._net import bind_socket, is_loopback
 from ..errors import BadInputError
 from .app import ServerConfig, create_app
 from .engine import Engine
@@ -25,13 +25,6 @@ __all__ = ["Server", "build_server", "ServerThread", "serve_forever", "bind_sock
            "check_bind"]
 
 
-def is_loopback(host: str) -> bool:
-    if host.strip().lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def check_bind(host: str, api_key: str | None, insecure: bool) -> None:
@@ -77,19 +70,6 @@ def _uvicorn_server(app: Any, log_level: str):
     return uvicorn.Server(config)
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A listening-ready socket on host:port (port 0: a free one); one clear error if it is taken."""
-    from ..errors import VramancerError
-
-    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host.strip("[]"), port))
-    except OSError as e:
-        sock.close()
-        raise VramancerError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    return sock
 
 
 def serve_forever(server: Server, sock: socket.socket, log_level: str = "info") -> None:

@@ -3,12 +3,12 @@ taken is one clear error and ``--port 0`` picks a free one), in the foreground f
 in a thread for tests and embedding."""
 from __future__ import annotations
 
-import ipaddress
 import socket
 import threading
 import time
 from typing import Any
 
+from ..._net import bind_socket, is_loopback
 from ...errors import VramancerError
 
 __all__ = ["is_loopback", "bind_socket", "ThreadedServer", "serve_forever"]
@@ -16,27 +16,8 @@ __all__ = ["is_loopback", "bind_socket", "ThreadedServer", "serve_forever"]
 GRACEFUL_SHUTDOWN_S = 2
 
 
-def is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host.strip("[]"), port))
-    except OSError as e:
-        sock.close()
-        raise VramancerError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    sock.listen(128)
-    sock.set_inheritable(True)
-    return sock
 
 
 def _config(app: Any, log_level: str):
