@@ -292,6 +292,19 @@ class SplitRuntime:
                 allocator_peak_bytes=peaks.get(str(st.compute_device)), misplaced=misplaced, kv_devices=on))
         return MemoryReport(out, kv_tokens=tokens, batch=batch, notes=list(self.notes))
 
+    def samplers(self, real: bool = True) -> list:
+        """Telemetry samplers for this split model: its simulated devices through a
+        SimulatedSampler fed by the per-stage accounting (weights, KV cache held, stream slots),
+        and with ``real`` the real devices it uses (and those behind the simulated ones)::
+
+            with vramancer.track(0.1, samplers=model.vramancer.samplers()) as rec:
+                with rec.phase("generate"):
+                    model.generate(...)
+        """
+        from .telemetry_feed import StageFeed
+
+        return StageFeed(self.plan).attach(self).samplers(real=real)
+
     def boundary_stats(self) -> list[dict]:
         return [dict(stage=s.index, **s.stats.to_dict()) for s in self.stages]
 

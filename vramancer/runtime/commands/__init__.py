@@ -14,8 +14,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..generate import GenerationResult
     from ..memory import MemoryReport
 
-__all__ = ["add_run_flags", "make_plan", "load_tokenizer", "load_split", "render_memory", "render_speed",
-           "check_plan_fits", "summary_json", "missing_runtime"]
+__all__ = ["add_run_flags", "add_monitor_flags", "make_plan", "load_tokenizer", "load_split", "render_memory",
+           "render_speed", "check_plan_fits", "summary_json", "missing_runtime"]
 
 
 def add_run_flags(p: argparse.ArgumentParser) -> None:
@@ -25,6 +25,16 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     add_planner_flags(p)
     p.add_argument("--plan", default=None, metavar="FILE",
                    help="use this plan (from `vramancer plan ... -o FILE`) instead of planning here")
+
+
+def add_monitor_flags(p: argparse.ArgumentParser) -> None:
+    """--monitor, --monitor-interval S, --trace FILE: memory per stage while the model loads and generates."""
+    p.add_argument("--monitor", action="store_true",
+                   help="show memory per stage live (load / prefill / decode) on stderr, then the peaks")
+    p.add_argument("--monitor-interval", type=float, default=0.1, metavar="S",
+                   help="seconds between samples with --monitor or --trace (default 0.1, at least 0.05)")
+    p.add_argument("--trace", default=None, metavar="FILE",
+                   help="write the memory trace to FILE (.csv or .json) for `vramancer report`")
 
 
 def check_plan_fits(plan: "Plan") -> None:
