@@ -14,7 +14,7 @@ from vramancer.models.arch import profile_from_config
 from vramancer.models.checkpoint import profile_from_folder, profile_from_safetensors_file
 from vramancer.models.resolve import profile
 
-from .tiny import config, config_dict, random_model
+from .tiny import config, random_model
 
 SAVED = ["llama", "gemma2", "gpt2", "mixtral", "bert", "phi3"]
 

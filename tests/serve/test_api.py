@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from .conftest import API_KEY, CONTEXT
+from .conftest import API_KEY
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 CHATS = [[{"role": "user", "content": c}] for c in (

@@ -24,7 +24,7 @@ Per-layer formulas (documented once here; ``H`` hidden, ``q = heads x head_dim``
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..errors import MalformedCheckpointError

@@ -19,7 +19,6 @@ speed- and size-sorted orders otherwise. Host RAM and disk always come after the
 """
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 
