@@ -2,7 +2,9 @@
 model.safetensors or a sharded model.safetensors.index.json), or one .safetensors file.
 
 Weight bytes are exact: each tensor's bytes come from its safetensors header (numel x the bits of
-its stored dtype), read with ``safetensors.safe_open`` (header only, no tensor data). Tensors are
+its stored dtype), read by ``read_safetensors_header`` (header only, no tensor data). That one
+reader also serves the runtime, which needs each tensor's file offset: ``safetensors.safe_open``
+has no API that gives it, and the format is an 8-byte little-endian length and a JSON header. Tensors are
 placed into the blocks of the architecture's layout by name (see ``place_tensors``). When the
 requested dtype differs from the checkpoint's, every tensor is sized from its shape in the
 requested dtype instead. No torch import.
@@ -10,7 +12,9 @@ requested dtype instead. No torch import.
 from __future__ import annotations
 
 import json
+import os
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,13 +54,25 @@ _HEAD_NAMES = ("lm_head.weight", "embed_out.weight", "output.weight")
 
 @dataclass(frozen=True)
 class HeaderTensor:
-    """A tensor as a checkpoint header describes it; ``nbytes`` is its exact stored size."""
+    """A tensor as a checkpoint header describes it; ``nbytes`` is its exact stored size and
+    ``offset_bytes`` where its data starts in ``file`` (safetensors; 0 where unknown)."""
 
     name: str
     shape: tuple[int, ...]
     dtype: str
     nbytes: int
     file: str
+    offset_bytes: int = 0
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+_MAX_HEADER_BYTES = 100 * 2**20
 
 
 def read_config(path: str | Path) -> dict:
@@ -78,31 +94,48 @@ def read_config(path: str | Path) -> dict:
 
 
 def read_safetensors_header(path: str | Path) -> tuple[list[HeaderTensor], dict[str, str]]:
-    """(tensors, metadata) of one .safetensors file, from its header only."""
-    from safetensors import SafetensorError, safe_open
-
+    """(tensors, metadata) of one .safetensors file, from its header only. Every entry is checked:
+    a known dtype, offsets that match the shape, data that lies inside the file."""
     path = Path(path)
-    out: list[HeaderTensor] = []
+    bad = f"malformed safetensors file {path}"
     try:
-        with safe_open(str(path), framework="numpy") as f:
-            metadata = dict(f.metadata() or {})
-            for name in f.keys():
-                sl = f.get_slice(name)
-                shape = tuple(int(s) for s in sl.get_shape())
-                dtype = str(sl.get_dtype())
-                bits = SAFETENSORS_BITS.get(dtype)
-                if bits is None:
-                    raise MalformedCheckpointError(f"malformed safetensors file {path}: tensor {name!r} has "
-                                                   f"unknown dtype {dtype!r}")
-                numel = 1
-                for s in shape:
-                    numel *= s
-                out.append(HeaderTensor(name, shape, dtype, -(-numel * bits // 8), str(path)))
-    except SafetensorError as e:
-        raise MalformedCheckpointError(f"malformed safetensors file {path}: {e}") from None
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) != 8:
+                raise MalformedCheckpointError(f"{bad}: too short for a header")
+            (n,) = struct.unpack("<Q", head)
+            if n > _MAX_HEADER_BYTES:
+                raise MalformedCheckpointError(f"{bad}: a header of {n} bytes is not plausible")
+            raw = f.read(n)
+            size = os.fstat(f.fileno()).st_size
     except OSError as e:
         raise MalformedCheckpointError(f"cannot read safetensors file {path}: {e.strerror or e}") from None
-    return out, metadata
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MalformedCheckpointError(f"{bad}: the header is not JSON ({e})") from None
+    if len(raw) != n or not isinstance(header, dict):
+        raise MalformedCheckpointError(f"{bad}: truncated or not a JSON object header")
+    metadata = header.pop("__metadata__", None) or {}
+    base = 8 + n
+    out: list[HeaderTensor] = []
+    for name, meta in header.items():
+        try:
+            begin, end = (int(x) for x in meta["data_offsets"])
+            shape = tuple(int(s) for s in meta["shape"])
+            dtype = str(meta["dtype"])
+        except (KeyError, TypeError, ValueError):
+            raise MalformedCheckpointError(f"{bad}: bad header entry for {name!r}") from None
+        bits = SAFETENSORS_BITS.get(dtype)
+        if bits is None:
+            raise MalformedCheckpointError(f"{bad}: tensor {name!r} has unknown dtype {dtype!r}")
+        t = HeaderTensor(name, shape, dtype, end - begin, str(path), base + begin)
+        if t.nbytes != -(-t.numel * bits // 8):
+            raise MalformedCheckpointError(f"{bad}: tensor {name!r} has {t.nbytes} bytes for shape {shape}")
+        if begin < 0 or t.offset_bytes + t.nbytes > size:
+            raise MalformedCheckpointError(f"{bad}: tensor {name!r} lies past the end of the file (truncated?)")
+        out.append(t)
+    return out, {str(k): str(v) for k, v in dict(metadata).items()}
 
 
 def checkpoint_files(folder: str | Path) -> tuple[list[Path], list[str]]:

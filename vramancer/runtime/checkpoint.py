@@ -4,20 +4,19 @@ Tensors are read with ``os.pread`` straight into their destination (or into one 
 the dtype changes or the destination is a GPU), never through a memory map: a map keeps every page
 it has touched resident in this process until the file is closed, so a full load through a map peaks
 at the final footprint plus the whole file. Reading into the destination keeps host memory at the
-final footprint plus one tensor. The file format (8-byte little-endian header length, a JSON header
-``{name: {"dtype", "shape", "data_offsets": [begin, end]}}``, then the data) is the one
-``safetensors`` documents; ``safetensors.safe_open`` has no API that gives the offsets.
+final footprint plus one tensor. Headers and shards are found by the profile's own reader
+(``vramancer.models.checkpoint``), which gives each tensor's file offset.
 """
 from __future__ import annotations
 
 import json
 import os
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
 from ..errors import MalformedCheckpointError, UnknownModelError
+from ..models.checkpoint import HeaderTensor, checkpoint_files, read_safetensors_header
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -30,9 +29,6 @@ SAFETENSORS_DTYPES: dict[str, str] = {
     "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
     "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "U16": "uint16", "U32": "uint32", "U64": "uint64",
 }
-_MAX_HEADER_BYTES = 100 * 2**20
-
-
 def torch_dtype_of(safetensors_dtype: str) -> "torch.dtype":
     import torch
 
@@ -42,55 +38,8 @@ def torch_dtype_of(safetensors_dtype: str) -> "torch.dtype":
     return getattr(torch, name)
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor lies: ``offset_bytes`` from the start of ``path``."""
-
-    name: str
-    path: str
-    offset_bytes: int
-    nbytes: int
-    dtype: str                 # safetensors name: "BF16", "F32", ...
-    shape: tuple[int, ...]
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
-
-
-def _read_header(path: Path) -> dict[str, TensorInfo]:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) != 8:
-                raise MalformedCheckpointError(f"{path}: not a safetensors file (too short)")
-            (n,) = struct.unpack("<Q", head)
-            if n > _MAX_HEADER_BYTES:
-                raise MalformedCheckpointError(f"{path}: safetensors header of {n} bytes is not plausible")
-            header = json.loads(f.read(n))
-            size = os.fstat(f.fileno()).st_size
-    except OSError as e:
-        raise MalformedCheckpointError(f"cannot read {path}: {e.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MalformedCheckpointError(f"{path}: safetensors header is not JSON ({e})") from None
-    base = 8 + n
-    out: dict[str, TensorInfo] = {}
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            begin, end = (int(x) for x in meta["data_offsets"])
-            info = TensorInfo(name, str(path), base + begin, end - begin, str(meta["dtype"]),
-                              tuple(int(s) for s in meta["shape"]))
-        except (KeyError, TypeError, ValueError):
-            raise MalformedCheckpointError(f"{path}: bad header entry for {name!r}") from None
-        if info.offset_bytes + info.nbytes > size or info.nbytes < 0:
-            raise MalformedCheckpointError(f"{path}: tensor {name!r} lies past the end of the file (truncated?)")
-        out[name] = info
-    return out
+# where one tensor lies in its file (name, shape, dtype, nbytes, file, offset_bytes)
+TensorInfo = HeaderTensor
 
 
 class Checkpoint:
@@ -100,28 +49,19 @@ class Checkpoint:
     def __init__(self, path: str | os.PathLike):
         root = Path(path)
         self.path = root
-        files: list[Path]
         if root.is_file():
             files = [root]
-        elif (root / "model.safetensors.index.json").is_file():
-            index_path = root / "model.safetensors.index.json"
-            try:
-                index = json.loads(index_path.read_text())
-                names = sorted(set(index["weight_map"].values()))
-            except (OSError, json.JSONDecodeError, KeyError, AttributeError) as e:
-                raise MalformedCheckpointError(f"{index_path}: unreadable index ({e})") from None
-            files = [root / n for n in names]
         elif root.is_dir():
-            files = sorted(root.glob("*.safetensors"))
+            files, missing = checkpoint_files(root)
+            if missing:
+                raise MalformedCheckpointError(f"{root}: {missing[0]}")
             if not files:
                 raise UnknownModelError(f"{root}: no .safetensors weights found")
         else:
             raise UnknownModelError(f"{root}: no such file or folder")
         self.tensors: dict[str, TensorInfo] = {}
         for f in files:
-            if not f.is_file():
-                raise MalformedCheckpointError(f"{f}: shard named in the index is missing")
-            self.tensors.update(_read_header(f))
+            self.tensors.update((t.name, t) for t in read_safetensors_header(f)[0])
         self._fds: dict[str, int] = {}
 
     # -- lookup -------------------------------------------------------------------------------
@@ -158,12 +98,12 @@ class Checkpoint:
         if raw.numel() < info.nbytes:
             raise ValueError(f"buffer of {raw.numel()} bytes is too small for {name} ({info.nbytes} bytes)")
         view = memoryview(raw.numpy())[: info.nbytes]
-        fd = self._fd(info.path)
+        fd = self._fd(info.file)
         done = 0
         while done < info.nbytes:
             n = os.preadv(fd, [view[done:]], info.offset_bytes + done)
             if n <= 0:
-                raise MalformedCheckpointError(f"{info.path}: unexpected end of file reading {name}")
+                raise MalformedCheckpointError(f"{info.file}: unexpected end of file reading {name}")
             done += n
         return raw[: info.nbytes].view(torch_dtype_of(info.dtype)).view(info.shape)
 
