@@ -49,8 +49,9 @@ def _reserve(devices: list[Device], reserve_bytes: int | str | None) -> dict[str
 
 class _Planner:
     """One planning problem. ``offload_mode`` fixes how offloaded blocks are costed ("execute",
-    "stream", or None for the faster of the two per block); ``staging_bytes`` is taken off the
-    capacity of the GPU that computes streamed blocks (its double buffer)."""
+    "stream", or None for the faster of the two per block); ``staging_bytes`` is kept free, while
+    searching, on the GPU that computes streamed blocks (its double buffer). ``capacity`` is what
+    each device holds after its reserve; the staging is accounted on the GPU's stage itself."""
 
     def __init__(self, profile: ModelProfile, devices: list[Device], workload: Workload,
                  reserve: dict[str, int], offload_mode: str | None = None, staging_bytes: int = 0):
@@ -64,9 +65,10 @@ class _Planner:
         self.capacity = [max(0, d.free_bytes - reserve[d.id]) for d in devices]
         gpus = [d for d in devices if d.kind == "gpu"]
         self.stream_gpu = max(gpus, key=lambda d: (d.bandwidth_bytes_per_s, d.free_bytes)) if gpus else None
+        self.search_capacity = list(self.capacity)
         if staging_bytes and self.stream_gpu is not None:
             i = devices.index(self.stream_gpu)
-            self.capacity[i] = max(0, self.capacity[i] - staging_bytes)
+            self.search_capacity[i] = max(0, self.capacity[i] - staging_bytes)
         self.exec_time: list[list[tuple[float, float]]] = []
         self.stream_time: list[list[tuple[float, float]] | None] = []
         for d in devices:
@@ -92,7 +94,7 @@ class _Planner:
 
     def search(self, gpu_only: bool = False, max_orders: int = MAX_ORDERS) -> Placement | None:
         devs = self.devices
-        capacity = list(self.capacity)
+        capacity = list(self.search_capacity)
         if gpu_only:
             capacity = [c if d.kind == "gpu" else -1 for c, d in zip(capacity, devs)]
         seconds = [self.block_seconds(i, 0) for i in range(len(devs))]
@@ -246,7 +248,6 @@ def plan_profile(profile: ModelProfile, devices: list[Device], workload: Workloa
         pl_stream = _Planner(profile, devices, workload, reserve, offload_mode="stream", staging_bytes=staging)
         placement_s = pl_stream.search()
         if placement_s is not None:
-            pl_stream.capacity = pl.capacity  # staging is accounted on the GPU stage itself
             streamed = _assemble(pl_stream, profile, devices, workload, placement_s.ranges, list(notes), None,
                                  reserve_bytes, False, offload_mode="stream")
             n_off = sum(s.num_blocks for s in best.offloaded)
@@ -409,8 +410,7 @@ def _assemble(pl: _Planner, profile: ModelProfile, devices: list[Device], worklo
         "decode_ms_per_step": round(total_dec * 1e3, 3),
         "bottleneck_stage": max(range(len(stages)), key=lambda i: stages[i].decode_seconds),
     }
-    gpu_only_capacity = pl.capacity
-    max_ctx = _max_context(profile, workload, ranges, gpu_only_capacity, extra) if not overflow else 0
+    max_ctx = _max_context(profile, workload, ranges, pl.capacity, extra) if not overflow else 0
 
     plan = Plan(
         model=profile.name, workload=workload, fits=fits and not overflow, stages=stages,
