@@ -171,8 +171,8 @@ class Plan:
         return cls.from_json(text)
 
     def save(self, path: str | Path) -> None:
-        """Write atomically: a reader never sees half a plan."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_json())
-        tmp.replace(path)
+        """Write atomically: a reader never sees half a plan (vramancer._io: a device node or
+        FIFO is written through, never replaced; no temporary file is left on any error)."""
+        from .._io import atomic_write
+
+        atomic_write(path, self.to_json() + "\n", flag="plan file")
