@@ -110,12 +110,13 @@ class _Planner:
                           quantum=quantum)
             if p is not None and (best is None or p.cost < best.cost):
                 best = p
-        if best is not None and best.cost[0] > 0 and n >= 3:
+        if (best is None or best.cost[0] > 0) and n >= 3:
+            # also when nothing fits with each device once: a GPU used twice may hold it all
             best = self._head_back_on_a_gpu(best, orders, capacity, seconds, hops, quantum)
         return best
 
-    def _head_back_on_a_gpu(self, best: Placement, orders: list[list[int]], capacity: list[int],
-                            seconds: list[list[float]], hops: list[float], quantum: float) -> Placement:
+    def _head_back_on_a_gpu(self, best: Placement | None, orders: list[list[int]], capacity: list[int],
+                            seconds: list[list[float]], hops: list[float], quantum: float) -> Placement | None:
         """When blocks must leave the GPUs, the pipeline may come back to a GPU for the last block
         (final norm + LM head, and its logits): host RAM then runs only repeated layers. With tied
         embeddings the head costs the GPU holding the embedding no extra weights."""
@@ -147,7 +148,7 @@ class _Planner:
                     cost = (p.cost[0], max(p.cost[1], head_q), p.cost[2])
                 else:
                     cost = (p.cost[0], p.cost[1] + head_q, p.cost[2])
-                if cost < best.cost:
+                if best is None or cost < best.cost:
                     best = Placement(ranges=ranges, cost=cost, order=order)
         return best
 
