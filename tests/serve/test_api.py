@@ -2,14 +2,15 @@
 streamed, stop, usage, concurrency, disconnects, limits and auth."""
 from __future__ import annotations
 
+import json
+import socket
 import threading
-import time
 
 import httpx
 import openai
 import pytest
 
-from .conftest import API_KEY
+from .conftest import API_KEY, EngineGate
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 CHATS = [[{"role": "user", "content": c}] for c in (
@@ -89,39 +90,55 @@ def test_seeded_sampling_repeats(client):
     assert a.choices[0].message.content == b.choices[0].message.content
 
 
-def test_eight_concurrent_clients_get_their_alone_text(client, server):
+def test_eight_concurrent_clients_get_their_alone_text(client, server, engine_calls):
     alone = [chat(client, m, max_tokens=24, extra_body={"ignore_eos": True}).choices[0].message.content
              for m in CHATS]
+    server.engine.wait_idle(30)
+    engine_calls.submitted.clear()
+    engine_calls.expected_submits = len(CHATS)
+    # the engine is held in the first request's first forward until all eight are submitted:
+    # they share forward passes however fast this machine is
+    gate = EngineGate(server.engine.model, at=1, release=engine_calls.all_submitted)
     got: list = [None] * len(CHATS)
-    barrier = threading.Barrier(len(CHATS))
 
     def one(i: int) -> None:
         with openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60) as c:
-            barrier.wait(30)
             stream = i % 2 == 1
             r = chat(c, CHATS[i], max_tokens=24, stream=stream, extra_body={"ignore_eos": True})
             got[i] = ("".join(x.choices[0].delta.content or "" for x in r if x.choices) if stream
                       else r.choices[0].message.content)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(CHATS))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        engine_calls.all_submitted.set()
+        gate.remove()
+    assert gate.calls > 0
     assert got == alone
     assert server.engine.stats().peak_running > 1  # they did share forward passes
 
 
-def test_disconnect_mid_stream_frees_the_cache(client, server):
+def test_disconnect_mid_stream_frees_the_cache(client, server, engine_calls):
     server.engine.wait_idle()
-    stream = chat(client, CHATS[3], max_tokens=180, stream=True, extra_body={"ignore_eos": True})
-    chunks = []
-    for c in stream:
-        chunks.append(c)
-        if len(chunks) == 4:
-            break
-    assert server.engine.stats().kv_bytes_by_stage[0] > 0
-    stream.close()
+    # held at its 8th forward until the app cancels it: the stream cannot end before the client leaves
+    gate = EngineGate(server.engine.model, at=8, release=engine_calls.cancelled)
+    try:
+        stream = chat(client, CHATS[3], max_tokens=180, stream=True, extra_body={"ignore_eos": True})
+        chunks = []
+        for c in stream:
+            chunks.append(c)
+            if len(chunks) == 4:
+                break
+        assert server.engine.stats().kv_bytes_by_stage[0] > 0
+        stream.close()
+        assert engine_calls.cancelled.wait(30)
+    finally:
+        engine_calls.cancelled.set()
+        gate.remove()
     stats = server.engine.wait_idle(30)
     assert stats.kv_bytes_by_stage == (0,) and stats.running == 0
     metrics = httpx.get(server.url + "/metrics", headers=AUTH).text
@@ -135,20 +152,26 @@ def _metric(server, name: str) -> float:
     return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name)
 
 
-def test_abandoned_plain_request_is_cancelled(server, tiny):
-    _, tok = tiny
+def test_abandoned_plain_request_is_cancelled(server, engine_calls):
     server.engine.wait_idle()
     finished, tokens = server.engine.stats().finished, _metric(server, "vramancer_serve_completion_tokens_total")
-    # 200 tokens take longer than the client waits (the tiny model alone: > 0.2 s on any machine),
-    # and the engine is slowed to at least 5 ms a token so the request is still running at 0.3 s
-    slow = server.engine.model.register_forward_hook(lambda *a: time.sleep(0.005))
+    # The engine is held in its 3rd forward pass until the app cancels the request, so the request
+    # is still running when its client goes away, however fast or slow this machine is.
+    gate = EngineGate(server.engine.model, at=3, release=engine_calls.cancelled)
+    body = json.dumps({"prompt": "Hello", "max_tokens": 200, "temperature": 0, "ignore_eos": True}).encode()
+    host, port = server.url.removeprefix("http://").split(":")
     try:
-        body = {"prompt": "Hello", "max_tokens": 200, "temperature": 0, "ignore_eos": True}
-        with pytest.raises(httpx.ReadTimeout):
-            httpx.post(server.url + "/v1/completions", json=body, headers=AUTH, timeout=0.3)
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: " + host.encode() + b"\r\n"
+                         + f"Authorization: Bearer {API_KEY}\r\nContent-Type: application/json\r\n"
+                           f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            assert gate.entered.wait(30), "the request never reached the engine"
+        # the client is gone: the app notices, cancels, and the held step ends the request
+        assert engine_calls.cancelled.wait(30)
         stats = server.engine.wait_idle(30)
     finally:
-        slow.remove()
+        engine_calls.cancelled.set()
+        gate.remove()
     assert stats.finished == finished + 1 and stats.kv_bytes_by_stage == (0,)
     assert 0 < _metric(server, "vramancer_serve_completion_tokens_total") - tokens < 200
 
