@@ -1,0 +1,109 @@
+"""Our torch dequantization equals gguf-py's numpy reference bit for bit, for every supported type."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+gguf = pytest.importorskip("gguf")
+
+from gguf import GGMLQuantizationType as QT  # noqa: E402
+from gguf.quants import dequantize as ref_dequantize  # noqa: E402
+from gguf.quants import quantize as ref_quantize  # noqa: E402
+
+from vramancer.errors import BadInputError  # noqa: E402
+from vramancer.runtime.gguf.dequant import GGUF_TYPES, dequantize, gguf_type, row_bytes  # noqa: E402
+
+QUANTIZABLE = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
+# byte offsets of the float16 scales inside one block, per type
+F16_FIELDS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2),
+              "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+def _bits_equal(ours: "torch.Tensor", ref: np.ndarray) -> None:
+    ref_t = torch.from_numpy(np.ascontiguousarray(ref, dtype=np.float32))
+    assert ours.dtype == torch.float32
+    assert tuple(ours.shape) == tuple(ref_t.shape)
+    assert not torch.isnan(ref_t).any()
+    same = ours.contiguous().view(torch.int32) == ref_t.view(torch.int32)
+    assert bool(same.all()), f"{int((~same).sum())} of {same.numel()} values differ"
+
+
+def _random_blocks(name: str, rows: int, blocks_per_row: int, rng: np.random.Generator) -> np.ndarray:
+    """Random block bytes whose float16 scales are finite random values (all else random bits)."""
+    t = GGUF_TYPES[name]
+    raw = rng.integers(0, 256, size=(rows, blocks_per_row, t.block_bytes), dtype=np.uint8)
+    for at in F16_FIELDS[name]:
+        scale = (rng.standard_normal((rows, blocks_per_row)) * rng.choice([1e-4, 1e-2, 1.0, 30.0])).astype(np.float16)
+        raw[:, :, at:at + 2] = scale.view(np.uint8).reshape(rows, blocks_per_row, 2)
+    return raw.reshape(rows, blocks_per_row * t.block_bytes)
+
+
+@pytest.mark.parametrize("name", QUANTIZABLE)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_quantized_by_gguf_equals_reference(name, seed):
+    rng = np.random.default_rng(seed)
+    qt = QT[name]
+    data = (rng.standard_normal((7, 512)) * rng.choice([0.02, 1.0, 50.0])).astype(np.float32)
+    data[0, :32] = 0.0                                             # an all-zero block: scale 0
+    data[1, 32:64] = np.linspace(-3, 3, 32, dtype=np.float32)     # exact values on the grid edges
+    raw = np.ascontiguousarray(ref_quantize(data, qt)).view(np.uint8)
+    assert raw.shape == (7, row_bytes(name, 512))
+    ours = dequantize(torch.from_numpy(raw.copy()), name)
+    _bits_equal(ours, ref_dequantize(raw, qt))
+
+
+@pytest.mark.parametrize("name", [n for n in GGUF_TYPES if GGUF_TYPES[n].quantized])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_blocks_equal_reference(name, seed):
+    rng = np.random.default_rng(seed)
+    t = GGUF_TYPES[name]
+    raw = _random_blocks(name, rows=5, blocks_per_row=max(1, 512 // t.block_values), rng=rng)
+    ours = dequantize(torch.from_numpy(raw.copy()), name)
+    _bits_equal(ours, ref_dequantize(raw, QT[name]))
+
+
+@pytest.mark.parametrize("name", ["Q4_K", "Q8_0", "BF16"])
+def test_leading_dims_and_types_by_number(name):
+    """Experts tensors are [experts, rows, bytes]: any leading dims; the type may be given by number."""
+    rng = np.random.default_rng(3)
+    t = GGUF_TYPES[name]
+    if t.quantized:
+        raw = _random_blocks(name, rows=6, blocks_per_row=2 * 256 // t.block_values, rng=rng)
+    else:
+        raw = ref_quantize(rng.standard_normal((6, 512)).astype(np.float32), QT[name]).view(np.uint8)
+    raw3 = raw.reshape(2, 3, -1)
+    ours = dequantize(torch.from_numpy(raw3.copy()), QT[name].value)
+    _bits_equal(ours, ref_dequantize(raw3, QT[name]))
+    # a row slice dequantizes alone to the same rows (each row is whole blocks)
+    _bits_equal(dequantize(torch.from_numpy(raw3[1, 1:].copy()), name), ref_dequantize(raw3, QT[name])[1, 1:])
+
+
+def test_unsupported_type_named():
+    with pytest.raises(BadInputError, match="IQ2_XXS"):
+        gguf_type(QT.IQ2_XXS)
+    with pytest.raises(BadInputError, match="whole Q4_K blocks"):
+        dequantize(torch.zeros(2, 100, dtype=torch.uint8), "Q4_K")
+    with pytest.raises(BadInputError, match="uint8"):
+        dequantize(torch.zeros(2, 34), "Q8_0")
+    assert gguf_type(QT.Q6_K).block_bytes == 210 and gguf_type("q5_k").block_values == 256
+
+
+def test_types_match_gguf_sizes():
+    from gguf.constants import GGML_QUANT_SIZES
+
+    for t in GGUF_TYPES.values():
+        assert GGML_QUANT_SIZES[QT(t.ggml_id)] == (t.block_values, t.block_bytes)
+        assert QT(t.ggml_id).name == t.name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", [n for n in GGUF_TYPES if GGUF_TYPES[n].quantized])
+def test_cuda_equals_reference(name):
+    rng = np.random.default_rng(7)
+    t = GGUF_TYPES[name]
+    raw = _random_blocks(name, rows=64, blocks_per_row=4096 // t.block_values, rng=rng)
+    ours = dequantize(torch.from_numpy(raw.copy()).cuda(), name)
+    assert ours.device.type == "cuda"
+    _bits_equal(ours.cpu(), ref_dequantize(raw, QT[name]))
