@@ -12,6 +12,8 @@ from vramancer.serve.engine import Engine, RequestRejected
 from vramancer.serve.kv import BatchKV, new_cache
 from vramancer.serve.sampling import SamplingParams
 
+from .conftest import EngineGate
+
 PROMPTS = ["Hello there", "The quick brown fox jumps over the lazy dog, twice over and again", "A",
            "VRAM is memory", "Once upon a time there was a small model", "x" * 40, "GPU!",
            "pipeline stages pass hidden states"]
@@ -93,25 +95,31 @@ def test_alone_batched_and_uncached_reference_agree(tiny, engine):
 
 
 def test_requests_joining_a_running_batch_get_their_alone_output(tiny, engine):
-    _, tok = tiny
+    model, tok = tiny
     prompts = [encode(tok, p) for p in PROMPTS[:5]]
     engine.start()
     alone = [engine.generate(p, GREEDY).text for p in prompts]
     first = Waiter()
     long_params = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
-    engine.submit(prompts[0], long_params, first)
-    for _ in range(2000):  # the first request is decoding before the others arrive
-        if len(first.events) >= 3:
-            break
-        threading.Event().wait(0.005)
-    later = [Waiter() for _ in prompts[1:]]
-    for p, w in zip(prompts[1:], later):
-        engine.submit(p, GREEDY, w)
+    # held in the first request's 4th forward (it is decoding) until the others are submitted
+    arrived = threading.Event()
+    gate = EngineGate(model, at=4, release=arrived)
+    try:
+        engine.submit(prompts[0], long_params, first)
+        assert gate.entered.wait(60)
+        assert 1 <= len(first.events) < 60
+        later = [Waiter() for _ in prompts[1:]]
+        for p, w in zip(prompts[1:], later):
+            engine.submit(p, GREEDY, w)
+    finally:
+        arrived.set()
+        gate.remove()
     for w in later:
         w.wait()
     first.wait()
     assert [w.text for w in later] == alone[1:]
     assert first.text.startswith(alone[0])
+    assert engine.stats().peak_running == len(prompts)
 
 
 def test_seeded_sampling_is_the_same_alone_and_batched(tiny, engine):
@@ -183,26 +191,34 @@ def test_requests_that_can_never_fit_are_rejected_with_the_reason(tiny, engine):
 
 
 def test_cancel_frees_the_kv_cache_at_once(tiny, engine):
-    _, tok = tiny
-    engine.start()
+    model, tok = tiny
     keep = Waiter()
     engine.submit(encode(tok, "Hello"), SamplingParams(max_tokens=150, temperature=0.0, ignore_eos=True), keep)
     gone = Waiter()
     seq = engine.submit(encode(tok, PROMPTS[1]), SamplingParams(max_tokens=150, temperature=0.0,
                                                                 ignore_eos=True), gone)
-    for _ in range(2000):
-        if len(gone.events) >= 3 and engine.stats().running == 2:
-            break
-        threading.Event().wait(0.005)
-    before = engine.stats().kv_bytes_by_stage[0]
-    engine.cancel(seq)
-    assert gone.wait().finish_reason == "cancelled"
-    for _ in range(2000):
+    # held at its 20th forward (both requests decoding, far from their 150 tokens) until cancelled;
+    # then held again two steps later, when the cancelled row has left, until the test has looked
+    cancelled, looked = threading.Event(), threading.Event()
+    gate = EngineGate(model, at=20, release=cancelled)
+    try:
+        engine.start()
+        assert gate.entered.wait(60)
+        assert len(gone.events) >= 3 and engine.stats().running == 2
+        before = engine.stats().kv_bytes_by_stage[0]
+        engine.cancel(seq)
+        after_cancel = EngineGate(model, at=3, release=looked)
+        cancelled.set()
+        assert gone.wait().finish_reason == "cancelled"
+        assert after_cancel.entered.wait(60)
         stats = engine.stats()
-        if stats.running == 1:
-            break
-        threading.Event().wait(0.005)
+    finally:
+        cancelled.set()
+        looked.set()
+        gate.remove()
+    after_cancel.remove()
     # the long row left: the cache is one row, as wide as the remaining request
+    assert stats.running == 1
     assert stats.kv_bytes_by_stage[0] < before
     rows = stats.kv_bytes_by_stage[0] // engine.kv_bytes_per_token
     assert 2 + 1 <= rows <= 2 + 150
