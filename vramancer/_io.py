@@ -23,12 +23,13 @@ import contextlib
 import os
 import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any
 
 from .errors import BadInputError, VramancerError
 
-__all__ = ["check_writable", "atomic_write", "atomic_open", "write_target"]
+__all__ = ["atomic_open", "atomic_write", "check_writable", "write_target"]
 
 
 def _umask() -> int:

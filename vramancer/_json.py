@@ -28,7 +28,7 @@ from typing import Any
 
 from .errors import BadInputError, VramancerError
 
-__all__ = ["read_json_file", "parse_json", "nested_deeper_than", "MAX_DEPTH", "DEFAULT_MAX_BYTES"]
+__all__ = ["DEFAULT_MAX_BYTES", "MAX_DEPTH", "nested_deeper_than", "parse_json", "read_json_file"]
 
 MAX_DEPTH = 512                   # far beyond any real config / plan / trace (they nest < 10 deep)
 DEFAULT_MAX_BYTES = 256 * 2**20   # 256 MiB

@@ -24,23 +24,29 @@ Per-layer formulas (documented once here; ``H`` hidden, ``q = heads x head_dim``
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
-from ..errors import MalformedCheckpointError
+from ..errors import MalformedCheckpointError, VramancerError
 from .dtypes import DType, resolve_dtype
 from .layout import ArchLayout, BlockLayout, TensorSpec, assemble_profile
 from .profile import ModelProfile
 
 __all__ = [
     "ARCHITECTURES",
+    "MAX_LAYERS",
     "ArchSpec",
     "arch_spec",
-    "layout_from_config",
-    "profile_from_config",
+    "check_config_values",
     "config_dtype",
+    "config_errors",
     "config_quantization",
     "layer_windows",
+    "layout_from_config",
+    "profile_from_config",
 ]
 
 
@@ -125,6 +131,92 @@ def arch_spec(model_type: str | None) -> ArchSpec | None:
     return _SPECS.get(str(model_type)) if model_type else None
 
 
+# Sizes a config may give: each, where present and not null, an integer in [low, high]. The highs
+# are far beyond any published model (the largest have ~100 layers, 256 experts, 256k vocabularies)
+# and keep every loop over layers, heads or experts short: a config saying 10**9 layers is refused
+# in one line instead of building a billion blocks.
+MAX_LAYERS = 1024
+_SIZE_LIMITS: dict[str, tuple[int, int]] = {
+    **dict.fromkeys(("hidden_size", "n_embd", "d_model"), (1, 2**20)),
+    **dict.fromkeys(("num_hidden_layers", "n_layer", "num_layers", "n_layers"), (1, MAX_LAYERS)),
+    **dict.fromkeys(("num_attention_heads", "n_head", "num_heads", "n_heads"), (1, 2**14)),
+    **dict.fromkeys(("num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_head_kv"), (1, 2**14)),
+    "head_dim": (1, 2**16),
+    **dict.fromkeys(("intermediate_size", "n_inner", "ffn_dim", "moe_intermediate_size"), (1, 2**24)),
+    "shared_expert_intermediate_size": (0, 2**24),
+    "vocab_size": (1, 2**26),
+    **dict.fromkeys(("max_position_embeddings", "n_positions"), (1, 2**31)),
+    "type_vocab_size": (1, 2**16),
+    **dict.fromkeys(("num_local_experts", "n_routed_experts"), (1, 2**14)),
+    "num_experts": (0, 2**14),
+    "num_experts_per_tok": (1, 2**14),
+    "decoder_sparse_step": (0, MAX_LAYERS),
+    "max_window_layers": (0, 2**31),
+    **dict.fromkeys(("sliding_window", "attention_chunk_size"), (0, 2**31)),
+    "sliding_window_pattern": (1, MAX_LAYERS),
+}
+_FLAGS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window", "qkv_bias",
+          "use_bidirectional_attention")
+_NUMERIC = (int, float)
+
+
+def _size(origin: str, key: str, v: Any, low: int, high: int) -> int:
+    """``v`` as an int in [low, high], or MalformedCheckpointError naming ``key`` and ``origin``.
+    An integral float (4096.0) is accepted; NaN, infinities, fractions, booleans, strings are not."""
+    if isinstance(v, bool) or not isinstance(v, _NUMERIC):
+        raise MalformedCheckpointError(f"{origin}: {key} must be an integer, got {v!r:.60}")
+    if isinstance(v, float) and not (math.isfinite(v) and v.is_integer()):
+        raise MalformedCheckpointError(f"{origin}: {key} must be an integer, got {v!r}")
+    n = int(v)
+    if not low <= n <= high:
+        if n < low:
+            need = "positive" if low == 1 else f"at least {low}"
+            raise MalformedCheckpointError(f"{origin}: {key} must be {need}, got {n}")
+        raise MalformedCheckpointError(f"{origin}: {key} = {n} is beyond any real model (at most {high})")
+    return n
+
+
+def check_config_values(config: dict, origin: str = "config") -> None:
+    """Refuse, in one line naming the key, a config whose sizes are not integers in range (see
+    ``_SIZE_LIMITS``), whose flags are not booleans, or whose ``layer_types`` / ``mlp_only_layers``
+    are not lists of the right things. Applies to any model_type (the meta-device fallback too)
+    and to a multimodal config's ``text_config``."""
+    if not isinstance(config, dict):
+        raise MalformedCheckpointError(f"{origin}: a config must be a JSON object")
+    for key, (low, high) in _SIZE_LIMITS.items():
+        v = config.get(key)
+        if v is not None:
+            _size(origin, key, v, low, high)
+    for key in _FLAGS:
+        v = config.get(key)
+        if v is not None and not isinstance(v, bool) and v not in (0, 1):
+            raise MalformedCheckpointError(f"{origin}: {key} must be true or false, got {v!r:.60}")
+    types = config.get("layer_types")
+    if types is not None and (not isinstance(types, list) or not all(isinstance(t, str) for t in types)):
+        raise MalformedCheckpointError(f"{origin}: layer_types must be a list of strings")
+    only = config.get("mlp_only_layers")
+    if only is not None and (not isinstance(only, list)
+                             or not all(isinstance(i, int) and not isinstance(i, bool) for i in only)):
+        raise MalformedCheckpointError(f"{origin}: mlp_only_layers must be a list of layer numbers")
+    text = config.get("text_config")
+    if isinstance(text, dict) and text is not config:
+        check_config_values(text, f"{origin} (text_config)")
+
+
+@contextmanager
+def config_errors(origin: str) -> Iterator[None]:
+    """Any other way a config's values break the arithmetic that reads them (a type, a division,
+    an overflow) is a malformed config, said in one line; VRAMancer's own errors pass."""
+    try:
+        yield
+    except VramancerError:
+        raise
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError, IndexError, AttributeError) as e:
+        detail = str(e).splitlines()[0] if str(e) else ""
+        raise MalformedCheckpointError(f"{origin}: malformed config ({type(e).__name__}"
+                                       f"{': ' + detail[:200] if detail else ''})") from None
+
+
 class _Cfg:
     """A config dict over the architecture's defaults; reading a missing required key is a
     malformed config."""
@@ -141,13 +233,15 @@ class _Cfg:
     def has_value(self, key: str) -> bool:
         return self.d.get(key) is not None
 
-    def int(self, key: str, default: int | None = None) -> int:
+    def int(self, key: str, default: int | None = None, low: int | None = None) -> int:
+        """An integer size; ``low`` defaults to the key's limit in ``_SIZE_LIMITS`` (else 0)."""
         v = self.d.get(key, default)
         if v is None:
             v = default
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v or v < 0:
-            raise MalformedCheckpointError(f"{self.origin}: {key} must be a non-negative integer, got {v!r}")
-        return int(v)
+        if v is None:
+            raise MalformedCheckpointError(f"{self.origin}: {key} is missing")
+        lo, hi = _SIZE_LIMITS.get(key, (0, 2**40))
+        return _size(self.origin, key, v, lo if low is None else low, hi)
 
     def flag(self, key_or_value: str | bool) -> bool:
         return bool(self.get(key_or_value, False)) if isinstance(key_or_value, str) else key_or_value
@@ -216,9 +310,13 @@ def _llama_family(spec: ArchSpec, c: _Cfg) -> ArchLayout:
     H = c.int("hidden_size")
     L = c.int("num_hidden_layers")
     heads = c.int("num_attention_heads")
-    if heads == 0:
-        raise MalformedCheckpointError(f"{c.origin}: num_attention_heads must be positive")
     kvh = c.int("num_key_value_heads", heads)
+    if heads % kvh:
+        raise MalformedCheckpointError(f"{c.origin}: num_key_value_heads ({kvh}) must divide "
+                                       f"num_attention_heads ({heads})")
+    if not c.has_value("head_dim") and not spec.head_dim_default and H < heads:
+        raise MalformedCheckpointError(f"{c.origin}: hidden_size ({H}) is smaller than num_attention_heads "
+                                       f"({heads}): no head_dim")
     hd = c.int("head_dim", spec.head_dim_default or H // heads)
     V = c.int("vocab_size")
     I = c.int("intermediate_size")
@@ -296,6 +394,14 @@ def _llama_family(spec: ArchSpec, c: _Cfg) -> ArchLayout:
                       embed_key=embed_key, tied=tied, max_positions=c.get("max_position_embeddings"))
 
 
+def _heads_divide(c: _Cfg, hidden: int, heads: int, h_key: str = "hidden_size",
+                  n_key: str = "num_attention_heads") -> int:
+    """head_dim of a model whose transformers class requires heads to divide the hidden size."""
+    if hidden % heads:
+        raise MalformedCheckpointError(f"{c.origin}: {h_key} ({hidden}) is not a multiple of {n_key} ({heads})")
+    return hidden // heads
+
+
 def _qwen2_moe_sparse(c: _Cfg, i: int) -> bool:
     step = c.int("decoder_sparse_step", 1) or 1
     return i not in (c.get("mlp_only_layers") or []) and c.int("num_experts") > 0 and (i + 1) % step == 0
@@ -306,7 +412,7 @@ def _gpt2(spec: ArchSpec, c: _Cfg) -> ArchLayout:
     V, P = c.int("vocab_size"), c.int("n_positions")
     inner = c.int("n_inner", 4 * H)
     tied = bool(c.get("tie_word_embeddings", True))
-    hd = H // heads if heads else 0
+    hd = _heads_divide(c, H, heads, "n_embd", "n_head")
     embed_key = "transformer.wte.weight"
     b0 = BlockLayout("transformer.wte", ["transformer.wte", "transformer.wpe"],
                      [TensorSpec("transformer.wpe.weight", (P, H), "embed")], act_elems_per_token=2 * H)
@@ -335,7 +441,7 @@ def _gpt2(spec: ArchSpec, c: _Cfg) -> ArchLayout:
 def _gpt_neox(spec: ArchSpec, c: _Cfg) -> ArchLayout:
     H, L, heads = c.int("hidden_size"), c.int("num_hidden_layers"), c.int("num_attention_heads")
     V, I = c.int("vocab_size"), c.int("intermediate_size")
-    hd = H // heads if heads else 0
+    hd = _heads_divide(c, H, heads)
     tied = bool(c.get("tie_word_embeddings", False))
     bias = bool(c.get("attention_bias", True))
     embed_key = "gpt_neox.embed_in.weight"
@@ -369,7 +475,7 @@ def _bert(spec: ArchSpec, c: _Cfg) -> ArchLayout:
     """BertModel (AutoModel): no KV cache (an encoder), no LM head; the pooler is the last block."""
     H, L, heads = c.int("hidden_size"), c.int("num_hidden_layers"), c.int("num_attention_heads")
     V, I, P, T = c.int("vocab_size"), c.int("intermediate_size"), c.int("max_position_embeddings"), c.int("type_vocab_size")
-    hd = H // heads if heads else 0
+    hd = _heads_divide(c, H, heads)
     e = "embeddings"
     b0 = BlockLayout(e, [e], [TensorSpec(f"{e}.word_embeddings.weight", (V, H), "embed"),
                               TensorSpec(f"{e}.position_embeddings.weight", (P, H), "embed"),
@@ -408,10 +514,12 @@ def layout_from_config(config: dict, origin: str = "config") -> ArchLayout:
     sizes are missing or not integers (``origin`` names the file in the message)."""
     if not isinstance(config, dict):
         raise MalformedCheckpointError(f"{origin}: a config must be a JSON object")
+    check_config_values(config, origin)
     spec = arch_spec(config.get("model_type"))
     if spec is None:
         raise KeyError(config.get("model_type"))
-    layout = _FAMILIES[spec.family](spec, _Cfg(config, spec.defaults, origin))
+    with config_errors(origin):
+        layout = _FAMILIES[spec.family](spec, _Cfg(config, spec.defaults, origin))
     layout.config = dict(config)
     return layout
 
@@ -443,7 +551,7 @@ def config_quantization(config: dict | None) -> tuple[str | None, str | None]:
             return method, "nf4"
         if q.get("load_in_8bit"):
             return method, "int8"
-    if method in ("gptq", "awq") and int(q.get("bits") or q.get("w_bit") or 4) == 4:
+    if method in ("gptq", "awq") and (q.get("bits") or q.get("w_bit") or 4) == 4:
         return method, "int4"
     return method, None
 

@@ -11,7 +11,6 @@ requested dtype instead. No torch import.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import struct
@@ -19,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import MalformedCheckpointError, UnknownModelError, VramancerError
-from .arch import config_dtype, config_quantization, layout_from_config
+from .arch import config_dtype, config_errors, config_quantization, layout_from_config
 from .dtypes import resolve_dtype
 from .layout import ArchLayout, BlockLayout, TensorSpec, assemble_profile
 from .profile import ModelProfile
@@ -73,21 +72,16 @@ class HeaderTensor:
 
 
 _MAX_HEADER_BYTES = 100 * 2**20
+_MAX_CONFIG_BYTES = 64 * 2**20
 
 
 def read_config(path: str | Path) -> dict:
-    """A config.json as a dict; MalformedCheckpointError naming the file when it is not a JSON object."""
+    """A config.json as a dict; MalformedCheckpointError naming the file when it cannot be read or
+    is not a JSON object (vramancer._json: size, UTF-8, syntax and nesting checked)."""
+    from .._json import read_json_file
+
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise MalformedCheckpointError(f"cannot read {path}: {e.strerror or e}") from None
-    except UnicodeDecodeError:
-        raise MalformedCheckpointError(f"malformed config {path}: not UTF-8 text") from None
-    try:
-        config = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise MalformedCheckpointError(f"malformed config {path}: {e.msg} at line {e.lineno} column {e.colno}") from None
+    config = read_json_file(path, error=MalformedCheckpointError, what="config", max_bytes=_MAX_CONFIG_BYTES)
     if not isinstance(config, dict):
         raise MalformedCheckpointError(f"malformed config {path}: not a JSON object")
     return config
@@ -104,28 +98,36 @@ def read_safetensors_header(path: str | Path) -> tuple[list[HeaderTensor], dict[
             if len(head) != 8:
                 raise MalformedCheckpointError(f"{bad}: too short for a header")
             (n,) = struct.unpack("<Q", head)
+            size = os.fstat(f.fileno()).st_size
             if n > _MAX_HEADER_BYTES:
                 raise MalformedCheckpointError(f"{bad}: a header of {n} bytes is not plausible")
+            if 8 + n > size:   # checked before reading: a huge length field never allocates
+                raise MalformedCheckpointError(f"{bad}: its header of {n} bytes runs past the end of the "
+                                               f"{size}-byte file (truncated?)")
             raw = f.read(n)
-            size = os.fstat(f.fileno()).st_size
     except OSError as e:
         raise MalformedCheckpointError(f"cannot read safetensors file {path}: {e.strerror or e}") from None
-    try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MalformedCheckpointError(f"{bad}: the header is not JSON ({e})") from None
-    if len(raw) != n or not isinstance(header, dict):
-        raise MalformedCheckpointError(f"{bad}: truncated or not a JSON object header")
+    from .._json import parse_json
+
+    if len(raw) != n:
+        raise MalformedCheckpointError(f"{bad}: truncated header")
+    header = parse_json(raw, error=MalformedCheckpointError, prefix=f"{bad}: the header: ")
+    if not isinstance(header, dict):
+        raise MalformedCheckpointError(f"{bad}: the header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise MalformedCheckpointError(f"{bad}: __metadata__ is not a JSON object")
     base = 8 + n
     out: list[HeaderTensor] = []
     for name, meta in header.items():
         try:
-            begin, end = (int(x) for x in meta["data_offsets"])
-            shape = tuple(int(s) for s in meta["shape"])
+            begin, end = (_header_int(x) for x in meta["data_offsets"])
+            shape = tuple(_header_int(s) for s in meta["shape"])
             dtype = str(meta["dtype"])
         except (KeyError, TypeError, ValueError):
             raise MalformedCheckpointError(f"{bad}: bad header entry for {name!r}") from None
+        if begin > end:
+            raise MalformedCheckpointError(f"{bad}: tensor {name!r} ends before it begins")
         bits = SAFETENSORS_BITS.get(dtype)
         if bits is None:
             raise MalformedCheckpointError(f"{bad}: tensor {name!r} has unknown dtype {dtype!r}")
@@ -135,7 +137,18 @@ def read_safetensors_header(path: str | Path) -> tuple[list[HeaderTensor], dict[
         if begin < 0 or t.offset_bytes + t.nbytes > size:
             raise MalformedCheckpointError(f"{bad}: tensor {name!r} lies past the end of the file (truncated?)")
         out.append(t)
-    return out, {str(k): str(v) for k, v in dict(metadata).items()}
+    spans = sorted((t.offset_bytes, t.offset_bytes + t.nbytes, t.name) for t in out if t.nbytes)
+    for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
+        if begin_b < end_a:
+            raise MalformedCheckpointError(f"{bad}: tensors {a!r} and {b!r} overlap in the file")
+    return out, {str(k): str(v) for k, v in metadata.items()}
+
+
+def _header_int(x: object) -> int:
+    """A non-negative JSON integer of a safetensors header (offsets, dimensions)."""
+    if isinstance(x, bool) or not isinstance(x, int) or x < 0:
+        raise ValueError(x)
+    return x
 
 
 def checkpoint_files(folder: str | Path) -> tuple[list[Path], list[str]]:
@@ -180,13 +193,15 @@ def checkpoint_dtype(tensors: list[HeaderTensor]) -> str | None:
 
 
 def layout_for_config(config: dict, origin: str) -> ArchLayout:
-    """The architecture table's layout, or for a model_type outside it the meta-device fallback."""
+    """The architecture table's layout, or for a model_type outside it the meta-device fallback.
+    Config values that are not sane sizes are a MalformedCheckpointError (arch.check_config_values)."""
     try:
         return layout_from_config(config, origin)
     except KeyError:
         from .module import layout_from_meta
 
-        return layout_from_meta(config, origin)
+        with config_errors(origin):
+            return layout_from_meta(config, origin)
 
 
 def _module_of(name: str) -> str:
@@ -340,7 +355,8 @@ def _checkpoint_layout(config: dict | None, origin: str, tensors: list[HeaderTen
         except (UnknownModelError, VramancerError) as e:
             if isinstance(e, MalformedCheckpointError):
                 raise
-            layout = layout_from_tensor_names(tensors, config, str(config.get("model_type")), exact)
+            with config_errors(origin):
+                layout = layout_from_tensor_names(tensors, config, str(config.get("model_type")), exact)
             layout.notes.append(f"laid out from tensor names: {e}")
             return layout
     return layout_from_tensor_names(tensors, None, "unknown", exact)
@@ -412,9 +428,11 @@ def _config_from_metadata(metadata: dict[str, str]) -> dict | None:
     for key in ("config", "config.json", "hf_config"):
         raw = metadata.get(key)
         if raw:
+            from .._json import parse_json
+
             try:
-                value = json.loads(raw)
-            except (json.JSONDecodeError, TypeError):
+                value = parse_json(raw, error=MalformedCheckpointError)
+            except MalformedCheckpointError:
                 continue
             if isinstance(value, dict) and value.get("model_type"):
                 return value
