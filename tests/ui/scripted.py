@@ -25,6 +25,7 @@ class ScriptedSampler:
         self.processes = [ProcessSample("rtx3090#0", 4242, 5 * GiB, "python")]
         self.power_w: float | None = None           # None: "not supported" on both GPUs
         self.lost: set[str] = set()
+        self._last_timestamp = 0.0
 
     def sample(self) -> Snapshot:
         devices = []
@@ -34,7 +35,10 @@ class ScriptedSampler:
                 device=dev, name=name, source="scripted", used_bytes=None if dev in self.lost else self.used[dev],
                 total_bytes=total, utilization_pct=40.0, power_w=self.power_w, temperature_c=61.0,
                 lost=dev in self.lost, missing=missing))
-        return Snapshot(timestamp=time.time(), devices=devices, processes=list(self.processes))
+        # wall-clock time, strictly increasing from one sample to the next (as a live driver's
+        # readings are), whatever the clock's resolution and however fast the test samples
+        self._last_timestamp = max(time.time(), self._last_timestamp + 1e-3)
+        return Snapshot(timestamp=self._last_timestamp, devices=devices, processes=list(self.processes))
 
     def close(self) -> None:
         pass

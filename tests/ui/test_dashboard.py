@@ -92,8 +92,8 @@ def test_events_stream_pushes_new_snapshots(served, recorder, sampler):
     got: list[dict] = []
     stop = threading.Event()
 
-    def feed() -> None:   # samples until the stream has delivered two, at most 200 ticks
-        for i in range(200):
+    def feed() -> None:   # samples until the stream has delivered two (at most 60 s)
+        for i in range(1200):
             if stop.is_set():
                 return
             sampler.used["rtx3090#0"] = (i % 24) * GiB

@@ -6,6 +6,7 @@ Keys in the TUI: e export (to --export, else a timestamped CSV + JSON pair here)
 display (recording goes on), q quit. ``--export FILE`` (.csv or .json) is also written on exit.
 ``--no-tui`` line format (one per sample, flushed):
     2025-01-31T14:03:07.250 rtx3090#0 1.25/24.00 GiB | cpu 10.02/62.70 GiB phase=load
+``--json`` (implies ``--no-tui``): one JSON object per sample per line (``Snapshot.to_dict()``).
 """
 from __future__ import annotations
 
@@ -30,19 +31,34 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="write the recorded trace here (.csv or .json) on exit and on the e key")
     parser.add_argument("--no-tui", action="store_true",
                         help="print one line per sample instead of the terminal UI (for logs and pipes)")
+    parser.add_argument("--json", action="store_true",
+                        help="with --no-tui (implied): one JSON object per sample, one per line (JSON lines)")
 
 
-def run_lines(recorder, duration_s: float | None, out=None) -> int:
-    """Start ``recorder``, print one line per snapshot until ``duration_s`` passes (or Ctrl-C).
-    What a sampler could not read goes to stderr, once each time it changes."""
+def run_lines(recorder, duration_s: float | None, out=None, as_json: bool = False) -> int:
+    """Start ``recorder``, print one line per snapshot until ``duration_s`` passes (or Ctrl-C),
+    the recorder's first and last snapshots always (a run shows its start and its end however
+    slow the machine); ``as_json``: each line is the snapshot as a JSON object. What a sampler could not read goes
+    to stderr, once each time it changes."""
+    import json
+
     from ..view import sample_line
 
     out = out or sys.stdout
     said_missing: list[str] = []
+
+    def show(snap) -> None:
+        nonlocal said_missing
+        out.write((json.dumps(snap.to_dict()) if as_json else sample_line(snap)) + "\n")
+        out.flush()
+        if snap.missing and snap.missing != said_missing:
+            print("vramancer monitor: missing: " + "; ".join(snap.missing), file=sys.stderr)
+        said_missing = snap.missing
+
     subscription = recorder.subscribe()
-    deadline = None if duration_s is None else time.monotonic() + duration_s
     try:
         with recorder:
+            deadline = None if duration_s is None else time.monotonic() + duration_s
             while True:
                 wait = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
                 if wait <= 0:
@@ -52,11 +68,11 @@ def run_lines(recorder, duration_s: float | None, out=None) -> int:
                 except queue.Empty:
                     snap = None
                 if snap is not None:
-                    out.write(sample_line(snap) + "\n")
-                    out.flush()
-                    if snap.missing and snap.missing != said_missing:
-                        print("vramancer monitor: missing: " + "; ".join(snap.missing), file=sys.stderr)
-                    said_missing = snap.missing
+                    show(snap)
+        # what is left: at least the last sample, taken as the recorder stops (and the first one,
+        # however slow this machine was to start): a run always shows its start and its end
+        for snap in subscription.drain():
+            show(snap)
     finally:
         subscription.close()
     return 0
@@ -70,7 +86,7 @@ def main(args: argparse.Namespace) -> int:
     if export is not None:
         export_format(export)          # a bad suffix is bad input before anything runs
     recorder = recorder_from_args(args)
-    use_tui = not args.no_tui
+    use_tui = not args.no_tui and not args.json
     if use_tui and not sys.stdout.isatty():
         print("vramancer monitor: stdout is not a terminal; printing one line per sample (--no-tui)",
               file=sys.stderr)
@@ -78,7 +94,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         if not use_tui:
             try:
-                return run_lines(recorder, duration_s)
+                return run_lines(recorder, duration_s, as_json=args.json)
             except BrokenPipeError:        # `vramancer monitor --no-tui | head`
                 sys.stdout = None          # type: ignore[assignment]  (nothing more to flush)
                 return 0
