@@ -3,6 +3,10 @@ Prefer CLI flags; these exist for secrets and for paths shared by many commands.
 
     VRAMANCER_API_KEY    bearer key `vramancer serve` requires (default: none; --api-key wins)
     VRAMANCER_CACHE_DIR  demo models and the disk tier (default: $XDG_CACHE_HOME/vramancer or ~/.cache/vramancer)
+    HF_HUB_CACHE         the Hugging Face cache VRAMancer reads and `pull` fills, read at call time (default:
+                         $HF_HOME/hub, HF_HOME defaulting to $XDG_CACHE_HOME/huggingface or ~/.cache/huggingface)
+    HF_ENDPOINT          the Hub `pull` / `plan HF_ID` talk to (default: https://huggingface.co)
+    VRAMANCER_CONFIG     the config file (default: $XDG_CONFIG_HOME/vramancer/config.toml or ~/.config/...)
 """
 from __future__ import annotations
 
@@ -23,6 +27,12 @@ def parse_bool(text: str) -> bool:
     raise ValueError(f"not a boolean: {text!r} (use 1/0, true/false, yes/no, on/off)")
 
 
+def _default_hf_cache() -> str:
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface")
+    return str(Path(home).expanduser() / "hub")
+
+
 def _default_cache() -> str:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return str(Path(base) / "vramancer")
@@ -32,6 +42,9 @@ def _default_cache() -> str:
 ENV: dict[str, tuple[Callable[[], object], Callable[[str], object]]] = {
     "VRAMANCER_API_KEY": (lambda: None, str),
     "VRAMANCER_CACHE_DIR": (_default_cache, str),
+    "HF_HUB_CACHE": (_default_hf_cache, lambda v: str(Path(v).expanduser())),
+    "HF_ENDPOINT": (lambda: "https://huggingface.co", lambda v: v.rstrip("/")),
+    "VRAMANCER_CONFIG": (lambda: None, str),
 }
 
 

@@ -17,7 +17,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import MalformedCheckpointError, UnknownModelError, VramancerError
+from ..errors import BadInputError, MalformedCheckpointError, UnknownModelError, VramancerError
 from .arch import config_dtype, config_errors, config_quantization, layout_from_config
 from .dtypes import resolve_dtype
 from .layout import ArchLayout, BlockLayout, TensorSpec, assemble_profile
@@ -35,6 +35,10 @@ __all__ = [
     "place_tensors",
     "profile_from_folder",
     "profile_from_safetensors_file",
+    "IGNORED_TENSOR_PATTERNS",
+    "ignored_tensor",
+    "pickle_weight_files",
+    "refuse_pickle_only",
 ]
 
 # bits per element of each safetensors dtype
@@ -49,6 +53,53 @@ _LAYER_RE = re.compile(r"(?:^|\.)(layers|h|layer|blocks|block|blk|decoder_layers
 _EMBED_RE = re.compile(r"(embed|wte\.|wpe\.|word_embeddings|position_embeddings|token_type_embeddings|tok_embeddings"
                        r"|token_embd|position_embd|token_types)")
 _HEAD_NAMES = ("lm_head.weight", "embed_out.weight", "output.weight")
+
+# Checkpoint tensors transformers does not load into the table's architectures, so never weights:
+# its generic rules for buffers that used to be saved (``position_ids``, ``rotary_emb.inv_freq``;
+# PreTrainedModel._adjust_missing_and_unexpected_keys) and the attention-mask buffers older GPT-2 /
+# GPT-J / GPT-Neo / GPT-NeoX checkpoints hold (``attn.bias`` is in GPT-2's
+# ``_keys_to_ignore_on_load_unexpected``; ``masked_bias`` is a buffer those classes no longer have).
+# Only a tensor the architecture's layout does not name is tested against these.
+IGNORED_TENSOR_PATTERNS: tuple[str, ...] = (
+    r"(^|\.)position_ids$",
+    r"rotary_emb\.(original_)?inv_freq$",
+    r"(^|\.)(attn|attention)\.(bias|masked_bias)$",
+)
+_IGNORED_RE = re.compile("|".join(f"(?:{p})" for p in IGNORED_TENSOR_PATTERNS))
+
+
+def ignored_tensor(name: str) -> bool:
+    """Whether transformers leaves checkpoint tensor ``name`` unread (a legacy buffer, not a weight)."""
+    return _IGNORED_RE.search(name) is not None
+
+
+def pickle_weight_files(folder: str | Path) -> list[Path]:
+    """The PyTorch pickle weights of a model folder (``pytorch_model.bin``, or the shards its
+    ``pytorch_model.bin.index.json`` names, else every ``*.bin`` beside a config)."""
+    folder = Path(folder)
+    index = folder / "pytorch_model.bin.index.json"
+    if index.is_file():
+        data = read_config(index)
+        weight_map = data.get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise MalformedCheckpointError(f"malformed index {index}: no weight_map of tensor -> file")
+        return [folder / f for f in sorted(set(weight_map.values()))]
+    single = folder / "pytorch_model.bin"
+    if single.is_file():
+        return [single]
+    return sorted(p for p in folder.glob("*.bin") if p.is_file() and p.name != "training_args.bin")
+
+
+def refuse_pickle_only(folder: str | Path, shown: str | None = None) -> None:
+    """BadInputError when ``folder`` holds PyTorch pickle weights and no safetensors: the runtime
+    never unpickles. The message is the one command that converts them."""
+    folder = Path(folder)
+    if checkpoint_files(folder)[0] or not pickle_weight_files(folder):
+        return
+    src = shown or str(folder)
+    dst = f"{Path(src.rstrip('/')).name or 'model'}-safetensors"
+    raise BadInputError(f"{src} has only PyTorch pickle weights (pytorch_model.bin), which are not loaded here; "
+                        f"convert them once with: vramancer convert {src} {dst}")
 
 
 @dataclass(frozen=True)
@@ -204,6 +255,11 @@ def layout_for_config(config: dict, origin: str) -> ArchLayout:
             return layout_from_meta(config, origin)
 
 
+def _legacy_name(name: str) -> str:
+    """transformers' "legacy" renaming of old checkpoints (``LayerNorm.gamma`` / ``.beta``)."""
+    return name.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+
+
 def _module_of(name: str) -> str:
     return name.rsplit(".", 1)[0] if "." in name else name
 
@@ -281,9 +337,11 @@ def layout_from_tensor_names(tensors: list[HeaderTensor], config: dict | None = 
 
 def place_tensors(layout: ArchLayout, tensors: list[HeaderTensor], exact: bool) -> ArchLayout:
     """``layout`` with its tensors replaced by a checkpoint's: each checkpoint tensor goes to the
-    block whose layout names it (also with a base-model prefix added or removed, e.g. ``bert.``),
-    else to layer ``i`` when its name has ``layers.i.`` / ``h.i.`` / ``blk.i.``, else to block 0
-    when it looks like an embedding, else to the last block. The tied tensor is shared by block 0
+    block whose layout names it (also with a base-model prefix added or removed, e.g. ``bert.``, and
+    transformers' legacy ``LayerNorm.gamma`` / ``beta`` names), else to layer ``i`` when its name has
+    ``layers.i.`` / ``h.i.`` / ``blk.i.`` (a conversion renames or merges it); anything else is
+    left out, as transformers leaves it unread (legacy buffers, heads the class has not). The tied
+    tensor is shared by block 0
     and the last block; a tied model's stored LM head is skipped (transformers ties it). ``exact``:
     keep each tensor's stored bytes; otherwise size from shape in the profile's dtype."""
     nblocks = len(layout.blocks)
@@ -299,14 +357,16 @@ def place_tensors(layout: ArchLayout, tensors: list[HeaderTensor], exact: bool) 
     shared_out: list[list[TensorSpec]] = [[] for _ in range(nblocks)]
     guessed: list[str] = []
     skipped: list[str] = []
+    unread: list[str] = []
     L = layout.num_layers
 
     for ct in tensors:
         nbytes = ct.nbytes if exact else None
-        candidates = [ct.name]
-        if "." in ct.name:
-            candidates.append(ct.name.split(".", 1)[1])
-        candidates += [top + ct.name for top in tops]
+        name = _legacy_name(ct.name)
+        candidates = [name]
+        if "." in name:
+            candidates.append(name.split(".", 1)[1])
+        candidates += [top + name for top in tops]
         hit = next((c for c in candidates if c in where or c in shared_where), None)
         if hit is not None and hit in shared_where:
             for i, t in shared_where[hit]:
@@ -320,20 +380,16 @@ def place_tensors(layout: ArchLayout, tensors: list[HeaderTensor], exact: bool) 
             skipped.append(ct.name)
             continue
         m = _LAYER_RE.search(ct.name)
-        if m and int(m.group(2)) < L:
-            i = int(m.group(2)) + 1
-        elif _EMBED_RE.search(ct.name) and not m:
-            i = 0
-        else:
-            i = nblocks - 1
+        if ignored_tensor(ct.name) or not (m and int(m.group(2)) < L):
+            # outside the repeated layers the layout names every tensor of the model: one it does not
+            # name (a pre-training head, a pooler the class lacks) is left unread by transformers
+            unread.append(ct.name)
+            continue
+        i = int(m.group(2)) + 1  # a layer's tensor under another name (a conversion merges or renames it)
         if len(ct.shape) < 2:
             role = "vector"
-        elif i == 0:
-            role = "embed"
         elif ".experts." in ct.name or len(ct.shape) >= 3 or "_exps" in ct.name:
             role = "expert"
-        elif i == nblocks - 1 and layout.vocab_size and ct.shape[0] == layout.vocab_size:
-            role = "head"
         else:
             role = "matrix"
         guessed.append(ct.name)
@@ -343,6 +399,9 @@ def place_tensors(layout: ArchLayout, tensors: list[HeaderTensor], exact: bool) 
         out.notes.append(f"{len(guessed)} checkpoint tensors placed by name pattern (e.g. {guessed[0]})")
     if skipped:
         out.notes.append(f"skipped {', '.join(skipped)}: the model ties it to the input embedding")
+    if unread:
+        out.notes.append(f"{len(unread)} checkpoint tensors are not weights of the model (transformers leaves "
+                         f"them unread): {', '.join(unread[:3])}{', ...' if len(unread) > 3 else ''}")
     return out
 
 
@@ -391,11 +450,7 @@ def profile_from_folder(folder: str | Path, dtype: str | None = None, *, name: s
     if not cfg_path.is_file():
         if len(files) == 1:
             return profile_from_safetensors_file(files[0], dtype, name=name)
-        ggufs = sorted(folder.glob("*.gguf"))
-        if len(ggufs) == 1:
-            from .gguf_file import profile_from_gguf
-
-            return profile_from_gguf(ggufs[0], dtype, name=name)
+        # (a folder holding one .gguf file is read by resolve.profile: gguf_file builds on this module)
         raise UnknownModelError(f"no config.json in {folder} (and not one .safetensors or .gguf file to read)")
     config = read_config(cfg_path)
     if not config.get("model_type"):

@@ -23,6 +23,7 @@ from .profile import ModelProfile
 __all__ = ["profile", "find_in_hf_cache", "unknown_model_message"]
 
 _REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+_COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 
 
 def unknown_model_message(model: str) -> str:
@@ -31,20 +32,31 @@ def unknown_model_message(model: str) -> str:
 
 
 def find_in_hf_cache(repo_id: str, revision: str | None = None, cache_dir: str | Path | None = None) -> Path | None:
-    """The local snapshot folder of ``repo_id`` in the HF cache, or None; never uses the network."""
-    if not _REPO_ID_RE.match(repo_id):
+    """The local snapshot folder of ``repo_id`` in the HF cache (``cache_dir``, else $HF_HUB_CACHE read
+    now), or None; never uses the network. The layout is huggingface_hub's:
+    ``models--org--name/refs/<revision>`` holds the commit, ``snapshots/<commit>/`` the files (symlinks
+    into ``blobs/``). A snapshot is returned even when it holds only some files (a ``pull`` of some
+    stages): what is missing is reported by whoever reads it."""
+    if not _REPO_ID_RE.match(repo_id) or ".." in repo_id:
         return None
-    try:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-    except ImportError:
-        return None
-    try:
-        folder = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True)
-    except (LocalEntryNotFoundError, HFValidationError, FileNotFoundError, OSError, ValueError):
-        return None
-    path = Path(str(folder))
-    return path if path.is_dir() else None
+    if cache_dir is None:
+        from .. import envs
+
+        cache_dir = envs.get("HF_HUB_CACHE")
+    storage = Path(cache_dir).expanduser() / ("models--" + repo_id.replace("/", "--"))
+    revision = revision or "main"
+    if _COMMIT_RE.match(revision):
+        commit = revision
+    else:
+        ref = storage / "refs" / revision
+        try:
+            commit = ref.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            return None
+        if not _COMMIT_RE.match(commit):
+            return None
+    snapshot = storage / "snapshots" / commit
+    return snapshot if snapshot.is_dir() else None
 
 
 def _is_module(model: Any) -> bool:
@@ -60,6 +72,11 @@ def _profile_path(path: Path, dtype: str | None, name: str, source: str | None =
     from .checkpoint import profile_from_folder, profile_from_safetensors_file
 
     if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1 and not (path / "config.json").is_file() and len(list(path.glob("*.safetensors"))) != 1:
+            from .gguf_file import profile_from_gguf
+
+            return profile_from_gguf(ggufs[0], dtype, name=name)
         return profile_from_folder(path, dtype, name=name, **({"source": source} if source else {}))
     suffix = path.suffix.lower()
     if suffix == ".safetensors":

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
 from ..errors import MalformedCheckpointError, UnknownModelError
-from ..models.checkpoint import HeaderTensor, checkpoint_files, read_safetensors_header
+from ..models.checkpoint import HeaderTensor, checkpoint_files, read_safetensors_header, refuse_pickle_only
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -56,6 +56,7 @@ class Checkpoint:
             if missing:
                 raise MalformedCheckpointError(f"{root}: {missing[0]}")
             if not files:
+                refuse_pickle_only(root)
                 raise UnknownModelError(f"{root}: no .safetensors weights found")
         else:
             raise UnknownModelError(f"{root}: no such file or folder")

@@ -29,6 +29,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
+import logging
 
 from ..errors import (
     BadInputError,
@@ -58,6 +59,7 @@ _LIST_MAX = 12
 def torch_dtype(name: str) -> "torch.dtype":
     """"bfloat16" / "bf16" -> torch.bfloat16; quantized names are refused (the runtime runs float weights)."""
     import torch
+_log = logging.getLogger("vramancer.loader")
 
     from ..models.dtypes import resolve_dtype
 
@@ -76,10 +78,13 @@ def weights_folder(model: Any) -> Path:
             raise UnknownModelError(f"{p}: no config.json (a transformers model folder is needed)")
         return p
     if p.is_file():
+    from ..models.checkpoint import refuse_pickle_only
+
         if p.suffix == ".safetensors" and (p.parent / "config.json").is_file():
             return p.parent
         raise UnknownModelError(f"{p}: the runtime loads a transformers folder (config.json + safetensors)")
     from ..models.resolve import profile as make_profile
+        refuse_pickle_only(p, str(model))
 
     prof = make_profile(model)
     if not prof.path:
@@ -154,6 +159,20 @@ class _Source:
 
 def _ignored(name: str, patterns: Any) -> bool:
     return any(re.search(p, name) for p in (patterns or ()))
+def _ignore_patterns(model: "nn.Module") -> tuple[list[str], list[str]]:
+    """(unexpected, missing) patterns exactly as ``from_pretrained`` applies them: the class's
+    ``_keys_to_ignore_on_load_*`` plus its generic rules for legacy persistent buffers
+    (``rotary_emb.inv_freq`` and ``position_ids`` when the model now has such buffers)."""
+    unexpected = list(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
+    missing = list(getattr(model, "_keys_to_ignore_on_load_missing", None) or ())
+    buffers = [n for n, _ in model.named_buffers()]
+    if any(n.endswith("rotary_emb.inv_freq") for n in buffers):
+        unexpected.append(r"rotary_emb\.inv_freq")
+    if any(n.endswith("position_ids") for n in buffers):
+        unexpected.append(r"(^|\.)position_ids$")
+    return unexpected, missing
+
+
 
 
 def _listing(names: list[str]) -> str:
@@ -167,6 +186,7 @@ def _checkpoint_sources(model: "nn.Module", ckpt: "Checkpoint") -> dict[str, _So
     CheckpointMismatchError listing missing, unexpected and mis-shaped tensors."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+    ignore_unexpected, ignore_missing = _ignore_patterns(model)
 
     meta_sd = model.state_dict()
     mapping = get_model_conversion_mapping(model)
@@ -181,7 +201,7 @@ def _checkpoint_sources(model: "nn.Module", ckpt: "Checkpoint") -> dict[str, _So
         if renamed not in meta_sd and key in meta_sd:
             renamed, pattern = key, None
         if renamed not in meta_sd:
-            if not _ignored(key, getattr(model, "_keys_to_ignore_on_load_unexpected", None)):
+            if not _ignored(key, ignore_unexpected):
                 unexpected.append(key)
             continue
         if pattern is None:
@@ -212,8 +232,13 @@ def _checkpoint_sources(model: "nn.Module", ckpt: "Checkpoint") -> dict[str, _So
         if have is not None:
             for n in names:
                 sources.setdefault(n, have)
-    missing = [n for n in meta_sd if n not in sources
-               and not _ignored(n, getattr(model, "_keys_to_ignore_on_load_missing", None))]
+    missing = [n for n in meta_sd if n not in sources and not _ignored(n, ignore_missing)]
+    if unexpected and not missing and not mismatched:
+        # what from_pretrained loads with a warning (extra tensors, every model tensor present):
+        # loaded the same way, the extras left unread
+        _log.warning("checkpoint %s: %d tensors %s does not use, left unread: %s", ckpt.path, len(unexpected),
+                     type(model).__name__, _listing(unexpected))
+        unexpected = []
     if missing or unexpected or mismatched:
         parts = []
         if missing:
