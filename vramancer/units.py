@@ -1,11 +1,13 @@
-"""Byte sizes: parse "10GiB" / "500MB" / "1.5G" into ints, format ints for people (GiB = 2**30)."""
+"""Units for people: byte sizes (parse "10GiB" / "500MB" / "1.5G" into ints, format ints; GiB = 2**30)
+and wall-clock times ("2025-01-31T14:03:07.250", local time)."""
 from __future__ import annotations
 
 import re
+import time
 
 from .errors import BadInputError
 
-__all__ = ["parse_bytes", "format_bytes", "GiB", "MiB", "KiB"]
+__all__ = ["parse_bytes", "format_bytes", "iso_time", "GiB", "MiB", "KiB", "TiB"]
 
 KiB = 2**10
 MiB = 2**20
@@ -48,3 +50,12 @@ def format_bytes(n: int | float, precision: int = 1) -> str:
         if n >= size:
             return f"{sign}{n / size:.{precision}f} {unit}"
     return f"{sign}{int(n)} B"
+
+
+def iso_time(timestamp: float) -> str:
+    """Local time with milliseconds: "2025-01-31T14:03:07.250"."""
+    whole = int(timestamp)
+    millis = int(round((timestamp - whole) * 1000))
+    if millis == 1000:
+        whole, millis = whole + 1, 0
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(whole)) + f".{millis:03d}"

@@ -63,7 +63,7 @@ def _size(n: int | None) -> str:
 
 def stage_line(snapshot: "Snapshot", labels: dict[str, str] | None = None) -> str:
     """One log line per sample: "14:03:07.250 decode | s0 rtx3060-12gb#0 1.3 MiB / 12.0 GiB | cpu ..."."""
-    from ..ui.view import iso_time
+    from ..units import iso_time
 
     labels = labels or {}
     parts = []

@@ -6,12 +6,11 @@ and never a crash.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 from ..telemetry.samples import DeviceSample, ProcessSample, Snapshot
-from ..units import GiB
+from ..units import GiB, iso_time
 
 __all__ = [
     "DETAIL_FIELDS",
@@ -50,15 +49,6 @@ def gib_text(n_bytes: int | None, precision: int = 2) -> str:
     if n_bytes is None:
         return "n/a"
     return f"{n_bytes / GiB:.{precision}f}"
-
-
-def iso_time(timestamp: float) -> str:
-    """Local time with milliseconds: "2025-01-31T14:03:07.250"."""
-    whole = int(timestamp)
-    millis = int(round((timestamp - whole) * 1000))
-    if millis == 1000:
-        whole, millis = whole + 1, 0
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(whole)) + f".{millis:03d}"
 
 
 def used_fraction(sample: DeviceSample) -> float | None:
