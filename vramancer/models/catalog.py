@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["CatalogModel", "DiffusionBlock", "MODELS", "find_model", "list_models"]
+__all__ = ["CatalogModel", "DiffusionBlock", "MODELS", "find_model", "list_models", "suggest_models"]
 
 CatalogKind = Literal["causal-lm", "diffusion"]
 
@@ -313,6 +313,24 @@ def find_model(name: str) -> CatalogModel | None:
     if not isinstance(name, str) or not name.strip():
         return None
     return _INDEX.get(_norm(name.strip()))
+
+
+def suggest_models(name: str, n: int = 2) -> list[str]:
+    """Catalog keys close to ``name`` (a typo, another spelling), best first; [] when none is close.
+    Compared on the normalized forms of every key, alias and HF name (difflib's ratio >= 0.75);
+    a runner-up is kept only when it is about as close as the best (within 0.05)."""
+    import difflib
+
+    text = _norm(name)
+    if not text:
+        return []
+    best: dict[str, float] = {}
+    for candidate, model in _INDEX.items():
+        ratio = difflib.SequenceMatcher(None, text, candidate).ratio()
+        if ratio >= 0.75 and ratio > best.get(model.key, 0.0):
+            best[model.key] = ratio
+    ranked = sorted(best.items(), key=lambda kv: -kv[1])
+    return [key for key, ratio in ranked if ratio >= ranked[0][1] - 0.05][:n]
 
 
 def list_models() -> list[CatalogModel]:

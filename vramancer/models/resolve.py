@@ -27,8 +27,12 @@ _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 
 
 def unknown_model_message(model: str) -> str:
+    from .catalog import suggest_models
+
+    close = suggest_models(model)
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
     return (f"unknown model {model!r}: not a local path, not in the HF cache, not in the catalog "
-            f"(see `vramancer plan --list-models`)")
+            f"({hint}see `vramancer plan --list-models`)")
 
 
 def find_in_hf_cache(repo_id: str, revision: str | None = None, cache_dir: str | Path | None = None) -> Path | None:

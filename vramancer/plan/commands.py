@@ -11,10 +11,10 @@ __all__ = ["configure", "main", "add_planner_flags", "planner_kwargs", "render_p
 
 def add_planner_flags(p: argparse.ArgumentParser, devices_default: str = "auto") -> None:
     """The planner's options, shared by every command that plans (plan, run, serve, ...)."""
-    p.add_argument("--devices", default=devices_default,
+    p.add_argument("-d", "--devices", default=devices_default,
                    help="device spec: auto (this machine), or e.g. rtx3090,rtx3060,cpu:64GiB "
                         "(see `vramancer devices --catalog`)")
-    p.add_argument("--context", type=int, default=4096, help="tokens of context per sequence (default 4096)")
+    p.add_argument("-c", "--context", type=int, default=4096, help="tokens of context per sequence (default 4096)")
     p.add_argument("--batch", type=int, default=1, help="sequences at once (default 1)")
     p.add_argument("--dtype", default=None,
                    help="weights dtype: bfloat16, float16, float32, int8, nf4, q8_0, q6_k, q4_k_m, ... "
@@ -130,22 +130,25 @@ def render_plan(plan, console) -> None:
         if plan.fits or not note.startswith("does not fit"):
             console.print(f"[dim]note: {note}[/]")
     if plan.exports:
-        console.print(f"[dim]llama.cpp: {plan.exports['llama_cpp']}[/]")
-        console.print(f"[dim]vLLM: VLLM_PP_LAYER_PARTITION={plan.exports['vllm_pp_layer_partition']}[/]")
+        # commands to copy: never wrapped (soft_wrap), never read as markup
+        console.print(f"llama.cpp: {plan.exports['llama_cpp']}", style="dim", soft_wrap=True, markup=False)
+        console.print(f"vLLM: VLLM_PP_LAYER_PARTITION={plan.exports['vllm_pp_layer_partition']}", style="dim",
+                      soft_wrap=True, markup=False)
 
 
-def _list_models(console) -> int:
-    from rich.table import Table
+def _list_models(console, as_json: bool = False) -> int:
+    import json
 
     from ..models.catalog import list_models
+    from ..terminal import Column, print_table
 
-    t = Table(title="Model catalog (plans with no download)")
-    for col in ("name", "HF id", "kind", "description"):
-        t.add_column(col)
-    for m in list_models():
-        t.add_row(m.key, m.hf_id, m.kind, m.description)
-    console.print(t)
-    return 0
+    models = list_models()
+    if as_json:
+        sys.stdout.write(json.dumps({"schema": 1, "models": [
+            {"name": m.key, "hf_id": m.hf_id, "kind": m.kind, "description": m.description,
+             "aliases": list(m.aliases), "params_published": m.params_published, "default_dtype": m.default_dtype}
+            for m in models]}, indent=2) + "\n")
+        return 0
 
 
 def main(args: argparse.Namespace) -> int:
@@ -157,7 +160,7 @@ def main(args: argparse.Namespace) -> int:
     if not console.is_terminal:  # pipes and logs: do not squeeze the table into 80 columns
         console = Console(width=max(console.width, 110))
     if args.list_models:
-        return _list_models(console)
+        return _list_models(console, as_json=args.json)
     if not args.model:
         raise WorkloadError("which model? e.g. `vramancer plan llama-3.1-8b` (see --list-models)")
     result = plan(args.model, **planner_kwargs(args))

@@ -4,7 +4,9 @@ Routes: GET /health, GET /metrics (Prometheus), GET /v1/models, POST /v1/complet
 POST /v1/chat/completions. Streaming is server-sent events exactly as OpenAI clients read
 them (``data: {json}\\n\\n`` chunks, then ``data: [DONE]``). Errors use OpenAI's body
 ``{"error": {"message", "type", "param", "code"}}``; malformed bodies get 400 (413 when too
-large), never 500. With an API key, every route but /health needs ``Authorization: Bearer KEY``.
+large), never 500; a ``model`` other than the one served gets 404 (``model_not_found``). With an
+API key, every route but /health needs ``Authorization: Bearer KEY``. Each request is logged on
+one line to the ``vramancer.serve.access`` logger (INFO): method, path, status, tokens, seconds.
 A client that goes away (stream closed, or non-streamed request abandoned) cancels its
 request, which frees its KV cache at the next token boundary.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import time
 import uuid
 from dataclasses import dataclass
@@ -33,9 +36,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from .engine import Engine
     from .metrics import ServeMetrics
 
-__all__ = ["ServerConfig", "create_app"]
+__all__ = ["ServerConfig", "create_app", "ACCESS_LOG"]
 
 _DISCONNECT_POLL_S = 0.25
+ACCESS_LOG = "vramancer.serve.access"
+_USAGE_KEY = "vramancer.usage"       # scope key: (prompt_tokens, completion_tokens) of the request
 
 
 @dataclass(frozen=True)
@@ -128,6 +133,34 @@ class _CountRequests:
             self.metrics.count_request(scope.get("path", ""), status[0])
 
 
+class _AccessLog:
+    """ASGI middleware: one line per request to the ``vramancer.serve.access`` logger, once the
+    response is over (a stream included): ``POST /v1/chat/completions 200 tokens=12+64 1.532 s``."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.log = logging.getLogger(ACCESS_LOG)
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not self.log.isEnabledFor(logging.INFO):
+            return await self.app(scope, receive, send)
+        status = [500]
+        start = time.perf_counter()
+
+        async def tracking_send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        finally:
+            usage = scope.get(_USAGE_KEY)
+            tokens = f"tokens={usage[0]}+{usage[1]}" if usage else "tokens=-"
+            self.log.info("%s %s %d %s %.3f s", scope.get("method", "-"), scope.get("path", ""), status[0],
+                          tokens, time.perf_counter() - start)
+
+
 class _Sink:
     """Carries engine events (engine thread) into an asyncio queue (server loop)."""
 
@@ -180,6 +213,12 @@ def create_app(engine: "Engine", config: ServerConfig, metrics: "ServeMetrics") 
                            code="invalid_api_key")
 
     auth = [Depends(authorize)]
+
+    def check_model(req: Any) -> None:
+        """A model name this server does not serve: 404, as OpenAI answers it (absent: the one served)."""
+        if req.model not in (None, "", config.model_name):
+            raise APIError(404, f"The model `{req.model}` does not exist: this server serves "
+                                f"`{config.model_name}`", param="model", code="model_not_found")
 
     @app.get("/health")
     async def health():
@@ -271,7 +310,7 @@ def create_app(engine: "Engine", config: ServerConfig, metrics: "ServeMetrics") 
         finally:
             engine.cancel(seq)  # no-op when finished
 
-    def stream(seq: Any, sink: _Sink, chunk: Any, include_usage: bool, first: dict | None):
+    def stream(seq: Any, sink: _Sink, chunk: Any, include_usage: bool, first: dict | None, scope: dict):
         async def events() -> AsyncIterator[dict]:
             try:
                 if first is not None:
@@ -285,6 +324,7 @@ def create_app(engine: "Engine", config: ServerConfig, metrics: "ServeMetrics") 
                         yield {"data": json.dumps(_error_body(503, f"generation failed: {ev.error}",
                                                               "server_error"))}
                         return
+                    scope[_USAGE_KEY] = (ev.prompt_tokens, ev.completion_tokens)
                     if ev.text:
                         yield {"data": json.dumps(chunk({"text": ev.text}, None))}
                     yield {"data": json.dumps(chunk({}, ev.finish_reason))}
@@ -299,6 +339,7 @@ def create_app(engine: "Engine", config: ServerConfig, metrics: "ServeMetrics") 
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(req: CompletionRequest, request: Request):
+        check_model(req)
         prompt_ids = await run_in_threadpool(completion_prompt, req)
         params = sampling_params(req, len(prompt_ids), req.max_tokens)
         seq, sink = await submit(prompt_ids, params)
@@ -315,14 +356,16 @@ def create_app(engine: "Engine", config: ServerConfig, metrics: "ServeMetrics") 
             return out
 
         if req.stream:
-            return stream(seq, sink, chunk, include_usage, None)
+            return stream(seq, sink, chunk, include_usage, None, request.scope)
         text, ev = await collect(request, seq, sink)
+        request.scope[_USAGE_KEY] = (ev.prompt_tokens, ev.completion_tokens)
         return {"id": rid, "object": "text_completion", "created": now, "model": config.model_name,
                 "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": ev.finish_reason}],
                 "usage": _usage(ev)}
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(req: ChatCompletionRequest, request: Request):
+        check_model(req)
         prompt_ids = await run_in_threadpool(chat_prompt, req)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = sampling_params(req, len(prompt_ids), max_tokens)
@@ -344,13 +387,15 @@ def create_app(engine: "Engine", config: ServerConfig, metrics: "ServeMetrics") 
             return out
 
         if req.stream:
-            return stream(seq, sink, chunk, include_usage, {"role": "assistant"})
+            return stream(seq, sink, chunk, include_usage, {"role": "assistant"}, request.scope)
         text, ev = await collect(request, seq, sink)
+        request.scope[_USAGE_KEY] = (ev.prompt_tokens, ev.completion_tokens)
         return {"id": rid, "object": "chat.completion", "created": now, "model": config.model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                              "logprobs": None, "finish_reason": ev.finish_reason}],
                 "usage": _usage(ev)}
 
     app.add_middleware(_BodyLimit, limit=config.max_body_bytes)
-    app.add_middleware(_CountRequests, metrics=metrics)  # outermost: counts the 413s too
+    app.add_middleware(_CountRequests, metrics=metrics)  # counts the 413s too
+    app.add_middleware(_AccessLog)                       # outermost: logs every request, 413s included
     return app

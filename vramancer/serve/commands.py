@@ -80,6 +80,24 @@ def _check_args(args: argparse.Namespace) -> None:
         raise BadInputError(f"--pipeline-lanes must be at least 1 (got {args.pipeline_lanes})")
 
 
+def _access_log(args: argparse.Namespace) -> None:
+    """One line per request on stderr ("2025-01-31 14:03:07 POST /v1/chat/completions 200
+    tokens=12+64 1.532 s") at --log-level info or debug, none with --quiet."""
+    import logging
+
+    from .app import ACCESS_LOG
+
+    log = logging.getLogger(ACCESS_LOG)
+    quiet = getattr(args, "quiet", False)
+    log.setLevel(logging.WARNING if quiet else getattr(logging, args.log_level.upper()))
+    if not any(getattr(h, "vramancer_access", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.vramancer_access = True  # type: ignore[attr-defined]
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
+        log.addHandler(handler)
+    log.propagate = False
+
+
 def main(args: argparse.Namespace) -> int:
     from ..units import format_bytes, parse_bytes
     from .server import bind_socket, check_bind
@@ -115,6 +133,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"vramancer: serving {name} at http://{host}:{port}/v1 - {len(eng.stages)} stage(s), "
           f"context {eng.context_tokens} tokens, KV budget {budget}, max batch {eng.max_batch}, "
           f"{'API key required' if key else 'no API key'}", file=sys.stderr, flush=True)
+    _access_log(args)
     try:
         serve_forever(server, sock, log_level=args.log_level)
     finally:

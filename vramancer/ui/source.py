@@ -32,7 +32,7 @@ MIN_INTERVAL_S = 0.05
 
 
 def add_source_arguments(parser: argparse.ArgumentParser, interval_s: float = 1.0) -> None:
-    parser.add_argument("--devices", default="auto", metavar="SPEC",
+    parser.add_argument("-d", "--devices", default="auto", metavar="SPEC",
                         help="devices to watch: auto (every real device, the default), cuda:0, or "
                              "simulated catalog GPUs like rtx3090,rtx3060")
     parser.add_argument("--interval", type=float, default=interval_s, metavar="S",

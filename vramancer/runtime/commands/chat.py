@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-__all__ = ["configure", "main", "EXIT_COMMANDS"]
+__all__ = ["EXIT_COMMANDS", "configure", "main"]
 
 EXIT_COMMANDS = ("/exit", "/quit")
 
@@ -15,16 +15,27 @@ def configure(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("model", help="local transformers folder with a tokenizer that has a chat template")
     p.add_argument("--system", default=None, help="system message opening the conversation")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per answer at most (default 256)")
+    p.add_argument("-n", "--max-new-tokens", type=int, default=256, help="tokens per answer at most (default 256)")
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy; default 0.7")
     p.add_argument("--stats", action="store_true", help="print tokens/s after each answer")
     add_run_flags(p)
 
 
 def main(args: argparse.Namespace) -> int:
+    try:
+        return _main(args)
+    except KeyboardInterrupt:   # Ctrl-C: say so, exit 130 (128 + SIGINT) as shells expect
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        print("vramancer: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from ...errors import BadInputError, WorkloadError
+    from ...terminal import escape_control
     from . import load_split, make_plan, missing_runtime, render_memory, render_speed
 
     if args.max_new_tokens < 1:
@@ -38,7 +49,9 @@ def main(args: argparse.Namespace) -> int:
     if not getattr(tok, "chat_template", None):
         raise BadInputError(f"{args.model}: the tokenizer has no chat template; use `vramancer run` instead")
     stages = ", ".join(f"{s.plan.device}[{s.blocks[0]}:{s.blocks[1]}]" for s in model.vramancer.stages)
-    console.print(f"[dim]split over {stages}. Type a message; /exit or end of input quits.[/]")
+    if not getattr(args, "quiet", False):
+        console.print(f"split over {stages}. Type a message; /exit or end of input quits.", style="dim",
+                      markup=False)
     messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
     while True:
@@ -55,8 +68,8 @@ def main(args: argparse.Namespace) -> int:
             break
         messages.append({"role": "user", "content": text})
 
-        def emit(piece: str) -> None:
-            sys.stdout.write(piece)
+        def emit(piece: str) -> None:   # the model's text: control bytes escaped, never raw ANSI
+            sys.stdout.write(escape_control(piece))
             sys.stdout.flush()
 
         result = generate_text(model, tok, messages, max_new_tokens=args.max_new_tokens,

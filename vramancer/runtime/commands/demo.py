@@ -15,15 +15,15 @@ SIMULATED = "rtx3090,rtx3060"
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--devices", default=None,
+    p.add_argument("-d", "--devices", default=None,
                    help="device spec to split over (default: every GPU here if there are two or more, "
                         f"else two simulated GPUs, {SIMULATED})")
     p.add_argument("--backing", default=None,
                    help="torch device behind simulated GPUs (default cuda:0 when there is a GPU, else cpu)")
     p.add_argument("--cache-dir", default=None, help="where the demo model is kept (default ~/.cache/vramancer)")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the user's message")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
-    p.add_argument("--context", type=int, default=1024, help="context the plan sizes the KV cache for")
+    p.add_argument("-p", "--prompt", default=DEFAULT_PROMPT, help="the user's message")
+    p.add_argument("-n", "--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
+    p.add_argument("-c", "--context", type=int, default=1024, help="context the plan sizes the KV cache for")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
 
 

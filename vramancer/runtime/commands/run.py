@@ -18,9 +18,14 @@ def configure(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("model", help="local transformers folder (config.json, tokenizer, safetensors) "
                    "or an HF id in the local cache")
-    p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    p.add_argument("-p", "--prompt", default=None,
+                   help="text to continue; '-' (or no --prompt with text piped in) reads it from stdin")
+    p.add_argument("--prompt-file", default=None, metavar="FILE", help="read the prompt from FILE (UTF-8)")
+    p.add_argument("-n", "--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), else sampling")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep the most likely tokens "
+                   "up to this probability mass, 0 < P <= 1 (with --temperature above 0)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling (same seed, same text)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (text, speed, plan, memory) instead of streaming")
@@ -28,17 +33,88 @@ def configure(p: argparse.ArgumentParser) -> None:
     add_monitor_flags(p)
 
 
+# the planner's flags: with --plan FILE the plan already fixed them
+PLAN_FLAGS = {"devices": "--devices", "context": "--context", "batch": "--batch", "dtype": "--dtype",
+              "objective": "--objective", "split": "--split", "reserve": "--reserve",
+              "prefill_chunk": "--prefill-chunk", "backing": "--backing"}
+
+
+def check_plan_conflicts(args: argparse.Namespace) -> None:
+    """``--plan FILE`` with a planner flag typed too (``--devices X``): refuse rather than ignore one."""
+    from ...errors import BadInputError
+
+    given = [flag for dest, flag in PLAN_FLAGS.items() if dest in getattr(args, "given", ())]
+    if getattr(args, "plan", None) and given:
+        raise BadInputError(f"--plan {args.plan} already fixes {', '.join(given)}: drop "
+                            f"{'it' if len(given) == 1 else 'them'}, or plan again with "
+                            f"`vramancer plan ... -o FILE`")
+
+
+def read_prompt(args: argparse.Namespace, stdin=None) -> str:
+    """The prompt from --prompt TEXT, --prompt - (stdin), --prompt-file FILE, or piped stdin."""
+    from ...errors import BadInputError
+
+    stdin = stdin if stdin is not None else sys.stdin
+    if args.prompt is not None and args.prompt_file is not None:
+        raise BadInputError("give --prompt or --prompt-file, not both")
+    if args.prompt_file is not None:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                return f.read()
+        except UnicodeDecodeError:
+            raise BadInputError(f"--prompt-file {args.prompt_file}: not UTF-8 text") from None
+        except OSError as e:
+            raise BadInputError(f"--prompt-file {args.prompt_file}: {e.strerror or e}") from None
+    if args.prompt is not None and args.prompt != "-":
+        return args.prompt
+    if args.prompt is None and (stdin is None or stdin.isatty()):
+        raise BadInputError("which prompt? give --prompt TEXT (-p), --prompt-file FILE, or pipe it in "
+                            "(echo Hello | vramancer run MODEL)")
+    try:
+        text = stdin.read()
+    except UnicodeDecodeError:
+        raise BadInputError("the prompt on stdin is not UTF-8 text") from None
+    return text.removesuffix("\n")
+
+
 def main(args: argparse.Namespace) -> int:
+    try:
+        return _main(args)
+    except KeyboardInterrupt:   # Ctrl-C: say so, exit 130 (128 + SIGINT) as shells expect
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        print("vramancer: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from ...errors import WorkloadError
     from ...plan.commands import render_plan
-    from . import load_split, make_plan, missing_runtime, render_memory, render_speed, summary_json
+    from ...terminal import escape_control
+    from . import (
+        load_split,
+        make_plan,
+        missing_runtime,
+        render_memory,
+        render_speed,
+        summary_json,
+    )
 
     if args.max_new_tokens < 1:
         raise WorkloadError(f"--max-new-tokens must be at least 1 (got {args.max_new_tokens})")
     if args.temperature < 0:
         raise WorkloadError(f"--temperature must not be negative (got {args.temperature})")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise WorkloadError(f"--top-p must be above 0 and at most 1 (got {args.top_p})")
+    if args.seed is not None and args.seed < 0:
+        raise WorkloadError(f"--seed must not be negative (got {args.seed})")
+    check_plan_conflicts(args)
+    args.prompt = read_prompt(args)
+    if not args.prompt:
+        raise WorkloadError("the prompt is empty")
+    quiet = getattr(args, "quiet", False)
     missing_runtime()
     from ..generate import generate_text
 
@@ -51,7 +127,7 @@ def main(args: argparse.Namespace) -> int:
             check_trace_path(args.trace)
     console = Console(highlight=False)
     plan = make_plan(args, args.model)
-    if not args.json:
+    if not args.json and not quiet:
         render_plan(plan, console)
     monitor = None
     if recording:
@@ -61,9 +137,19 @@ def main(args: argparse.Namespace) -> int:
     panel = monitor is not None and monitor.panel
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
 
-    def emit(text: str) -> None:
-        sys.stdout.write(text)
+    def emit(text: str) -> None:   # the model's text: its control bytes escaped, never raw ANSI
+        sys.stdout.write(escape_control(text))
         sys.stdout.flush()
+
+    sampling: dict = {}
+    if args.temperature > 0 and args.top_p is not None:
+        sampling["top_p"] = args.top_p
+    elif args.top_p is not None and not quiet:
+        print("vramancer: note: --top-p applies to sampling; add --temperature above 0", file=sys.stderr)
+    if args.seed is not None:
+        from transformers import set_seed
+
+        set_seed(args.seed)
 
     try:
         with monitor.loading(args.model) if monitor else nullcontext():
@@ -71,14 +157,16 @@ def main(args: argparse.Namespace) -> int:
             if monitor:
                 monitor.attach(model.vramancer)
         if not args.json and not panel:
-            console.rule()
-            sys.stdout.write(args.prompt if not args.chat else "")
+            if not quiet:
+                console.rule()
+            sys.stdout.write(escape_control(args.prompt) if not args.chat else "")
         phases = monitor.generating(args.max_new_tokens, model.generation_config.eos_token_id) if monitor else None
         with phases or nullcontext():
             result = generate_text(model, tok, prompt, max_new_tokens=args.max_new_tokens,
                                    temperature=args.temperature,
-                                   emit=None if args.json else (monitor.emit if panel else emit),
-                                   **(phases.generate_kwargs() if phases else {}))
+                                   emit=None if args.json else (
+                                       (lambda piece: monitor.emit(escape_control(piece))) if panel else emit),
+                                   **sampling, **(phases.generate_kwargs() if phases else {}))
         report = model.vramancer.memory_report()
     except BaseException:
         if monitor:
@@ -92,8 +180,10 @@ def main(args: argparse.Namespace) -> int:
         return 0
     if panel:  # the panel showed the text as it came; now it goes to stdout
         console.rule()
-        sys.stdout.write((args.prompt if not args.chat else "") + result.text)
+        sys.stdout.write(escape_control((args.prompt if not args.chat else "") + result.text))
     sys.stdout.write("\n")
+    if quiet:
+        return 0
     console.rule()
     render_speed(result, console)
     render_memory(report, console)
