@@ -434,3 +434,42 @@ def test_ctrl_c_says_interrupted_and_exits_130(folder, tmp_path, command):
     assert proc.returncode == 130, err.decode()
     assert err.decode().strip().splitlines()[-1] == "vramancer: interrupted"
     assert "Traceback" not in err.decode()
+
+
+# -- serve: request log, 404 for a model it does not serve ---------------------------------------
+
+def test_serve_logs_each_request_and_404s_other_models(tmp_path, caplog):
+    httpx = pytest.importorskip("httpx")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vramancer.serve.app import ACCESS_LOG
+    from vramancer.serve.server import ServerThread
+    from vramancer.serve.testing import build_tiny_chat_model
+
+    path = build_tiny_chat_model(tmp_path / "tiny-chat")
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    caplog.set_level(logging.INFO, logger=ACCESS_LOG)
+    with ServerThread(model, AutoTokenizer.from_pretrained(path), model_name="tiny", context_tokens=128,
+                      max_batch=2, max_tokens_limit=64) as srv:
+        body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5, "ignore_eos": True}
+        r = httpx.post(srv.url + "/v1/chat/completions", json={**body, "model": "gpt-4"}, timeout=60)
+        assert r.status_code == 404
+        assert r.json()["error"]["code"] == "model_not_found" and r.json()["error"]["param"] == "model"
+        assert "gpt-4" in r.json()["error"]["message"] and "tiny" in r.json()["error"]["message"]
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": "Hi", "model": "other"}, timeout=60)
+        assert r.status_code == 404
+        r = httpx.post(srv.url + "/v1/chat/completions", json={**body, "model": "tiny"}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+        prompt_tokens = r.json()["usage"]["prompt_tokens"]
+        with httpx.stream("POST", srv.url + "/v1/completions", timeout=60,
+                          json={"prompt": "Hi", "max_tokens": 3, "ignore_eos": True, "stream": True}) as s:
+            assert s.status_code == 200 and "[DONE]" in "".join(s.iter_text())
+        assert httpx.get(srv.url + "/health", timeout=10).status_code == 200
+    lines = [r.getMessage() for r in caplog.records if r.name == ACCESS_LOG]
+    assert len(lines) == 5, lines
+    assert lines[0].startswith("POST /v1/chat/completions 404 tokens=- ") and lines[0].endswith(" s")
+    assert lines[1].startswith("POST /v1/completions 404 tokens=- ")
+    assert lines[2].startswith(f"POST /v1/chat/completions 200 tokens={prompt_tokens}+5 ")
+    assert lines[3].startswith("POST /v1/completions 200 tokens=") and "+3 " in lines[3]   # streamed: counted at the end
+    assert lines[4].startswith("GET /health 200 tokens=- ")
+    assert all(float(line.split()[-2]) >= 0 for line in lines)
