@@ -42,13 +42,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from ..errors import BadInputError
+from .counters import EngineCounters
 from .kv import BatchKV, StageKV, cache_layer_bytes, new_cache
 from .sampling import Sampler, SamplingParams, sample_rows
 from .text import IncrementalDetokenizer, StopMatcher
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..plan.plan import Plan
-    from .metrics import ServeMetrics
 
 __all__ = ["Event", "RequestRejected", "Sequence", "EngineStats", "Engine", "stages_from_plan"]
 
@@ -187,7 +187,7 @@ class Engine:
 
     def __init__(self, model: Any, tokenizer: Any, *, context_tokens: int, max_batch: int = 16,
                  prefill_chunk_tokens: int = 512, plan: "Plan | None" = None,
-                 kv_budget_bytes: int | None = None, metrics: "ServeMetrics | None" = None,
+                 kv_budget_bytes: int | None = None,
                  pipeline_lanes: int | None = None, min_rows_per_lane: int = 8) -> None:
         import torch
 
@@ -198,7 +198,7 @@ class Engine:
         self.context_tokens = int(context_tokens)
         self.max_batch = int(max_batch)
         self.prefill_chunk_tokens = int(prefill_chunk_tokens)
-        self.metrics = metrics
+        self.counters = EngineCounters()   # tokens and latencies, read by /metrics when scraped
         self._config = getattr(model, "config", None)
         _check_cache_kind(self._config)
         self._cache_kw, self._logits_to_keep = _forward_kwargs(model)
@@ -247,8 +247,6 @@ class Engine:
         self._waited = 0
         self._finished = 0
         self._peak_lanes = 0
-        if metrics is not None:
-            metrics.set_stages(self.stages)
         self._publish()
 
     # ---- setup -------------------------------------------------------------------------
@@ -533,11 +531,8 @@ class Engine:
     def _emit(self, seq: Sequence, token: int) -> bool:
         """Record a generated token, send its text; True when the sequence is finished."""
         now = time.perf_counter()
-        if self.metrics is not None:
-            if not seq.output_ids:
-                self.metrics.time_to_first_token.observe(now - seq.arrival_s)
-            else:
-                self.metrics.inter_token_latency.observe(now - seq.last_token_s)
+        first = not seq.output_ids
+        self.counters.token(now - (seq.arrival_s if first else seq.last_token_s), first)
         seq.last_token_s = now
         seq.output_ids.append(token)
         if token in self._eos_ids and not seq.params.ignore_eos:
@@ -569,9 +564,7 @@ class Engine:
         seq.state = "done"
         seq.cache = None
         self._finished += 1
-        if self.metrics is not None:
-            self.metrics.prompt_tokens.inc(len(seq.prompt_ids))
-            self.metrics.completion_tokens.inc(len(seq.output_ids))
+        self.counters.finished(len(seq.prompt_ids), len(seq.output_ids))
         self._send(seq, Event("finish", text, reason, len(seq.prompt_ids), len(seq.output_ids), error))
 
     def _fail_all(self, message: str) -> None:
@@ -584,7 +577,7 @@ class Engine:
             lane.seqs = []
 
     def _publish(self) -> None:
-        """Refresh stats and gauges from the real cache tensors."""
+        """Refresh the stats from the real cache tensors."""
         per_stage = [0] * len(self.stages)
         layer_bytes: list[int] = []
         parts = [lane.kv.layer_bytes() for lane in self._lanes]
@@ -601,5 +594,3 @@ class Engine:
             tuple(per_stage), self._reserved_bytes(),
             tuple(max(a, b) for a, b in zip(prev.peak_kv_bytes_by_stage, per_stage)),
             max(prev.peak_running, running), self._waited, self._finished, self._peak_lanes)
-        if self.metrics is not None:
-            self.metrics.publish_engine(self._stats, self.stages)

@@ -51,12 +51,12 @@ def build_server(model: Any, tokenizer: Any, *, model_name: str = "model", conte
                  recorder: Any = None) -> Server:
     """Engine (not started) + metrics + FastAPI app for ``model``. ``recorder``: a telemetry
     Recorder whose device gauges /metrics exports too."""
-    metrics = ServeMetrics()
-    if recorder is not None:
-        metrics.add_telemetry(recorder)
     engine = Engine(model, tokenizer, context_tokens=context_tokens, max_batch=max_batch,
                     prefill_chunk_tokens=prefill_chunk_tokens, plan=plan, kv_budget_bytes=kv_budget_bytes,
-                    metrics=metrics, pipeline_lanes=pipeline_lanes, min_rows_per_lane=min_rows_per_lane)
+                    pipeline_lanes=pipeline_lanes, min_rows_per_lane=min_rows_per_lane)
+    metrics = ServeMetrics(engine)
+    if recorder is not None:
+        metrics.add_telemetry(recorder)
     config = ServerConfig(model_name=model_name, api_key=api_key, max_body_bytes=max_body_bytes,
                           max_tokens_limit=max_tokens_limit)
     return Server(engine, metrics, config, create_app(engine, config, metrics))
