@@ -20,7 +20,7 @@ F16_FIELDS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": 
               "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
 
 
-def _bits_equal(ours: "torch.Tensor", ref: np.ndarray) -> None:
+def _bits_equal(ours: torch.Tensor, ref: np.ndarray) -> None:
     ref_t = torch.from_numpy(np.ascontiguousarray(ref, dtype=np.float32))
     assert ours.dtype == torch.float32
     assert tuple(ours.shape) == tuple(ref_t.shape)

@@ -21,8 +21,9 @@ Nibbles: within each group of bytes, the values are all low nibbles first, then 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from ...errors import BadInputError
 
@@ -64,7 +65,7 @@ GGUF_TYPES: dict[str, GGUFType] = {t.name: t for t in (
 _BY_ID = {t.ggml_id: t for t in GGUF_TYPES.values()}
 
 
-def gguf_type(qtype: "str | int | GGUFType | object") -> GGUFType:
+def gguf_type(qtype: str | int | GGUFType | object) -> GGUFType:
     """The type named by ``qtype`` ("Q4_K", a GGMLQuantizationType, or its number); BadInputError
     naming it when it is not one we dequantize."""
     if isinstance(qtype, GGUFType):
@@ -82,27 +83,27 @@ def gguf_type(qtype: "str | int | GGUFType | object") -> GGUFType:
                         f"(supported: {', '.join(GGUF_TYPES)})")
 
 
-def row_bytes(qtype: "str | int | GGUFType", values: int) -> int:
+def row_bytes(qtype: str | int | GGUFType, values: int) -> int:
     """Bytes of one row of ``values`` values stored as ``qtype``."""
     return gguf_type(qtype).row_bytes(values)
 
 
 # ------------------------------------------------------------------------------------------------
 # helpers over blocks: ``b`` is uint8 [n_blocks, block_bytes]
-def _f16(b: "torch.Tensor", at: int) -> "torch.Tensor":
+def _f16(b: torch.Tensor, at: int) -> torch.Tensor:
     """The float16 at byte ``at`` of each block, as float32 [n, 1]."""
     import torch
 
     return b[:, at:at + 2].contiguous().view(torch.float16).to(torch.float32)
 
 
-def _shifts(values: tuple[int, ...], like: "torch.Tensor") -> "torch.Tensor":
+def _shifts(values: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     import torch
 
     return torch.tensor(values, dtype=torch.uint8, device=like.device)
 
 
-def _split_bits(x: "torch.Tensor", group: int, shifts: tuple[int, ...], mask: int) -> "torch.Tensor":
+def _split_bits(x: torch.Tensor, group: int, shifts: tuple[int, ...], mask: int) -> torch.Tensor:
     """Each run of ``group`` bytes of ``x`` [n, k] unpacked to len(shifts) runs of ``group`` values
     ((byte >> shift) & mask, one run per shift in order): [n, k // group, len(shifts), group]."""
     n = x.shape[0]
@@ -110,25 +111,25 @@ def _split_bits(x: "torch.Tensor", group: int, shifts: tuple[int, ...], mask: in
     return (x.reshape(n, -1, 1, group) >> s) & mask
 
 
-def _bits(x: "torch.Tensor", group: int) -> "torch.Tensor":
+def _bits(x: torch.Tensor, group: int) -> torch.Tensor:
     """Bit i of each byte of each run of ``group`` bytes: [n, k // group, 8, group] of 0/1."""
     return _split_bits(x, group, tuple(range(8)), 1)
 
 
-def _float(q: "torch.Tensor") -> "torch.Tensor":
+def _float(q: torch.Tensor) -> torch.Tensor:
     import torch
 
     return q.to(torch.float32)
 
 
-def _q8_0(b: "torch.Tensor") -> "torch.Tensor":
+def _q8_0(b: torch.Tensor) -> torch.Tensor:
     import torch
 
     d = _f16(b, 0)
     return _float(b[:, 2:].view(torch.int8)) * d
 
 
-def _q4_0(b: "torch.Tensor") -> "torch.Tensor":
+def _q4_0(b: torch.Tensor) -> torch.Tensor:
     import torch
 
     n = b.shape[0]
@@ -136,13 +137,13 @@ def _q4_0(b: "torch.Tensor") -> "torch.Tensor":
     return _f16(b, 0) * _float(q)
 
 
-def _q4_1(b: "torch.Tensor") -> "torch.Tensor":
+def _q4_1(b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
     q = _float(_split_bits(b[:, 4:], 16, (0, 4), 0x0F).reshape(n, 32))
     return (_f16(b, 0) * q) + _f16(b, 2)
 
 
-def _q5(b: "torch.Tensor", at: int) -> "torch.Tensor":
+def _q5(b: torch.Tensor, at: int) -> torch.Tensor:
     """The 5-bit values of a Q5_0 / Q5_1 block whose qh starts at byte ``at``: uint8 [n, 32]."""
     n = b.shape[0]
     hi = _bits(b[:, at:at + 4], 4).permute(0, 1, 3, 2).reshape(n, 32)  # bit j of byte i -> value 8i+j
@@ -150,18 +151,18 @@ def _q5(b: "torch.Tensor", at: int) -> "torch.Tensor":
     return lo | (hi << 4)
 
 
-def _q5_0(b: "torch.Tensor") -> "torch.Tensor":
+def _q5_0(b: torch.Tensor) -> torch.Tensor:
     import torch
 
     q = _q5(b, 2).to(torch.int8) - 16
     return _f16(b, 0) * _float(q)
 
 
-def _q5_1(b: "torch.Tensor") -> "torch.Tensor":
+def _q5_1(b: torch.Tensor) -> torch.Tensor:
     return (_f16(b, 0) * _float(_q5(b, 4))) + _f16(b, 2)
 
 
-def _q2_k(b: "torch.Tensor") -> "torch.Tensor":
+def _q2_k(b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
     scales = b[:, :16]
     d, dmin = _f16(b, 80), _f16(b, 82)
@@ -171,7 +172,7 @@ def _q2_k(b: "torch.Tensor") -> "torch.Tensor":
     return (dl * q - ml).reshape(n, QK_K)
 
 
-def _q3_k(b: "torch.Tensor") -> "torch.Tensor":
+def _q3_k(b: torch.Tensor) -> torch.Tensor:
     import torch
 
     n = b.shape[0]
@@ -186,7 +187,7 @@ def _q3_k(b: "torch.Tensor") -> "torch.Tensor":
     return (dl * q).reshape(n, QK_K)
 
 
-def _k_scale_min(sc: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
+def _k_scale_min(sc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The 8 six-bit scales and 8 six-bit mins of a Q4_K / Q5_K block's 12 scale bytes."""
     import torch
 
@@ -198,7 +199,7 @@ def _k_scale_min(sc: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
     return scale, mn
 
 
-def _k_dm(b: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
+def _k_dm(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(d * scale, dmin * min) of a Q4_K / Q5_K block, [n, 8, 1] each."""
     n = b.shape[0]
     scale, mn = _k_scale_min(b[:, 4:16])
@@ -207,14 +208,14 @@ def _k_dm(b: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
     return d, dm
 
 
-def _q4_k(b: "torch.Tensor") -> "torch.Tensor":
+def _q4_k(b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
     d, dm = _k_dm(b)
     q = _float(_split_bits(b[:, 16:], 32, (0, 4), 0x0F).reshape(n, 8, 32))
     return (d * q - dm).reshape(n, QK_K)
 
 
-def _q5_k(b: "torch.Tensor") -> "torch.Tensor":
+def _q5_k(b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
     d, dm = _k_dm(b)
     ql = _split_bits(b[:, 48:], 32, (0, 4), 0x0F).reshape(n, 8, 32)
@@ -223,7 +224,7 @@ def _q5_k(b: "torch.Tensor") -> "torch.Tensor":
     return (d * q - dm).reshape(n, QK_K)
 
 
-def _q6_k(b: "torch.Tensor") -> "torch.Tensor":
+def _q6_k(b: torch.Tensor) -> torch.Tensor:
     import torch
 
     n = b.shape[0]
@@ -235,13 +236,13 @@ def _q6_k(b: "torch.Tensor") -> "torch.Tensor":
     return (d * q).reshape(n, QK_K)
 
 
-_BLOCK_FNS: dict[str, Callable[["torch.Tensor"], "torch.Tensor"]] = {
+_BLOCK_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1,
     "Q2_K": _q2_k, "Q3_K": _q3_k, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k,
 }
 
 
-def dequantize(raw: "torch.Tensor", qtype: "str | int | GGUFType") -> "torch.Tensor":
+def dequantize(raw: torch.Tensor, qtype: str | int | GGUFType) -> torch.Tensor:
     """float32 ``[..., values_per_row]`` from the GGUF bytes ``raw`` (uint8 ``[..., bytes_per_row]``,
     rows of whole blocks), on ``raw``'s device; bit for bit gguf-py's numpy dequantization."""
     import torch

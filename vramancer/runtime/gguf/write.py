@@ -1,0 +1,164 @@
+"""Write a transformers model of the Llama family (Llama, Mistral, Qwen2) as a GGUF file the way
+llama.cpp's ``convert_hf_to_gguf.py`` does: llama.cpp tensor names (``blk.N.attn_q.weight``), the
+q/k rows of Llama and Mistral permuted to llama.cpp's rotary layout, 1-D tensors in F32, matrices in
+the requested type (a matrix whose rows are not whole blocks of it falls back to ``fallback``), the
+architecture's hyperparameters and a byte-level BPE tokenizer (``tokenizer.ggml.model = "gpt2"``,
+with its chat template) in the metadata.
+
+Used by the tests and the benchmark to make real GGUF files from small random models; the
+quantization itself is gguf-py's (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, BF16) or ours (K-quants, see
+quantize.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ...errors import BadInputError
+from .dequant import gguf_type
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+    from torch import nn
+
+__all__ = ["GGUFExport", "write_gguf", "llama_cpp_permute"]
+
+# transformers model_type -> (GGUF general.architecture, q/k rows permuted as llama.cpp does)
+_ARCHES: dict[str, tuple[str, bool]] = {"llama": ("llama", True), "mistral": ("llama", True),
+                                        "qwen2": ("qwen2", False)}
+
+
+@dataclass(frozen=True)
+class GGUFExport:
+    """What was written: the file, and each tensor's GGUF type name by GGUF tensor name."""
+
+    path: Path
+    tensor_types: dict[str, str]
+
+    @property
+    def nbytes(self) -> int:
+        return self.path.stat().st_size
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int, n_head_kv: int | None = None) -> np.ndarray:
+    """llama.cpp's q/k row order: per head, the two rotary halves interleaved (the inverse of
+    transformers' LlamaTensorProcessor._reverse_permute_weights)."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+def _encode(values: np.ndarray, type_name: str) -> np.ndarray:
+    """``values`` (float32 [rows, cols]) as the bytes or array GGUFWriter stores for ``type_name``."""
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    if type_name == "F32":
+        return values.astype(np.float32)
+    if type_name == "F16":
+        return values.astype(np.float16)
+    qt = GGMLQuantizationType[type_name]
+    try:
+        return quantize(values, qt)
+    except NotImplementedError:
+        from .quantize import quantize_k
+
+        return quantize_k(values, type_name)
+
+
+def _tokenizer_fields(writer: Any, tokenizer: Any) -> None:
+    """A byte-level BPE tokenizer (PreTrainedTokenizerFast over a tokenizers BPE model) as llama.cpp
+    writes one: tokens in id order, token types (3 = control for special tokens), merges."""
+    import json
+
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = state.get("model", {})
+    if model.get("type") != "BPE":
+        raise BadInputError("only byte-level BPE tokenizers can be written to GGUF here")
+    vocab = tokenizer.get_vocab()
+    tokens = [""] * len(vocab)
+    for tok, i in vocab.items():
+        tokens[i] = tok
+    special = set(tokenizer.all_special_ids)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if i in special else 1 for i in range(len(tokens))])
+    writer.add_token_merges(merges)
+    for attr, add in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
+                      ("pad_token_id", writer.add_pad_token_id)):
+        if getattr(tokenizer, attr, None) is not None:
+            add(int(getattr(tokenizer, attr)))
+    if getattr(tokenizer, "chat_template", None):
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def write_gguf(model: nn.Module, path: str | Path, qtype: str = "F32", *, tokenizer: Any = None,
+               fallback: str = "F32", name: str | None = None) -> GGUFExport:
+    """Write ``model`` (a transformers Llama / Mistral / Qwen2 causal LM) to ``path`` with its
+    matrices in ``qtype`` (any type of dequant.GGUF_TYPES)."""
+    import numpy as np
+    import torch
+    from gguf import MODEL_ARCH_NAMES, GGUFWriter, get_tensor_name_map
+
+    cfg = model.config
+    if cfg.model_type not in _ARCHES:
+        raise BadInputError(f"cannot write {cfg.model_type} models to GGUF (supported: {', '.join(_ARCHES)})")
+    arch, permute = _ARCHES[cfg.model_type]
+    want = gguf_type(qtype).name
+    fb = gguf_type(fallback).name
+    arch_id = next(k for k, v in MODEL_ARCH_NAMES.items() if v == arch)
+    names = get_tensor_name_map(arch_id, cfg.num_hidden_layers)
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    path = Path(path)
+    writer = GGUFWriter(str(path), arch)
+    writer.add_name(name or f"{cfg.model_type}-vramancer")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    theta = rope.get("rope_theta", getattr(cfg, "rope_theta", None))
+    if theta is not None:
+        writer.add_rope_freq_base(float(theta))
+    if arch == "llama":
+        writer.add_rope_dimension_count(head_dim)
+    writer.add_vocab_size(cfg.vocab_size)
+    if tokenizer is not None:
+        _tokenizer_fields(writer, tokenizer)
+    types: dict[str, str] = {}
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    with torch.no_grad():
+        for hf_name, t in model.state_dict().items():
+            if tied and hf_name == "lm_head.weight":
+                continue
+            base, _, suffix = hf_name.rpartition(".")
+            gname = names.get_name(base)
+            if gname is None:
+                raise BadInputError(f"no GGUF name for {hf_name}")
+            gname = f"{gname}.{suffix}"
+            values = t.detach().to(torch.float32).cpu().numpy()
+            if permute and suffix == "weight" and base.endswith(("self_attn.q_proj", "self_attn.k_proj")):
+                values = llama_cpp_permute(values, heads, heads if base.endswith("q_proj") else kv_heads)
+            if values.ndim < 2:
+                tname = "F32"
+            else:
+                tname = want if values.shape[-1] % gguf_type(want).block_values == 0 else fb
+            data = _encode(np.ascontiguousarray(values), tname)
+            from gguf import GGMLQuantizationType
+
+            writer.add_tensor(gname, data, raw_dtype=GGMLQuantizationType[tname] if data.dtype == np.uint8 else None)
+            types[gname] = tname
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return GGUFExport(path, types)
