@@ -6,13 +6,11 @@ foreground (the CLI) or on a background thread (tests, benchmarks, notebooks).
 """
 from __future__ import annotations
 
-import asyncio
 import socket
-import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .._net import bind_socket, is_loopback
+from .._net import BackgroundServer, bind_socket, is_loopback, serve_foreground
 from ..errors import BadInputError
 from .app import ServerConfig, create_app
 from .engine import Engine
@@ -23,8 +21,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["Server", "build_server", "ServerThread", "serve_forever", "bind_socket", "is_loopback",
            "check_bind"]
-
-
 
 
 def check_bind(host: str, api_key: str | None, insecure: bool) -> None:
@@ -44,7 +40,7 @@ class Server:
 
 
 def build_server(model: Any, tokenizer: Any, *, model_name: str = "model", context_tokens: int = 4096,
-                 max_batch: int = 16, prefill_chunk_tokens: int = 512, plan: "Plan | None" = None,
+                 max_batch: int = 16, prefill_chunk_tokens: int = 512, plan: Plan | None = None,
                  kv_budget_bytes: int | None = None, api_key: str | None = None,
                  max_tokens_limit: int = 4096, max_body_bytes: int = 4 * 2**20,
                  pipeline_lanes: int | None = None, min_rows_per_lane: int = 8,
@@ -62,25 +58,13 @@ def build_server(model: Any, tokenizer: Any, *, model_name: str = "model", conte
     return Server(engine, metrics, config, create_app(engine, config, metrics))
 
 
-def _uvicorn_server(app: Any, log_level: str):
-    import uvicorn
-
-    config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=2,
-                            lifespan="off")
-    return uvicorn.Server(config)
-
-
-
-
 def serve_forever(server: Server, sock: socket.socket, log_level: str = "info") -> None:
     """Start the engine and serve on ``sock`` until interrupted (Ctrl-C, SIGTERM)."""
-    uv = _uvicorn_server(server.app, log_level)
     server.engine.start()
     try:
-        uv.run(sockets=[sock])
+        serve_foreground(server.app, sock, log_level=log_level)
     finally:
         server.engine.stop()
-        sock.close()
 
 
 class ServerThread:
@@ -90,36 +74,24 @@ class ServerThread:
     def __init__(self, model: Any, tokenizer: Any, *, start_timeout_s: float = 30.0, **kwargs: Any) -> None:
         self.server = build_server(model, tokenizer, **kwargs)
         self.engine, self.metrics = self.server.engine, self.server.metrics
-        self._sock = bind_socket("127.0.0.1", 0)
-        self.port = self._sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._uv = _uvicorn_server(self.server.app, "warning")
-        self._thread = threading.Thread(target=self._serve, name="vramancer-http", daemon=True)
+        self._http = BackgroundServer(self.server.app, bind_socket("127.0.0.1", 0), name="vramancer-http")
+        self.port, self.url = self._http.port, self._http.url
         self._start_timeout_s = start_timeout_s
 
-    def _serve(self) -> None:
-        asyncio.run(self._uv.serve(sockets=[self._sock]))
-
-    def start(self) -> "ServerThread":
+    def start(self) -> ServerThread:
         self.engine.start()
-        self._thread.start()
-        for _ in range(int(self._start_timeout_s / 0.01)):
-            if self._uv.started or not self._thread.is_alive():
-                break
-            threading.Event().wait(0.01)
-        if not self._uv.started:
-            self.stop()
-            raise RuntimeError("the HTTP server did not start")
+        try:
+            self._http.start(self._start_timeout_s)
+        except Exception:
+            self.engine.stop()
+            raise
         return self
 
     def stop(self) -> None:
-        self._uv.should_exit = True
-        if self._thread.is_alive():
-            self._thread.join(10)
+        self._http.stop()
         self.engine.stop()
-        self._sock.close()
 
-    def __enter__(self) -> "ServerThread":
+    def __enter__(self) -> ServerThread:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
