@@ -73,10 +73,37 @@ def test_window_charts_tables_and_grab(qapp, recorder, sampler, screenshots):
     assert "decode 19.00 GiB on rtx3090#0" in window.top_phases.text()
     assert window.poll() == 0                          # nothing new: nothing redrawn
 
+    # axes say what they count, in which unit; time starts at 0 on the first sample, on every chart
+    for c in window.charts.values():
+        assert c.plot.getAxis("left").labelText == "memory used" and c.plot.getAxis("left").labelUnits == "GiB"
+        assert c.plot.getAxis("bottom").labelUnits == "s"
+        assert c.plot.getAxis("bottom").labelText == "time since the first sample"
+    assert xs[0] == 0.0 and window.charts["rtx3060#0"].used_curve.getData()[0][0] == 0.0
+    # the table, the summary and the charts agree: each chart marks the table's peak at the table's time
+    for device, row in peaks.items():
+        mx, my = window.charts[device].peak_marker.getData()
+        assert list(my) == [float(row[1])]
+        assert row[2].startswith(f"+{mx[0]:.2f} s (")
+        cx, cy = window.charts[device].used_curve.getData()
+        assert max(cy) == float(row[1]) and cx[list(cy).index(max(cy))] == mx[0]
+    top_phase_peak = window.top_phases.text().split("top phases: ")[1].split(" GiB")[0].split()[-1]
+    assert top_phase_peak == max((row[1] for row in peaks.values()), key=float)
+
     image = window.grab()
     assert image.width() > 600 and image.height() > 400
     path = screenshots / "gui-qt.png"
     assert image.save(str(path), "PNG") and path.stat().st_size > 10_000
+    # the peak marker is drawn where the chart puts it: its orange is in the chart's area of the grab
+    plot = chart.plot
+    corner = plot.mapTo(window, plot.rect().topLeft())
+    pixels = image.toImage()
+    orange = [(x, y) for x in range(corner.x(), corner.x() + plot.width(), 2)
+              for y in range(corner.y(), corner.y() + plot.height(), 2)
+              if pixels.pixelColor(x, y).red() > 230 and 150 < pixels.pixelColor(x, y).green() < 190
+              and pixels.pixelColor(x, y).blue() < 90]
+    assert orange, "the peak marker is not in the chart"
+    top_y = min(y for _, y in orange)
+    assert top_y < corner.y() + plot.height() / 2     # 20 of 24 GiB: the upper half of the chart
     window.close()
     assert window.poll() == 0                          # closed: unsubscribed
 

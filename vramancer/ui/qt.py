@@ -1,6 +1,11 @@
 """The desktop window (PySide6 + pyqtgraph): a live memory chart per device, a process table
 and the peaks, fed from the Recorder's subscription by a QTimer on the GUI thread.
 
+Every chart counts time in seconds since the window's first sample (the same origin for all of
+them) and memory in GiB, both said on the axes; the peaks table gives each peak's time on that
+axis too, and each chart marks its device's peak, so the table, the summary and the charts
+show the same numbers.
+
 Imported only by ``vramancer gui`` and tests; it does not start or stop the recorder.
 """
 from __future__ import annotations
@@ -47,8 +52,13 @@ def emit_leaks_bools() -> bool:
     return sys.getrefcount(True) < before
 
 
+TIME_AXIS = "time since the first sample"
+MEMORY_AXIS = "memory used"
+
+
 class DeviceChart(QtWidgets.QGroupBox):
-    """One device: usage text and bar, other fields, and memory used over time (GiB)."""
+    """One device: usage text and bar, other fields, and memory used (GiB) over time (seconds
+    since ``origin``, the window's first sample)."""
 
     def __init__(self, device: str, history_points: int = HISTORY_POINTS,
                  parent: QtWidgets.QWidget | None = None) -> None:
@@ -71,10 +81,14 @@ class DeviceChart(QtWidgets.QGroupBox):
         self.details.setStyleSheet("color: gray")
         self.details.setWordWrap(True)
         layout.addWidget(self.details)
-        self.plot = pg.PlotWidget(axisItems={"bottom": pg.DateAxisItem(orientation="bottom")})
+        self.origin: float | None = None                               # unix seconds at x = 0
+        self.plot = pg.PlotWidget()
         self.plot.setMinimumHeight(180)
         self.plot.setSizePolicy(QtWidgets.QSizePolicy.Expanding, QtWidgets.QSizePolicy.Ignored)
-        self.plot.setLabel("left", "GiB")
+        for side, text, unit in (("left", MEMORY_AXIS, "GiB"), ("bottom", TIME_AXIS, "s")):
+            axis = self.plot.getAxis(side)
+            axis.enableAutoSIPrefix(False)                             # never "kGiB" or "ms"
+            axis.setLabel(text, units=unit)
         self.plot.showGrid(x=True, y=True, alpha=0.25)
         self.plot.addLegend(offset=(10, 5))
         self.plot.setMouseEnabled(x=False, y=False)
@@ -82,6 +96,8 @@ class DeviceChart(QtWidgets.QGroupBox):
                                           pen=pg.mkPen((150, 150, 150), width=1, style=QtCore.Qt.DashLine))
         self.used_curve = self.plot.plot([], [], name="used", pen=pg.mkPen((94, 196, 255), width=2),
                                          fillLevel=0, brush=pg.mkBrush(94, 196, 255, 50))
+        self.peak_marker = self.plot.plot([], [], name="peak", pen=None, symbol="t", symbolSize=11,
+                                          symbolBrush=(255, 170, 60), symbolPen=(255, 170, 60))
         layout.addWidget(self.plot, 1)          # the chart takes the spare height
 
     def add(self, sample: DeviceSample, timestamp: float) -> None:
@@ -91,11 +107,21 @@ class DeviceChart(QtWidgets.QGroupBox):
         self.total.append(sample.total_bytes / GiB if sample.total_bytes is not None else nan)
 
     def redraw(self) -> None:
-        xs = list(self.xs)
+        origin = self.origin if self.origin is not None else (self.xs[0] if self.xs else 0.0)
+        xs = [x - origin for x in self.xs]
         self.used_curve.setData(xs, list(self.used), connect="finite")
         self.total_curve.setData(xs, list(self.total), connect="finite")
         top = max([v for v in list(self.used) + list(self.total) if v == v] or [1.0])
         self.plot.setYRange(0, top * 1.05, padding=0)
+        if xs:
+            self.plot.setXRange(xs[0], max(xs[-1], xs[0] + 1e-3), padding=0.02)
+
+    def show_peak(self, timestamp: float | None, used_bytes: int | None) -> None:
+        """Mark the peak the peaks table lists for this device (nothing when it has none)."""
+        if timestamp is None or used_bytes is None or self.origin is None:
+            self.peak_marker.setData([], [])
+            return
+        self.peak_marker.setData([timestamp - self.origin], [used_bytes / GiB])
 
     def show_sample(self, sample: DeviceSample) -> None:
         view = device_view(sample)
@@ -137,6 +163,7 @@ class MonitorWindow(QtWidgets.QMainWindow):
         self.history_points = history_points
         self.charts: dict[str, DeviceChart] = {}
         self.samples_seen = 0
+        self.origin: float | None = None          # unix seconds of the first sample: x = 0 on every chart
         self.last_snapshot: Snapshot | None = None
         self.setWindowTitle("VRAMancer — live VRAM")
         self.resize(1100, 760)
@@ -151,6 +178,8 @@ class MonitorWindow(QtWidgets.QMainWindow):
 
         self.processes = _table(list(PROCESS_HEADERS))
         self.peaks = _table(list(PEAK_HEADERS))
+        self.peaks.horizontalHeader().setSectionResizeMode(PEAK_HEADERS.index("at"),
+                                                           QtWidgets.QHeaderView.ResizeToContents)
         self.top_phases = QtWidgets.QLabel("")
         proc_box = QtWidgets.QGroupBox("Processes")
         QtWidgets.QVBoxLayout(proc_box).addWidget(self.processes)
@@ -192,6 +221,7 @@ class MonitorWindow(QtWidgets.QMainWindow):
                 self.waiting.deleteLater()
                 self.waiting = None
             chart = DeviceChart(device, self.history_points)
+            chart.origin = self.origin
             n = len(self.charts)
             self.grid.addWidget(chart, n // 2, n % 2)
             self.charts[device] = chart
@@ -202,6 +232,8 @@ class MonitorWindow(QtWidgets.QMainWindow):
         return poll_feed(self._subscription, self._take, self._show)
 
     def _take(self, snap: Snapshot) -> None:
+        if self.origin is None:
+            self.origin = snap.timestamp
         self.samples_seen += 1
         self.last_snapshot = snap
         for sample in snap.devices:
@@ -214,7 +246,18 @@ class MonitorWindow(QtWidgets.QMainWindow):
             chart.redraw()
         _fill(self.processes, process_table_rows(snap), numeric=(3,))
         report = self.recorder.peaks().to_dict()
-        _fill(self.peaks, peak_rows(report), numeric=(1, 4))
+        rows = []
+        for row, item in zip(peak_rows(report), report.get("devices", []), strict=True):
+            when = item.get("peak_timestamp")
+            if isinstance(when, (int, float)) and self.origin is not None:   # the charts' time axis too
+                since = when - self.origin
+                row = (row[0], row[1], f"+{since:.2f} s ({row[2][:8]})" if since < 10 else
+                       f"+{since:.1f} s ({row[2][:8]})", *row[3:])
+            rows.append(row)
+            chart = self.charts.get(str(item.get("device")))
+            if chart is not None:
+                chart.show_peak(when, item.get("peak_used_bytes"))
+        _fill(self.peaks, rows, numeric=(1, 2, 4))
         self.top_phases.setText(peaks_summary(report))
         msg = f"last sample {iso_time(snap.timestamp)[11:]}  ·  {self.samples_seen} samples"
         if snap.phase:
