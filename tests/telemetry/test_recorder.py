@@ -2,6 +2,7 @@
 background thread, subscriptions."""
 from __future__ import annotations
 
+import json
 import math
 import queue
 import threading
@@ -225,3 +226,30 @@ def test_processes_and_sampler_phase_pass_through():
     snap = rec.sample_once()
     assert snap.processes == [proc]
     assert rec.peaks().processes[0].peak_used_bytes == 7
+
+
+def test_to_csv_and_to_json_without_a_path_return_the_text(tmp_path):
+    from vramancer.telemetry.export import read_csv, read_json
+
+    counter = ListSampler([([DeviceSample("g", "gpu, \"quoted\"", "simulated", used_bytes=5, total_bytes=80)],
+                            [ProcessSample("g", 4242, 3, "py,thon")])])
+    rec = Recorder(samplers=[counter], interval=1)
+    with rec.phase("load"):
+        rec.sample_once()
+    rec.sample_once()
+    csv_text, json_text = rec.to_csv(), rec.to_json()
+    assert isinstance(csv_text, str) and isinstance(json_text, str)
+    # the same bytes as the files
+    assert rec.to_csv(tmp_path / "t.csv") == tmp_path / "t.csv"
+    assert rec.to_json(tmp_path / "t.json") == tmp_path / "t.json"
+    assert (tmp_path / "t.csv").read_bytes() == csv_text.encode()
+    assert (tmp_path / "t.json").read_bytes() == json_text.encode()
+    # and they read back as the trace that was recorded
+    header, *rows = csv_text.splitlines()
+    assert header.startswith("timestamp,device,name") and len(rows) == 4      # 2 snapshots x (device + process)
+    for trace in (read_csv(tmp_path / "x.csv", text=csv_text), read_json(tmp_path / "x.json", text=json_text)):
+        assert [s.devices[0].used_bytes for s in trace.snapshots] == [5, 5]
+        assert trace.snapshots[0].devices[0].name == "gpu, \"quoted\""
+        assert [(p.pid, p.name) for p in trace.snapshots[1].processes] == [(4242, "py,thon")]
+        assert trace.snapshots[0].phase == "load" and trace.snapshots[1].phase is None
+    assert json.loads(json_text)["phases"][0]["name"] == "load"

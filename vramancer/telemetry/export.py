@@ -54,8 +54,8 @@ from ..errors import TraceFileError
 from .peaks import Mark, PhaseInterval
 from .samples import DeviceSample, ProcessSample, Snapshot
 
-__all__ = ["Trace", "CSV_COLUMNS", "REQUIRED_CSV_COLUMNS", "JSON_SCHEMA", "write_csv", "write_json",
-           "read_trace", "read_csv", "read_json", "trace_to_dict", "phases_from_rows"]
+__all__ = ["Trace", "CSV_COLUMNS", "REQUIRED_CSV_COLUMNS", "JSON_SCHEMA", "write_csv", "write_json", "csv_text",
+           "json_text", "read_trace", "read_csv", "read_json", "trace_to_dict", "phases_from_rows"]
 
 JSON_SCHEMA = 1
 REQUIRED_CSV_COLUMNS = ("timestamp", "device", "name", "uuid", "used_bytes", "total_bytes", "reserved_bytes",
@@ -108,23 +108,30 @@ def _cell(value: Any) -> str:
 
 def write_csv(path: str | Path, snapshots: Iterable[Snapshot]) -> Path:
     """Write ``snapshots`` as CSV (columns in the module docstring), atomically."""
+    return _atomic_write(path, lambda f: _csv_to(f, snapshots))
 
-    def write(f: io.TextIOBase) -> None:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(CSV_COLUMNS)
-        for s in snapshots:
-            ts = repr(float(s.timestamp))
-            for d in s.devices:
-                w.writerow([ts, d.device, d.name, _cell(d.uuid), _cell(d.used_bytes), _cell(d.total_bytes),
-                            _cell(d.reserved_bytes), _cell(d.utilization_pct), _cell(d.power_w),
-                            _cell(d.temperature_c), "", "", _cell(s.phase), d.source, _cell(bool(d.lost)),
-                            _cell(d.sm_clock_mhz), _cell(d.mem_clock_mhz), _cell(d.peak_bytes),
-                            ";".join(d.missing)])
-            for p in s.processes:
-                w.writerow([ts, p.device, "", "", _cell(p.used_bytes), "", "", "", "", "", str(int(p.pid)),
-                            _cell(p.name), _cell(s.phase), "", "0", "", "", "", ""])
 
-    return _atomic_write(path, write)
+def csv_text(snapshots: Iterable[Snapshot]) -> str:
+    """The CSV ``write_csv`` writes, as text."""
+    buf = io.StringIO(newline="")
+    _csv_to(buf, snapshots)
+    return buf.getvalue()
+
+
+def _csv_to(f: io.TextIOBase, snapshots: Iterable[Snapshot]) -> None:
+    w = csv.writer(f, lineterminator="\n")
+    w.writerow(CSV_COLUMNS)
+    for s in snapshots:
+        ts = repr(float(s.timestamp))
+        for d in s.devices:
+            w.writerow([ts, d.device, d.name, _cell(d.uuid), _cell(d.used_bytes), _cell(d.total_bytes),
+                        _cell(d.reserved_bytes), _cell(d.utilization_pct), _cell(d.power_w),
+                        _cell(d.temperature_c), "", "", _cell(s.phase), d.source, _cell(bool(d.lost)),
+                        _cell(d.sm_clock_mhz), _cell(d.mem_clock_mhz), _cell(d.peak_bytes),
+                        ";".join(d.missing)])
+        for p in s.processes:
+            w.writerow([ts, p.device, "", "", _cell(p.used_bytes), "", "", "", "", "", str(int(p.pid)),
+                        _cell(p.name), _cell(s.phase), "", "0", "", "", "", ""])
 
 
 def trace_to_dict(snapshots: Iterable[Snapshot], phases: Sequence[PhaseInterval] = (),
@@ -141,13 +148,15 @@ def trace_to_dict(snapshots: Iterable[Snapshot], phases: Sequence[PhaseInterval]
 def write_json(path: str | Path, snapshots: Iterable[Snapshot], phases: Sequence[PhaseInterval] = (),
                marks: Sequence[Mark] = (), interval: float | None = None) -> Path:
     """Write a schema-1 JSON trace, atomically."""
-    doc = trace_to_dict(snapshots, phases, marks, interval)
+    text = json_text(snapshots, phases, marks, interval)
+    return _atomic_write(path, lambda f: f.write(text))
 
-    def write(f: io.TextIOBase) -> None:
-        json.dump(doc, f, allow_nan=False, separators=(",", ":"))
-        f.write("\n")
 
-    return _atomic_write(path, write)
+def json_text(snapshots: Iterable[Snapshot], phases: Sequence[PhaseInterval] = (),
+              marks: Sequence[Mark] = (), interval: float | None = None) -> str:
+    """The schema-1 JSON trace ``write_json`` writes, as text (one line)."""
+    return json.dumps(trace_to_dict(snapshots, phases, marks, interval), allow_nan=False,
+                      separators=(",", ":")) + "\n"
 
 
 # -- reading ----------------------------------------------------------------------------------

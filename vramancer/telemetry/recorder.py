@@ -25,7 +25,7 @@ from collections import deque
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, overload
 
 from ..errors import WorkloadError
 from .peaks import Mark, PeakReport, PeakTracker, PhaseInterval
@@ -358,15 +358,30 @@ class Recorder:
         sub._closed_by_recorder()
 
     # -- export -----------------------------------------------------------------------------
-    def to_csv(self, path: str | Path) -> Path:
-        from .export import write_csv
+    @overload
+    def to_csv(self, path: None = None) -> str: ...
+    @overload
+    def to_csv(self, path: str | Path) -> Path: ...
 
-        return write_csv(path, self.snapshots())
+    def to_csv(self, path: str | Path | None = None) -> str | Path:
+        """The trace as CSV (columns in telemetry/export.py): written atomically to ``path`` (the
+        path is returned), or returned as text without one (like ``Plan.to_json()`` and pandas)."""
+        from .export import csv_text, write_csv
 
-    def to_json(self, path: str | Path) -> Path:
-        from .export import write_json
+        return csv_text(self.snapshots()) if path is None else write_csv(path, self.snapshots())
 
-        return write_json(path, self.snapshots(), phases=self.phases(), marks=self.marks(), interval=self.interval)
+    @overload
+    def to_json(self, path: None = None) -> str: ...
+    @overload
+    def to_json(self, path: str | Path) -> Path: ...
+
+    def to_json(self, path: str | Path | None = None) -> str | Path:
+        """The trace as schema-1 JSON, phases and marks included: written atomically to ``path``
+        (the path is returned), or returned as text without one."""
+        from .export import json_text, write_json
+
+        args = dict(phases=self.phases(), marks=self.marks(), interval=self.interval)
+        return json_text(self.snapshots(), **args) if path is None else write_json(path, self.snapshots(), **args)
 
 
 def track(interval: float = 1.0, samplers: list | None = None, **kwargs: Any) -> Recorder:
