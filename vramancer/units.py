@@ -42,14 +42,15 @@ def parse_bytes(text: str | int | float) -> int:
     return int(float(number) * factor)
 
 
-def format_bytes(n: int | float, precision: int = 1) -> str:
-    """1.5 * 2**30 -> "1.5 GiB"."""
+def format_bytes(n: int | float, precision: int = 1, *, compact: bool = False) -> str:
+    """1.5 * 2**30 -> "1.5 GiB"; ``compact`` for table cells: "1.5G", "47.2M", "212.0K", "512".
+    Binary units (GiB = 2**30) in both forms; the one byte formatter of the project."""
     sign = "-" if n < 0 else ""
     n = abs(float(n))
     for unit, size in (("TiB", TiB), ("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
         if n >= size:
-            return f"{sign}{n / size:.{precision}f} {unit}"
-    return f"{sign}{int(n)} B"
+            return f"{sign}{n / size:.{precision}f}{unit[0] if compact else ' ' + unit}"
+    return f"{sign}{int(n)}" + ("" if compact else " B")
 
 
 def iso_time(timestamp: float) -> str:
