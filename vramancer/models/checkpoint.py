@@ -35,6 +35,8 @@ __all__ = [
     "place_tensors",
     "profile_from_folder",
     "profile_from_safetensors_file",
+    "profile_from_tensors",
+    "SAFETENSORS_TORCH_NAMES",
     "IGNORED_TENSOR_PATTERNS",
     "ignored_tensor",
     "pickle_weight_files",
@@ -47,6 +49,12 @@ SAFETENSORS_BITS: dict[str, int] = {
     "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
     "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64,
     "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+}
+# safetensors dtype names -> torch dtype attribute names (the one table; the runtime and convert use it)
+SAFETENSORS_TORCH_NAMES: dict[str, str] = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "U16": "uint16", "U32": "uint32", "U64": "uint64",
 }
 _FLOAT_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 _LAYER_RE = re.compile(r"(?:^|\.)(layers|h|layer|blocks|block|blk|decoder_layers)\.(\d+)\.")
@@ -473,9 +481,18 @@ def profile_from_folder(folder: str | Path, dtype: str | None = None, *, name: s
     tensors: list[HeaderTensor] = []
     for f in files:
         tensors += read_safetensors_header(f)[0]
+    return profile_from_tensors(config, tensors, dtype, name=display, source=source, path=str(folder),
+                                origin=str(cfg_path), notes=notes)
+
+
+def profile_from_tensors(config: dict, tensors: list[HeaderTensor], dtype: str | None = None, *, name: str,
+                         source: str, path: str | None, origin: str, notes: list[str] | None = None) -> ModelProfile:
+    """Profile of a checkpoint given its config and its tensors as headers describe them, wherever
+    the headers came from (local files, or ranges read from a Hub repo's files)."""
+    notes = list(notes or [])
     dname, exact, quant = _choose_dtype(dtype, tensors, config, notes)
-    layout = _checkpoint_layout(config, str(cfg_path), tensors, exact)
-    return assemble_profile(layout, resolve_dtype(dname), name=display, source=source, path=str(folder),
+    layout = _checkpoint_layout(config, origin, tensors, exact)
+    return assemble_profile(layout, resolve_dtype(dname), name=name, source=source, path=path,
                             quantization=quant, notes=notes)
 
 

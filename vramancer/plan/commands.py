@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ..errors import WorkloadError
 
@@ -163,7 +164,18 @@ def main(args: argparse.Namespace) -> int:
         return _list_models(console, as_json=args.json)
     if not args.model:
         raise WorkloadError("which model? e.g. `vramancer plan llama-3.1-8b` (see --list-models)")
-    result = plan(args.model, **planner_kwargs(args))
+    kwargs = planner_kwargs(args)
+    target = args.model
+    fetch = None
+    if "/" in str(args.model) and not Path(args.model).expanduser().exists():
+        from ..hub.resolve import remote_fetch  # only for a Hub id: catalog plans stay torch- and network-free
+
+        fetch = remote_fetch(args.model, dtype=kwargs.get("dtype"))
+        if fetch is not None:
+            target = fetch.profile
+    result = plan(target, **kwargs)
+    if fetch is not None:
+        print(f"not on this machine: a run would download {fetch.announce()}", file=sys.stderr)
     if args.output:
         result.save(args.output)
     if args.json:

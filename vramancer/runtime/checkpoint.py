@@ -16,19 +16,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
 from ..errors import MalformedCheckpointError, UnknownModelError
-from ..models.checkpoint import HeaderTensor, checkpoint_files, read_safetensors_header, refuse_pickle_only
+from ..models.checkpoint import (
+    SAFETENSORS_TORCH_NAMES,
+    HeaderTensor,
+    checkpoint_files,
+    read_safetensors_header,
+    refuse_pickle_only,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 __all__ = ["TensorInfo", "Checkpoint", "SAFETENSORS_DTYPES", "torch_dtype_of", "write_safetensors"]
 
-# safetensors dtype names -> torch dtype attribute names
-SAFETENSORS_DTYPES: dict[str, str] = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "U16": "uint16", "U32": "uint32", "U64": "uint64",
-}
+# safetensors dtype names -> torch dtype attribute names (models/checkpoint.py holds the table)
+SAFETENSORS_DTYPES = SAFETENSORS_TORCH_NAMES
+
+
 def torch_dtype_of(safetensors_dtype: str) -> "torch.dtype":
     import torch
 

@@ -15,7 +15,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..memory import MemoryReport
 
 __all__ = ["add_run_flags", "add_monitor_flags", "make_plan", "load_tokenizer", "load_split", "render_memory",
-           "render_speed", "check_plan_fits", "summary_json", "missing_runtime"]
+           "render_speed", "check_plan_fits", "summary_json", "missing_runtime", "fetch_model"]
 
 
 def add_run_flags(p: argparse.ArgumentParser) -> None:
@@ -49,9 +49,18 @@ def check_plan_fits(plan: "Plan") -> None:
             + " (change --split, --context or --devices)", shortfall_bytes=short)
 
 
+def fetch_model(model: str) -> str:
+    """``model``, downloaded first when it is a Hub id not on this machine (the files and total
+    bytes are announced on stderr before the download); returns the name the resolver now finds."""
+    from ...hub.resolve import ensure_local
+
+    return ensure_local(str(model))
+
+
 def make_plan(args: argparse.Namespace, model: str) -> "Plan":
     from ...plan.plan import Plan
 
+    model = fetch_model(model)
     if getattr(args, "plan", None):
         return Plan.load(args.plan)
     from ...plan.commands import planner_kwargs
@@ -73,6 +82,7 @@ def load_split(model: str, plan: "Plan", dtype: str | None = None) -> tuple[Any,
     """(model split per ``plan``, tokenizer) for ``model`` (a local transformers folder)."""
     from ..loader import load, weights_folder
 
+    model = fetch_model(model)
     folder = weights_folder(model)
     tok = load_tokenizer(folder)
     check_plan_fits(plan)
