@@ -2,6 +2,7 @@
 and wall-clock times ("2025-01-31T14:03:07.250", local time)."""
 from __future__ import annotations
 
+import math
 import re
 import time
 
@@ -29,6 +30,8 @@ def parse_bytes(text: str | int | float) -> int:
     if isinstance(text, bool):
         raise BadInputError(f"not a size: {text!r}")
     if isinstance(text, (int, float)):
+        if isinstance(text, float) and not math.isfinite(text):
+            raise BadInputError(f"not a size: {text!r}")
         if text < 0:
             raise BadInputError(f"size must not be negative: {text}")
         return int(text)
@@ -39,7 +42,10 @@ def parse_bytes(text: str | int | float) -> int:
     factor = _UNITS.get(unit.lower())
     if factor is None:
         raise BadInputError(f"unknown size unit {unit!r} in {text!r} (use KiB, MiB, GiB, TiB, MB, GB)")
-    return int(float(number) * factor)
+    value = float(number) * factor
+    if not math.isfinite(value):
+        raise BadInputError(f"not a size: {text!r} (too large)")
+    return int(value)
 
 
 def format_bytes(n: int | float, precision: int = 1, *, compact: bool = False) -> str:

@@ -12,7 +12,12 @@ from ..errors import BadInputError, DeviceSpecError
 from ..units import parse_bytes
 from .device import Device
 
-__all__ = ["parse_devices", "parse_item", "format_devices"]
+__all__ = ["MAX_DEVICES", "check_backing", "format_devices", "parse_devices", "parse_item"]
+
+# more devices than any one machine (or a plan over a small cluster) has; the planner's search grows
+# with the device count, so a spec of thousands of items is refused instead of searched
+MAX_DEVICES = 64
+_BACKING_RE = re.compile(r"^(cuda|rocm|gpu)(?::(\d+))?$")
 
 _REAL_GPU_RE = re.compile(r"^(cuda|rocm|gpu):(\d+)$")
 _CUSTOM_RE = re.compile(
@@ -134,9 +139,12 @@ def parse_devices(spec: str | list | tuple | None = "auto", backing: str = "cpu"
         raise DeviceSpecError(f"device spec must be a string like 'rtx3090,rtx3060', not {type(spec).__name__}")
     if not spec.strip():
         raise DeviceSpecError("no devices given (try --devices auto, or rtx3090,rtx3060)")
+    items = spec.split(",")
+    if len(items) > MAX_DEVICES:
+        raise DeviceSpecError(f"{len(items)} devices given; a plan takes at most {MAX_DEVICES}")
     devices: list[Device] = []
     real = None
-    for item in spec.split(","):
+    for item in items:
         devices.extend(parse_item(item, backing=backing, real=real))
     # unique ids: simulated GPUs are numbered per name (rtx3060#0, rtx3060#1)
     counts: dict[str, int] = {}
@@ -151,7 +159,34 @@ def parse_devices(spec: str | list | tuple | None = "auto", backing: str = "cpu"
     return out
 
 
+def check_backing(backing: str | None, real: list[Device] | None = None) -> str:
+    """The torch device behind simulated GPUs, checked: "cpu", or a real GPU of this machine
+    ("cuda:0"; "cuda" means cuda:0; "mps"). DeviceSpecError naming the GPUs here otherwise, so a
+    run fails before it loads anything, not when it first moves a tensor."""
+    if backing is None:
+        return "cpu"
+    if not isinstance(backing, str):
+        raise DeviceSpecError(f"--backing must be a device name like cpu or cuda:0, not {backing!r:.40}")
+    low = backing.strip().lower()
+    if low == "cpu":
+        return "cpu"
+    m = _BACKING_RE.match(low)
+    if m is None and low != "mps":
+        raise DeviceSpecError(f"--backing {backing!r}: not cpu, cuda:N or mps")
+    wanted = "mps" if low == "mps" else f"cuda:{m.group(2) or 0}"
+    if real is None:
+        from .inventory import gpu_devices
+
+        real = gpu_devices()
+    if not any(d.id == wanted or d.torch_device == wanted for d in real):
+        have = ", ".join(d.id for d in real) or "none"
+        raise DeviceSpecError(f"--backing {backing}: no device {wanted} on this machine (real GPUs here: {have})")
+    return wanted
+
+
 def _check(devices: list[Device]) -> None:
+    if len(devices) > MAX_DEVICES:
+        raise DeviceSpecError(f"{len(devices)} devices given; a plan takes at most {MAX_DEVICES}")
     if not devices:
         raise DeviceSpecError("no devices found (no GPU, and cpu/disk not asked for)")
     seen = set()

@@ -33,10 +33,13 @@ def add_planner_flags(p: argparse.ArgumentParser, devices_default: str = "auto")
 def parse_split(text: str | None) -> list[float] | None:
     if text is None:
         return None
+    from .planner import check_split
+
     try:
-        return [float(x) for x in text.split(",")]
+        parts = [float(x) for x in text.split(",")]
     except ValueError:
         raise WorkloadError(f"--split must be numbers separated by commas, like 3,1 (got {text!r})") from None
+    return check_split(parts)
 
 
 def planner_kwargs(args: argparse.Namespace) -> dict:

@@ -90,32 +90,30 @@ def candidate_orders(devices: list[Device], max_orders: int = MAX_ORDERS) -> lis
 
 def _distinct_orders(items: list[int], keys: list[tuple]):
     """Orders of ``items`` that differ in their sequence of keys (identical devices never swapped):
-    8 identical GPUs give 1 order, not 40320."""
+    8 identical GPUs give 1 order, not 40320. Iterative (the next permutation of a multiset, in
+    lexicographic order), so any number of devices costs no recursion depth."""
     groups: dict[tuple, list[int]] = {}
     for i, k in zip(items, keys):
         groups.setdefault(k, []).append(i)
     kinds = list(groups)
-    counts = [len(groups[k]) for k in kinds]
-    n = len(items)
-
-    def rec(prefix: list[int]):
-        if len(prefix) == n:
-            used = [0] * len(kinds)
-            order = []
-            for g in prefix:
-                order.append(groups[kinds[g]][used[g]])
-                used[g] += 1
-            yield order
+    seq = sorted(g for g, k in enumerate(kinds) for _ in groups[k])
+    while True:
+        used = [0] * len(kinds)
+        order = []
+        for g in seq:
+            order.append(groups[kinds[g]][used[g]])
+            used[g] += 1
+        yield order
+        i = len(seq) - 2
+        while i >= 0 and seq[i] >= seq[i + 1]:
+            i -= 1
+        if i < 0:
             return
-        for g in range(len(kinds)):
-            if counts[g]:
-                counts[g] -= 1
-                prefix.append(g)
-                yield from rec(prefix)
-                prefix.pop()
-                counts[g] += 1
-
-    yield from rec([])
+        j = len(seq) - 1
+        while seq[j] <= seq[i]:
+            j -= 1
+        seq[i], seq[j] = seq[j], seq[i]
+        seq[i + 1:] = reversed(seq[i + 1:])
 
 
 def partition(table: BlockTable, devices: list[Device], order: list[int], capacity: list[int],

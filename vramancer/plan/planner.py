@@ -13,7 +13,7 @@ from dataclasses import replace
 from typing import Any
 
 from ..devices.device import Device
-from ..errors import DoesNotFitError, WorkloadError
+from ..errors import BadInputError, DoesNotFitError, WorkloadError
 from ..models.profile import ModelProfile
 from ..units import format_bytes, parse_bytes
 from .cost import CostModel
@@ -22,27 +22,69 @@ from .memory import BlockTable, default_reserve_bytes
 from .partition import MAX_ORDERS, Placement, candidate_orders, partition, time_quantum
 from .plan import Plan, Stage, Workload
 
-__all__ = ["plan", "plan_profile", "plan_placement", "check_workload", "SMALLER_DTYPES"]
+__all__ = ["plan", "plan_profile", "plan_placement", "check_workload", "check_split", "check_reserve",
+           "SMALLER_DTYPES"]
 
 # what to suggest, in order, when a model does not fit: each smaller than the one before
 SMALLER_DTYPES = ["float16", "int8", "q6_k", "q4_k_m", "q3_k_m"]
 _MAX_CONTEXT_CAP = 1 << 22
 
 
+# The partitioner's work is ~devices x blocks^2 per device order: one plan's search tries as many
+# orders as fit SEARCH_CELLS, and a problem whose single order exceeds MAX_PROBLEM_CELLS (64 devices
+# x 256 blocks, 4 x 1024) is refused in one line rather than searched for minutes.
+SEARCH_CELLS = 1 << 24
+MAX_PROBLEM_CELLS = 1 << 22
+# beyond any model's context (2**31 tokens) or batch: refused rather than searched
+_MAX_TOKENS = 1 << 31
+_MAX_BATCH = 1 << 20
+
+
 def check_workload(context: Any, batch: Any, objective: str, prefill_chunk: Any) -> None:
-    for name, v in (("context", context), ("batch", batch), ("prefill chunk", prefill_chunk)):
+    for name, v, most in (("context", context, _MAX_TOKENS), ("batch", batch, _MAX_BATCH),
+                          ("prefill chunk", prefill_chunk, _MAX_TOKENS)):
         if isinstance(v, bool) or not isinstance(v, int):
-            raise WorkloadError(f"{name} must be a whole number of tokens, not {v!r}")
+            raise WorkloadError(f"{name} must be a whole number of tokens, not {v!r:.40}")
         if v < 1:
             raise WorkloadError(f"{name} must be at least 1 (got {v})")
+        if v > most:
+            raise WorkloadError(f"{name} {v} is more than the {most} this planner takes")
     if objective not in ("latency", "throughput"):
         raise WorkloadError(f"objective must be 'latency' or 'throughput', not {objective!r}")
+
+
+def check_split(split: Any) -> list[float] | None:
+    """A manual split as proportions: finite, non-negative numbers with a positive sum
+    (WorkloadError otherwise: ``inf,1``, ``nan``, ``-1,2``, ``0,0``, a string)."""
+    if split is None:
+        return None
+    bad = WorkloadError("--split needs finite, non-negative proportions with a positive sum, like 3,1")
+    if isinstance(split, (str, bytes)) or not hasattr(split, "__iter__"):
+        raise bad
+    parts = list(split)
+    if not parts or any(isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0
+                        for x in parts):
+        raise bad
+    if not sum(parts) > 0 or not math.isfinite(sum(parts)):
+        raise bad
+    return [float(x) for x in parts]
+
+
+def check_reserve(reserve_bytes: Any) -> int:
+    """The per-GPU reserve in bytes: a size ("512MiB") or a finite, non-negative number
+    (WorkloadError otherwise: NaN, infinity, negative, not a size)."""
+    if isinstance(reserve_bytes, float) and not math.isfinite(reserve_bytes):
+        raise WorkloadError(f"reserve must be a finite number of bytes, not {reserve_bytes!r}")
+    try:
+        return parse_bytes(reserve_bytes)
+    except (BadInputError, ValueError, OverflowError, TypeError) as e:
+        raise WorkloadError(f"reserve: {e}") from None
 
 
 def _reserve(devices: list[Device], reserve_bytes: int | str | None) -> dict[str, int]:
     if reserve_bytes is None:
         return {d.id: default_reserve_bytes(d) for d in devices}
-    r = parse_bytes(reserve_bytes)
+    r = check_reserve(reserve_bytes)
     # the person's reserve applies to GPUs; host and disk keep theirs (they hold the process itself)
     return {d.id: (r if d.kind == "gpu" else default_reserve_bytes(d)) for d in devices}
 
@@ -102,6 +144,8 @@ class _Planner:
         n = self.table.n
         if n > 64:  # large models: fewer orders keep planning well under a second
             max_orders = min(max_orders, 24)
+        # every partition costs ~devices x blocks^2 steps: the orders tried fit one work budget
+        max_orders = max(1, min(max_orders, SEARCH_CELLS // (len(devs) * n * n or 1)))
         quantum = time_quantum(seconds)
         orders = candidate_orders(devs, max_orders)
         best: Placement | None = None
@@ -124,8 +168,9 @@ class _Planner:
         n = t.n
         rest = t.without_last()
         head = t.range_memory(n - 1, n)
+        budget = max(1, SEARCH_CELLS // (len(self.devices) * n * n or 1))   # partitions, as in search()
         for h, dev in enumerate(self.devices):
-            if dev.kind != "gpu":
+            if dev.kind != "gpu" or budget <= 0:
                 continue
             cap = list(capacity)
             # the head's own weights and KV; its workspace only beyond what the layers' already is
@@ -136,6 +181,9 @@ class _Planner:
                 continue
             head_q = round(seconds[h][n - 1] / quantum) + round(hops[h] / quantum)
             for order in orders:
+                if budget <= 0:
+                    break
+                budget -= 1
                 p = partition(rest, self.devices, order, cap, [row[:-1] for row in seconds], hops,
                               self.workload.objective, quantum=quantum)
                 if p is None:
@@ -192,8 +240,7 @@ def _manual_placement(pl: _Planner, split: list[float]) -> list[tuple[int, int, 
     gpus = [i for i, d in enumerate(pl.devices) if d.kind == "gpu"]
     if len(split) != len(gpus):
         raise WorkloadError(f"--split has {len(split)} parts but there are {len(gpus)} GPUs")
-    if any((not isinstance(x, (int, float))) or x < 0 or math.isnan(x) for x in split) or sum(split) <= 0:
-        raise WorkloadError("--split needs non-negative proportions with a positive sum, like 3,1")
+    split = check_split(split)
     n = pl.table.n
     layers = n - 2 if n > 2 else n
     total = float(sum(split))
@@ -221,6 +268,10 @@ def plan_profile(profile: ModelProfile, devices: list[Device], workload: Workloa
                  suggest: bool = True) -> Plan:
     check_workload(workload.context, workload.batch, workload.objective, workload.prefill_chunk)
     reserve = _reserve(devices, reserve_bytes)
+    cells = len(devices) * profile.num_blocks ** 2
+    if cells > MAX_PROBLEM_CELLS:
+        raise WorkloadError(f"{len(devices)} devices x {profile.num_blocks} blocks is beyond what the planner "
+                            f"searches (devices x blocks^2 at most {MAX_PROBLEM_CELLS}); give fewer devices")
     pl = _Planner(profile, devices, workload, reserve)
     notes: list[str] = []
     if profile.max_position_embeddings and workload.context > profile.max_position_embeddings:
@@ -491,6 +542,12 @@ def plan(model: Any, devices: Any = "auto", context: int = 4096, batch: int = 1,
     from ..devices.spec import parse_devices
 
     check_workload(context, batch, objective, prefill_chunk)
+    split = check_split(split)
+    if reserve_bytes is not None:
+        check_reserve(reserve_bytes)
+    from ..devices.spec import check_backing
+
+    backing = check_backing(backing)
     if isinstance(model, ModelProfile):
         prof = model
     else:

@@ -108,7 +108,7 @@ def _split_bits(x: torch.Tensor, group: int, shifts: tuple[int, ...], mask: int)
     ((byte >> shift) & mask, one run per shift in order): [n, k // group, len(shifts), group]."""
     n = x.shape[0]
     s = _shifts(shifts, x).view(1, 1, len(shifts), 1)
-    return (x.reshape(n, -1, 1, group) >> s) & mask
+    return (x.reshape(n, -1, 1, group) >> s).bitwise_and_(mask)
 
 
 def _bits(x: torch.Tensor, group: int) -> torch.Tensor:
@@ -117,6 +117,8 @@ def _bits(x: torch.Tensor, group: int) -> torch.Tensor:
 
 
 def _float(q: torch.Tensor) -> torch.Tensor:
+    """The one float32 tensor a block function allocates; the scaling is then done in place on it
+    (each multiply and subtract its own rounding, as numpy does)."""
     import torch
 
     return q.to(torch.float32)
@@ -125,22 +127,21 @@ def _float(q: torch.Tensor) -> torch.Tensor:
 def _q8_0(b: torch.Tensor) -> torch.Tensor:
     import torch
 
-    d = _f16(b, 0)
-    return _float(b[:, 2:].view(torch.int8)) * d
+    return _float(b[:, 2:].view(torch.int8)).mul_(_f16(b, 0))
 
 
 def _q4_0(b: torch.Tensor) -> torch.Tensor:
     import torch
 
     n = b.shape[0]
-    q = _split_bits(b[:, 2:], 16, (0, 4), 0x0F).reshape(n, 32).to(torch.int8) - 8
-    return _f16(b, 0) * _float(q)
+    q = _split_bits(b[:, 2:], 16, (0, 4), 0x0F).reshape(n, 32).to(torch.int8).sub_(8)
+    return _float(q).mul_(_f16(b, 0))
 
 
 def _q4_1(b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
     q = _float(_split_bits(b[:, 4:], 16, (0, 4), 0x0F).reshape(n, 32))
-    return (_f16(b, 0) * q) + _f16(b, 2)
+    return q.mul_(_f16(b, 0)).add_(_f16(b, 2))
 
 
 def _q5(b: torch.Tensor, at: int) -> torch.Tensor:
@@ -148,18 +149,18 @@ def _q5(b: torch.Tensor, at: int) -> torch.Tensor:
     n = b.shape[0]
     hi = _bits(b[:, at:at + 4], 4).permute(0, 1, 3, 2).reshape(n, 32)  # bit j of byte i -> value 8i+j
     lo = _split_bits(b[:, at + 4:], 16, (0, 4), 0x0F).reshape(n, 32)
-    return lo | (hi << 4)
+    return lo.bitwise_or_(hi.bitwise_left_shift_(4))
 
 
 def _q5_0(b: torch.Tensor) -> torch.Tensor:
     import torch
 
-    q = _q5(b, 2).to(torch.int8) - 16
-    return _f16(b, 0) * _float(q)
+    q = _q5(b, 2).to(torch.int8).sub_(16)
+    return _float(q).mul_(_f16(b, 0))
 
 
 def _q5_1(b: torch.Tensor) -> torch.Tensor:
-    return (_f16(b, 0) * _float(_q5(b, 4))) + _f16(b, 2)
+    return _float(_q5(b, 4)).mul_(_f16(b, 0)).add_(_f16(b, 2))
 
 
 def _q2_k(b: torch.Tensor) -> torch.Tensor:
@@ -169,7 +170,7 @@ def _q2_k(b: torch.Tensor) -> torch.Tensor:
     dl = (d * _float(scales & 0x0F)).reshape(n, 16, 1)
     ml = (dmin * _float(scales >> 4)).reshape(n, 16, 1)
     q = _float(_split_bits(b[:, 16:80], 32, (0, 2, 4, 6), 0x03).reshape(n, 16, 16))
-    return (dl * q - ml).reshape(n, QK_K)
+    return q.mul_(dl).sub_(ml).reshape(n, QK_K)
 
 
 def _q3_k(b: torch.Tensor) -> torch.Tensor:
@@ -182,9 +183,9 @@ def _q3_k(b: torch.Tensor) -> torch.Tensor:
     scales = _float((lo | (hi << 4)).to(torch.int8) - 32)
     dl = (_f16(b, 108) * scales).reshape(n, 16, 1)
     ql = _split_bits(b[:, 32:96], 32, (0, 2, 4, 6), 0x03).reshape(n, 16, 16).to(torch.int8)
-    qh = _bits(b[:, :32], 32).reshape(n, 16, 16) ^ 1       # a set bit means no offset
-    q = _float(ql - (qh << 2).to(torch.int8))
-    return (dl * q).reshape(n, QK_K)
+    qh = _bits(b[:, :32], 32).reshape(n, 16, 16).bitwise_xor_(1)    # a set bit means no offset
+    q = _float(ql.sub_(qh.bitwise_left_shift_(2).view(torch.int8)))
+    return q.mul_(dl).reshape(n, QK_K)
 
 
 def _k_scale_min(sc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,7 +213,7 @@ def _q4_k(b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
     d, dm = _k_dm(b)
     q = _float(_split_bits(b[:, 16:], 32, (0, 4), 0x0F).reshape(n, 8, 32))
-    return (d * q - dm).reshape(n, QK_K)
+    return q.mul_(d).sub_(dm).reshape(n, QK_K)
 
 
 def _q5_k(b: torch.Tensor) -> torch.Tensor:
@@ -220,8 +221,8 @@ def _q5_k(b: torch.Tensor) -> torch.Tensor:
     d, dm = _k_dm(b)
     ql = _split_bits(b[:, 48:], 32, (0, 4), 0x0F).reshape(n, 8, 32)
     qh = _bits(b[:, 16:48], 32).reshape(n, 8, 32)
-    q = _float(ql | (qh << 4))
-    return (d * q - dm).reshape(n, QK_K)
+    q = _float(ql.bitwise_or_(qh.bitwise_left_shift_(4)))
+    return q.mul_(d).sub_(dm).reshape(n, QK_K)
 
 
 def _q6_k(b: torch.Tensor) -> torch.Tensor:
@@ -230,10 +231,10 @@ def _q6_k(b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
     ql = _split_bits(b[:, :128], 64, (0, 4), 0x0F).reshape(n, 8, 32)
     qh = _split_bits(b[:, 128:192], 32, (0, 2, 4, 6), 0x03).reshape(n, 8, 32)
-    q = _float(((ql | (qh << 4)).to(torch.int8) - 32).reshape(n, 16, 16))
+    q = _float(ql.bitwise_or_(qh.bitwise_left_shift_(4)).view(torch.int8).sub_(32).reshape(n, 16, 16))
     scales = _float(b[:, 192:208].view(torch.int8))
     d = (_f16(b, 208) * scales).reshape(n, 16, 1)
-    return (d * q).reshape(n, QK_K)
+    return q.mul_(d).reshape(n, QK_K)
 
 
 _BLOCK_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
