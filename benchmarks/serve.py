@@ -6,10 +6,10 @@
 
 Starts the real command (``vramancer serve``) in two subprocesses on the same model and plan:
 the anchor with ``--max-batch 1`` (requests queue and run one at a time) and ours with
-``--max-batch 16``, measured in turn at each load level. For 1, 4 and 16 concurrent streaming clients (official ``openai`` client,
-each on its own thread), it prints total generated tokens/s, the ratio to the anchor under the
-same load, and time to first token (median / p95). Every request asks for the same number of
-tokens (``ignore_eos``), greedy. vLLM is compared when it is installed and a CUDA GPU is
+``--max-batch 16``, measured in turn at each load level. For 1, 4 and 16 concurrent streaming
+clients (official ``openai`` client, each on its own thread), it prints total generated tokens/s,
+the ratio to the anchor under the same load, and time to first token (median / p95). Every request
+asks for the same number of tokens (``ignore_eos``), greedy. vLLM is compared when it is installed and a CUDA GPU is
 present (it serves the same folder); llama.cpp's server when ``llama-server`` is on PATH and
 ``--gguf`` names the same model as GGUF. Otherwise each prints "not installed". Nothing here
 is asserted: speeds are printed as ratios measured side by side in one run.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import math
 import os
 import shutil
@@ -185,7 +186,7 @@ def table(rows: list[tuple]) -> None:
         print("  ".join(str(c).rjust(w) for c, w in zip(r, widths)))
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="a transformers folder (default: build a random Llama)")
     p.add_argument("--hidden", type=int, default=512)
@@ -199,7 +200,9 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=16, help="requests per load level")
     p.add_argument("--clients", default="1,4,16")
     p.add_argument("--gguf", default=None, help="the same model as GGUF, for llama.cpp's server")
-    args = p.parse_args()
+    p.add_argument("--no-others", action="store_true", help="skip the vLLM and llama.cpp comparisons")
+    p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    args = p.parse_args(argv)
     levels = [int(x) for x in args.clients.split(",")]
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -236,10 +239,19 @@ def main() -> int:
         ratio = results["vramancer batched"][top].tokens_per_s / anchor[top].tokens_per_s
         print(f"\nat {top} clients: {ratio:.2f}x the anchor's tokens/s (goal >= 3x): "
               f"{'met' if ratio >= 3 else 'NOT met'}")
+        if args.json:
+            figures = {"devices": args.devices, "backing": args.backing, "max_tokens": args.max_tokens,
+                       "levels": {str(n): {"anchor_tokens_per_s": anchor[n].tokens_per_s,
+                                           "batched_tokens_per_s": results["vramancer batched"][n].tokens_per_s,
+                                           "anchor_ttft_p50_s": anchor[n].ttft(0.5),
+                                           "batched_ttft_p50_s": results["vramancer batched"][n].ttft(0.5)}
+                                  for n in levels}}
+            Path(args.json).write_text(json.dumps(figures, indent=2))
 
-        print()
-        compare_vllm(folder, args, levels, results)
-        compare_llama_cpp(args, levels, results)
+        if not args.no_others:
+            print()
+            compare_vllm(folder, args, levels, results)
+            compare_llama_cpp(args, levels, results)
     return 0
 
 
