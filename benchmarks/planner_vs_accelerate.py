@@ -33,9 +33,10 @@ import logging
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 if __package__ in (None, ""):  # run as a script from a checkout: make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -49,11 +50,12 @@ from vramancer.plan.planner import plan, plan_placement, plan_profile, request_s
 from vramancer.units import format_bytes  # noqa: E402
 
 __all__ = ["Case", "ToolResult", "CaseResult", "MetaModel", "CASES", "build_meta_model",
-           "accelerate_device_map", "block_devices_from_device_map", "device_overflow", "judge", "run_case", "run_cases",
-           "summarize", "main"]
+           "accelerate_device_map", "block_devices_from_device_map", "device_overflow", "judge", "run_case",
+           "run_cases", "summarize", "main"]
 
 GOAL_405B_PLAN_SECONDS = 0.5   # "well under a second"
-TPS_REL_TOL = 5e-3             # the planner counts time in quanta of 0.5% (TIME_QUANTUM_FRACTION): closer is a tie it breaks by headroom
+# the planner counts time in quanta of 0.5% (TIME_QUANTUM_FRACTION): closer is a tie it breaks by headroom
+TPS_REL_TOL = 5e-3
 TOOLS = ("ours", "acc-seq", "acc-bal")
 
 # the device sets (a machine always has host RAM; accelerate gets it as "cpu" too)
@@ -366,7 +368,7 @@ def run_case(case: Case, meta: MetaModel, profile: ModelProfile, repeat: int = 3
 
     keys = _acc_keys(devices)
     for tool, balanced in (("acc-seq", False), ("acc-bal", True)):
-        (dmap, _), secs = _median_time(lambda: accelerate_device_map(meta, devices, balanced), repeat)
+        (dmap, _), secs = _median_time(lambda b=balanced: accelerate_device_map(meta, devices, b), repeat)
         blocks, split, unplaced = block_devices_from_device_map(
             profile.num_blocks, meta.param_bytes, meta.param_block, dmap, keys)
         placed = [b for b in blocks if b is not None]
@@ -497,7 +499,8 @@ def summarize(results: list[CaseResult]) -> tuple[list[str], dict[str, bool]]:
                 hard += a.hard_oom
             if (o.ok and o.fits and a.ok and a.fits and a.max_context > o.max_context
                     and a.offloaded_blocks >= o.offloaded_blocks and a.decode_tps >= o.decode_tps * (1 - TPS_REL_TOL)):
-                roomier.append(f"{r.case.label} {r.case.context // 1024}k ({a.max_context // 1024}k vs {o.max_context // 1024}k)")
+                roomier.append(f"{r.case.label} {r.case.context // 1024}k "
+                               f"({a.max_context // 1024}k vs {o.max_context // 1024}k)")
             if not never:
                 never_worse_all = False
                 problems.append(f"{r.case.label} ctx {r.case.context}: worse than {tool}: {why}")
@@ -562,7 +565,8 @@ def summarize(results: list[CaseResult]) -> tuple[list[str], dict[str, bool]]:
         worst_build = max(r.build_seconds for r in big)
         core = max(r.results["ours"].core_seconds for r in big)
         lines.append(f"405B over 8 GPUs: ours plans in {worst * 1e3:.0f} ms (worst of {len(big)} cases; the "
-                     f"partition alone, without the suggestions of what would make it fit, {core * 1e3:.0f} ms); accelerate "
+                     f"partition alone, without the suggestions of what would make it fit, {core * 1e3:.0f} ms); "
+                     f"accelerate "
                      f"{max(r.results['acc-bal'].plan_seconds for r in big) * 1e3:.0f} ms balanced after "
                      f"{worst_build:.2f} s building the model on meta")
         goals[f"planning a 405B-class model over 8 GPUs in under {GOAL_405B_PLAN_SECONDS:g} s"] = \

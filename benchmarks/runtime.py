@@ -181,10 +181,9 @@ def _load_child(kind: str, folder: str, plan_file: str) -> None:
     import transformers  # noqa: F401 - imported before the baseline, as both ways need it
     from transformers import AutoConfig
 
+    from tests.runtime.peak_load import PeakRss
     from vramancer.plan.plan import Plan
     from vramancer.runtime.loader import build_empty_model
-
-    from tests.runtime.peak_load import PeakRss
 
     plan = Plan.load(plan_file)
     build_empty_model(AutoConfig.from_pretrained(folder), torch.float32)  # import the model's code

@@ -234,7 +234,8 @@ def test_metrics_count_requests_and_tokens(client, server):
     text = httpx.get(server.url + "/metrics", headers=AUTH).text
     for name in ("vramancer_serve_requests_total{endpoint=\"/v1/chat/completions\",status=\"200\"}",
                  "vramancer_serve_prompt_tokens_total", "vramancer_serve_completion_tokens_total",
-                 "vramancer_serve_time_to_first_token_seconds_bucket", "vramancer_serve_inter_token_latency_seconds_count",
+                 "vramancer_serve_time_to_first_token_seconds_bucket",
+                 "vramancer_serve_inter_token_latency_seconds_count",
                  "vramancer_serve_queue_depth", "vramancer_serve_running_batch_size",
                  'vramancer_serve_kv_cache_budget_bytes{device="cpu",stage="0"}',
                  'vramancer_host_memory_total_bytes{device="cpu"}'):  # the telemetry recorder's gauges

@@ -130,7 +130,8 @@ def test_malformed_csv_says_file_and_line(tmp_path, mutate, message):
      r"snapshots\[0\]\.devices\[0\]: 'device' is required"),
     ('{"schema": 1, "snapshots": [{"timestamp": 1, "processes": [{"device": "a", "pid": true}]}]}',
      r"processes\[0\]: 'pid' must be int"),
-    ('{"schema": 1, "snapshots": [], "phases": [{"name": "x", "start": null}]}', r"phases\[0\]\.start: must be a number"),
+    ('{"schema": 1, "snapshots": [], "phases": [{"name": "x", "start": null}]}',
+     r"phases\[0\]\.start: must be a number"),
     ('{"schema": 1, "snapshots": [] ,, }', "malformed JSON"),
 ])
 def test_malformed_json_says_file_and_what(tmp_path, content, message):

@@ -27,7 +27,9 @@ def test_two_gib_allocation_is_seen_in_its_phase():
     base_allocated = torch.cuda.memory_allocated(0)
     uuid = str(getattr(torch.cuda.get_device_properties(0), "uuid", "")).removeprefix("GPU-")
     inventory = gpus(backend)
-    matches = [g for g in inventory if g.uuid.removeprefix("GPU-") == uuid] or (inventory if len(inventory) == 1 else [])
+    matches = [g for g in inventory if g.uuid.removeprefix("GPU-") == uuid]
+    if not matches and len(inventory) == 1:
+        matches = inventory
     if not matches:
         pytest.skip(f"cannot tell which NVML GPU is torch's cuda:0 (uuid {uuid!r})")
     gpu = matches[0]

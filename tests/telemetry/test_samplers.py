@@ -93,7 +93,8 @@ class _FakeCuda:
         return self.allocated[i] * 2
 
     def get_device_properties(self, i):
-        return types.SimpleNamespace(name=f"GPU{i}", total_memory=24 * GiB, uuid=f"0000000{i}-aaaa-bbbb-cccc-dddddddddddd")
+        return types.SimpleNamespace(name=f"GPU{i}", total_memory=24 * GiB,
+                                     uuid=f"0000000{i}-aaaa-bbbb-cccc-dddddddddddd")
 
 
 def _fake_torch(initialized=True, mps=False):

@@ -5,8 +5,19 @@ import time
 
 from vramancer.telemetry.peaks import analyse
 from vramancer.telemetry.samples import DeviceSample, ProcessSample, Snapshot
-from vramancer.ui.view import (device_view, display_dict, history_blocks, iso_time, no_process_text, peak_rows,
-                               peaks_summary, process_rows, sample_line, top_phase_rows, top_process_text)
+from vramancer.ui.view import (
+    device_view,
+    display_dict,
+    history_blocks,
+    iso_time,
+    no_process_text,
+    peak_rows,
+    peaks_summary,
+    process_rows,
+    sample_line,
+    top_phase_rows,
+    top_process_text,
+)
 
 GiB = 2**30
 
@@ -64,7 +75,8 @@ def test_peak_rows_from_a_real_peak_report():
                                       ("load", "2.00 GiB on cuda:0")]
     assert top_process_text(report) == "pid 77 python: 4.00 GiB on cuda:0 (prefill)"
     assert peaks_summary(report) == ("top phases: prefill 5.00 GiB on cuda:0, decode 3.00 GiB on cuda:0, "
-                                     "load 2.00 GiB on cuda:0\ntop process: pid 77 python: 4.00 GiB on cuda:0 (prefill)")
+                                     "load 2.00 GiB on cuda:0\n"
+                                     "top process: pid 77 python: 4.00 GiB on cuda:0 (prefill)")
     shown = display_dict(snaps[1], report)
     assert shown["devices"]["cuda:0"]["usage"] == "5.00 / 8.00 GiB (62%)"
     assert shown["processes"] == [["77", "python", "cuda:0", "4.00"]]

@@ -52,7 +52,7 @@ class Device:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Device":
+    def from_dict(cls, d: dict) -> Device:
         fields = {f for f in cls.__dataclass_fields__}
         kw = {k: v for k, v in d.items() if k in fields}
         kw["p2p_peers"] = tuple(kw.get("p2p_peers") or ())

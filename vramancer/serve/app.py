@@ -18,8 +18,9 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -114,7 +115,7 @@ class _BodyLimit:
 class _CountRequests:
     """ASGI middleware: count requests by endpoint and the status they got."""
 
-    def __init__(self, app: Any, metrics: "ServeMetrics") -> None:
+    def __init__(self, app: Any, metrics: ServeMetrics) -> None:
         self.app, self.metrics = app, metrics
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -177,7 +178,7 @@ def _usage(ev: Event) -> dict:
             "total_tokens": ev.prompt_tokens + ev.completion_tokens}
 
 
-def create_app(engine: "Engine", config: ServerConfig, metrics: "ServeMetrics") -> FastAPI:
+def create_app(engine: Engine, config: ServerConfig, metrics: ServeMetrics) -> FastAPI:
     app = FastAPI(title="VRAMancer", version="1", docs_url=None, redoc_url=None)
     created = int(time.time())
     tokenizer = engine.tokenizer

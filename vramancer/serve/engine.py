@@ -38,8 +38,9 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import BadInputError
 from .counters import EngineCounters
@@ -124,7 +125,7 @@ class EngineStats:
     peak_lanes: int = 0   # most micro-batches decoded in one step (pipeline overlap)
 
 
-def stages_from_plan(plan: "Plan", layer_kv_bytes_per_token: list[int]) -> list[StageKV]:
+def stages_from_plan(plan: Plan, layer_kv_bytes_per_token: list[int]) -> list[StageKV]:
     """StageKV per plan stage. Block 0 is the embeddings, blocks 1..L the decoder layers
     0..L-1, block L+1 the head; a stage holds the KV of the layers among its blocks."""
     n_layers = len(layer_kv_bytes_per_token)
@@ -186,7 +187,7 @@ class Engine:
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, context_tokens: int, max_batch: int = 16,
-                 prefill_chunk_tokens: int = 512, plan: "Plan | None" = None,
+                 prefill_chunk_tokens: int = 512, plan: Plan | None = None,
                  kv_budget_bytes: int | None = None,
                  pipeline_lanes: int | None = None, min_rows_per_lane: int = 8) -> None:
         import torch

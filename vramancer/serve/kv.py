@@ -12,8 +12,9 @@ plan reserved there and the bytes one token adds (measured on the real cache).
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -63,7 +64,7 @@ def cache_layer_bytes(cache: Any) -> list[int]:
             for k, v in _pairs(cache)]
 
 
-def _pad_left(t: "torch.Tensor", width: int) -> "torch.Tensor":
+def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:
     """[B, H, T, D] -> [B, H, width, D], zeros on the left."""
     import torch
 

@@ -4,34 +4,35 @@ collector on a fresh ``CollectorRegistry``, never the global one).
 Metric names follow Prometheus conventions (base units, ``_bytes`` / ``_watts`` / ``_celsius`` /
 ``_hertz`` / ``_ratio``) and map to DCGM's fields where DCGM has one:
 
-| metric                                      | labels                          | DCGM field / meaning                      |
-|---------------------------------------------|---------------------------------|-------------------------------------------|
-| vramancer_gpu_memory_used_bytes             | device, name, uuid, source      | DCGM_FI_DEV_FB_USED (MiB there)           |
-| vramancer_gpu_memory_free_bytes             | device, name, uuid, source      | DCGM_FI_DEV_FB_FREE                       |
-| vramancer_gpu_memory_total_bytes            | device, name, uuid, source      | DCGM_FI_DEV_FB_TOTAL                      |
-| vramancer_gpu_memory_reserved_bytes         | device, name, uuid, source      | DCGM_FI_DEV_FB_RESERVED                   |
-| vramancer_gpu_memory_peak_bytes             | device, name, uuid, source      | peak of ..._used_bytes since the recorder started (no DCGM field) |
-| vramancer_gpu_utilization_ratio             | device, name, uuid, source      | DCGM_FI_DEV_GPU_UTIL / 100                |
-| vramancer_gpu_power_watts                   | device, name, uuid, source      | DCGM_FI_DEV_POWER_USAGE                   |
-| vramancer_gpu_temperature_celsius           | device, name, uuid, source      | DCGM_FI_DEV_GPU_TEMP                      |
-| vramancer_gpu_sm_clock_hertz                | device, name, uuid, source      | DCGM_FI_DEV_SM_CLOCK (MHz there)          |
-| vramancer_gpu_memory_clock_hertz            | device, name, uuid, source      | DCGM_FI_DEV_MEM_CLOCK (MHz there)         |
-| vramancer_gpu_lost                          | device, name, uuid, source      | 1 when NVML said NVML_ERROR_GPU_IS_LOST (no DCGM field) |
-| vramancer_process_gpu_memory_used_bytes     | device, pid, process            | per-process used memory, as nvidia-smi --query-compute-apps=used_memory |
-| vramancer_torch_memory_allocated_bytes      | device, name, uuid              | torch.cuda.memory_allocated (this process) |
-| vramancer_torch_memory_reserved_bytes       | device, name, uuid              | torch.cuda.memory_reserved                |
-| vramancer_torch_memory_peak_allocated_bytes | device, name, uuid              | torch.cuda.max_memory_allocated           |
-| vramancer_host_memory_used_bytes            | device                          | host RAM in use (total - available)       |
-| vramancer_host_memory_total_bytes           | device                          | host RAM                                  |
-| vramancer_phase_info                        | phase                           | 1 for the innermost phase active at the last sample |
-| vramancer_last_sample_timestamp_seconds     |                                 | when the last sample was taken            |
+| metric | labels | DCGM field / meaning |
+|---|---|---|
+| vramancer_gpu_memory_used_bytes | device, name, uuid, source | DCGM_FI_DEV_FB_USED (MiB there) |
+| vramancer_gpu_memory_free_bytes | device, name, uuid, source | DCGM_FI_DEV_FB_FREE |
+| vramancer_gpu_memory_total_bytes | device, name, uuid, source | DCGM_FI_DEV_FB_TOTAL |
+| vramancer_gpu_memory_reserved_bytes | device, name, uuid, source | DCGM_FI_DEV_FB_RESERVED |
+| vramancer_gpu_memory_peak_bytes | device, name, uuid, source | peak used since the recorder started (no DCGM) |
+| vramancer_gpu_utilization_ratio | device, name, uuid, source | DCGM_FI_DEV_GPU_UTIL / 100 |
+| vramancer_gpu_power_watts | device, name, uuid, source | DCGM_FI_DEV_POWER_USAGE |
+| vramancer_gpu_temperature_celsius | device, name, uuid, source | DCGM_FI_DEV_GPU_TEMP |
+| vramancer_gpu_sm_clock_hertz | device, name, uuid, source | DCGM_FI_DEV_SM_CLOCK (MHz there) |
+| vramancer_gpu_memory_clock_hertz | device, name, uuid, source | DCGM_FI_DEV_MEM_CLOCK (MHz there) |
+| vramancer_gpu_lost | device, name, uuid, source | 1 when NVML said NVML_ERROR_GPU_IS_LOST (no DCGM field) |
+| vramancer_process_gpu_memory_used_bytes | device, pid, process | as nvidia-smi --query-compute-apps=used_memory |
+| vramancer_torch_memory_allocated_bytes | device, name, uuid | torch.cuda.memory_allocated (this process) |
+| vramancer_torch_memory_reserved_bytes | device, name, uuid | torch.cuda.memory_reserved |
+| vramancer_torch_memory_peak_allocated_bytes | device, name, uuid | torch.cuda.max_memory_allocated |
+| vramancer_host_memory_used_bytes | device | host RAM in use (total - available) |
+| vramancer_host_memory_total_bytes | device | host RAM |
+| vramancer_phase_info | phase | 1 for the innermost phase active at the last sample |
+| vramancer_last_sample_timestamp_seconds |  | when the last sample was taken |
 
 ``source`` is the sampler: nvml, amdsmi, simulated, replay. A field a device does not report is
 left out of that device's series (never exported as 0 or NaN).
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -53,7 +54,8 @@ METRICS: dict[str, tuple[str, Any, float]] = {
     "vramancer_gpu_memory_total_bytes": ("Device memory size, bytes (DCGM_FI_DEV_FB_TOTAL).", "total_bytes", 1.0),
     "vramancer_gpu_memory_reserved_bytes": ("Device memory reserved by the driver, bytes (DCGM_FI_DEV_FB_RESERVED).",
                                             "reserved_bytes", 1.0),
-    "vramancer_gpu_utilization_ratio": ("GPU busy fraction 0..1 (DCGM_FI_DEV_GPU_UTIL / 100).", "utilization_pct", 0.01),
+    "vramancer_gpu_utilization_ratio": ("GPU busy fraction 0..1 (DCGM_FI_DEV_GPU_UTIL / 100).", "utilization_pct",
+                                        0.01),
     "vramancer_gpu_power_watts": ("Board power draw, watts (DCGM_FI_DEV_POWER_USAGE).", "power_w", 1.0),
     "vramancer_gpu_temperature_celsius": ("GPU temperature, degrees Celsius (DCGM_FI_DEV_GPU_TEMP).",
                                           "temperature_c", 1.0),
@@ -87,7 +89,8 @@ class RecorderCollector(Collector):
                       "Device memory a process holds, bytes (nvidia-smi --query-compute-apps=used_memory).",
                       ["device", "pid", "process"])
         t_alloc = _gauge("vramancer_torch_memory_allocated_bytes",
-                         "torch allocator: bytes allocated by this process (torch.cuda.memory_allocated).", _TORCH_LABELS)
+                         "torch allocator: bytes allocated by this process (torch.cuda.memory_allocated).",
+                         _TORCH_LABELS)
         t_res = _gauge("vramancer_torch_memory_reserved_bytes",
                        "torch allocator: bytes reserved by this process (torch.cuda.memory_reserved).", _TORCH_LABELS)
         t_peak = _gauge("vramancer_torch_memory_peak_allocated_bytes",

@@ -22,10 +22,11 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator, overload
+from typing import Any, overload
 
 from ..errors import WorkloadError
 from .peaks import Mark, PeakReport, PeakTracker, PhaseInterval
@@ -59,7 +60,7 @@ class Subscription:
     closed. When the consumer falls behind by ``maxsize`` snapshots the oldest are dropped
     (counted in ``dropped``): a live view wants the newest."""
 
-    def __init__(self, recorder: "Recorder", maxsize: int = 1024):
+    def __init__(self, recorder: Recorder, maxsize: int = 1024):
         self._recorder = recorder
         self._queue: queue.Queue[Snapshot | None] = queue.Queue(maxsize=max(1, int(maxsize)))
         self._lock = threading.Lock()
@@ -126,7 +127,7 @@ class Subscription:
                     pass
                 self._queue.put_nowait(None)
 
-    def __enter__(self) -> "Subscription":
+    def __enter__(self) -> Subscription:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -179,7 +180,7 @@ class Recorder:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def start(self) -> "Recorder":
+    def start(self) -> Recorder:
         """Start the background thread (no-op when it runs)."""
         with self._lock:
             if self.running:
@@ -213,7 +214,7 @@ class Recorder:
                 except Exception as e:  # noqa: BLE001 - closing: log and go on
                     log.debug("closing sampler %s: %s", getattr(s, "name", s), e)
 
-    def __enter__(self) -> "Recorder":
+    def __enter__(self) -> Recorder:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
@@ -276,7 +277,7 @@ class Recorder:
 
     # -- phases -----------------------------------------------------------------------------
     @contextmanager
-    def phase(self, name: str) -> Iterator["Recorder"]:
+    def phase(self, name: str) -> Iterator[Recorder]:
         """Mark a named phase of the run; phases nest, and a sample belongs to the innermost."""
         if not isinstance(name, str) or not name.strip():
             raise WorkloadError(f"a phase needs a non-empty name, got {name!r}")

@@ -15,8 +15,8 @@ import sys
 from collections import deque
 from typing import Any
 
-from PySide6 import QtCore, QtGui, QtWidgets  # noqa: I001  (PySide6 first: pyqtgraph binds to it)
 import pyqtgraph as pg
+from PySide6 import QtCore, QtGui, QtWidgets  # noqa: I001  (PySide6 first: pyqtgraph binds to it)
 
 from ..telemetry.samples import DeviceSample, Snapshot
 from ..units import GiB

@@ -19,8 +19,16 @@ from textual.widgets import DataTable, Footer, Header, Label, ProgressBar, Stati
 from ..telemetry.samples import DeviceSample, Snapshot
 from ..units import GiB
 from .source import export_trace, poll_feed
-from .view import (PEAK_HEADERS, PROCESS_HEADERS, device_view, history_blocks, iso_time, peak_rows, peaks_summary,
-                   process_table_rows)
+from .view import (
+    PEAK_HEADERS,
+    PROCESS_HEADERS,
+    device_view,
+    history_blocks,
+    iso_time,
+    peak_rows,
+    peaks_summary,
+    process_table_rows,
+)
 
 __all__ = ["MonitorApp", "DeviceCard", "HistoryStrip", "HISTORY_POINTS"]
 

@@ -6,8 +6,9 @@ and never a crash.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from ..telemetry.samples import DeviceSample, ProcessSample, Snapshot
 from ..units import GiB, iso_time

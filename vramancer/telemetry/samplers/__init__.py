@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import importlib.util
 import re
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from ...errors import DeviceSpecError
 from .amd import AmdSmiSampler
@@ -66,7 +67,7 @@ def _items(devices: Any) -> list[tuple[str, str | None]]:
     return out
 
 
-def default_samplers(devices: "str | Iterable[Any] | None" = None) -> list[Sampler]:
+def default_samplers(devices: str | Iterable[Any] | None = None) -> list[Sampler]:
     """The samplers for ``devices``: None or "auto" means every real device here (NVML if it
     starts, AMD SMI if it imports and starts, the torch allocator of this process, host RAM).
     Otherwise a spec string ("cuda:0,cuda:1,cpu") or a list of real ``Device`` objects:

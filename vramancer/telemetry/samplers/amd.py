@@ -11,7 +11,8 @@ from __future__ import annotations
 import importlib
 import logging
 import threading
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from ..samples import DeviceSample, ProcessSample, Snapshot
 from .base import now

@@ -8,8 +8,9 @@ others go on; a process that vanished between NVML's list and psutil keeps its r
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from ...devices.nvml import FUNCTION_NOT_FOUND, Absent, GpuLostError, NvmlBackend, NvmlError, default_backend
 from ..samples import DeviceSample, ProcessSample, Snapshot

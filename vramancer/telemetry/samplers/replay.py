@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import bisect
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 from ...errors import TraceFileError
 from ..samples import Snapshot
@@ -24,7 +24,7 @@ __all__ = ["ReplaySampler"]
 class ReplaySampler:
     name = "replay"
 
-    def __init__(self, trace: "str | Path | object", speed: float | None = 1.0, loop: bool = False,
+    def __init__(self, trace: str | Path | object, speed: float | None = 1.0, loop: bool = False,
                  clock: Callable[[], float] = time.monotonic):
         from ..export import Trace, read_trace
 

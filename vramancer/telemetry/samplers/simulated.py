@@ -2,7 +2,7 @@
 the bytes it accounted per stage and passes a function returning them as DeviceSamples."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from ..samples import DeviceSample, Snapshot
 from .base import now

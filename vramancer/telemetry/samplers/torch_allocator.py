@@ -9,7 +9,8 @@ devices already initialised (reading a device would otherwise create a CUDA cont
 from __future__ import annotations
 
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from ..samples import DeviceSample, Snapshot
 from .base import now
