@@ -26,12 +26,19 @@ def main(args: argparse.Namespace) -> int:
 
     if args.top < 1:
         raise BadInputError(f"--top must be at least 1, got {args.top}")
-    trace = read_trace(args.file)
-    report = analyse(trace.snapshots, trace.phases)
-    if args.plot:
+    if args.plot:   # refused before the trace is read, not after
+        from .._io import check_writable
+
+        check_writable(args.plot, "--plot")
+        trace = read_trace(args.file)
+        report = analyse(trace.snapshots, trace.phases)
         from .plot import plot_trace
 
         plot_trace(trace, args.plot, report)
+    else:           # row by row: a trace of any size in bounded memory
+        from .summary import summarize_file
+
+        trace, report = summarize_file(args.file)
     if args.json:
         doc = report.to_dict()
         doc["trace"] = {"path": trace.path, "format": trace.format, "interval": trace.interval,
@@ -70,7 +77,7 @@ def _table(title: str, *columns: tuple[str, str]):
 
 
 def render_report(trace, report, top: int = 10, console=None) -> None:
-    """Print the peak report as rich tables."""
+    """Print the peak report as rich tables. ``trace``: a Trace, or the TraceSummary of a streamed file."""
     from rich.console import Console
 
     console = console or Console()
@@ -119,6 +126,6 @@ def render_report(trace, report, top: int = 10, console=None) -> None:
             t.add_row(ph.name, _bytes(ph.peak_used_bytes), ph.device or "-", _at(ph.peak_timestamp, t0),
                       f"{ph.duration_s:.2f} s" if ph.duration_s is not None else "-", str(ph.samples))
         console.print(t)
-    gaps = sorted({m for s in trace.snapshots for m in s.missing})
+    gaps = trace.gaps if hasattr(trace, "gaps") else sorted({m for s in trace.snapshots for m in s.missing})
     if gaps:
         console.print("[yellow]not sampled:[/yellow] " + "; ".join(gaps[:5]) + (" ..." if len(gaps) > 5 else ""))

@@ -44,24 +44,25 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from ..errors import TraceFileError
+from ..errors import BadInputError, TraceFileError
 from .peaks import Mark, PhaseInterval
 from .samples import DeviceSample, ProcessSample, Snapshot
 
 __all__ = ["Trace", "CSV_COLUMNS", "REQUIRED_CSV_COLUMNS", "JSON_SCHEMA", "write_csv", "write_json", "csv_text",
-           "json_text", "read_trace", "read_csv", "read_json", "trace_to_dict", "phases_from_rows"]
+           "json_text", "read_trace", "read_csv", "read_json", "trace_to_dict", "phases_from_rows",
+           "iter_csv_snapshots", "trace_format", "MAX_JSON_TRACE_BYTES"]
 
 JSON_SCHEMA = 1
 REQUIRED_CSV_COLUMNS = ("timestamp", "device", "name", "uuid", "used_bytes", "total_bytes", "reserved_bytes",
                         "utilization_pct", "power_w", "temperature_c", "pid", "process_name", "phase", "source",
                         "lost")
 CSV_COLUMNS = REQUIRED_CSV_COLUMNS + ("sm_clock_mhz", "mem_clock_mhz", "peak_bytes", "missing")
+# a JSON trace is parsed whole; beyond this, record CSV (read row by row, in bounded memory)
+MAX_JSON_TRACE_BYTES = 512 * 2**20
 
 
 @dataclass
@@ -76,23 +77,17 @@ class Trace:
 
 # -- writing ----------------------------------------------------------------------------------
 def _atomic_write(path: str | Path, write: Callable[[io.TextIOBase], None]) -> Path:
+    """Through vramancer._io (a device node or FIFO is written through, never replaced; no
+    temporary file left behind on any error); a path that cannot be written is a TraceFileError."""
+    from .._io import atomic_open, check_writable
+
     path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir():
-        raise TraceFileError(f"{path}: folder {directory} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+        check_writable(path, "trace")
+    except BadInputError as e:
+        raise TraceFileError(str(e)) from None
+    with atomic_open(path, "w", flag="trace", newline="") as f:
+        write(f)
     return path
 
 
@@ -160,27 +155,26 @@ def json_text(snapshots: Iterable[Snapshot], phases: Sequence[PhaseInterval] = (
 
 
 # -- reading ----------------------------------------------------------------------------------
-def _read_text(p: Path) -> str:
-    if not p.exists():
-        raise TraceFileError(f"{p}: no such file")
-    if not p.is_file():
-        raise TraceFileError(f"{p}: not a file")
-    try:
-        return p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise TraceFileError(f"{p}: not a text trace (byte {e.start} is not UTF-8)") from None
-    except OSError as e:
-        raise TraceFileError(f"{p}: cannot read: {e.strerror or e}") from None
-
-
 def read_trace(path: str | Path) -> Trace:
     """Read a CSV or JSON trace; TraceFileError (one line) when it is missing, truncated or malformed."""
     p = Path(path)
-    text = _read_text(p)
+    if trace_format(p) == "json":
+        return read_json(p)
+    return read_csv(p)
+
+
+def trace_format(path: str | Path) -> str:
+    """"csv" or "json": by suffix, else by the first character that is not white space."""
+    p = Path(path)
     suffix = p.suffix.lower()
-    if suffix == ".json" or (suffix != ".csv" and text.lstrip().startswith("{")):
-        return read_json(p, text)
-    return read_csv(p, text)
+    if suffix in (".csv", ".json"):
+        return suffix[1:]
+    with _open_text(p) as f:
+        try:
+            start = f.read(4096).lstrip()[:1]
+        except UnicodeDecodeError:
+            start = ""
+    return "json" if start == "{" else "csv"
 
 
 def _fail(path: Path, where: str, what: str) -> TraceFileError:
@@ -211,21 +205,50 @@ def _bool(value: str) -> bool:
 
 def read_csv(path: str | Path, text: str | None = None) -> Trace:
     path = Path(path)
-    if text is None:
-        text = _read_text(path)
-    if not text.strip():
-        raise _fail(path, "", "empty file (no CSV header)")
-    reader = csv.reader(io.StringIO(text, newline=""))
+    snapshots = list(iter_csv_snapshots(path, text))
+    return Trace(snapshots=snapshots, phases=phases_from_rows(snapshots), path=str(path), format="csv")
+
+
+def _open_text(p: Path) -> io.TextIOBase:
+    if not p.exists():
+        raise TraceFileError(f"{p}: no such file")
+    if not p.is_file():
+        raise TraceFileError(f"{p}: not a file")
     try:
-        header = next(reader)
+        return open(p, encoding="utf-8", newline="")  # noqa: SIM115 - the caller closes it
+    except OSError as e:
+        raise TraceFileError(f"{p}: cannot read: {e.strerror or e}") from None
+
+
+def iter_csv_snapshots(path: str | Path, text: str | None = None) -> Iterator[Snapshot]:
+    """The snapshots of a CSV trace one at a time, read row by row (the file is never held in
+    memory whole): a snapshot is yielded when a row with another timestamp starts. Raises
+    TraceFileError naming the file and line at the first bad row."""
+    path = Path(path)
+    f = io.StringIO(text, newline="") if text is not None else _open_text(path)
+    try:
+        yield from _csv_snapshots(path, f)
+    except UnicodeDecodeError as e:
+        raise _fail(path, "", f"not a text trace (byte {e.start} of a block is not UTF-8)") from None
+    except OSError as e:
+        raise _fail(path, "", f"cannot read: {e.strerror or e}") from None
+    finally:
+        f.close()
+
+
+def _csv_snapshots(path: Path, f: Iterable[str]) -> Iterator[Snapshot]:
+    reader = csv.reader(f)
+    try:
+        header = next(reader, None)
     except csv.Error as e:
         raise _fail(path, "line 1: ", f"malformed CSV header ({e})") from None
+    if header is None or not any(h.strip() for h in header):
+        raise _fail(path, "", "empty file (no CSV header)")
     header = [h.strip() for h in header]
     absent = [c for c in REQUIRED_CSV_COLUMNS if c not in header]
     if absent:
         raise _fail(path, "line 1: ", f"not a VRAMancer CSV trace: missing columns {', '.join(absent)}")
     col = {name: i for i, name in enumerate(header)}
-    snapshots: list[Snapshot] = []
     current: Snapshot | None = None
     current_ts = None
     line = 1
@@ -252,29 +275,42 @@ def read_csv(path: str | Path, text: str | None = None) -> Trace:
                     raise ValueError("empty device")
                 phase = get("phase") or None
                 if current is None or ts_text != current_ts:
+                    if current is not None:
+                        yield current
                     current = Snapshot(timestamp=ts, phase=phase)
                     current_ts = ts_text
-                    snapshots.append(current)
-                pid = _int(get("pid"))
+                pid = _count(get("pid"), "pid")
                 if pid is not None:
-                    current.processes.append(ProcessSample(device=device, pid=pid, used_bytes=_int(get("used_bytes")),
+                    current.processes.append(ProcessSample(device=device, pid=pid,
+                                                           used_bytes=_count(get("used_bytes"), "used_bytes"),
                                                            name=get("process_name") or None))
                 else:
                     missing = get("missing")
                     current.devices.append(DeviceSample(
-                        device=device, name=get("name"), source=get("source"), used_bytes=_int(get("used_bytes")),
-                        total_bytes=_int(get("total_bytes")), reserved_bytes=_int(get("reserved_bytes")),
+                        device=device, name=get("name"), source=get("source"),
+                        used_bytes=_count(get("used_bytes"), "used_bytes"),
+                        total_bytes=_count(get("total_bytes"), "total_bytes"),
+                        reserved_bytes=_count(get("reserved_bytes"), "reserved_bytes"),
                         uuid=get("uuid") or None, utilization_pct=_float(get("utilization_pct")),
                         power_w=_float(get("power_w")), temperature_c=_float(get("temperature_c")),
                         sm_clock_mhz=_float(get("sm_clock_mhz")), mem_clock_mhz=_float(get("mem_clock_mhz")),
                         lost=_bool(get("lost")), missing=[m for m in missing.split(";") if m],
-                        peak_bytes=_int(get("peak_bytes")),
+                        peak_bytes=_count(get("peak_bytes"), "peak_bytes"),
                     ))
             except ValueError as e:
                 raise _fail(path, f"line {line}: ", _value_error(e)) from None
     except csv.Error as e:
         raise _fail(path, f"line {reader.line_num}: ", f"malformed CSV ({e}; truncated?)") from None
-    return Trace(snapshots=snapshots, phases=phases_from_rows(snapshots), path=str(path), format="csv")
+    if current is not None:
+        yield current
+
+
+def _count(value: str, name: str) -> int | None:
+    """A byte count or pid cell: empty (absent) or a non-negative integer."""
+    n = _int(value)
+    if n is not None and n < 0:
+        raise ValueError(f"{name} must not be negative: {value!r}")
+    return n
 
 
 def _value_error(e: ValueError) -> str:
@@ -330,6 +366,8 @@ def _check_fields(path: Path, where: str, d: Any, spec: dict) -> dict:
         ok = isinstance(v, types) and not (isinstance(v, bool) and bool not in types)
         if ok and isinstance(v, float) and not math.isfinite(v):
             ok = False
+        if ok and isinstance(v, int) and (key.endswith("_bytes") or key == "pid") and v < 0:
+            raise _fail(path, f"{where}: ", f"{key!r} must not be negative, got {v}")
         if not ok:
             kind = "/".join(t.__name__ for t in types)
             raise _fail(path, f"{where}: ", f"{key!r} must be {kind}{' or null' if nullable else ''}, got {v!r:.40}")
@@ -354,14 +392,17 @@ def _number(path: Path, where: str, v: Any, nullable: bool = False) -> float | N
 
 
 def read_json(path: str | Path, text: str | None = None) -> Trace:
+    """A JSON trace, read whole (vramancer._json: at most MAX_JSON_TRACE_BYTES, nesting, UTF-8
+    checked; CSV traces are the ones read row by row)."""
+    from .._json import parse_json, read_json_file
+
     path = Path(path)
     if text is None:
-        text = _read_text(path)
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as e:
-        what = "truncated JSON" if e.pos >= len(text.rstrip()) else "malformed JSON"
-        raise _fail(path, f"line {e.lineno} column {e.colno}: ", f"{what} ({e.msg})") from None
+        _open_text(path).close()   # no such file / not a file, in this module's words
+        doc = read_json_file(path, error=TraceFileError, what="JSON trace", max_bytes=MAX_JSON_TRACE_BYTES,
+                             prefix=f"{path}: ")
+    else:
+        doc = parse_json(text, error=TraceFileError, prefix=f"{path}: ")
     if not isinstance(doc, dict):
         raise _fail(path, "", "not a VRAMancer JSON trace (the top level is not an object)")
     if "schema" not in doc or "snapshots" not in doc:

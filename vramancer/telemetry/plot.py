@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import BadInputError, TraceFileError
+from ..errors import TraceFileError
 from ..units import GiB, MiB, format_bytes
 from .export import Trace
 from .peaks import HOST_SOURCES, PeakReport, analyse
@@ -214,9 +214,11 @@ def _place_labels(panel: ChartPanel, trace: Trace, report: PeakReport, t0: float
 
 def plot_trace(trace: Trace, path: str | Path, report: PeakReport | None = None, title: str | None = None) -> Path:
     """Draw ``trace`` to the PNG ``path``; returns the path."""
+    from .._io import atomic_open, check_writable
+
     path = Path(path)
-    if not path.parent.is_dir() and str(path.parent):
-        raise BadInputError(f"--plot {path}: folder {path.parent} does not exist")
+    check_writable(path, "--plot")
     chart = render_trace(trace, report, title)
-    chart.figure.savefig(path, format="png")
+    with atomic_open(path, "wb", flag="--plot") as f:   # a device node is written, never replaced
+        chart.figure.savefig(f, format="png")
     return path
