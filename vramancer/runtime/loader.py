@@ -96,6 +96,8 @@ def weights_folder(model: Any) -> Path:
 def model_class(config: Any) -> type:
     """The transformers class named in ``config.architectures``, else the causal-LM / base auto class."""
     import transformers
+    if Path(prof.path).is_dir():  # an HF id: the convert command names the id, not the snapshot folder
+        refuse_pickle_only(prof.path, str(model))
 
     for name in getattr(config, "architectures", None) or []:
         cls = getattr(transformers, name, None)
