@@ -195,6 +195,6 @@ def test_page_in_headless_chromium(screenshots):
         browser.wait_for("document.getElementById('top-phases').textContent.startsWith('top phases: ')")
         text = browser.evaluate("document.body.innerText")
         assert "power: n/a (not supported)" in text and "NVIDIA GeForce RTX 3090" in text
-        time.sleep(0.5)                            # a few more points for the picture
+        browser.wait_for(f"{samples} >= {later + 5}")   # a few more points for the picture
         shot = browser.screenshot(screenshots / "dashboard.png")
     assert shot.stat().st_size > 10_000
