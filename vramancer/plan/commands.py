@@ -167,6 +167,10 @@ def main(args: argparse.Namespace) -> int:
         return _list_models(console, as_json=args.json)
     if not args.model:
         raise WorkloadError("which model? e.g. `vramancer plan llama-3.1-8b` (see --list-models)")
+    if args.output:   # a path that cannot be written is refused before the planning, not after it
+        from .._io import check_writable
+
+        check_writable(args.output, "-o")
     kwargs = planner_kwargs(args)
     target = args.model
     fetch = None

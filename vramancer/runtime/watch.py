@@ -42,9 +42,9 @@ def check_trace_path(path: str | Path) -> Path:
     p = Path(path)
     if p.suffix.lower() not in (".csv", ".json"):
         raise BadInputError(f"--trace {str(p)!r}: the file name must end in .csv or .json")
-    folder = p.parent if str(p.parent) else Path(".")
-    if not folder.is_dir():
-        raise BadInputError(f"--trace {str(p)!r}: folder {folder} does not exist")
+    from .._io import check_writable
+
+    check_writable(p, "--trace")      # a folder, a missing or read-only folder: before the run
     return p
 
 

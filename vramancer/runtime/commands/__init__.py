@@ -15,7 +15,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..memory import MemoryReport
 
 __all__ = ["add_run_flags", "add_monitor_flags", "make_plan", "load_tokenizer", "load_split", "render_memory",
-           "render_speed", "check_plan_fits", "summary_json", "missing_runtime", "fetch_model"]
+           "render_speed", "check_plan_fits", "summary_json", "missing_runtime", "fetch_model",
+           "check_generation_args", "MAX_NEW_TOKENS"]
+
+# more new tokens than any context holds: refused before anything loads
+MAX_NEW_TOKENS = 1 << 24
 
 
 def add_run_flags(p: argparse.ArgumentParser) -> None:
@@ -121,6 +125,28 @@ def summary_json(model_name: str, plan: "Plan", result: "GenerationResult", repo
                  **extra: Any) -> dict:
     return {"schema": 1, "model": model_name, **extra, "generation": result.to_dict(),
             "plan": plan.to_dict(), "memory": report.to_dict()}
+
+
+def check_generation_args(args: argparse.Namespace) -> None:
+    """--max-new-tokens, --temperature, --top-p and --seed of run / chat / demo (those the command
+    has), each refused in one line (WorkloadError) before anything is planned or loaded: NaN and
+    infinities included, which compare false and would slip past a plain ``< 0``."""
+    import math
+
+    from ...errors import WorkloadError
+
+    n = getattr(args, "max_new_tokens", None)
+    if n is not None and not 1 <= n <= MAX_NEW_TOKENS:
+        raise WorkloadError(f"--max-new-tokens must be from 1 to {MAX_NEW_TOKENS} (got {n})")
+    t = getattr(args, "temperature", None)
+    if t is not None and not (math.isfinite(t) and t >= 0):
+        raise WorkloadError(f"--temperature must be a finite number, 0 or more (got {t})")
+    p = getattr(args, "top_p", None)
+    if p is not None and not 0 < p <= 1:       # also refuses NaN
+        raise WorkloadError(f"--top-p must be above 0 and at most 1 (got {p})")
+    seed = getattr(args, "seed", None)
+    if seed is not None and not 0 <= seed < 2**32:
+        raise WorkloadError(f"--seed must be from 0 to {2**32 - 1} (got {seed})")
 
 
 def missing_runtime() -> None:

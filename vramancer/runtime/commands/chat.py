@@ -34,12 +34,11 @@ def main(args: argparse.Namespace) -> int:
 def _main(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from ...errors import BadInputError, WorkloadError
+    from ...errors import BadInputError
     from ...terminal import escape_control
-    from . import load_split, make_plan, missing_runtime, render_memory, render_speed
+    from . import check_generation_args, load_split, make_plan, missing_runtime, render_memory, render_speed
 
-    if args.max_new_tokens < 1:
-        raise WorkloadError(f"--max-new-tokens must be at least 1 (got {args.max_new_tokens})")
+    check_generation_args(args)
     missing_runtime()
     from ..generate import generate_text
 

@@ -57,12 +57,10 @@ def main(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from ..._paths import cache_dir
-    from ...errors import WorkloadError
     from ...plan.commands import render_plan
-    from . import missing_runtime, render_memory, render_speed, summary_json
+    from . import check_generation_args, missing_runtime, render_memory, render_speed, summary_json
 
-    if args.max_new_tokens < 1:
-        raise WorkloadError(f"--max-new-tokens must be at least 1 (got {args.max_new_tokens})")
+    check_generation_args(args)
     missing_runtime()
     import torch
     from transformers import AutoModelForCausalLM

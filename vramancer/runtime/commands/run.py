@@ -94,6 +94,7 @@ def _main(args: argparse.Namespace) -> int:
     from ...plan.commands import render_plan
     from ...terminal import escape_control
     from . import (
+        check_generation_args,
         load_split,
         make_plan,
         missing_runtime,
@@ -102,18 +103,11 @@ def _main(args: argparse.Namespace) -> int:
         summary_json,
     )
 
-    if args.max_new_tokens < 1:
-        raise WorkloadError(f"--max-new-tokens must be at least 1 (got {args.max_new_tokens})")
-    if args.temperature < 0:
-        raise WorkloadError(f"--temperature must not be negative (got {args.temperature})")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise WorkloadError(f"--top-p must be above 0 and at most 1 (got {args.top_p})")
-    if args.seed is not None and args.seed < 0:
-        raise WorkloadError(f"--seed must not be negative (got {args.seed})")
+    check_generation_args(args)
     check_plan_conflicts(args)
     args.prompt = read_prompt(args)
-    if not args.prompt:
-        raise WorkloadError("the prompt is empty")
+    if not args.prompt.strip():
+        raise WorkloadError("the prompt is empty: give some text with --prompt (-p), --prompt-file or stdin")
     quiet = getattr(args, "quiet", False)
     missing_runtime()
     from ..generate import generate_text

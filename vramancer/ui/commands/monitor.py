@@ -85,6 +85,9 @@ def main(args: argparse.Namespace) -> int:
     export = Path(args.export) if args.export else None
     if export is not None:
         export_format(export)          # a bad suffix is bad input before anything runs
+        from ..._io import check_writable
+
+        check_writable(export, "--export")   # and a path it cannot write, before any sampling
     recorder = recorder_from_args(args)
     use_tui = not args.no_tui and not args.json
     if use_tui and not sys.stdout.isatty():
