@@ -32,6 +32,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -278,13 +279,18 @@ class Part:
 
 
 def _subprocess(argv: list[str], timeout_s: float) -> tuple[int, str]:
+    """Run one part in its own process group: on timeout the whole group goes (a benchmark's own
+    server or loader subprocesses must not hold the GPU while the next part measures it)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    p = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         stdin=subprocess.DEVNULL, start_new_session=True)
     try:
-        p = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s,
-                           stdin=subprocess.DEVNULL)
+        out, _ = p.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
         return 124, f"timed out after {timeout_s:.0f} s"
-    return p.returncode, (p.stdout + p.stderr)[-4000:]
+    return p.returncode, out[-4000:]
 
 
 def _last_line(text: str) -> str:
@@ -340,8 +346,9 @@ def _parts() -> list[Part]:
         return _run_json("telemetry", [py, str(bench / "telemetry.py"), "--duration", "2", "--queries", "100",
                                        "--gpustat-queries", "10", "--json", str(out)], t, out, figures_from_telemetry)
 
-    return [Part("tests", 130, 30, tests), Part("nvml", 40, 15, here("nvml")), Part("memory", 60, 20, here("memory")),
-            Part("runtime", 130, 40, runtime), Part("serve", 80, 30, serve), Part("telemetry", 45, 20, telemetry)]
+    # timeouts add up to the default budget; a part that finishes early leaves its time to the later ones
+    return [Part("tests", 120, 30, tests), Part("nvml", 30, 15, here("nvml")), Part("memory", 60, 20, here("memory")),
+            Part("runtime", 130, 40, runtime), Part("serve", 70, 30, serve), Part("telemetry", 60, 25, telemetry)]
 
 
 def markdown_table(figures: list[Figure]) -> str:
@@ -360,14 +367,17 @@ def run_all(budget_s: float, only: list[str] | None = None) -> list[PartResult]:
     results: list[PartResult] = []
     deadline = time.monotonic() + budget_s
     with tempfile.TemporaryDirectory(prefix="vramancer-gpu-check-") as tmp:
-        for part in _parts():
+        parts = _parts()
+        for i, part in enumerate(parts):
             if only and part.name not in only:
                 continue
             left = deadline - time.monotonic()
             if left < part.min_s:
                 results.append(PartResult(part.name, 0.0, error=f"skipped: {left:.0f} s of the budget left"))
                 continue
-            timeout = min(part.timeout_s, left)
+            # what the later parts are given stays theirs; time an earlier part left unused goes to this one
+            later = sum(p.timeout_s for p in parts[i + 1:] if not only or p.name in only)
+            timeout = min(left, max(part.timeout_s, left - later))
             print(f"gpu_check: {part.name} (at most {timeout:.0f} s) ...", file=sys.stderr, flush=True)
             results.append(part.run(timeout, Path(tmp)))
     return results
