@@ -209,3 +209,37 @@ def test_reshard_by_plan_then_load(tmp_path, capsys):
         want = {k for k in model.state_dict() if any(k.startswith(m + ".") for m in mods)}
         assert set(_header(dst / shard)) == want, si
     assert torch.equal(_split_greedy(dst, plan=plan), _greedy(model))
+
+
+def test_convert_gguf_with_tokenizer_then_run(tmp_path, capsys):
+    """A GGUF holding its tokenizer (byte-level BPE and chat template, as llama.cpp's converter
+    stores it): convert writes the tokenizer transformers builds from it, in bf16 the folder runs
+    with `vramancer run`, and the tokens equal transformers' GGUF model's."""
+    from vramancer.runtime.demo_model import build_demo_tokenizer
+    from vramancer.runtime.gguf.write import write_gguf
+
+    tok = build_demo_tokenizer()
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                   pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    gdir = tmp_path / "g"
+    gdir.mkdir()
+    write_gguf(model, gdir / "m.gguf", "Q8_0", tokenizer=tok)
+    dst = tmp_path / "m"
+    assert cli(["convert", str(gdir / "m.gguf"), str(dst), "--dtype", "bfloat16"]) == 0
+    capsys.readouterr()
+    got_tok = transformers.AutoTokenizer.from_pretrained(dst)
+    assert got_tok("Once upon a time")["input_ids"] == tok("Once upon a time")["input_ids"]
+    assert {v["dtype"] for v in _header(dst / "model.safetensors").values()} == {"BF16"}
+    rc = cli(["run", str(dst), "--prompt", "Once upon a time", "--max-new-tokens", "6", "--devices",
+              "rtx3090,rtx3060", "--split", "1,1", "--context", "64", "--json"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    ref = transformers.AutoModelForCausalLM.from_pretrained(gdir, gguf_file="m.gguf", dtype=torch.bfloat16).eval()
+    enc = got_tok("Once upon a time", return_tensors="pt")
+    with torch.no_grad():
+        want = ref.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert json.loads(out)["generation"]["token_ids"] == want[0, enc["input_ids"].shape[1]:].tolist()

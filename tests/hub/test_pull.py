@@ -186,6 +186,9 @@ def test_plan_on_a_hub_id_says_what_a_run_downloads(hub, tiny_folder, capsys):
     full_gets = _resolve_gets(hub)
     assert not (full_gets & shards)                                         # headers only: range reads
     assert all(r.range for r in hub.log if r.method == "GET" and r.path.endswith(".safetensors"))
+    hub.log.clear()                                       # a catalog entry's HF id is planned with no request
+    assert cli(["plan", "Qwen/Qwen2.5-7B-Instruct", "--devices", "rtx3090", "--context", "64", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"] == "qwen2.5-7b" and hub.log == []
 
 
 def test_run_on_a_hub_id_announces_then_downloads(hub, tiny_folder, capsys):

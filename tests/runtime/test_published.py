@@ -242,7 +242,7 @@ def test_checkpoint_dtype_other_than_requested(tmp_path, stored, asked):
     assert plan.workload.dtype == name
 
 
-def test_pickle_only_folder_is_refused_with_the_command(tmp_path, capsys):
+def test_pickle_only_folder_is_refused_with_the_command(tmp_path, capsys, monkeypatch):
     from vramancer.cli import main
 
     src = build_model("llama")
@@ -260,3 +260,10 @@ def test_pickle_only_folder_is_refused_with_the_command(tmp_path, capsys):
 
     with pytest.raises(BadInputError, match="vramancer convert"):
         Checkpoint(folder)
+    cache = tmp_path / "hub"                                  # the same repo in the HF cache, run by id
+    _cache_tree(folder, cache, "old-org/old-llama")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")   # found locally: the Hub is never asked
+    assert main(["run", "old-org/old-llama", "--prompt", "hi", "--devices", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "vramancer convert old-org/old-llama old-llama-safetensors" in err

@@ -10,7 +10,8 @@ Sources:
   * a ``.gguf`` file (or a folder holding one): every tensor dequantised with the ``gguf``
     package's numpy ``dequantize``, names mapped to transformers' and tensors fixed up (Llama's
     q/k rows, GPT-2's transposes) by transformers' own GGUF loader tables, config.json from the
-    GGUF metadata as transformers reads it. Dequantised weights are float32 unless ``--dtype``.
+    GGUF metadata as transformers reads it, and its tokenizer as transformers builds it from the
+    metadata. Dequantised weights are float32 unless ``--dtype``.
 
 Output: tensors one at a time into shards (peak memory: one tensor, plus a GGUF MoE's merged
 experts), ``--dtype`` casting floating tensors, shards of at most ``max_shard_bytes``, or with
@@ -282,6 +283,18 @@ class _GGUFTensors(_Tensors):
         out["model_type"] = cfg.model_type
         return model, out
 
+    def save_tokenizer(self, folder: Path) -> list[str]:
+        """The tokenizer in the GGUF metadata, as transformers builds it, saved into ``folder``."""
+        from transformers import AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+        except Exception as e:  # transformers raises many kinds for a GGUF without a usable tokenizer
+            return [f"no tokenizer written: the GGUF's cannot be read by transformers "
+                    f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"]
+        tok.save_pretrained(str(folder))
+        return []
+
     def _processor(self) -> tuple[Any, dict[str, str]]:
         from transformers.modeling_gguf_pytorch_utils import (
             TENSOR_PROCESSORS,
@@ -504,6 +517,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | None
         for f in _support_files(tensors.folder):
             shutil.copyfile(f, tmp / f.name)
         notes = list(getattr(tensors, "notes", []))
+        if isinstance(tensors, _GGUFTensors):
+            notes += tensors.save_tokenizer(tmp)
         if config is None:
             notes.append("no config.json beside the weights: copy the model's config.json into the folder to load it")
         tensors.close()

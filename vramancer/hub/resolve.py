@@ -21,16 +21,25 @@ __all__ = ["remote_fetch", "ensure_local", "local_snapshot_complete"]
 
 
 def local_snapshot_complete(name: str) -> bool:
-    """Whether ``org/name[@rev]`` is in the HF cache with config.json and every safetensors shard."""
-    from ..models.checkpoint import checkpoint_files
+    """Whether ``org/name[@rev]`` is in the HF cache as a whole model: config.json and every
+    safetensors shard, or (what the runtime then refuses with the convert command) every pickle
+    shard, or a GGUF file. A snapshot holding some shards only (a stage's pull) is not."""
+    from ..models.checkpoint import checkpoint_files, pickle_weight_files
     from ..models.resolve import find_in_hf_cache
 
     repo, rev = split_revision(name)
     snap = find_in_hf_cache(repo, rev)
-    if snap is None or not (snap / "config.json").is_file():
+    if snap is None:
+        return False
+    if any(snap.glob("*.gguf")):
+        return True
+    if not (snap / "config.json").is_file():
         return False
     files, notes = checkpoint_files(snap)
-    return bool(files) and not notes
+    if files:
+        return not notes
+    pickles = pickle_weight_files(snap)
+    return bool(pickles) and all(p.is_file() for p in pickles)
 
 
 def _in_catalog(name: str) -> bool:
@@ -41,9 +50,10 @@ def _in_catalog(name: str) -> bool:
     return find_model(name) is not None
 
 
-def remote_fetch(name: str, dtype: str | None = None) -> "Fetch | None":
-    """The Hub fetch for ``name``, or None when it resolves on this machine."""
-    if not looks_like_repo_id(name) or local_snapshot_complete(name) or _in_catalog(name):
+def remote_fetch(name: str, dtype: str | None = None, *, catalog_first: bool = True) -> "Fetch | None":
+    """The Hub fetch for ``name``, or None when it resolves on this machine: a path, a whole
+    snapshot in the HF cache, or (``catalog_first``, for planning) a catalog entry's HF id."""
+    if not looks_like_repo_id(name) or local_snapshot_complete(name) or (catalog_first and _in_catalog(name)):
         return None
     from .fetch import plan_fetch
 
@@ -53,7 +63,7 @@ def remote_fetch(name: str, dtype: str | None = None) -> "Fetch | None":
 def ensure_local(name: str, say: Callable[[str], None] | None = None) -> str:
     """``name`` itself when it resolves locally; else download the Hub model's run files into the
     HF cache (announcing files and total bytes first, on stderr by default) and return ``name``."""
-    fetch = remote_fetch(name)
+    fetch = remote_fetch(name, catalog_first=False)  # a run needs the weights, catalog entry or not
     if fetch is None:
         return name
     say = say or (lambda line: print(line, file=sys.stderr, flush=True))
