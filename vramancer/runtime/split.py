@@ -16,7 +16,6 @@ own cache (``stage.new_cache()``) to run stages of different requests at once.
 """
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -126,6 +125,7 @@ class SplitRuntime:
         self.checkpoints = list(checkpoints or [])
         self.offload_dir = offload_dir
         self.cleanup_offload_dir = cleanup_offload_dir
+        self.offload_files: list[str] = []   # offload files written into a caller's folder (removed at detach)
         self.notes = list(notes or [])
         self.current_stage: int | None = None
         self.forwards = 0
@@ -209,9 +209,14 @@ class SplitRuntime:
         for ck in self.checkpoints:
             ck.close()
         self.checkpoints = []
+        from .scratch import release
+
         if self.cleanup_offload_dir and self.offload_dir:
-            shutil.rmtree(self.offload_dir, ignore_errors=True)
+            release(self.offload_dir)
             self.offload_dir = None
+        for path in self.offload_files:
+            release(path)
+        self.offload_files = []
         self.attached = False
         if getattr(self.model, "vramancer", None) is self:
             del self.model.vramancer
