@@ -39,7 +39,7 @@ class Repo:
             self.commit = h.hexdigest()
 
     @classmethod
-    def from_folder(cls, repo_id: str, folder: Path, extra: dict[str, bytes] | None = None) -> "Repo":
+    def from_folder(cls, repo_id: str, folder: Path, extra: dict[str, bytes] | None = None) -> Repo:
         files = {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir()) if p.is_file()}
         files.update(extra or {})
         return cls(repo_id, files)
@@ -71,7 +71,7 @@ class HubServer:
         self.repos[repo.repo_id] = repo
         return repo
 
-    def start(self) -> "HubServer":
+    def start(self) -> HubServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):

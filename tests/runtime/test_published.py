@@ -23,7 +23,7 @@ from safetensors.torch import save_file  # noqa: E402
 NEW_TOKENS = 12
 
 
-def _ids() -> "torch.Tensor":
+def _ids() -> torch.Tensor:
     g = torch.Generator().manual_seed(3)
     return torch.randint(3, VOCAB, (1, 7), generator=g)
 

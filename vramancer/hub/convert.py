@@ -61,9 +61,9 @@ class _Spec:
     """One output tensor: its name, dtype and shape as written, and how to produce it."""
 
     name: str
-    dtype: "torch.dtype"
+    dtype: torch.dtype
     shape: tuple[int, ...]
-    produce: Callable[[], "torch.Tensor"]
+    produce: Callable[[], torch.Tensor]
 
     @property
     def nbytes(self) -> int:
@@ -128,7 +128,7 @@ class _Tensors:
     folder: Path | None                   # where config / tokenizer files are
     config: dict | None
 
-    def specs(self) -> list[tuple[str, "torch.dtype", tuple[int, ...], Callable[[], "torch.Tensor"]]]:
+    def specs(self) -> list[tuple[str, torch.dtype, tuple[int, ...], Callable[[], torch.Tensor]]]:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -214,8 +214,7 @@ class _SafetensorsTensors(_Tensors):
             except Exception as e:  # safetensors raises its own SafetensorError
                 raise MalformedCheckpointError(f"convert: cannot read {f}: {str(e).splitlines()[0]}") from None
             self._handles.append(h)
-            for k in h.keys():
-                self._where[k] = h
+            self._where.update(dict.fromkeys(h.keys(), h))  # noqa: SIM118 (a safe_open handle is not iterable)
 
     def specs(self):
         out = []
@@ -333,7 +332,7 @@ class _GGUFTensors(_Tensors):
         for name, w in merged.items():
             shapes[name] = tuple(np.shape(w))
 
-        def produce(name: str) -> "torch.Tensor":
+        def produce(name: str) -> torch.Tensor:
             if name in merged:
                 w = merged.pop(name)
             else:  # pass 2: this one tensor dequantised again
@@ -350,7 +349,7 @@ class _GGUFTensors(_Tensors):
         return out
 
 
-def _torch_dtype(st: str) -> "torch.dtype":
+def _torch_dtype(st: str) -> torch.dtype:
     import torch
 
     name = SAFETENSORS_TORCH_NAMES.get(st)
@@ -397,7 +396,7 @@ def _write_shard(path: Path, specs: list[_Spec]) -> int:
     return offset
 
 
-def _cast(t: "torch.Tensor", dtype: "torch.dtype") -> "torch.Tensor":
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
@@ -417,7 +416,7 @@ def _groups_by_size(specs: list[_Spec], max_bytes: int) -> list[list[_Spec]]:
     return groups
 
 
-def _groups_by_plan(specs: list[_Spec], plan: "Plan", config: dict | None, src: Path,
+def _groups_by_plan(specs: list[_Spec], plan: Plan, config: dict | None, src: Path,
                     dtype: str | None) -> list[list[_Spec]]:
     from ..models.resolve import profile
     from .stages import TensorOwners
@@ -454,7 +453,7 @@ def _prepare_dst(dst: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=parent))
 
 
-def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | None = None, plan: "Plan | None" = None,
+def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | None = None, plan: Plan | None = None,
             max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, log: Callable[[str], None] | None = None) -> ConvertResult:
     """Convert ``src`` (see the module docstring) into the new safetensors folder ``dst``."""
     from ..models.dtypes import resolve_dtype

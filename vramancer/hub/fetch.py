@@ -48,7 +48,7 @@ class Fetch:
 
     repo: RemoteRepo
     files: list[RepoFile]
-    profile: "ModelProfile"
+    profile: ModelProfile
     stages: list[int] | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -102,7 +102,7 @@ def _remote_tensors(repo: RemoteRepo, files: list[RepoFile]) -> list[HeaderTenso
     return out
 
 
-def remote_profile(repo: RemoteRepo, dtype: str | None = None) -> tuple["ModelProfile", dict | None]:
+def remote_profile(repo: RemoteRepo, dtype: str | None = None) -> tuple[ModelProfile, dict | None]:
     """(profile of ``repo`` from its config and safetensors headers, its index or None)."""
     if repo.file("config.json") is None:
         raise UnknownModelError(f"{repo.name}: no config.json in the repo (not a transformers model)")
@@ -123,7 +123,7 @@ def remote_profile(repo: RemoteRepo, dtype: str | None = None) -> tuple["ModelPr
     return prof, index
 
 
-def stage_tensor_names(prof: "ModelProfile", plan: "Plan", stages: list[int], names: list[str]) -> set[str]:
+def stage_tensor_names(prof: ModelProfile, plan: Plan, stages: list[int], names: list[str]) -> set[str]:
     """Which of the checkpoint tensor ``names`` the ``stages`` of ``plan`` load."""
     owners = TensorOwners(prof, plan)
     owners.check_stages(stages)
@@ -132,7 +132,7 @@ def stage_tensor_names(prof: "ModelProfile", plan: "Plan", stages: list[int], na
 
 
 def plan_fetch(model: str, revision: str | None = None, *, dtype: str | None = None,
-               plan: "Plan | None" = None, stages: list[int] | None = None) -> Fetch:
+               plan: Plan | None = None, stages: list[int] | None = None) -> Fetch:
     """What to download for Hub model ``model`` (``org/name`` or ``org/name@rev``): every weight
     shard, or with ``plan`` only the shards holding the tensors of ``stages`` (all stages when
     None); always config, tokenizer and generation files."""

@@ -50,7 +50,7 @@ def _in_catalog(name: str) -> bool:
     return find_model(name) is not None
 
 
-def remote_fetch(name: str, dtype: str | None = None, *, catalog_first: bool = True) -> "Fetch | None":
+def remote_fetch(name: str, dtype: str | None = None, *, catalog_first: bool = True) -> Fetch | None:
     """The Hub fetch for ``name``, or None when it resolves on this machine: a path, a whole
     snapshot in the HF cache, or (``catalog_first``, for planning) a catalog entry's HF id."""
     if not looks_like_repo_id(name) or local_snapshot_complete(name) or (catalog_first and _in_catalog(name)):

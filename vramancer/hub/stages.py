@@ -27,8 +27,8 @@ def _under(name: str, prefix: str) -> bool:
 class TensorOwners:
     """Block and stage lookup for checkpoint tensor names under ``plan`` for model ``prof``."""
 
-    prof: "ModelProfile"
-    plan: "Plan"
+    prof: ModelProfile
+    plan: Plan
 
     def __post_init__(self) -> None:
         if len(self.plan.blocks) != self.prof.num_blocks:

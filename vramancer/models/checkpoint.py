@@ -475,9 +475,10 @@ def profile_from_folder(folder: str | Path, dtype: str | None = None, *, name: s
             dname = "float32"
             notes.append("config.json names no dtype: sized in float32, as transformers loads it")
         dt = resolve_dtype(dname)
-        return assemble_profile(layout, dt, name=display, source="config" if not files and source == "hf-folder" else source,
-                                path=str(folder), quantization=method if qdtype == dt.name else
-                                (dt.name if dt.quantized else None), notes=notes)
+        shown_source = "config" if not files and source == "hf-folder" else source
+        return assemble_profile(layout, dt, name=display, source=shown_source, path=str(folder),
+                                quantization=method if qdtype == dt.name else (dt.name if dt.quantized else None),
+                                notes=notes)
     tensors: list[HeaderTensor] = []
     for f in files:
         tensors += read_safetensors_header(f)[0]

@@ -66,10 +66,7 @@ def find_in_hf_cache(repo_id: str, revision: str | None = None, cache_dir: str |
 def _is_module(model: Any) -> bool:
     if isinstance(model, (str, os.PathLike)):
         return False
-    for cls in type(model).__mro__:
-        if cls.__module__.startswith("torch.nn") and cls.__name__ == "Module":
-            return True
-    return False
+    return any(cls.__module__.startswith("torch.nn") and cls.__name__ == "Module" for cls in type(model).__mro__)
 
 
 def _profile_path(path: Path, dtype: str | None, name: str, source: str | None = None) -> ModelProfile:

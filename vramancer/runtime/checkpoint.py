@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING
 
 from ..errors import MalformedCheckpointError, UnknownModelError
 from ..models.checkpoint import (
@@ -33,7 +34,7 @@ __all__ = ["TensorInfo", "Checkpoint", "SAFETENSORS_DTYPES", "torch_dtype_of", "
 SAFETENSORS_DTYPES = SAFETENSORS_TORCH_NAMES
 
 
-def torch_dtype_of(safetensors_dtype: str) -> "torch.dtype":
+def torch_dtype_of(safetensors_dtype: str) -> torch.dtype:
     import torch
 
     name = SAFETENSORS_DTYPES.get(safetensors_dtype)
@@ -91,7 +92,7 @@ class Checkpoint:
             self._fds[path] = fd
         return fd
 
-    def read_into(self, name: str, out: "torch.Tensor") -> "torch.Tensor":
+    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
         """Read tensor ``name`` into ``out``: a contiguous CPU tensor of the stored dtype and at least
         the stored byte size (extra bytes are left alone). Returns the view holding the tensor."""
         import torch
@@ -112,7 +113,7 @@ class Checkpoint:
             done += n
         return raw[: info.nbytes].view(torch_dtype_of(info.dtype)).view(info.shape)
 
-    def read(self, name: str, pin_memory: bool = False) -> "torch.Tensor":
+    def read(self, name: str, pin_memory: bool = False) -> torch.Tensor:
         """A new CPU tensor holding ``name`` in its stored dtype."""
         import torch
 
@@ -128,7 +129,7 @@ class Checkpoint:
                 pass
         self._fds.clear()
 
-    def __enter__(self) -> "Checkpoint":
+    def __enter__(self) -> Checkpoint:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -144,8 +145,8 @@ class Checkpoint:
 _TORCH_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
-def write_safetensors(path: str | os.PathLike, specs: list[tuple[str, "torch.dtype", tuple[int, ...]]],
-                      tensors: "Iterable[torch.Tensor]") -> "Checkpoint":
+def write_safetensors(path: str | os.PathLike, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                      tensors: Iterable[torch.Tensor]) -> Checkpoint:
     """Write a safetensors file one tensor at a time: the header from ``specs`` (name, dtype, shape)
     first, then each tensor of ``tensors`` (same order) as it comes, so no more than one tensor is in
     memory. Returns the written file opened as a Checkpoint."""
