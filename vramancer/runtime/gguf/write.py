@@ -1,6 +1,7 @@
-"""Write a transformers model of the Llama family (Llama, Mistral, Qwen2) as a GGUF file the way
+"""Write a transformers model of the Llama family (Llama, Mistral, Qwen2/3, Phi-3, Gemma2) as a GGUF file the way
 llama.cpp's ``convert_hf_to_gguf.py`` does: llama.cpp tensor names (``blk.N.attn_q.weight``), the
-q/k rows of Llama and Mistral permuted to llama.cpp's rotary layout, 1-D tensors in F32, matrices in
+q/k rows of Llama and Mistral permuted to llama.cpp's rotary layout, Gemma2's norms stored as 1 + w,
+1-D tensors in F32, matrices in
 the requested type (a matrix whose rows are not whole blocks of it falls back to ``fallback``), the
 architecture's hyperparameters and a byte-level BPE tokenizer (``tokenizer.ggml.model = "gpt2"``,
 with its chat template) in the metadata.
@@ -26,7 +27,10 @@ __all__ = ["GGUFExport", "write_gguf", "llama_cpp_permute"]
 
 # transformers model_type -> (GGUF general.architecture, q/k rows permuted as llama.cpp does)
 _ARCHES: dict[str, tuple[str, bool]] = {"llama": ("llama", True), "mistral": ("llama", True),
-                                        "qwen2": ("qwen2", False)}
+                                        "qwen2": ("qwen2", False), "qwen3": ("qwen3", False), "phi3": ("phi3", False),
+                                        "gemma2": ("gemma2", False)}
+# llama.cpp stores these architectures' RMSNorm weights as 1 + w (transformers' Gemma norms scale by 1 + w)
+_NORM_PLUS_ONE = ("gemma2",)
 
 
 @dataclass(frozen=True)
@@ -99,7 +103,7 @@ def _tokenizer_fields(writer: Any, tokenizer: Any) -> None:
 
 def write_gguf(model: nn.Module, path: str | Path, qtype: str = "F32", *, tokenizer: Any = None,
                fallback: str = "F32", name: str | None = None) -> GGUFExport:
-    """Write ``model`` (a transformers Llama / Mistral / Qwen2 causal LM) to ``path`` with its
+    """Write ``model`` (a transformers Llama / Mistral / Qwen2 / Qwen3 / Phi-3 / Gemma2 causal LM) to ``path`` with its
     matrices in ``qtype`` (any type of dequant.GGUF_TYPES)."""
     import numpy as np
     import torch
@@ -131,6 +135,14 @@ def write_gguf(model: nn.Module, path: str | Path, qtype: str = "F32", *, tokeni
         writer.add_rope_freq_base(float(theta))
     if arch == "llama":
         writer.add_rope_dimension_count(head_dim)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    if getattr(cfg, "sliding_window", None):
+        writer.add_sliding_window(int(cfg.sliding_window))
+    for attr, add in (("attn_logit_softcapping", writer.add_attn_logit_softcapping),
+                      ("final_logit_softcapping", writer.add_final_logit_softcapping)):
+        if getattr(cfg, attr, None) is not None:
+            add(float(getattr(cfg, attr)))
     writer.add_vocab_size(cfg.vocab_size)
     if tokenizer is not None:
         _tokenizer_fields(writer, tokenizer)
@@ -148,6 +160,8 @@ def write_gguf(model: nn.Module, path: str | Path, qtype: str = "F32", *, tokeni
             values = t.detach().to(torch.float32).cpu().numpy()
             if permute and suffix == "weight" and base.endswith(("self_attn.q_proj", "self_attn.k_proj")):
                 values = llama_cpp_permute(values, heads, heads if base.endswith("q_proj") else kv_heads)
+            if cfg.model_type in _NORM_PLUS_ONE and base.endswith("norm") and suffix == "weight":
+                values = values + np.float32(1.0)
             if values.ndim < 2:
                 tname = "F32"
             else:
