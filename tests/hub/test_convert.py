@@ -243,3 +243,22 @@ def test_convert_gguf_with_tokenizer_then_run(tmp_path, capsys):
     with torch.no_grad():
         want = ref.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
     assert json.loads(out)["generation"]["token_ids"] == want[0, enc["input_ids"].shape[1]:].tolist()
+
+
+def test_reshard_refuses_another_models_plan(tmp_path, capsys):
+    """A plan made for a model with as many blocks but another config is refused, in one line."""
+    plan_mod = pytest.importorskip("vramancer.plan.plan")
+    if not hasattr(plan_mod, "config_sha256"):
+        pytest.skip("plans without model identities")
+    from ..runtime.conftest import make_plan
+
+    qwen, llama = tmp_path / "qwen2", tmp_path / "llama"
+    build_model("qwen2").save_pretrained(qwen)
+    build_model("llama").save_pretrained(llama)
+    plan_file = tmp_path / "plan.json"
+    make_plan(str(qwen), 2).save(plan_file)
+    capsys.readouterr()
+    assert cli(["convert", str(llama), str(tmp_path / "out"), "--plan", str(plan_file)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "another model" in err
+    assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]

@@ -424,7 +424,7 @@ def _groups_by_plan(specs: list[_Spec], plan: Plan, config: dict | None, src: Pa
     prof = profile(str(src), dtype=dtype) if config is not None else None
     if prof is None:
         raise BadInputError("convert --plan needs the model's config.json beside its weights")
-    owners = TensorOwners(prof, plan)
+    owners = TensorOwners(prof, plan, config)
     groups: list[list[_Spec]] = [[] for _ in plan.stages]
     for s in specs:
         groups[owners.stage_of(s.name)].append(s)

@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..models.profile import ModelProfile
     from ..plan.plan import Plan
 
-__all__ = ["Fetch", "plan_fetch", "remote_profile", "stage_tensor_names"]
+__all__ = ["Fetch", "RemoteModel", "plan_fetch", "remote_profile", "stage_tensor_names"]
 
 
 @dataclass
@@ -102,8 +102,17 @@ def _remote_tensors(repo: RemoteRepo, files: list[RepoFile]) -> list[HeaderTenso
     return out
 
 
-def remote_profile(repo: RemoteRepo, dtype: str | None = None) -> tuple[ModelProfile, dict | None]:
-    """(profile of ``repo`` from its config and safetensors headers, its index or None)."""
+@dataclass(frozen=True)
+class RemoteModel:
+    """A Hub model read without its weights: profile, config.json, safetensors index (or None)."""
+
+    profile: ModelProfile
+    config: dict
+    index: dict | None
+
+
+def remote_profile(repo: RemoteRepo, dtype: str | None = None) -> RemoteModel:
+    """The profile of ``repo`` from its config and safetensors headers (with the config and index)."""
     if repo.file("config.json") is None:
         raise UnknownModelError(f"{repo.name}: no config.json in the repo (not a transformers model)")
     if not repo.has_safetensors():
@@ -120,12 +129,14 @@ def remote_profile(repo: RemoteRepo, dtype: str | None = None) -> tuple[ModelPro
     tensors = _remote_tensors(repo, weights)
     prof = profile_from_tensors(config, tensors, dtype, name=repo.name, source="hub", path=None,
                                 origin=f"{repo.name}/config.json")
-    return prof, index
+    return RemoteModel(prof, config, index)
 
 
-def stage_tensor_names(prof: ModelProfile, plan: Plan, stages: list[int], names: list[str]) -> set[str]:
-    """Which of the checkpoint tensor ``names`` the ``stages`` of ``plan`` load."""
-    owners = TensorOwners(prof, plan)
+def stage_tensor_names(prof: ModelProfile, plan: Plan, stages: list[int], names: list[str],
+                       config: dict | None = None) -> set[str]:
+    """Which of the checkpoint tensor ``names`` the ``stages`` of ``plan`` load (``config``: the
+    model's, refused when the plan carries another model's identity)."""
+    owners = TensorOwners(prof, plan, config)
     owners.check_stages(stages)
     wanted = set(stages)
     return {n for n in names if owners.needed_by(n, wanted)}
@@ -140,7 +151,8 @@ def plan_fetch(model: str, revision: str | None = None, *, dtype: str | None = N
 
     repo_id, rev = split_revision(model, revision)
     repo = open_repo(repo_id, rev)
-    prof, index = remote_profile(repo, dtype or (plan.workload.dtype if plan is not None else None))
+    remote = remote_profile(repo, dtype or (plan.workload.dtype if plan is not None else None))
+    prof, index = remote.profile, remote.index
     files = repo.run_files(index)
     notes: list[str] = []
     chosen = None
@@ -150,7 +162,7 @@ def plan_fetch(model: str, revision: str | None = None, *, dtype: str | None = N
             notes.append("the repo has one safetensors file: every stage needs it")
         else:
             weight_map = index_weight_map(index, repo.name)
-            needed = stage_tensor_names(prof, plan, chosen, list(weight_map))
+            needed = stage_tensor_names(prof, plan, chosen, list(weight_map), remote.config)
             shards = {weight_map[n] for n in needed}
             files = [f for f in files if not f.path.endswith(".safetensors") or f.path in shards]
     return Fetch(repo, files, prof, chosen, notes)

@@ -19,6 +19,19 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["TensorOwners"]
 
 
+def _check_identity(plan: Plan, config: dict | None, name: str) -> None:
+    """A plan that carries its model's config digest is refused for a model with another config."""
+    digest = getattr(getattr(plan, "identity", None), "config_sha256", None)
+    if not digest or config is None:
+        return
+    try:
+        from ..plan.plan import config_sha256
+    except ImportError:  # pragma: no cover - a Plan without identities
+        return
+    if config_sha256(config) != digest:
+        raise BadInputError(f"the plan was made for another model than {name} (its config differs)")
+
+
 def _under(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 
@@ -29,8 +42,10 @@ class TensorOwners:
 
     prof: ModelProfile
     plan: Plan
+    config: dict | None = None      # the model's config.json, checked against the plan's identity
 
     def __post_init__(self) -> None:
+        _check_identity(self.plan, self.config, self.prof.name)
         if len(self.plan.blocks) != self.prof.num_blocks:
             raise BadInputError(f"the plan has {len(self.plan.blocks)} blocks but {self.prof.name} has "
                                 f"{self.prof.num_blocks}: it was made for another model")
