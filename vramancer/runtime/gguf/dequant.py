@@ -98,9 +98,13 @@ def _f16(b: torch.Tensor, at: int) -> torch.Tensor:
 
 
 def _shifts(values: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """``values`` (0, step, 2 step, ...) as a uint8 tensor made on ``like``'s device (an arange: no
+    host-to-device copy, so no stream synchronisation on a GPU)."""
     import torch
 
-    return torch.tensor(values, dtype=torch.uint8, device=like.device)
+    step = values[1] - values[0] if len(values) > 1 else 1
+    out = torch.arange(values[0], values[0] + step * len(values), step, dtype=torch.uint8, device=like.device)
+    return out
 
 
 def _split_bits(x: torch.Tensor, group: int, shifts: tuple[int, ...], mask: int) -> torch.Tensor:
