@@ -38,7 +38,12 @@ def test_plan_json_matches_schema(capsys, tmp_path):
     assert code == 0, err
     d = json.loads(out)
     assert d == json.loads(out_file.read_text())
-    assert d["schema"] == 1 and d["fits"] is True
+    assert d["schema"] == 2 and d["fits"] is True
+    assert len(d["identity"]["config_sha256"]) == 64 and d["identity"]["dtype"] == d["workload"]["dtype"]
+    assert d["blocks"][1]["modules"] == ["model.layers.0"] and d["blocks"][1]["layer_index"] == 0
+    assert d["blocks"][0]["layer_index"] is None and "lm_head" in d["blocks"][-1]["modules"]
+    assert all(s["mode"] == "execute" and s["compute_device"] == s["device"] for s in d["stages"])
+    assert d["stream_buffers"] == []
     assert d["workload"]["context"] == 8192
     assert d["max_context"] >= 8192
     blocks = [b for s in d["stages"] for b in range(*s["blocks"])]

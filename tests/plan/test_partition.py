@@ -236,7 +236,7 @@ def test_plan_json_round_trip(tmp_path):
     again = Plan.load(path)
     assert again.to_dict() == plan.to_dict()
     d = plan.to_dict()
-    assert d["schema"] == 1
+    assert d["schema"] == 2
     for key in ("model", "workload", "fits", "stages", "offloaded", "blocks", "max_context", "predicted",
                 "device_map", "exports"):
         assert key in d

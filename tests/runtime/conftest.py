@@ -2,7 +2,6 @@
 simulated devices for them."""
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -81,17 +80,25 @@ def make_plan(target, n_stages: int, context: int = 64, devices: str | None = No
                 dtype=dtype, batch=batch, backing=backing)
 
 
+def placed_plan(target, devices: str, offload_mode: str | None, context: int = 64, dtype: str | None = None,
+                batch: int = 1, backing: str = "cpu"):
+    """A plan of ``target`` over ``devices`` (three items, e.g. "rtx3090,cpu,disk"), one stage on each,
+    with the block boundaries of an even 3-GPU split, made by the planner's ``plan_placement``
+    (so modes, compute devices and stream buffers are the planner's)."""
+    from vramancer.devices.spec import parse_devices
+    from vramancer.models.resolve import profile
+    from vramancer.plan.plan import Workload
+    from vramancer.plan.planner import plan_placement
+
+    even = make_plan(target, 3, context=context, dtype=dtype, batch=batch, backing=backing)
+    devs = parse_devices(devices, backing=backing)
+    block_devices = [devs[i].id for i, st in enumerate(even.stages) for _ in range(*st.blocks)]
+    prof = profile(target if not isinstance(target, Path) else str(target), dtype=dtype)
+    workload = Workload(context=context, batch=batch, dtype=prof.dtype)
+    return plan_placement(prof, devs, workload, block_devices, offload_mode=offload_mode)
+
+
 def offload_plan(target, context: int = 64, dtype: str | None = None, batch: int = 1, backing: str = "cpu"):
     """Three stages: blocks on a simulated GPU, then host RAM streamed to it, then disk streamed to it."""
-    from vramancer.devices.spec import parse_devices
-
-    plan = make_plan(target, 3, context=context, dtype=dtype, batch=batch, backing=backing)
-    devs = parse_devices("rtx3090,rtx3060,rtx4090,cpu,disk", backing=backing)
-    gpu, cpu, disk = devs[0], devs[3], devs[4]
-    s0, s1, s2 = plan.stages
-    plan.stages[1] = replace(s1, device=cpu.id, kind="cpu", mode="stream", compute_device=gpu.id,
-                             torch_device=cpu.torch_device)
-    plan.stages[2] = replace(s2, device=disk.id, kind="disk", mode="stream", compute_device=gpu.id,
-                             torch_device=disk.torch_device)
-    plan.devices = [gpu, cpu, disk]
-    return plan
+    return placed_plan(target, "rtx3090,cpu,disk", "stream", context=context, dtype=dtype, batch=batch,
+                       backing=backing)

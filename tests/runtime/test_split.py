@@ -129,12 +129,20 @@ def test_streamed_host_and_disk_stages(saved_models, arch):
     model = _load(folder, plan)
     rt = model.vramancer
     assert [s.mode for s in rt.stages] == ["execute", "stream", "stream"]
+    assert [s.compute_device for s in plan.stages] == [plan.stages[0].device] * 3
     got = _greedy(model, ids)
     assert got.tolist() == want.tolist()
     rep = _check_bytes(model, plan, tokens, batch=2, target=folder)
     (engine,) = rt.engines
     assert engine.loads > 0 and engine.copied_bytes > 0
-    assert rep.stages[1].stream_buffer_bytes == engine.buffer_bytes > 0
+    # one stream buffer, on the GPU both streamed stages run on: allocated exactly as planned, the
+    # two slots of the largest streamed block (its own weights and the tied ones it uses)
+    (buf,) = plan.stream_buffers
+    assert buf.device == plan.stages[0].device and buf.stages == (1, 2)
+    assert buf.buffer_bytes == 2 * max(b.streamed_bytes for b in plan.blocks[plan.stages[1].blocks[0]:])
+    assert [(b.device, b.buffer_bytes, b.planned_buffer_bytes, b.stages) for b in rep.stream_buffers] == \
+        [(buf.device, engine.buffer_bytes, buf.buffer_bytes, (1, 2))]
+    assert engine.buffer_bytes == buf.buffer_bytes > 0
     # between uses, streamed parameters are back home: host tensors, disk ones not in memory at all
     for unit in rt.stages[1].stream_units:
         assert all(p.owner._parameters[p.attr].device.type == "cpu" for p in unit.params)
@@ -324,18 +332,15 @@ def test_sharded_checkpoint_planned_by_load(tmp_path):
 
 
 def test_cpu_execute_and_disk_stages_without_a_gpu(saved_models):
-    """No GPU to stream to: a cpu stage runs where it is, a disk stage streams from its file to the CPU."""
-    from dataclasses import replace
-
-    from vramancer.devices.spec import parse_devices
+    """Offloaded stages not streamed to the GPU: a cpu stage runs where it is, a disk stage (which
+    always streams) streams from its file to the host."""
+    from .conftest import placed_plan
 
     folder = saved_models["qwen2"]
     ids, want, _ = _reference("qwen2")
-    plan = make_plan(folder, 3, context=PROMPT + NEW_TOKENS - 1)
-    cpu, disk = parse_devices("cpu,disk")
-    plan.stages[1] = replace(plan.stages[1], device=cpu.id, kind="cpu", mode="execute", torch_device="cpu")
-    plan.stages[2] = replace(plan.stages[2], device=disk.id, kind="disk", mode="execute", torch_device="cpu")
-    plan.devices = [plan.devices[0], cpu, disk]
+    plan = placed_plan(folder, "rtx3090,cpu,disk", "execute", context=PROMPT + NEW_TOKENS - 1)
+    assert [(s.mode, s.compute_device) for s in plan.stages] == \
+        [("execute", "rtx3090#0"), ("execute", "cpu"), ("stream", "cpu")]
     model = _load(folder, plan)
     rt = model.vramancer
     assert [s.mode for s in rt.stages] == ["execute", "execute", "stream"]

@@ -29,7 +29,7 @@ def test_stages_and_budgets_come_from_the_plan(tiny, split_tiny):
     assert [s.device for s in eng.stages] == [s.device for s in plan.stages]
     assert [s.budget_bytes for s in eng.stages] == [s.kv_cache_bytes for s in plan.stages]
     # measured bytes per token agree with the planner's profile, block by block
-    per_block = [b["kv_bytes_per_token"] for b in plan.blocks]
+    per_block = [b.kv_bytes_per_token for b in plan.blocks]
     assert eng.layer_kv_bytes_per_token == per_block[1:-1]
     assert [s.kv_bytes_per_token for s in eng.stages] == [sum(per_block[1:3]), sum(per_block[3:5])]
 

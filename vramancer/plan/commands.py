@@ -102,12 +102,14 @@ def render_plan(plan, console) -> None:
                       ("KV", "right"), ("act", "right"), ("rsv", "right"), ("free", "right"),
                       ("used", "left")):
         t.add_column(col, justify=just, no_wrap=True)
+    buffer_left = {b.device: b.buffer_bytes for b in plan.stream_buffers}   # shown with the device's first stage
     for i, s in enumerate(plan.stages):
-        free = s.capacity_bytes - s.total_bytes
+        held = s.total_bytes + buffer_left.pop(s.device, 0)
+        free = s.capacity_bytes - held
         t.add_row(str(i), s.device, _block_label(*s.blocks, n), _short_bytes(s.weights_bytes),
                   _short_bytes(s.kv_cache_bytes), _short_bytes(s.activation_bytes), _short_bytes(s.reserve_bytes),
                   ("[red]" + _short_bytes(free) + "[/]") if free < 0 else _short_bytes(free),
-                  _bar(s.total_bytes, s.capacity_bytes))
+                  _bar(held, s.capacity_bytes))
     console.print(t)
     for s in plan.stages:
         label = names.get(s.device, s.device)
@@ -116,6 +118,10 @@ def render_plan(plan, console) -> None:
             how = (f": weights stay here, streamed to {s.compute_device} before each use" if s.mode == "stream"
                    else ": runs here")
         console.print(f"[dim]  {s.device} = {label}{how}[/]")
+    for b in plan.stream_buffers:
+        console.print(f"[dim]  stream buffer on {b.device}: {_short_bytes(b.buffer_bytes)} "
+                      f"(two slots, for stage{'s' if len(b.stages) > 1 else ''} "
+                      f"{', '.join(str(i) for i in b.stages)})[/]")
     p = plan.predicted
     if plan.fits:
         console.print(f"[bold green]Fits on the GPUs.[/] Largest context for this split: "
@@ -128,8 +134,8 @@ def render_plan(plan, console) -> None:
                       + ", ".join(f"{s.device} ({s.mode})" for s in plan.offloaded) + ".")
         for sgg in plan.suggestions:
             console.print(f"  to fit on the GPUs: {sgg}")
-    console.print(f"Predicted: [bold]{p['decode_tokens_per_s']:.1f}[/] tokens/s decode "
-                  f"({p['decode_ms_per_step']:.1f} ms/token), {p['prefill_tokens_per_s']:,.0f} tokens/s prefill.")
+    console.print(f"Predicted: [bold]{p.decode_tokens_per_s:.1f}[/] tokens/s decode "
+                  f"({p.decode_ms_per_step:.1f} ms/token), {p.prefill_tokens_per_s:,.0f} tokens/s prefill.")
     for note in plan.notes:
         if plan.fits or not note.startswith("does not fit"):
             console.print(f"[dim]note: {note}[/]")

@@ -9,7 +9,8 @@ compute the largest context this placement holds; say what would make it fit whe
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+import re
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..devices.device import Device
@@ -20,10 +21,10 @@ from .cost import CostModel
 from .exports import device_map, engine_device_names, llama_cpp_flags, vllm_layer_partition
 from .memory import BlockTable, default_reserve_bytes
 from .partition import MAX_ORDERS, Placement, candidate_orders, partition, time_quantum
-from .plan import Plan, Stage, Workload
+from .plan import HOST_COMPUTE, ModelIdentity, Plan, PlanBlock, Prediction, Stage, StreamBuffer, Workload
 
 __all__ = ["plan", "plan_profile", "plan_placement", "check_workload", "check_split", "check_reserve",
-           "SMALLER_DTYPES"]
+           "stream_buffer_bytes", "request_seconds", "SMALLER_DTYPES"]
 
 # what to suggest, in order, when a model does not fit: each smaller than the one before
 SMALLER_DTYPES = ["float16", "int8", "q6_k", "q4_k_m", "q3_k_m"]
@@ -296,14 +297,16 @@ def plan_profile(profile: ModelProfile, devices: list[Device], workload: Workloa
         # Streaming offloaded blocks to a GPU needs a double buffer there: plan again with that room
         # kept on the streaming GPU, and keep the streamed plan when it serves a request sooner
         # without leaving more blocks off the GPUs.
-        staging = max(staging_bytes(pl.table.weights, s.blocks) for s in best.offloaded)
+        streamed_bytes = _streamed_block_bytes(pl.table)
+        staging = max(stream_buffer_bytes(streamed_bytes, s.blocks) for s in best.offloaded)
         pl_stream = _Planner(profile, devices, workload, reserve, offload_mode="stream", staging_bytes=staging)
         placement_s = pl_stream.search()
         if placement_s is not None:
             streamed = _assemble(pl_stream, profile, devices, workload, placement_s.ranges, list(notes), None,
                                  reserve_bytes, False, offload_mode="stream")
             n_off = sum(s.num_blocks for s in best.offloaded)
-            if all(s.mode == "stream" for s in streamed.offloaded) and \
+            gpus = {d.id for d in devices if d.kind == "gpu"}
+            if all(s.compute_device in gpus for s in streamed.offloaded) and \
                     sum(s.num_blocks for s in streamed.offloaded) <= n_off and \
                     request_seconds(streamed) < request_seconds(best):
                 best = streamed
@@ -322,20 +325,26 @@ def plan_profile(profile: ModelProfile, devices: list[Device], workload: Workloa
 REQUEST_NEW_TOKENS = 256
 
 
-def staging_bytes(weights: list[int], blocks: tuple[int, int]) -> int:
-    """GPU double buffer for streaming blocks [start, end): a block runs while the next one is
-    copied in, so the buffer holds the largest pair of neighbours."""
+def stream_buffer_bytes(block_bytes: list[int], blocks: tuple[int, int]) -> int:
+    """The double buffer that streams blocks [start, end): two slots (a block runs from one while
+    the next is copied into the other), each as large as the largest of these blocks. The runtime
+    allocates exactly this (see runtime/stream.py: slots packed without padding)."""
     s, e = blocks
-    if e - s == 1:
-        return weights[s]
-    return max(weights[b] + weights[b + 1] for b in range(s, e - 1))
+    return 2 * max(block_bytes[s:e], default=0)
+
+
+def _streamed_block_bytes(table: BlockTable) -> list[int]:
+    """Bytes a stream slot holds per block: its own weights and the tied ones it uses."""
+    return [w + sum(sh.values()) for w, sh in zip(table.weights, table.shared)]
 
 
 def request_seconds(plan: Plan) -> float:
     """Seconds a plan takes to serve one representative request (prefill half the context, decode 256)."""
     w = plan.workload
     p = plan.predicted
-    return (w.context / 2 * w.batch) / p["prefill_tokens_per_s"] + REQUEST_NEW_TOKENS * w.batch / p["decode_tokens_per_s"]
+    # speeds are rounded in the Prediction: a very slow plan may read 0.0 (then it is as slow as can be)
+    return ((w.context / 2 * w.batch) / max(p.prefill_tokens_per_s, 1e-3)
+            + REQUEST_NEW_TOKENS * w.batch / max(p.decode_tokens_per_s, 1e-3))
 
 
 def plan_placement(profile: ModelProfile, devices: list[Device], workload: Workload, block_devices: list[str],
@@ -364,32 +373,14 @@ def _assemble(pl: _Planner, profile: ModelProfile, devices: list[Device], worklo
               ranges: list[tuple[int, int, int]], notes: list[str], split: list[float] | None,
               reserve_bytes: int | str | None, suggest: bool, offload_mode: str | None = None) -> Plan:
     table = pl.table
-    # offloaded stages: execute where they are, or stream to a GPU, by the cost model
-    modes: dict[int, str] = {}
-    extra: dict[int, int] = {}        # staging buffers for streamed blocks, per GPU device index
-    gpu_stage_devices = [d for d, _, _ in ranges if devices[d].kind == "gpu"]
-    for si, (d, s, e) in enumerate(ranges):
-        if devices[d].kind == "gpu":
-            continue
-        ex = sum(pl.exec_time[d][b][0] for b in range(s, e))
-        st = pl.stream_time[d]
-        mode = "execute"
-        prefer_stream = (st is not None and sum(st[b][0] for b in range(s, e)) < ex) if offload_mode is None \
-            else offload_mode == "stream"
-        if st is not None and gpu_stage_devices and prefer_stream:
-            # double buffer of the largest streamed block on the GPU that computes them
-            staging = staging_bytes(table.weights, (s, e))
-            target = None
-            for g in sorted(gpu_stage_devices, key=lambda i: -devices[i].bandwidth_bytes_per_s):
-                used = table.ranges_memory([(s2, e2) for d2, s2, e2 in ranges if d2 == g]).total_bytes
-                if used + extra.get(g, 0) + staging <= pl.capacity[g]:
-                    target = g
-                    break
-            if target is not None:
-                mode = "stream"
-                extra[target] = extra.get(target, 0) + staging
-                modes[si] = f"stream:{target}"
-        modes.setdefault(si, mode)
+    runs = _stage_runs(pl, devices, ranges, offload_mode)
+    buffers: dict[int | None, int] = {}        # compute device index (None: the host outside the plan) -> bytes
+    buffer_stages: dict[int | None, list[int]] = {}
+    for si, run in enumerate(runs):
+        if run.mode == "stream":
+            buffers[run.compute] = max(buffers.get(run.compute, 0), run.buffer_bytes)
+            buffer_stages.setdefault(run.compute, []).append(si)
+    extra = {d: b for d, b in buffers.items() if d is not None}
 
     names = engine_device_names(devices)
     stages: list[Stage] = []
@@ -403,18 +394,16 @@ def _assemble(pl: _Planner, profile: ModelProfile, devices: list[Device], worklo
     for si, (d, s, e) in enumerate(ranges):
         dev = devices[d]
         mem = table.range_memory(s, e)
-        mode = modes.get(si, "execute")
-        compute = None
-        if mode.startswith("stream:"):
-            compute = devices[int(mode.split(":")[1])].id
-            mode = "stream"
+        run = runs[si]
+        compute = devices[run.compute].id if run.compute is not None else HOST_COMPUTE
+        if run.mode == "stream" and run.compute is not None and devices[run.compute].kind == "gpu":
             dec = sum(pl.stream_time[d][b][0] for b in range(s, e))
             pre = sum(pl.stream_time[d][b][1] for b in range(s, e))
         else:
             dec = sum(pl.exec_time[d][b][0] for b in range(s, e))
             pre = sum(pl.exec_time[d][b][1] for b in range(s, e))
         # a device holding two stages (a placement made elsewhere may return to it) keeps one
-        # reserve and one staging buffer; its capacity is checked for all its stages together
+        # reserve (and at most one stream buffer, the plan's); its capacity is checked for all its stages together
         again = dev.id in used_on
         if again:  # report what this stage adds to what the device already holds
             before = table.ranges_memory(seen_ranges[d])
@@ -422,10 +411,9 @@ def _assemble(pl: _Planner, profile: ModelProfile, devices: list[Device], worklo
             mem = type(mem)(after.weights_bytes - before.weights_bytes, after.kv_cache_bytes - before.kv_cache_bytes,
                             after.activation_bytes - before.activation_bytes)
         seen_ranges.setdefault(d, []).append((s, e))
-        act = mem.activation_bytes + (0 if again else extra.get(d, 0))
         st = Stage(device=dev.id, kind=dev.kind, blocks=(s, e), weights_bytes=mem.weights_bytes,
-                   kv_cache_bytes=mem.kv_cache_bytes, activation_bytes=act,
-                   reserve_bytes=0 if again else pl.reserve[dev.id], capacity_bytes=dev.free_bytes, mode=mode,
+                   kv_cache_bytes=mem.kv_cache_bytes, activation_bytes=mem.activation_bytes,
+                   reserve_bytes=0 if again else pl.reserve[dev.id], capacity_bytes=dev.free_bytes, mode=run.mode,
                    compute_device=compute, torch_device=dev.torch_device,
                    decode_seconds=dec, prefill_seconds=pre)
         if prev_dev is not None and prev_dev.id != dev.id:
@@ -439,6 +427,8 @@ def _assemble(pl: _Planner, profile: ModelProfile, devices: list[Device], worklo
         if dev.kind != "gpu":
             fits = False
         used_on[dev.id] = used_on.get(dev.id, 0) + st.total_bytes
+    for d, nbytes in extra.items():
+        used_on[devices[d].id] = used_on.get(devices[d].id, 0) + nbytes
     for dev in devices:
         if used_on.get(dev.id, 0) > dev.free_bytes:
             fits = False
@@ -456,19 +446,23 @@ def _assemble(pl: _Planner, profile: ModelProfile, devices: list[Device], worklo
     else:
         decode_tps = batch / total_dec
         prefill_tps = table.chunk_tokens / total_pre
-    predicted = {
-        "decode_tokens_per_s": round(decode_tps, 3),
-        "prefill_tokens_per_s": round(prefill_tps, 1),
-        "decode_ms_per_step": round(total_dec * 1e3, 3),
-        "bottleneck_stage": max(range(len(stages)), key=lambda i: stages[i].decode_seconds),
-    }
+    predicted = Prediction(
+        decode_tokens_per_s=round(decode_tps, 3),
+        prefill_tokens_per_s=round(prefill_tps, 1),
+        decode_ms_per_step=round(total_dec * 1e3, 3),
+        bottleneck_stage=max(range(len(stages)), key=lambda i: stages[i].decode_seconds),
+    )
     max_ctx = _max_context(profile, workload, ranges, pl.capacity, extra) if not overflow else 0
 
     plan = Plan(
-        model=profile.name, workload=workload, fits=fits and not overflow, stages=stages,
-        blocks=[{"name": b.name, "weights_bytes": b.weights_bytes, "shared_bytes": sum(b.shared.values()),
-                 "kv_bytes_per_token": b.kv_bytes_per_token, "device": block_device[i]}
+        model=profile.name, identity=ModelIdentity.of(profile.config, workload.dtype), workload=workload,
+        fits=fits and not overflow, stages=stages,
+        blocks=[PlanBlock(name=b.name, weights_bytes=b.weights_bytes, shared_bytes=sum(b.shared.values()),
+                          kv_bytes_per_token=b.kv_bytes_per_token, device=block_device[i],
+                          modules=tuple(b.modules), layer_index=_layer_index(profile.layers_prefix, b.modules))
                 for i, b in enumerate(profile.blocks)],
+        stream_buffers=[StreamBuffer(devices[d].id if d is not None else HOST_COMPUTE, nbytes,
+                                     tuple(buffer_stages[d])) for d, nbytes in buffers.items()],
         max_context=max_ctx, predicted=predicted,
         device_map=device_map(profile, block_device, names),
         exports={}, devices=list(devices), notes=notes, manual_split=list(split) if split else None,
@@ -492,6 +486,66 @@ def _assemble(pl: _Planner, profile: ModelProfile, devices: list[Device], worklo
         if suggest:
             plan.suggestions = _suggestions(pl, profile, devices, workload, reserve_bytes, plan.shortfall_bytes)
     return plan
+
+
+@dataclass(frozen=True)
+class _Run:
+    """How one stage runs: ``mode``, the index of its ``compute`` device (None: the host, for a disk
+    stage when the plan lists no host device), and the stream buffer it needs there."""
+
+    mode: str
+    compute: int | None
+    buffer_bytes: int = 0
+
+
+def _stage_runs(pl: _Planner, devices: list[Device], ranges: list[tuple[int, int, int]],
+                offload_mode: str | None) -> list[_Run]:
+    """Per stage: GPU stages execute; an offloaded stage streams to a GPU of the plan when the cost
+    model (or ``offload_mode``) prefers it and the GPU has room for the stream buffer, else it
+    executes where it is, except the disk tier, which always streams (to the host)."""
+    table = pl.table
+    block_bytes = _streamed_block_bytes(table)
+    buffers: dict[int, int] = {}
+    gpu_stage_devices = [d for d, _, _ in ranges if devices[d].kind == "gpu"]
+    host = next((i for i, dv in enumerate(devices) if dv.kind == "cpu"), None)
+    runs: list[_Run] = []
+    for d, s, e in ranges:
+        if devices[d].kind == "gpu":
+            runs.append(_Run("execute", d))
+            continue
+        need = stream_buffer_bytes(block_bytes, (s, e))
+        ex = sum(pl.exec_time[d][b][0] for b in range(s, e))
+        st = pl.stream_time[d]
+        prefer_stream = (st is not None and sum(st[b][0] for b in range(s, e)) < ex) if offload_mode is None \
+            else offload_mode == "stream"
+        run = None
+        if st is not None and gpu_stage_devices and prefer_stream:
+            # one double buffer per GPU, as large as the largest block streamed through it
+            for g in sorted(dict.fromkeys(gpu_stage_devices), key=lambda i: -devices[i].bandwidth_bytes_per_s):
+                used = table.ranges_memory([(s2, e2) for d2, s2, e2 in ranges if d2 == g]).total_bytes
+                grown = max(buffers.get(g, 0), need)
+                if used + grown <= pl.capacity[g]:
+                    buffers[g] = grown
+                    run = _Run("stream", g, need)
+                    break
+        if run is None:
+            if devices[d].kind == "disk":   # read from its file into host RAM, run on the host
+                run = _Run("stream", host, need)
+            else:
+                run = _Run("execute", d)
+        runs.append(run)
+    return runs
+
+
+def _layer_index(layers_prefix: str, modules: list[str]) -> int | None:
+    """Index in the repeated-layers list of the block whose module is ``<layers_prefix>.<i>``."""
+    if not layers_prefix:
+        return None
+    for m in modules:
+        hit = re.fullmatch(re.escape(layers_prefix) + r"\.(\d+)", m)
+        if hit:
+            return int(hit.group(1))
+    return None
 
 
 def _suggestions(pl: _Planner, profile: ModelProfile, devices: list[Device], workload: Workload,

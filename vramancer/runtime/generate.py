@@ -52,7 +52,7 @@ def oom_error(model: "nn.Module", err: BaseException, doing: str) -> DeviceOutOf
     st = rt.stage_of_device_error() if rt is not None else None
     if st is None:
         return DeviceOutOfMemoryError(f"out of memory while {doing}: {str(err).splitlines()[0]}")
-    dev = st.plan.device if st.mode == "execute" else (st.plan.compute_device or st.plan.device)
+    dev = st.plan.compute_device or st.plan.device
     return DeviceOutOfMemoryError(
         f"out of memory on {dev} in stage {st.index} (blocks {st.blocks[0]}-{st.blocks[1] - 1}) while "
         f"{doing}: use a shorter prompt or --max-new-tokens, or plan with a shorter --context, a larger "
@@ -124,7 +124,10 @@ def generate_text(model: "nn.Module", tokenizer: Any, prompt: str | list[dict], 
                   temperature: float = 0.0, emit: Callable[[str], None] | None = None,
                   **kwargs: Any) -> GenerationResult:
     """Generate from ``prompt`` (text, or chat messages), handing text pieces to ``emit`` as they come."""
-    inputs = prompt_ids(tokenizer, prompt, device=getattr(model, "device", None))
+    rt = getattr(model, "vramancer", None)
+    # a split model's inputs go where its first stage runs (``model.device`` is its first parameter's,
+    # a meta placeholder when that parameter streams from disk)
+    inputs = prompt_ids(tokenizer, prompt, device=rt.input_device if rt is not None else getattr(model, "device", None))
     n_prompt = int(inputs["input_ids"].shape[-1])
     streamer = _timing_streamer(tokenizer, emit)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -1,15 +1,14 @@
-"""Which stage owns each parameter and buffer: blocks (module-name prefixes, from the profile) mapped
-onto the plan's stages.
+"""Which stage owns each parameter and buffer: the plan's blocks (module-name prefixes, which the
+planner took from the model's profile) mapped onto the plan's stages.
 
 A block is listed as transformers module prefixes (block 0 ``["model.embed_tokens",
 "model.rotary_emb"]``, block i ``["model.layers.<i-1>"]``, the last ``["model.norm", "lm_head"]``).
 A tensor belongs to the block whose prefix is the longest one that names it or one of its parents;
-a tensor no prefix names (a buffer of a module the profile does not list) goes with block 0, which
+a tensor no prefix names (a buffer of a module the plan does not list) goes with block 0, which
 runs first.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -18,19 +17,18 @@ from ..errors import BadInputError
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
-    from ..models.profile import ModelProfile
     from ..plan.plan import Plan
 
-__all__ = ["BlockLayout", "StageLayout", "layout_from_profile", "stage_layout"]
+__all__ = ["BlockLayout", "StageLayout", "layout_from_plan", "stage_layout"]
 
 
 @dataclass
 class BlockLayout:
-    """``modules[b]``: module name prefixes of block b, in the order they run.
-    ``layers_prefix``: the ModuleList of repeated layers ("model.layers", "transformer.h")."""
+    """``modules[b]``: module name prefixes of block b, in the order they run; ``layers[b]``: the
+    index of block b in the model's list of repeated layers (its KV cache layer), None if none."""
 
     modules: list[list[str]]
-    layers_prefix: str = ""
+    layers: list[int | None]
 
     @property
     def num_blocks(self) -> int:
@@ -47,21 +45,26 @@ class BlockLayout:
 
     def layer_index(self, block: int) -> int | None:
         """Index in the layers list of the repeated layer that block ``block`` is, else None."""
-        if not self.layers_prefix:
-            return None
-        for p in self.modules[block]:
-            m = re.fullmatch(re.escape(self.layers_prefix) + r"\.(\d+)", p)
-            if m:
-                return int(m.group(1))
-        return None
+        return self.layers[block]
 
 
-def layout_from_profile(profile: "ModelProfile") -> BlockLayout:
-    mods = [list(b.modules) for b in profile.blocks]
-    if not all(mods):
-        empty = [profile.blocks[i].name for i, m in enumerate(mods) if not m]
-        raise BadInputError(f"profile of {profile.name} lists no modules for blocks {empty}; cannot load it")
-    return BlockLayout(mods, profile.layers_prefix)
+def layout_from_plan(plan: "Plan", model: "nn.Module") -> BlockLayout:
+    """The plan's blocks, checked against ``model``: every module the plan names must exist in it.
+    Refuses (BadInputError, one line) a plan that names no modules for a block (planned from a
+    profile without module names) or modules the model does not have."""
+    mods = [list(b.modules) for b in plan.blocks]
+    empty = [b.name for b, m in zip(plan.blocks, mods) if not m]
+    if empty:
+        raise BadInputError(f"the plan names no modules for blocks {empty[:4]}; plan again from the model folder "
+                            "(vramancer plan FOLDER -o FILE)")
+    for prefixes in mods:
+        for p in prefixes:
+            try:
+                model.get_submodule(p)
+            except AttributeError:
+                raise BadInputError(f"the plan names module {p!r}, which {type(model).__name__} does not have; "
+                                    "was the plan made for another model?") from None
+    return BlockLayout(mods, [b.layer_index for b in plan.blocks])
 
 
 @dataclass

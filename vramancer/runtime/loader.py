@@ -1,6 +1,11 @@
 """Load a model split over devices: build it on ``meta``, then read each tensor of the safetensors
 checkpoint straight onto the device of the stage that owns it, and attach the split runtime.
 
+The plan is the only thing read about the split: which modules each block is (``plan.blocks``),
+which stage runs where and how (``Stage.mode`` / ``compute_device``), and the stream buffer of each
+compute device that streams (``plan.stream_buffers``). A plan is refused (one line) when it was
+made for another model (``plan.identity``: the config's hash) or names modules the model lacks.
+
     model = vramancer.runtime.loader.load("./my-model", devices="rtx3090,rtx3060")
     model.generate(...)            # transformers interface
     model.vramancer                # the SplitRuntime: .plan, .stages, .memory_report(), .detach()
@@ -9,8 +14,9 @@ Where each tensor goes, by its stage in the plan:
   * "execute" stage: its torch device (a GPU, or the CPU for the cpu tier and simulated devices);
   * "stream" stage on the cpu tier: host RAM (pinned when the compute device is CUDA), copied to the
     compute device just before use (see stream.py);
-  * "stream" stage on the disk tier: nothing is loaded; the tensor streams from the checkpoint file
-    (or, when it must be converted first, from an offload file written here one tensor at a time).
+  * "stream" stage on the disk tier (the disk tier always streams, to a GPU or to the host): nothing
+    is loaded; the tensor streams from the checkpoint file (or, when it must be converted first,
+    from an offload file written here one tensor at a time).
 
 Host memory during a load stays at what the loaded model keeps in host RAM plus one staging buffer
 of the largest tensor: tensors are read with ``pread`` into their destination (see checkpoint.py).
@@ -23,13 +29,13 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
-import logging
 
 from ..errors import (
     BadInputError,
@@ -46,20 +52,20 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ..plan.plan import Plan
     from .checkpoint import Checkpoint
-    from .layout import BlockLayout, StageLayout
+    from .layout import StageLayout
     from .split import SplitRuntime
 
 __all__ = ["load", "load_module", "load_folder", "build_empty_model", "model_class", "torch_dtype",
-           "weights_folder", "block_layout"]
+           "weights_folder", "check_identity"]
 
 _FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+_log = logging.getLogger("vramancer.loader")
 _LIST_MAX = 12
 
 
 def torch_dtype(name: str) -> "torch.dtype":
     """"bfloat16" / "bf16" -> torch.bfloat16; quantized names are refused (the runtime runs float weights)."""
     import torch
-_log = logging.getLogger("vramancer.loader")
 
     from ..models.dtypes import resolve_dtype
 
@@ -72,32 +78,32 @@ _log = logging.getLogger("vramancer.loader")
 def weights_folder(model: Any) -> Path:
     """The local folder with config.json and safetensors for ``model`` (a folder, or a name the
     profile resolver finds on disk, such as an HF id in the local cache)."""
+    from ..models.checkpoint import refuse_pickle_only
+
     p = Path(str(model)).expanduser()
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise UnknownModelError(f"{p}: no config.json (a transformers model folder is needed)")
+        refuse_pickle_only(p, str(model))
         return p
     if p.is_file():
-    from ..models.checkpoint import refuse_pickle_only
-
         if p.suffix == ".safetensors" and (p.parent / "config.json").is_file():
             return p.parent
         raise UnknownModelError(f"{p}: the runtime loads a transformers folder (config.json + safetensors)")
     from ..models.resolve import profile as make_profile
-        refuse_pickle_only(p, str(model))
 
     prof = make_profile(model)
     if not prof.path:
         raise UnknownModelError(f"{model}: no local weights (catalog models can be planned, not run); "
                                 "pass a folder with config.json and safetensors")
+    if Path(prof.path).is_dir():  # an HF id: the convert command names the id, not the snapshot folder
+        refuse_pickle_only(prof.path, str(model))
     return weights_folder(prof.path)
 
 
 def model_class(config: Any) -> type:
     """The transformers class named in ``config.architectures``, else the causal-LM / base auto class."""
     import transformers
-    if Path(prof.path).is_dir():  # an HF id: the convert command names the id, not the snapshot folder
-        refuse_pickle_only(prof.path, str(model))
 
     for name in getattr(config, "architectures", None) or []:
         cls = getattr(transformers, name, None)
@@ -125,26 +131,18 @@ def build_empty_model(config: Any, dtype: "torch.dtype") -> "nn.Module":
     return model
 
 
-def block_layout(model_ref: Any, module: "nn.Module", dtype: str | None) -> "BlockLayout":
-    """Blocks as the profile names them (the planner planned over the same blocks): the profile of
-    ``model_ref`` (a folder) when given, else the profile read off ``module``."""
-    from .layout import layout_from_profile
+def check_identity(plan: "Plan", config: dict | None, model_name: str) -> None:
+    """Refuse (BadInputError, one line) a plan made for another model: the hash of the model's
+    config must be the plan's. Plans of models without a config (plain nn.Modules) are checked by
+    their module names instead (``layout_from_plan``)."""
+    from ..plan.plan import ModelIdentity
 
-    prof = None
-    if model_ref is not None:
-        try:
-            from ..models.resolve import profile as make_profile
-        except ImportError:  # pragma: no cover - resolver absent: read the blocks off the module
-            make_profile = None
-        if make_profile is not None:
-            prof = make_profile(model_ref, dtype=dtype)
-            if not all(b.modules for b in prof.blocks):
-                prof = None
-    if prof is None:
-        from ..models.module import profile_from_module
-
-        prof = profile_from_module(module, dtype=dtype)
-    return layout_from_profile(prof)
+    if plan.identity.config_sha256 is None:
+        return
+    mine = ModelIdentity.of(config, plan.workload.dtype)
+    if mine.config_sha256 != plan.identity.config_sha256:
+        raise BadInputError(f"plan made for {plan.model} ({plan.identity.short}), this is {model_name} "
+                            f"({mine.short}); plan again for this model")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -161,6 +159,8 @@ class _Source:
 
 def _ignored(name: str, patterns: Any) -> bool:
     return any(re.search(p, name) for p in (patterns or ()))
+
+
 def _ignore_patterns(model: "nn.Module") -> tuple[list[str], list[str]]:
     """(unexpected, missing) patterns exactly as ``from_pretrained`` applies them: the class's
     ``_keys_to_ignore_on_load_*`` plus its generic rules for legacy persistent buffers
@@ -175,8 +175,6 @@ def _ignore_patterns(model: "nn.Module") -> tuple[list[str], list[str]]:
     return unexpected, missing
 
 
-
-
 def _listing(names: list[str]) -> str:
     names = sorted(names)
     more = f" (+{len(names) - _LIST_MAX} more)" if len(names) > _LIST_MAX else ""
@@ -188,9 +186,9 @@ def _checkpoint_sources(model: "nn.Module", ckpt: "Checkpoint") -> dict[str, _So
     CheckpointMismatchError listing missing, unexpected and mis-shaped tensors."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
-    ignore_unexpected, ignore_missing = _ignore_patterns(model)
 
     meta_sd = model.state_dict()
+    ignore_unexpected, ignore_missing = _ignore_patterns(model)
     mapping = get_model_conversion_mapping(model)
     renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
     converters = [m for m in mapping if isinstance(m, WeightConverter)]
@@ -270,23 +268,16 @@ class _Placer:
         self.offload_dir = offload_dir
         self.made_offload_dir = False
         self.checkpoints: list[Checkpoint] = [ckpt] if ckpt is not None else []
-        devs = {d.id: d for d in plan.devices}
         self.device: list[torch.device] = []
         self.compute: list[torch.device] = []
         self.tier: list[str] = []          # "device" | "host" | "disk"
-        for st in plan.stages:
-            home = _torch_device(st.torch_device)
-            if st.mode == "stream" or st.kind == "disk":  # the disk tier always streams from its file
-                comp_dev = devs.get(st.compute_device or "")
-                if st.compute_device and comp_dev is None:
-                    raise BadInputError(f"plan stage on {st.device} streams to {st.compute_device}, "
-                                        "which is not among the plan's devices")
-                compute = _torch_device(comp_dev.torch_device if comp_dev else
-                                        ("cpu" if st.kind == "disk" else st.torch_device))
+        for st in plan.stages:             # how each stage runs is the plan's (validated) word
+            compute = _torch_device(compute_torch_device(plan, st.compute_device))
+            if st.mode == "stream":
                 tier = "disk" if st.kind == "disk" else "host"
                 home = torch.device("cpu")
             else:
-                compute = home
+                home = compute
                 tier = "device"
             self.device.append(home)
             self.compute.append(compute)
@@ -480,17 +471,12 @@ class _Placer:
             units: list[tuple[str, nn.Module]] = []
             layers: list[tuple[int, nn.Module]] = []
             for b, prefix in self.layout.block_modules(si):
-                try:
-                    mod = self.model.get_submodule(prefix)
-                except AttributeError:
-                    raise BadInputError(f"the profile names module {prefix!r}, which "
-                                        f"{type(self.model).__name__} does not have") from None
+                mod = self.model.get_submodule(prefix)     # layout_from_plan checked every prefix
                 units.append((prefix, mod))
                 li = blocks.layer_index(b)
                 if li is not None:
                     layers.append((li, mod))
-            rs = RuntimeStage(si, st, "stream" if self.tier[si] != "device" else "execute",
-                              self.device[si], self.compute[si], units, layers, config=text_config)
+            rs = RuntimeStage(si, st, st.mode, self.device[si], self.compute[si], units, layers, config=text_config)
             if self.tier[si] != "device":
                 with torch.no_grad():
                     for prefix, mod in units:
@@ -519,28 +505,35 @@ class _Placer:
                             rs.stream_units.append(unit)
             stages.append(rs)
         engines = []
-        by_device: dict[str, list] = {}
-        for rs in stages:
-            if rs.stream_units:
-                by_device.setdefault(str(rs.compute_device), []).extend(rs.stream_units)
-        for dev, units in by_device.items():
-            engines.append(StreamEngine(units, torch.device(dev)))
+        for buf in self.plan.stream_buffers:     # one engine per stream buffer, the size the plan gives it
+            served = [rs for rs in stages if rs.index in buf.stages]
+            units = [u for rs in served for u in rs.stream_units]
+            if units:
+                engines.append(StreamEngine(units, served[0].compute_device, slot_bytes=buf.slot_bytes,
+                                            plan_device=buf.device))
         notes = []
         unowned_params = [n for n in self.layout.unowned if _is_param(self.model, n)]
         if unowned_params:
             notes.append(f"parameters no block lists went to stage 0: {_listing(unowned_params)}")
-        return SplitRuntime(self.model, self.plan, self.layout, stages, engines=engines,
-                            checkpoints=self.checkpoints, offload_dir=self.offload_dir, notes=notes,
-                            cleanup_offload_dir=self.made_offload_dir)
+        runtime = SplitRuntime(self.model, self.plan, self.layout, stages, engines=engines,
+                               checkpoints=self.checkpoints, offload_dir=self.offload_dir, notes=notes,
+                               cleanup_offload_dir=self.made_offload_dir)
+        return runtime
 
     def oom_error(self, err: BaseException) -> DeviceOutOfMemoryError:
         st = self.plan.stages[self.stage_now]
-        dev = st.device if self.tier[self.stage_now] == "device" else f"{st.compute_device or st.device}"
+        dev = st.compute_device or st.device
         return DeviceOutOfMemoryError(
             f"out of memory on {dev} while loading stage {self.stage_now} (blocks {st.blocks[0]}-"
             f"{st.blocks[1] - 1}, planned {format_bytes(st.total_bytes)}): free memory on {dev}, or plan "
             f"with a larger --reserve, a shorter --context, or more --devices (e.g. add cpu)",
             device=dev, stage=self.stage_now)
+
+
+def compute_torch_device(plan: "Plan", device_id: str | None) -> str:
+    """The torch device behind plan device ``device_id`` (``HOST_COMPUTE``, the host, is "cpu")."""
+    dev = next((d for d in plan.devices if d.id == device_id), None)
+    return dev.torch_device if dev is not None else "cpu"
 
 
 def _torch_device(name: str) -> "torch.device":
@@ -568,22 +561,13 @@ def _stored_dtype(ckpt: "Checkpoint", key: str) -> "torch.dtype":
     return torch_dtype_of(ckpt.info(key).dtype)
 
 
-def _check_plan(plan: "Plan", layout: "BlockLayout") -> None:
-    if plan.blocks and len(plan.blocks) != layout.num_blocks:
-        raise BadInputError(f"the plan has {len(plan.blocks)} blocks but the model has {layout.num_blocks}; "
-                            "was it made for another model?")
-    if not plan.stages:
-        raise BadInputError("the plan has no stages")
-
-
-def _place(model: "nn.Module", plan: "Plan", blocks: "BlockLayout", sources: dict[str, _Source],
+def _place(model: "nn.Module", plan: "Plan", sources: dict[str, _Source],
            ckpt: "Checkpoint | None", offload_dir: str | None, free_on_error: bool) -> "nn.Module":
     import torch
 
-    from .layout import stage_layout
+    from .layout import layout_from_plan, stage_layout
 
-    _check_plan(plan, blocks)
-    layout = stage_layout(model, blocks, plan)
+    layout = stage_layout(model, layout_from_plan(plan, model), plan)
     placer = _Placer(model, plan, layout, sources, ckpt, offload_dir)
     try:
         placer.place_all()
@@ -614,9 +598,12 @@ def load_folder(folder: str | os.PathLike, plan: "Plan", dtype: str | None = Non
     """Build the model of ``folder`` on meta and load its checkpoint per ``plan``."""
     from transformers import AutoConfig
 
+    from ..models.checkpoint import read_config
     from .checkpoint import Checkpoint
 
     folder = Path(folder)
+    plan.validate()
+    check_identity(plan, read_config(folder / "config.json"), str(model_ref if model_ref is not None else folder))
     try:
         config = AutoConfig.from_pretrained(folder)
     except (OSError, ValueError, json.JSONDecodeError) as e:
@@ -629,14 +616,13 @@ def load_folder(folder: str | os.PathLike, plan: "Plan", dtype: str | None = Non
         from transformers import GenerationConfig
 
         model.generation_config = GenerationConfig.from_pretrained(folder)
-    blocks = block_layout(str(model_ref) if model_ref is not None else str(folder), model, dt_name)
     ckpt = Checkpoint(folder)
     try:
         sources = _checkpoint_sources(model, ckpt)
     except BaseException:
         ckpt.close()
         raise
-    return _place(model, plan, blocks, sources, ckpt, offload_dir, free_on_error=True)
+    return _place(model, plan, sources, ckpt, offload_dir, free_on_error=True)
 
 
 def load_module(module: "nn.Module", devices: Any = "auto", plan: "Plan | None" = None,
@@ -646,11 +632,13 @@ def load_module(module: "nn.Module", devices: Any = "auto", plan: "Plan | None" 
         from ..plan.planner import plan as make_plan
 
         plan = make_plan(module, devices=devices, **plan_kwargs)
+    plan.validate()
+    cfg = getattr(module, "config", None)
+    check_identity(plan, cfg.to_dict() if hasattr(cfg, "to_dict") else None, type(module).__name__)
     module.eval()
     module.requires_grad_(False)
-    blocks = block_layout(None, module, plan.workload.dtype)
     sources = {n: _Source(tensor=t.detach()) for n, t in module.state_dict(keep_vars=True).items()}
-    return _place(module, plan, blocks, sources, None, offload_dir, free_on_error=False)
+    return _place(module, plan, sources, None, offload_dir, free_on_error=False)
 
 
 def load(model: Any, devices: Any = "auto", plan: "Plan | None" = None, *, dtype: str | None = None,

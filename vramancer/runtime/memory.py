@@ -1,16 +1,21 @@
-"""Measured memory per stage next to the plan's estimate: weights (parameter bytes of the modules a
-stage holds), KV cache (bytes of the cache tensors of its layers), stream slots, and on CUDA the
+"""What a split model holds, measured in one place (``stage_bytes``) for both the memory report and
+the live view: per stage its weights (parameter bytes of the modules it holds; for a streamed stage
+the bytes of its streamed parameters, which live at home in host RAM or on disk), buffers and KV
+cache (bytes of the cache tensors of its layers); per compute device that streams, the stream
+buffer its engine allocated. ``MemoryReport`` sets these next to the plan's figures, with the CUDA
 caching allocator's peak per device."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
-
+from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["StageMemoryReport", "MemoryReport", "cache_layer_bytes", "tensor_bytes", "short_bytes"]
+    from ..plan.plan import Plan
+
+__all__ = ["StageMemoryReport", "StreamBufferBytes", "MemoryReport", "CacheBytes", "StageBytes", "RuntimeBytes",
+           "cache_layer_bytes", "stage_bytes", "tensor_bytes", "short_bytes"]
 
 
 def short_bytes(n: int) -> str:
@@ -27,6 +32,25 @@ def tensor_bytes(t: "torch.Tensor | None") -> int:
     return t.numel() * t.element_size()
 
 
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CacheBytes:
+    """A transformers cache measured: ``layer_bytes[i]`` bytes of K and V of layer i,
+    ``layer_devices[i]`` the torch device holding them (None for a layer never written), the
+    ``tokens`` it has seen and its ``batch``."""
+
+    layer_bytes: tuple[int, ...] = ()
+    tokens: int = 0
+    batch: int = 0
+    layer_devices: tuple[str | None, ...] = ()
+
+    def bytes_of(self, layers: Sequence[int]) -> int:
+        return sum(self.layer_bytes[i] for i in layers if i < len(self.layer_bytes))
+
+    def devices_of(self, layers: Sequence[int]) -> list[str]:
+        return sorted({d for i in layers if i < len(self.layer_devices) for d in (self.layer_devices[i],) if d})
+
+
 def _cache_layers(cache: Any) -> list[Any]:
     """The per-layer entries of a transformers Cache (self-attention part of an encoder-decoder one)."""
     if cache is None:
@@ -37,14 +61,12 @@ def _cache_layers(cache: Any) -> list[Any]:
     return list(getattr(cache, "layers", None) or [])
 
 
-def cache_layer_bytes(cache: Any) -> tuple[list[int], int, int, list[str | None]]:
-    """(bytes per layer index, tokens seen, batch, device per layer) of ``cache``; a layer never
-    written holds 0 bytes on no device."""
+def cache_layer_bytes(cache: Any) -> CacheBytes:
+    """``cache`` measured; a layer never written holds 0 bytes on no device."""
     import torch
 
     out: list[int] = []
     devices: list[str | None] = []
-    tokens = 0
     batch = 0
     for layer in _cache_layers(cache):
         n = 0
@@ -63,17 +85,99 @@ def cache_layer_bytes(cache: Any) -> tuple[list[int], int, int, list[str | None]
         tokens = int(cache.get_seq_length()) if cache is not None and out else 0
     except Exception:  # noqa: BLE001 - a cache type without a length: report 0 tokens
         tokens = 0
-    return out, tokens, batch, devices
+    return CacheBytes(tuple(out), tokens, batch, tuple(devices))
 
 
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StageBytes:
+    """One stage now. ``device``: the plan device where its weights live; ``compute_device``: the
+    one where it runs and keeps its buffers and KV cache (the same unless the stage streams).
+    ``misplaced``: parameters not on the stage's torch device (should be none); ``kv_devices``: the
+    torch devices holding its layers' KV cache (should be its compute device alone)."""
+
+    stage: int
+    device: str
+    compute_device: str
+    weights_bytes: int
+    buffers_bytes: int = 0
+    kv_cache_bytes: int = 0
+    misplaced: tuple[str, ...] = ()
+    kv_devices: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class StreamBufferBytes:
+    """The stream buffer on plan device ``device``: allocated bytes (both slots) next to the plan's,
+    and the stages streamed through it."""
+
+    device: str
+    buffer_bytes: int
+    planned_buffer_bytes: int
+    stages: tuple[int, ...]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["stages"] = list(self.stages)
+        return d
+
+
+@dataclass(frozen=True)
+class RuntimeBytes:
+    stages: list[StageBytes]
+    stream_buffers: list[StreamBufferBytes]
+
+
+def stage_bytes(plan: "Plan", stages: Sequence[Any], engines: Sequence[Any], cache: CacheBytes) -> RuntimeBytes:
+    """The bytes a split model holds now, per stage and per stream buffer. ``stages``: the runtime's
+    stages (``RuntimeStage``: units, stream units, layer indices, devices); ``engines``: its stream
+    engines; ``cache``: the KV cache to count (``CacheBytes()`` for none). Each tensor counts once
+    per stage; tied copies count on every stage that holds one."""
+    out: list[StageBytes] = []
+    for st in stages:
+        seen: set[int] = set()
+        weights = buffers = 0
+        misplaced: list[str] = []
+        if st.mode == "stream":
+            keys: set[str] = set()
+            for u in st.stream_units:
+                for p in u.params:
+                    if p.key not in keys:
+                        keys.add(p.key)
+                        weights += p.nbytes
+        for prefix, mod in st.units:
+            if st.mode != "stream":
+                for name, p in mod.named_parameters(prefix=prefix):
+                    if id(p) in seen:
+                        continue
+                    seen.add(id(p))
+                    weights += tensor_bytes(p)
+                    if p.device != st.device:
+                        misplaced.append(name)
+            for b in mod.buffers():
+                if id(b) in seen:
+                    continue
+                seen.add(id(b))
+                buffers += tensor_bytes(b)
+        layers = st.layer_indices
+        out.append(StageBytes(st.index, st.plan.device, st.plan.compute_device, weights, buffers,
+                              cache.bytes_of(layers), tuple(misplaced), tuple(cache.devices_of(layers))))
+    allocated = {e.plan_device: e.buffer_bytes for e in engines}
+    bufs = [StreamBufferBytes(b.device, allocated.get(b.device, 0), b.buffer_bytes, tuple(b.stages))
+            for b in plan.stream_buffers]
+    return RuntimeBytes(out, bufs)
+
+
+# ------------------------------------------------------------------------------------------------
 @dataclass
 class StageMemoryReport:
-    """One stage. ``weights_bytes`` counts each tensor once per stage (tied copies on each stage
-    that uses them). For a streamed stage the weights live on ``device`` (host RAM or disk) and
-    ``stream_buffer_bytes`` are the two slots on ``compute_device``. ``allocator_peak_bytes`` is the
-    CUDA caching allocator's peak on the stage's compute device (shared by stages on one device).
-    ``misplaced``: parameters not on the stage's device (should be empty); ``kv_devices``: the
-    devices holding its layers' KV cache (should be its compute device alone)."""
+    """One stage, measured next to the plan. ``weights_bytes`` counts each tensor once per stage
+    (tied copies on each stage that uses them). For a streamed stage the weights live on ``device``
+    (host RAM or disk) and run on ``compute_device``; the slots they stream through are the
+    report's ``stream_buffers``. ``allocator_peak_bytes`` is the CUDA caching allocator's peak on
+    the stage's compute device (shared by stages on one device). ``misplaced``: parameters not on
+    the stage's device (should be empty); ``kv_devices``: the devices holding its layers' KV cache
+    (should be its compute device alone)."""
 
     stage: int
     device: str
@@ -87,7 +191,6 @@ class StageMemoryReport:
     kv_cache_bytes: int
     planned_kv_cache_bytes: int
     buffers_bytes: int = 0
-    stream_buffer_bytes: int = 0
     allocator_peak_bytes: int | None = None
     misplaced: list[str] = field(default_factory=list)
     kv_devices: list[str] = field(default_factory=list)   # where this stage's KV tensors are
@@ -110,6 +213,7 @@ class MemoryReport:
     kv_tokens: int = 0
     batch: int = 0
     notes: list[str] = field(default_factory=list)
+    stream_buffers: list[StreamBufferBytes] = field(default_factory=list)
 
     @property
     def weights_bytes(self) -> int:
@@ -119,10 +223,14 @@ class MemoryReport:
     def kv_cache_bytes(self) -> int:
         return sum(s.kv_cache_bytes for s in self.stages)
 
+    @property
+    def stream_buffers_over_plan(self) -> list[StreamBufferBytes]:
+        return [b for b in self.stream_buffers if b.buffer_bytes > b.planned_buffer_bytes]
+
     def to_dict(self) -> dict:
         return {"kv_tokens": self.kv_tokens, "batch": self.batch, "weights_bytes": self.weights_bytes,
                 "kv_cache_bytes": self.kv_cache_bytes, "stages": [s.to_dict() for s in self.stages],
-                "notes": list(self.notes)}
+                "stream_buffers": [b.to_dict() for b in self.stream_buffers], "notes": list(self.notes)}
 
     def rows(self) -> list[list[str]]:
         """Table rows for people, matching ``HEADER``."""
@@ -133,17 +241,23 @@ class MemoryReport:
                 str(s.stage), where, f"{s.blocks[0]}-{s.blocks[1] - 1}",
                 short_bytes(s.weights_bytes), short_bytes(s.planned_weights_bytes),
                 short_bytes(s.kv_cache_bytes), short_bytes(s.planned_kv_cache_bytes),
-                short_bytes(s.stream_buffer_bytes) if s.stream_buffer_bytes else "-",
                 "-" if s.allocator_peak_bytes is None else short_bytes(s.allocator_peak_bytes),
             ])
         return rows
 
-    HEADER = ["#", "device", "blocks", "weights", "plan", "KV", "plan", "stream", "CUDA peak"]
+    HEADER = ["#", "device", "blocks", "weights", "plan", "KV", "plan", "CUDA peak"]
+
+    def buffer_lines(self) -> list[str]:
+        """One line per stream buffer: measured (plan), the stages it serves."""
+        return [f"stream buffer on {b.device}: {short_bytes(b.buffer_bytes)} (plan {short_bytes(b.planned_buffer_bytes)})"
+                f" for stage{'s' if len(b.stages) > 1 else ''} {', '.join(str(i) for i in b.stages)}"
+                for b in self.stream_buffers]
 
     def table(self) -> str:
         rows = [self.HEADER] + self.rows()
         widths = [max(len(r[i]) for r in rows) for i in range(len(self.HEADER))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines += self.buffer_lines()
         if self.kv_tokens:
             lines.append(f"KV cache holds {self.kv_tokens} tokens x batch {self.batch}; plan sized for its context")
         return "\n".join(lines + self.notes)

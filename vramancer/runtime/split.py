@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .boundary import BoundaryHook, BoundaryStats, StageInputCache, move_tensors
-from .memory import MemoryReport, StageMemoryReport, cache_layer_bytes, tensor_bytes
+from .memory import CacheBytes, MemoryReport, RuntimeBytes, StageMemoryReport, cache_layer_bytes, stage_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -54,7 +54,8 @@ def free_module(model: "nn.Module") -> None:
 
 @dataclass
 class RuntimeStage:
-    """One pipeline stage as loaded. ``device``: where its weights live; ``compute_device``: where it
+    """One pipeline stage as loaded. ``plan``: its stage in the plan; ``mode``: the plan's;
+    ``device``: the torch device where its weights live; ``compute_device``: the torch device where it
     runs (the same unless ``mode == "stream"``). ``units``: its modules in run order (name, module);
     ``layers``: its repeated layers as (layer index, module)."""
 
@@ -131,7 +132,7 @@ class SplitRuntime:
         self.forwards = 0
         self._handles: list[Any] = []
         self._caches = [StageInputCache() for _ in stages]
-        self._kv: tuple[list[int], int, int, list[str | None]] = ([], 0, 0, [])
+        self._kv = CacheBytes()          # the cache the last forward returned, measured
         self.attached = False
         self._multi_device = len({str(s.compute_device) for s in stages}) > 1
 
@@ -240,41 +241,18 @@ class SplitRuntime:
         return self.stages[self.current_stage]
 
     # -- memory ---------------------------------------------------------------------------------
-    def _stage_weights(self, st: RuntimeStage) -> tuple[int, int, list[str]]:
-        """(parameter bytes, buffer bytes, names not on the stage's device) of ``st``."""
-        seen: set[int] = set()
-        weights = 0
-        buffers = 0
-        misplaced: list[str] = []
-        if st.mode == "stream":
-            keys: set[str] = set()
-            for u in st.stream_units:
-                for p in u.params:
-                    if p.key not in keys:
-                        keys.add(p.key)
-                        weights += p.nbytes
-        for prefix, mod in st.units:
-            if st.mode != "stream":
-                for name, p in mod.named_parameters(prefix=prefix):
-                    if id(p) in seen:
-                        continue
-                    seen.add(id(p))
-                    weights += tensor_bytes(p)
-                    if p.device != st.device:
-                        misplaced.append(name)
-            for b in mod.buffers():
-                if id(b) in seen:
-                    continue
-                seen.add(id(b))
-                buffers += tensor_bytes(b)
-        return weights, buffers, misplaced
+    def stage_bytes(self, cache: CacheBytes | None = None) -> RuntimeBytes:
+        """Bytes held now per stage and per stream buffer (``memory.stage_bytes``), with the KV
+        cache ``cache`` (default: the one the last forward returned)."""
+        return stage_bytes(self.plan, self.stages, self.engines, self._kv if cache is None else cache)
 
     def memory_report(self, cache: Any = None) -> MemoryReport:
         """Measured bytes per stage next to the plan's. KV bytes come from ``cache`` when given, else
         from the cache the last forward returned (after ``generate``, the generation's cache)."""
         import torch
 
-        kv_layers, tokens, batch, kv_devs = cache_layer_bytes(cache) if cache is not None else self._kv
+        kv = cache_layer_bytes(cache) if cache is not None else self._kv
+        held = self.stage_bytes(kv)
         peaks: dict[str, int] = {}
         if torch.cuda.is_available():
             for st in self.stages:
@@ -282,20 +260,16 @@ class SplitRuntime:
                 if d.type == "cuda" and str(d) not in peaks:
                     peaks[str(d)] = int(torch.cuda.max_memory_allocated(d))
         out: list[StageMemoryReport] = []
-        for st in self.stages:
-            weights, buffers, misplaced = self._stage_weights(st)
-            kv = sum(kv_layers[i] for i in st.layer_indices if i < len(kv_layers))
-            on = sorted({kv_devs[i] for i in st.layer_indices if i < len(kv_devs) and kv_devs[i]})
-            slots = sum(e.buffer_bytes for e in self.engines
-                        if any(u.stage == st.index for u in e.units))
+        for st, sb in zip(self.stages, held.stages, strict=True):
             out.append(StageMemoryReport(
                 stage=st.index, device=st.plan.device, kind=st.plan.kind, mode=st.mode,
                 blocks=st.blocks, torch_device=str(st.device), compute_device=str(st.compute_device),
-                weights_bytes=weights, planned_weights_bytes=st.plan.weights_bytes,
-                kv_cache_bytes=kv, planned_kv_cache_bytes=st.plan.kv_cache_bytes,
-                buffers_bytes=buffers, stream_buffer_bytes=slots,
-                allocator_peak_bytes=peaks.get(str(st.compute_device)), misplaced=misplaced, kv_devices=on))
-        return MemoryReport(out, kv_tokens=tokens, batch=batch, notes=list(self.notes))
+                weights_bytes=sb.weights_bytes, planned_weights_bytes=st.plan.weights_bytes,
+                kv_cache_bytes=sb.kv_cache_bytes, planned_kv_cache_bytes=st.plan.kv_cache_bytes,
+                buffers_bytes=sb.buffers_bytes, allocator_peak_bytes=peaks.get(str(st.compute_device)),
+                misplaced=list(sb.misplaced), kv_devices=list(sb.kv_devices)))
+        return MemoryReport(out, kv_tokens=kv.tokens, batch=kv.batch, notes=list(self.notes),
+                            stream_buffers=held.stream_buffers)
 
     def samplers(self, real: bool = True) -> list:
         """Telemetry samplers for this split model: its simulated devices through a

@@ -10,6 +10,11 @@ code path and the overlap are exercised without a GPU.
 
 A unit's parameters point at its slot only while it runs; before and after, they point at their
 home (the host tensor, or a ``meta`` placeholder for the disk tier).
+
+The slots are as large as the plan's stream buffer says (``StreamBuffer.slot_bytes``: the largest
+streamed block); a unit's parameters are packed into its slot without padding (largest element
+size first, so every offset is a multiple of each later parameter's element size), so a block's
+unit never needs more than the block's weight bytes.
 """
 from __future__ import annotations
 
@@ -23,9 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .checkpoint import Checkpoint
 
-__all__ = ["StreamParam", "StreamUnit", "StreamEngine", "SLOT_ALIGN_BYTES"]
-
-SLOT_ALIGN_BYTES = 256
+__all__ = ["StreamParam", "StreamUnit", "StreamEngine"]
 
 
 @dataclass
@@ -55,10 +58,11 @@ class StreamUnit:
     slot_bytes: int = 0
 
     def layout(self) -> None:
+        """Offsets in a slot: parameters by element size, largest first, back to back."""
         off = 0
-        for p in self.params:
+        for p in sorted(self.params, key=lambda p: -p.dtype.itemsize):
             p.slot_offset = off
-            off += -(-p.nbytes // SLOT_ALIGN_BYTES) * SLOT_ALIGN_BYTES
+            off += p.nbytes
         self.slot_bytes = off
 
 
@@ -82,17 +86,20 @@ class _Slot:
 
 
 class StreamEngine:
-    """Streams ``units`` (in run order) onto ``device`` through two slots."""
+    """Streams ``units`` (in run order) onto ``device`` through two slots of ``slot_bytes`` each (the
+    plan's; more only if a unit needs more, which the memory report then shows over plan).
+    ``plan_device``: the plan's id of the compute device (its stream buffer's)."""
 
-    def __init__(self, units: list[StreamUnit], device: "torch.device"):
+    def __init__(self, units: list[StreamUnit], device: "torch.device", slot_bytes: int = 0, plan_device: str = ""):
         import torch
 
         self.device = device
+        self.plan_device = plan_device or str(device)
         self.units = units
         self.cuda = device.type == "cuda"
         for u in units:
             u.layout()
-        self.slot_bytes = max((u.slot_bytes for u in units), default=0)
+        self.slot_bytes = max([slot_bytes] + [u.slot_bytes for u in units])
         has_disk = any(p.home is None for u in units for p in u.params)
         self.slots = [_Slot(i, self.slot_bytes, device, self.cuda and has_disk) for i in range(2)]
         self.next_unit: dict[str, StreamUnit] = {
@@ -106,7 +113,7 @@ class StreamEngine:
 
     @property
     def buffer_bytes(self) -> int:
-        """Device bytes the slots take (2 x the largest unit)."""
+        """Device bytes the slots take (both)."""
         return sum(s.buffer.numel() for s in self.slots)
 
     # -- filling a slot -----------------------------------------------------------------------

@@ -5,8 +5,13 @@ A simulated GPU ("rtx3090#0") has no driver to ask: its bytes are the runtime's 
 ``SimulatedSampler``; real devices (cuda:N, the CPU) are sampled by the NVML / torch / host samplers.
 
     used_bytes  = weights of the stages whose weights live there
-                + buffers, KV cache held now, and stream slots of the stages that run there
+                + buffers and KV cache held now of the stages that run there
+                + its stream buffer (both slots), if stages stream to it
     total_bytes = the simulated device's capacity (from the plan)
+
+Where each stage's bytes are is the plan's word (``Stage.device``, ``Stage.compute_device``,
+``Plan.stream_buffers``); the bytes are the runtime's one count (``SplitRuntime.stage_bytes``,
+which the memory report uses too).
 
 While the model loads (``watch_load``) the weights count as each tensor lands on its stage; once
 loaded (``attach``) the counts come from the SplitRuntime. The KV cache counts while the cache a
@@ -28,39 +33,24 @@ import logging
 import threading
 import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
 
 from ..errors import DeviceSpecError
 from ..telemetry.samples import DeviceSample
+from .memory import CacheBytes, RuntimeBytes, StageBytes, cache_layer_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
     from ..devices.device import Device
     from ..plan.plan import Plan
-    from .split import SplitRuntime
 
-__all__ = ["StageBytes", "StageFeed", "SIMULATED_MISSING"]
+__all__ = ["StageBytes", "StageFeed", "SIMULATED_MISSING"]   # StageBytes: memory.py's, for readers of the feed
 
 log = logging.getLogger(__name__)
 
 # What a simulated device cannot report; the views say "n/a (simulated)".
 SIMULATED_MISSING = ("utilization_pct", "power_w", "temperature_c", "sm_clock_mhz", "mem_clock_mhz")
-
-
-@dataclass(frozen=True)
-class StageBytes:
-    """One stage now. ``device``: where its weights live; ``compute_device``: where it runs and
-    keeps its buffers, KV cache and stream slots (the same unless the stage streams)."""
-
-    stage: int
-    device: str
-    compute_device: str
-    weights_bytes: int
-    buffers_bytes: int = 0
-    kv_cache_bytes: int = 0
-    stream_buffer_bytes: int = 0
 
 
 def _unique_bytes(tensors: Iterator[Any]) -> int:
@@ -91,32 +81,22 @@ class _LoadWatch:
         self._root: "weakref.ref[nn.Module] | None" = None
         self._stage_of: dict[str, int] = {}
         self._handles: list[Any] = []
-        self._blocks: Any = None
         self.failed: str | None = None
 
     # -- recognising the model ------------------------------------------------------------------
-    def _block_layout(self, root: "nn.Module") -> Any:
-        from .loader import block_layout, weights_folder
-
-        if self._blocks is None:
-            ref = None if _is_module(self.model) else str(weights_folder(self.model))
-            self._blocks = block_layout(ref, root, self.plan.workload.dtype)
-        return self._blocks
-
     def adopt(self, root: "nn.Module") -> bool:
-        """Watch ``root`` if it is the model the plan is for; False if it is not (yet)."""
-        from .layout import stage_layout
+        """Watch ``root`` if it is the model the plan is for (it has every module the plan's blocks
+        name); False if it is not (yet)."""
+        from .layout import layout_from_plan, stage_layout
 
-        blocks = self._block_layout(root)
-        for prefixes in blocks.modules:
-            for p in prefixes:
-                try:
-                    root.get_submodule(p)
-                except AttributeError:
-                    if _is_module(self.model):  # the profile read off this very module: no partial state
-                        raise
-                    return False
-        self._stage_of = dict(stage_layout(root, blocks, self.plan).tensor_stage)
+        if not _is_module(self.model):     # a module being built: it may not have them all yet
+            for b in self.plan.blocks:
+                for p in b.modules:
+                    try:
+                        root.get_submodule(p)
+                    except AttributeError:
+                        return False
+        self._stage_of = dict(stage_layout(root, layout_from_plan(self.plan, root), self.plan).tensor_stage)
         self._root = weakref.ref(root)
         self._parents.clear()
         return True
@@ -163,7 +143,8 @@ class _LoadWatch:
         self._parents.clear()
 
     # -- counting -------------------------------------------------------------------------------
-    def stage_bytes(self) -> list[StageBytes]:
+    def stage_bytes(self) -> RuntimeBytes:
+        """Weights and buffers landed per stage (no KV cache, no stream buffer yet while loading)."""
         root = self._root() if self._root is not None else None
         n = len(self.plan.stages)
         params: list[list[Any]] = [[] for _ in range(n)]
@@ -181,8 +162,9 @@ class _LoadWatch:
         for si, st in enumerate(self.plan.stages):
             # a streamed stage keeps its weights at home (host RAM or disk) until it runs
             weights = _unique_bytes(iter(params[si]))
-            out.append(StageBytes(si, st.device, _compute_id(st), weights, _unique_bytes(iter(buffers[si]))))
-        return out
+            out.append(StageBytes(si, st.device, st.compute_device or st.device, weights,
+                                  _unique_bytes(iter(buffers[si]))))
+        return RuntimeBytes(out, [])
 
 
 def _is_module(obj: Any) -> bool:
@@ -191,13 +173,6 @@ def _is_module(obj: Any) -> bool:
     except ImportError:  # pragma: no cover
         return False
     return isinstance(obj, nn.Module)
-
-
-def _compute_id(stage: Any) -> str:
-    """The device id a plan stage runs on (as the loader decides: the disk tier always streams)."""
-    if stage.mode == "stream" or stage.kind == "disk":
-        return stage.compute_device or ("cpu" if stage.kind == "disk" else stage.device)
-    return stage.device
 
 
 class StageFeed:
@@ -209,16 +184,19 @@ class StageFeed:
         by_id = {d.id: d for d in plan.devices}
         used: list[str] = []
         for st in plan.stages:
-            for dev in (st.device, _compute_id(st)):
+            for dev in (st.device, st.compute_device or st.device):
                 if dev not in used:
                     used.append(dev)
+        for buf in plan.stream_buffers:
+            if buf.device not in used:
+                used.append(buf.device)
         self.devices: dict[str, "Device"] = {i: by_id[i] for i in used if i in by_id}
         self.simulated: list[str] = [i for i in used if i in by_id and by_id[i].simulated]
         self._lock = threading.Lock()
         self._watch: _LoadWatch | None = None
-        self._runtime: "SplitRuntime | None" = None
+        self._runtime: Any = None
         self._hook: Any = None
-        self._kv: tuple["weakref.ref | None", list[int]] = (None, [])   # (live cache, bytes per layer)
+        self._kv: tuple["weakref.ref | None", CacheBytes] = (None, CacheBytes())   # (live cache, its bytes)
 
     # -- load -------------------------------------------------------------------------------------
     @contextmanager
@@ -235,7 +213,7 @@ class StageFeed:
             watch.stop()
 
     # -- run --------------------------------------------------------------------------------------
-    def attach(self, runtime: "SplitRuntime") -> "StageFeed":
+    def attach(self, runtime: Any) -> "StageFeed":
         """Count from ``runtime`` (the loaded model's ``model.vramancer``) from now on."""
         if self._runtime is runtime:
             return self
@@ -250,14 +228,12 @@ class StageFeed:
     def detach(self) -> None:
         with self._lock:
             hook, self._hook, self._runtime = self._hook, None, None
-            self._kv = (None, [])
+            self._kv = (None, CacheBytes())
         if hook is not None:
             hook.remove()
 
     def _after_forward(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
         """Note the cache this forward returned (weakly) and its bytes per layer."""
-        from .memory import cache_layer_bytes
-
         rt = self._runtime
         if rt is None or getattr(module, "vramancer", None) is not rt:   # detached: stop watching
             self.detach()
@@ -267,7 +243,7 @@ class StageFeed:
             cache = getattr(output, "past_key_values", None)
         if cache is None:
             return
-        layers = cache_layer_bytes(cache)[0]
+        layers = cache_layer_bytes(cache)
         try:
             ref: weakref.ref | None = weakref.ref(cache)
         except TypeError:  # a cache type without weak references: count it until the next forward
@@ -275,43 +251,37 @@ class StageFeed:
         with self._lock:
             self._kv = (ref, layers)
 
-    def _kv_layers(self) -> list[int]:
+    def _kv_held(self) -> CacheBytes:
         with self._lock:
-            ref, layers = self._kv
+            ref, held = self._kv
         if ref is not None and ref() is None:
-            return []           # the generation that held it is over
-        return layers
+            return CacheBytes()     # the generation that held it is over
+        return held
 
-    def stage_bytes(self) -> list[StageBytes]:
-        """Bytes per stage now: from the runtime once attached, else from the load watch, else 0."""
+    def stage_bytes(self) -> RuntimeBytes:
+        """Bytes per stage and stream buffer now: the runtime's count once attached (with the KV
+        cache a generation holds now), else the load watch's, else 0."""
         with self._lock:
             rt, watch = self._runtime, self._watch
         if rt is None:
             if watch is not None:
                 return watch.stage_bytes()
-            return [StageBytes(i, st.device, _compute_id(st), 0) for i, st in enumerate(self.plan.stages)]
-        report = rt.memory_report()     # weights, buffers; its KV (the last forward's) is not used
-        kv = self._kv_layers()
-        slots: dict[int, int] = {}
-        for eng in list(rt.engines):    # one engine's two slots serve every stage streaming through it
-            served = sorted({u.stage for u in eng.units})
-            if served:
-                slots[served[0]] = slots.get(served[0], 0) + eng.buffer_bytes
-        out = []
-        for st, mem in zip(rt.stages, report.stages, strict=True):
-            kv_bytes = sum(kv[i] for i in st.layer_indices if i < len(kv))
-            out.append(StageBytes(st.index, st.plan.device, _compute_id(st.plan), mem.weights_bytes,
-                                  mem.buffers_bytes, kv_bytes, slots.get(st.index, 0)))
-        return out
+            return RuntimeBytes([StageBytes(i, st.device, st.compute_device or st.device, 0)
+                                 for i, st in enumerate(self.plan.stages)], [])
+        return rt.stage_bytes(self._kv_held())
 
     def device_samples(self) -> list[DeviceSample]:
         """One DeviceSample per simulated device of the plan (pipeline order)."""
         used = {d: 0 for d in self.simulated}
-        for sb in self.stage_bytes():
+        held = self.stage_bytes()
+        for sb in held.stages:
             if sb.device in used:
                 used[sb.device] += sb.weights_bytes
             if sb.compute_device in used:
-                used[sb.compute_device] += sb.buffers_bytes + sb.kv_cache_bytes + sb.stream_buffer_bytes
+                used[sb.compute_device] += sb.buffers_bytes + sb.kv_cache_bytes
+        for buf in held.stream_buffers:
+            if buf.device in used:
+                used[buf.device] += buf.buffer_bytes
         return [DeviceSample(device=d, name=self.devices[d].name, source="simulated", used_bytes=used[d],
                              total_bytes=self.devices[d].total_bytes, missing=list(SIMULATED_MISSING))
                 for d in self.simulated]
@@ -354,7 +324,7 @@ class StageFeed:
         """Device id -> "s0", "s1+s2" (the stages whose weights or work are there)."""
         labels: dict[str, list[str]] = {}
         for i, st in enumerate(self.plan.stages):
-            for dev in dict.fromkeys((st.device, _compute_id(st))):
+            for dev in dict.fromkeys((st.device, st.compute_device or st.device)):
                 labels.setdefault(dev, []).append(f"s{i}")
         return {d: "+".join(v) for d, v in labels.items()}
 

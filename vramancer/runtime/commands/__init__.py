@@ -44,13 +44,11 @@ def add_monitor_flags(p: argparse.ArgumentParser) -> None:
 def check_plan_fits(plan: "Plan") -> None:
     """A plan whose stages need more than their devices hold (a manual split too big) is refused
     before anything is loaded. Offloaded plans run."""
-    over = [s for s in plan.stages if s.total_bytes > s.capacity_bytes]
+    over = plan.device_shortfalls()      # each device's stages and stream buffer together
     if over:
-        short = sum(s.total_bytes - s.capacity_bytes for s in over)
         raise DoesNotFitError(
-            "the plan does not fit: " + "; ".join(
-                f"{s.device} needs {format_bytes(s.total_bytes - s.capacity_bytes)} more" for s in over)
-            + " (change --split, --context or --devices)", shortfall_bytes=short)
+            "the plan does not fit: " + "; ".join(f"{dev} needs {format_bytes(n)} more" for dev, n in over.items())
+            + " (change --split, --context or --devices)", shortfall_bytes=sum(over.values()))
 
 
 def fetch_model(model: str) -> str:
@@ -110,6 +108,11 @@ def render_memory(report: "MemoryReport", console: Any) -> None:
     for st in report.stages:
         if st.over_plan:
             console.print(f"[red]stage {st.stage} measures more than its plan: a memory-model bug, please report[/]")
+    for line in report.buffer_lines():
+        console.print(f"[dim]{line}[/]")
+    for buf in report.stream_buffers_over_plan:
+        console.print(f"[red]the stream buffer on {buf.device} measures more than its plan: a memory-model bug, "
+                      "please report[/]")
     for note in report.notes:
         console.print(f"[dim]note: {note}[/]")
 
