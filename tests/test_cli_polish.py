@@ -473,3 +473,21 @@ def test_serve_logs_each_request_and_404s_other_models(tmp_path, caplog):
     assert lines[3].startswith("POST /v1/completions 200 tokens=") and "+3 " in lines[3]   # streamed: counted at the end
     assert lines[4].startswith("GET /health 200 tokens=- ")
     assert all(float(line.split()[-2]) >= 0 for line in lines)
+
+
+def test_plan_table_on_a_narrow_terminal_cuts_nothing():
+    from rich.console import Console
+
+    from vramancer.plan.commands import render_plan
+    from vramancer.plan.planner import plan
+
+    p = plan("llama-3.1-70b", devices="rtx3090,rtx3060,cpu:64GiB", context=16384, dtype="q4_k_m")
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=60, color_system=None)
+    render_plan(p, console)
+    text = out.getvalue()
+    assert "…" not in text
+    table = text.splitlines()[1:1 + 1 + len(p.stages)]
+    for stage, row in zip(p.stages, table[1:], strict=True):
+        assert row.split()[1] == stage.device
+    assert console.width == 60                       # the console is left as it was

@@ -110,7 +110,13 @@ def render_plan(plan, console) -> None:
                   _short_bytes(s.kv_cache_bytes), _short_bytes(s.activation_bytes), _short_bytes(s.reserve_bytes),
                   ("[red]" + _short_bytes(free) + "[/]") if free < 0 else _short_bytes(free),
                   _bar(held, s.capacity_bytes))
-    console.print(t)
+    # never cut a device name or a figure: wider than the terminal, the terminal wraps the rows
+    natural, width = console.measure(t, options=console.options.update_width(10_000)).maximum, console.width
+    console.width = max(width, natural)
+    try:
+        console.print(t)
+    finally:
+        console.width = width
     for s in plan.stages:
         label = names.get(s.device, s.device)
         how = ""
