@@ -157,6 +157,11 @@ def test_convert_bad_input(tmp_path, capsys):
         assert cli(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert text in err and len(err.splitlines()) == 1, (argv, err)
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(range(100)))
+    assert cli(["convert", str(junk), str(tmp_path / "o5")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "malformed GGUF file" in err and len(err.splitlines()) == 1
     (src / "pytorch_model.bin").write_bytes(b"PK\x03\x04 not really a zip")
     assert cli(["convert", str(src), str(tmp_path / "o4")]) == 2
     assert "cannot read" in capsys.readouterr().err

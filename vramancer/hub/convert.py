@@ -244,11 +244,18 @@ class _GGUFTensors(_Tensors):
             from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
         except ImportError as e:
             raise BadInputError(f"convert: reading GGUF needs gguf and transformers ({e})") from None
+        from ..models.gguf_file import read_gguf
+
+        _, tensors = read_gguf(path)  # the header checked first: MalformedCheckpointError naming the file
+        if {t.file for t in tensors} != {str(path)}:
+            raise BadInputError(f"convert: {path} is split in parts; merge them first "
+                                "(llama.cpp: llama-gguf-split --merge FIRST-PART OUT.gguf)")
         try:
             parsed = load_gguf_checkpoint(str(path), return_tensors=False)
             self.reader = GGUFReader(str(path))
-        except (ValueError, KeyError, NotImplementedError, OSError) as e:
-            raise MalformedCheckpointError(f"convert: cannot read GGUF {path}: {str(e).splitlines()[0]}") from None
+        except Exception as e:  # transformers' GGUF tables raise assorted types for what they do not support
+            raise BadInputError(f"convert: transformers cannot read GGUF {path}: {type(e).__name__}: "
+                                f"{str(e).splitlines()[0] if str(e) else ''}") from None
         config = dict(parsed.get("config") or {})
         if not config.get("model_type"):
             raise MalformedCheckpointError(f"convert: GGUF {path} names no architecture transformers knows")
@@ -309,8 +316,12 @@ class _GGUFTensors(_Tensors):
         from gguf import dequantize
 
         t = self.reader.tensors[index]
-        result = processor.process(weights=dequantize(t.data, t.tensor_type), name=t.name,
-                                   tensor_key_mapping=key_map, parsed_parameters=parsed)
+        try:
+            weights = dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise BadInputError(f"convert: {self.path}: tensor {t.name} is in {t.tensor_type.name}, which the gguf "
+                                "package cannot dequantise") from None
+        result = processor.process(weights=weights, name=t.name, tensor_key_mapping=key_map, parsed_parameters=parsed)
         if result.name is None or result.name not in key_map:
             return None, None
         return key_map[result.name], result.weights
