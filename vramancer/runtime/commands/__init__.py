@@ -62,6 +62,10 @@ def fetch_model(model: str) -> str:
 def make_plan(args: argparse.Namespace, model: str) -> "Plan":
     from ...plan.plan import Plan
 
+    if getattr(args, "plan", None):  # --plan FILE with --devices X: refused, never one of them ignored
+        from .run import check_plan_conflicts
+
+        check_plan_conflicts(args)
     model = fetch_model(model)
     if getattr(args, "plan", None):
         return Plan.load(args.plan)

@@ -176,3 +176,41 @@ def write_gguf(model: nn.Module, path: str | Path, qtype: str = "F32", *, tokeni
     writer.write_tensors_to_file()
     writer.close()
     return GGUFExport(path, types)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m vramancer.runtime.gguf.write SRC DST [QTYPE]``: a transformers folder written as a
+    GGUF file (its byte-level BPE tokenizer and chat template included when it has one)."""
+    import argparse
+    import sys
+
+    from ...errors import VramancerError
+
+    ap = argparse.ArgumentParser(prog="python -m vramancer.runtime.gguf.write", description=main.__doc__)
+    ap.add_argument("src", help="transformers folder (config.json + safetensors)")
+    ap.add_argument("dst", help="the .gguf file to write")
+    ap.add_argument("qtype", nargs="?", default="Q8_0", help="type of the matrices (F32, F16, Q8_0, Q4_K, ...)")
+    ap.add_argument("--fallback", default="F16", help="type of matrices whose rows are not whole blocks")
+    args = ap.parse_args(argv)
+    try:
+        import transformers
+
+        from ..loader import weights_folder
+
+        folder = weights_folder(args.src)
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype="float32")
+        try:
+            tok = transformers.AutoTokenizer.from_pretrained(folder)
+        except (OSError, ValueError):
+            tok = None
+        out = write_gguf(model, args.dst, args.qtype, tokenizer=tok, fallback=args.fallback)
+    except VramancerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    print(f"{out.path}: {out.nbytes:,} bytes, {len(out.tensor_types)} tensors "
+          f"({', '.join(sorted(set(out.tensor_types.values())))})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
