@@ -394,6 +394,10 @@ def test_run_plan_conflicts_with_planner_flags(folder, capsys, tmp_path):
     assert err.count("\n") == 1 and "already fixes --devices" in err
     assert cli(["run", str(folder), "-p", "Hi", "--plan", str(plan_file), "-d", "rtx4090", "-c", "32"]) == 2
     assert "--devices, --context" in capsys.readouterr().err
+    assert cli(["chat", str(folder), "--plan", str(plan_file), "--batch", "2"]) == 2        # chat and serve too
+    assert "already fixes --batch" in capsys.readouterr().err
+    assert cli(["serve", str(folder), "--plan", str(plan_file), "-d", "rtx4090", "--port", "0"]) == 2
+    assert "already fixes --devices" in capsys.readouterr().err
     assert cli(["run", str(folder), "-p", "Hi", "-n", "2", "--plan", str(plan_file)]) == 0
 
 
@@ -470,7 +474,7 @@ def test_serve_logs_each_request_and_404s_other_models(tmp_path, caplog):
     assert lines[0].startswith("POST /v1/chat/completions 404 tokens=- ") and lines[0].endswith(" s")
     assert lines[1].startswith("POST /v1/completions 404 tokens=- ")
     assert lines[2].startswith(f"POST /v1/chat/completions 200 tokens={prompt_tokens}+5 ")
-    assert lines[3].startswith("POST /v1/completions 200 tokens=") and "+3 " in lines[3]   # streamed: counted at the end
+    assert lines[3].startswith("POST /v1/completions 200 tokens=") and "+3 " in lines[3]   # streamed: at the end
     assert lines[4].startswith("GET /health 200 tokens=- ")
     assert all(float(line.split()[-2]) >= 0 for line in lines)
 

@@ -33,6 +33,7 @@ class Option:
     help: str
     takes_value: bool
     choices: tuple[str, ...] = ()
+    repeatable: bool = False            # -v -v (a count)
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,8 @@ def _options(p: argparse.ArgumentParser) -> tuple[Option, ...]:
         if not a.option_strings or a.help == argparse.SUPPRESS:
             continue
         choices = tuple(str(c) for c in a.choices) if a.choices else ()
-        out.append(Option(tuple(a.option_strings), _first_line(a.help), a.nargs != 0, choices))
+        out.append(Option(tuple(a.option_strings), _first_line(a.help), a.nargs != 0, choices,
+                          isinstance(a, argparse._CountAction)))
     return tuple(out)
 
 
@@ -126,6 +128,8 @@ def _zsh_spec(o: Option) -> str:
     if o.takes_value:
         value = f":{o.strings[-1].lstrip('-')}:" + (f"({' '.join(o.choices)})" if o.choices else "_files")
     desc = f"[{_zsh_quote(o.help)}]"
+    if o.repeatable:
+        return f"'*'{{{','.join(o.strings)}}}'{desc}{value}'"
     if len(o.strings) == 1:
         return f"'{o.strings[0]}{desc}{value}'"
     exclusive = "(" + " ".join(o.strings) + ")"
