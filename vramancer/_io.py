@@ -65,8 +65,10 @@ def check_writable(path: str | os.PathLike, flag: str = "output") -> Path:
     """Refuse, now and in one line, a ``path`` that a later ``atomic_write`` could not write;
     returns the path written in the end (see ``write_target``). Probes the folder by creating
     and removing a temporary file (permission bits do not bind root; a read-only mount does)."""
-    target = write_target(path, flag)
     shown = os.fspath(path)
+    if str(shown).endswith(("/", os.sep)):
+        raise BadInputError(f"{flag} {shown}: names a folder; name a file")
+    target = write_target(path, flag)
     try:
         st = os.stat(target)
     except FileNotFoundError:

@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -267,6 +266,7 @@ class _Placer:
         self.ckpt = ckpt
         self.offload_dir = offload_dir
         self.made_offload_dir = False
+        self.offload_files: list[str] = []     # written into a caller's offload_dir
         self.checkpoints: list[Checkpoint] = [ckpt] if ckpt is not None else []
         self.device: list[torch.device] = []
         self.compute: list[torch.device] = []
@@ -423,18 +423,33 @@ class _Placer:
             if out is not None and all(n in self.placed or n in self.disk for n in out):
                 del self.converted[id(src.convert)]
 
+    def release_offload(self) -> None:
+        """Remove the offload files of a load that failed (the folder too when made here)."""
+        from .scratch import release
+
+        if self.made_offload_dir:
+            release(self.offload_dir)
+        for path in self.offload_files:
+            release(path)
+        self.offload_files = []
+
     def _write_offload(self, specs: list[tuple[str, Any, tuple[int, ...], Callable[[], Any]]]) -> None:
         from .checkpoint import write_safetensors
 
         if self.offload_dir is None:  # under the cache folder: /tmp may be RAM (tmpfs), defeating the disk tier
             from .._paths import cache_dir
 
-            root = cache_dir() / "offload"
-            root.mkdir(parents=True, exist_ok=True)
-            self.offload_dir = tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=root)
+            from .scratch import make_offload_dir
+
+            # removed at detach, on a failed load, at exit, on SIGTERM; a killed run's at the next start
+            self.offload_dir = make_offload_dir(cache_dir() / "offload")
             self.made_offload_dir = True
         os.makedirs(self.offload_dir, exist_ok=True)
         path = os.path.join(self.offload_dir, f"offload-{os.getpid()}-{id(self):x}.safetensors")
+        if not self.made_offload_dir:   # a folder the caller gave: our file in it goes as ours do
+            from .scratch import track
+
+            self.offload_files.append(track(path))
         ck = write_safetensors(path, [(n, d, s) for n, d, s, _ in specs], (f() for _, _, _, f in specs))
         self.checkpoints.append(ck)
         for n, _, _, _ in specs:
@@ -518,6 +533,7 @@ class _Placer:
         runtime = SplitRuntime(self.model, self.plan, self.layout, stages, engines=engines,
                                checkpoints=self.checkpoints, offload_dir=self.offload_dir, notes=notes,
                                cleanup_offload_dir=self.made_offload_dir)
+        runtime.offload_files = list(self.offload_files)
         return runtime
 
     def oom_error(self, err: BaseException) -> DeviceOutOfMemoryError:
@@ -576,6 +592,7 @@ def _place(model: "nn.Module", plan: "Plan", sources: dict[str, _Source],
         err = placer.oom_error(e)
         for ck in placer.checkpoints:
             ck.close()
+        placer.release_offload()
         placer.placed.clear()
         placer.converted.clear()
         if free_on_error:
@@ -586,6 +603,7 @@ def _place(model: "nn.Module", plan: "Plan", sources: dict[str, _Source],
     except BaseException:
         for ck in placer.checkpoints:
             ck.close()
+        placer.release_offload()
         raise
     runtime.attach()
     model.vramancer = runtime

@@ -87,7 +87,10 @@ def main(args: argparse.Namespace) -> int:
         export_format(export)          # a bad suffix is bad input before anything runs
         from ..._io import check_writable
 
-        check_writable(export, "--export")   # and a path it cannot write, before any sampling
+        check_writable(args.export, "--export")   # and a path it cannot write, before any sampling
+        from ..._io import check_writable
+
+        check_writable(args.export, "--export")   # and a path it cannot write, before any sampling
     recorder = recorder_from_args(args)
     use_tui = not args.no_tui and not args.json
     if use_tui and not sys.stdout.isatty():
