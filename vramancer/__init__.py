@@ -74,10 +74,11 @@ def profile(model: Any, dtype: str | None = None) -> ModelProfile:
     return _profile(model, dtype=dtype)
 
 
-def plan(model: Any, devices: Any = "auto", context: int = 4096, batch: int = 1,
+def plan(model: Any, devices: Any = "auto", context: int | None = None, batch: int = 1,
          dtype: str | None = None, objective: str = "latency", split: list[float] | None = None,
          reserve_bytes: int | str | None = None, prefill_chunk: int = 512) -> Plan:
-    """Plan the split of ``model`` over ``devices`` (a pure function: nothing is loaded)."""
+    """Plan the split of ``model`` over ``devices`` (a pure function: nothing is loaded). ``context``
+    None: 4096 tokens, or the model's trained maximum when that is smaller."""
     from .plan.planner import plan as _plan
 
     return _plan(model, devices=devices, context=context, batch=batch, dtype=dtype,

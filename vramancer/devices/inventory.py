@@ -30,24 +30,22 @@ UNKNOWN_GPU_TFLOPS = 4.0
 DEFAULT_LINK_BYTES_PER_S = 31.5e9
 
 
-def _cpu_tflops() -> float:
-    """FP32 FMA peak: physical cores x ~3 GHz x 32 FLOP/cycle (AVX2: 2 FMA x 8 lanes x 2)."""
-    import psutil
-
-    cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    return cores * 3.0e9 * 32 / 1e12
-
-
 def host_device(total_bytes: int | None = None, free_bytes: int | None = None) -> Device:
+    """Host RAM. Its read bandwidth and FLOP/s are what a CPU forward reaches on this machine
+    (devices/host_speed.py: measured when kept, else per-thread defaults); its link is the memcpy
+    bandwidth copies to a GPU start from."""
     import psutil
+
+    from .host_speed import host_speed
 
     vm = psutil.virtual_memory()
+    speed = host_speed()
     total = int(total_bytes if total_bytes is not None else vm.total)
     free = int(free_bytes if free_bytes is not None else (total if total_bytes is not None else vm.available))
     return Device(
         id="cpu", name=f"CPU RAM ({platform.machine() or 'host'})", kind="cpu",
         total_bytes=total, free_bytes=min(free, total),
-        bandwidth_bytes_per_s=HOST_BANDWIDTH_BYTES_PER_S, tflops=_cpu_tflops(),
+        bandwidth_bytes_per_s=speed.bandwidth_bytes_per_s, tflops=speed.tflops,
         simulated=total_bytes is not None, backing="cpu" if total_bytes is not None else None,
         torch_device="cpu", link_bandwidth_bytes_per_s=HOST_BANDWIDTH_BYTES_PER_S,
     )

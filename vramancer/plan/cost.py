@@ -13,22 +13,29 @@ Offloaded blocks: "execute" runs on the CPU (host bandwidth / CPU FLOPs, or disk
 disk tier, read through the page cache); "stream" copies the block's weights to a GPU before it
 runs, every forward pass, overlapped with compute by prefetch, so its time is max(copy, compute).
 A hop between stages moves ``tokens x hidden x bytes`` over the host link plus a fixed latency.
+
+Host RAM (and the CPU that runs disk-tier blocks) uses measured figures, not vendor peaks (see
+vramancer/devices/host_speed.py): the bandwidth a decode GEMV reaches and the FLOP/s of a prefill
+matmul, taken as they are (no efficiency factor), plus a fixed cost per block per forward (eager op
+dispatch: what dominates small models on a CPU). Every plan also pays the host's fixed cost per
+generation step and per request (``step_seconds``: the ``generate`` loop around the forward, and its
+setup before the first token), whatever runs the blocks.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from ..devices.device import Device
+from ..devices.host_speed import HostSpeed, host_speed
 from ..models.profile import BlockProfile, ModelProfile
 
 __all__ = ["CostModel", "DECODE_BANDWIDTH_EFFICIENCY", "COMPUTE_EFFICIENCY", "LINK_EFFICIENCY",
-           "GPU_BLOCK_OVERHEAD_S", "CPU_BLOCK_OVERHEAD_S", "HOP_LATENCY_S"]
+           "GPU_BLOCK_OVERHEAD_S", "HOP_LATENCY_S"]
 
 DECODE_BANDWIDTH_EFFICIENCY = 0.75
 COMPUTE_EFFICIENCY = 0.55
 LINK_EFFICIENCY = 0.80
 GPU_BLOCK_OVERHEAD_S = 60e-6   # ~12 kernel launches per transformer layer at ~5 us
-CPU_BLOCK_OVERHEAD_S = 30e-6
 HOP_LATENCY_S = 25e-6          # device->host->device sync + copy launch
 
 
@@ -38,8 +45,11 @@ class CostModel:
     context: int
     batch: int
     prefill_chunk: int
+    host: HostSpeed | None = None   # None: this machine's (measured when kept, else the defaults)
 
     def __post_init__(self) -> None:
+        if self.host is None:
+            self.host = host_speed()
         self.q_tokens = min(self.context, self.prefill_chunk)
         self.chunk_tokens = self.q_tokens * self.batch
         # mean context seen by a decode step of a conversation that grows to ``context``
@@ -47,9 +57,13 @@ class CostModel:
 
     # -- per block ---------------------------------------------------------------------------
     def _read_seconds(self, nbytes: float, dev: Device) -> float:
+        if dev.kind == "cpu":  # a measured effective figure (host_speed), taken as it is
+            return nbytes / dev.bandwidth_bytes_per_s
         return nbytes / (dev.bandwidth_bytes_per_s * DECODE_BANDWIDTH_EFFICIENCY)
 
     def _compute_seconds(self, flops: float, dev: Device) -> float:
+        if dev.kind != "gpu":  # host RAM and the disk tier are computed by the CPU
+            return flops / (dev.tflops * 1e12 if dev.kind == "cpu" and dev.tflops > 0 else self.host.gemm_flops_per_s)
         tf = dev.tflops if dev.tflops > 0 else 0.05
         return flops / (tf * 1e12 * COMPUTE_EFFICIENCY)
 
@@ -67,21 +81,24 @@ class CostModel:
         return self.chunk_tokens * (b.flops_per_token + b.attn_flops_per_token_per_ctx * ctx)
 
     def _overhead(self, dev: Device) -> float:
-        return GPU_BLOCK_OVERHEAD_S if dev.kind == "gpu" else CPU_BLOCK_OVERHEAD_S
+        return GPU_BLOCK_OVERHEAD_S if dev.kind == "gpu" else self.host.block_overhead_s
+
+    def step_seconds(self) -> tuple[float, float]:
+        """(decode step, prefill chunk) fixed host seconds beyond the blocks: a decode step pays the
+        generation loop's; a prefill chunk is priced as a request's first forward (``generate``'s setup)."""
+        return self.host.step_overhead_s, max(self.host.step_overhead_s, self.host.request_overhead_s)
 
     def execute_seconds(self, b: BlockProfile, dev: Device) -> tuple[float, float]:
         """(decode step, prefill chunk) seconds of block ``b`` run on ``dev`` where its weights live."""
         if dev.kind == "disk":
             # executed by the CPU, weights read from the mmapped file at disk speed
             read_dev_bw = dev.bandwidth_bytes_per_s
-            from ..devices.inventory import _cpu_tflops
-
-            tf = _cpu_tflops()
             decode = max(b.read_bytes_per_token / (read_dev_bw * LINK_EFFICIENCY),
-                         self._decode_flops(b) / (tf * 1e12 * COMPUTE_EFFICIENCY))
+                         self._compute_seconds(self._decode_flops(b), dev))
             prefill = max(b.weights_bytes / (read_dev_bw * LINK_EFFICIENCY),
-                          self._prefill_flops(b) / (tf * 1e12 * COMPUTE_EFFICIENCY))
-            return decode + CPU_BLOCK_OVERHEAD_S, prefill + CPU_BLOCK_OVERHEAD_S
+                          self._compute_seconds(self._prefill_flops(b), dev))
+            oh = self.host.block_overhead_s
+            return decode + oh, prefill + oh
         decode = max(self._read_seconds(self._decode_bytes(b), dev), self._compute_seconds(self._decode_flops(b), dev))
         prefill = max(self._read_seconds(b.weights_bytes, dev), self._compute_seconds(self._prefill_flops(b), dev))
         oh = self._overhead(dev)
@@ -90,7 +107,7 @@ class CostModel:
     def stream_seconds(self, b: BlockProfile, src: Device, gpu: Device) -> tuple[float, float]:
         """(decode, prefill) seconds of block ``b`` kept on ``src`` (cpu/disk) and run on ``gpu``:
         its weights cross the link every forward pass, overlapped with compute by prefetch."""
-        link = min(src.bandwidth_bytes_per_s, gpu.link_bandwidth_bytes_per_s) * LINK_EFFICIENCY
+        link = min(src.link_bandwidth_bytes_per_s, gpu.link_bandwidth_bytes_per_s) * LINK_EFFICIENCY
         copy = b.weights_bytes / link
         dec, pre = self.execute_seconds(b, gpu)
         return max(copy, dec), max(copy, pre)

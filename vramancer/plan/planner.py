@@ -24,11 +24,13 @@ from .partition import MAX_ORDERS, Placement, candidate_orders, partition, time_
 from .plan import HOST_COMPUTE, ModelIdentity, Plan, PlanBlock, Prediction, Stage, StreamBuffer, Workload
 
 __all__ = ["plan", "plan_profile", "plan_placement", "check_workload", "check_split", "check_reserve",
-           "stream_buffer_bytes", "request_seconds", "SMALLER_DTYPES"]
+           "stream_buffer_bytes", "request_seconds", "placement_exists", "default_context", "DEFAULT_CONTEXT",
+           "SMALLER_DTYPES"]
 
 # what to suggest, in order, when a model does not fit: each smaller than the one before
 SMALLER_DTYPES = ["float16", "int8", "q6_k", "q4_k_m", "q3_k_m"]
 _MAX_CONTEXT_CAP = 1 << 22
+DEFAULT_CONTEXT = 4096
 
 
 # The partitioner's work is ~devices x blocks^2 per device order: one plan's search tries as many
@@ -316,7 +318,7 @@ def plan_profile(profile: ModelProfile, devices: list[Device], workload: Workloa
                     f"streaming the offloaded blocks through a GPU would serve a request {gain:.1f}x sooner "
                     f"(prefill on the GPU) but its {format_bytes(staging)} double buffer would push "
                     f"{sum(s.num_blocks for s in streamed.offloaded) - n_off} more blocks off the GPUs")
-    if best.offloaded and suggest:
+    if best.offloaded and suggest and any(d.kind == "gpu" for d in devices):  # no GPU: nothing to fit
         best.suggestions = _suggestions(pl, profile, devices, workload, reserve_bytes, best.shortfall_bytes)
     return best
 
@@ -436,8 +438,9 @@ def _assemble(pl: _Planner, profile: ModelProfile, devices: list[Device], worklo
 
     stage_ranges = [(devices[d].id, s, e) for d, s, e in ranges]
     batch = workload.batch
-    total_dec = sum(s.decode_seconds for s in stages) + hop_dec
-    total_pre = sum(s.prefill_seconds for s in stages) + hop_pre
+    step_dec, step_pre = pl.cost.step_seconds()   # the host's generation loop, once per step
+    total_dec = sum(s.decode_seconds for s in stages) + hop_dec + step_dec
+    total_pre = sum(s.prefill_seconds for s in stages) + hop_pre + step_pre
     if workload.objective == "throughput" and len(stages) > 1:
         # with enough sequences in flight every stage works at once: the slowest stage sets the pace
         bottleneck = max(s.decode_seconds for s in stages)
@@ -468,10 +471,9 @@ def _assemble(pl: _Planner, profile: ModelProfile, devices: list[Device], worklo
         exports={}, devices=list(devices), notes=notes, manual_split=list(split) if split else None,
     )
     if profile.kind == "causal-lm":
-        plan.exports = {
-            "llama_cpp": llama_cpp_flags(profile, stage_ranges, devices, workload.context, batch),
-            "vllm_pp_layer_partition": vllm_layer_partition(profile, stage_ranges, devices),
-        }
+        plan.exports = {"llama_cpp": llama_cpp_flags(profile, stage_ranges, devices, workload.context, batch)}
+        if all(devices[d].kind == "gpu" for d, _, _ in ranges):  # vLLM's pipeline stages are GPUs only
+            plan.exports["vllm_pp_layer_partition"] = vllm_layer_partition(profile, stage_ranges, devices)
     if overflow:
         plan.shortfall_bytes = sum(max(0, used_on.get(d.id, 0) - d.free_bytes) for d in devices)
         plan.notes.append("this placement does not fit: " + "; ".join(overflow))
@@ -479,11 +481,15 @@ def _assemble(pl: _Planner, profile: ModelProfile, devices: list[Device], worklo
         off = [s for s in stages if s.kind != "gpu"]
         plan.shortfall_bytes = sum(s.weights_bytes + s.kv_cache_bytes for s in off)
         nblocks = sum(s.num_blocks for s in off)
-        plan.notes.append(
-            f"does not fit on the GPUs: {nblocks} of {table.n} blocks "
-            f"({format_bytes(plan.shortfall_bytes)}) go to "
-            + ", ".join(f"{s.device} ({s.mode})" for s in off))
-        if suggest:
+        if not any(d.kind == "gpu" for d in devices):   # nothing failed to fit: there is no GPU to fit on
+            plan.notes.append(f"no GPU in the devices: all {nblocks} blocks run from "
+                              + ", ".join(f"{s.device} ({s.mode})" for s in off))
+        else:
+            plan.notes.append(
+                f"does not fit on the GPUs: {nblocks} of {table.n} blocks "
+                f"({format_bytes(plan.shortfall_bytes)}) go to "
+                + ", ".join(f"{s.device} ({s.mode})" for s in off))
+        if suggest and any(d.kind == "gpu" for d in devices):
             plan.suggestions = _suggestions(pl, profile, devices, workload, reserve_bytes, plan.shortfall_bytes)
     return plan
 
@@ -548,6 +554,21 @@ def _layer_index(layers_prefix: str, modules: list[str]) -> int | None:
     return None
 
 
+def placement_exists(profile: ModelProfile, devices: list[Device], workload: Workload,
+                     reserve_bytes: int | str | None = None, gpu_only: bool = False) -> bool:
+    """Whether the planner finds any placement of ``profile`` on ``devices`` (``gpu_only``: on their
+    GPUs alone). Cheaper than a whole plan: for searching what would fit."""
+    pl = _Planner(profile, devices, workload, _reserve(devices, reserve_bytes))
+    return pl.search(gpu_only=gpu_only, max_orders=6) is not None
+
+
+def default_context(profile: ModelProfile) -> int:
+    """The context a plan sizes for when none is given: DEFAULT_CONTEXT, never beyond the model's
+    trained maximum (max_position_embeddings, a GGUF's context_length)."""
+    trained = profile.max_position_embeddings
+    return min(DEFAULT_CONTEXT, trained) if trained else DEFAULT_CONTEXT
+
+
 def _suggestions(pl: _Planner, profile: ModelProfile, devices: list[Device], workload: Workload,
                  reserve_bytes: int | str | None, shortfall: int, anywhere: bool = False) -> list[str]:
     """What would make the model fit on the GPUs (``anywhere``: on the devices given at all):
@@ -588,14 +609,14 @@ def _suggestions(pl: _Planner, profile: ModelProfile, devices: list[Device], wor
     return out
 
 
-def plan(model: Any, devices: Any = "auto", context: int = 4096, batch: int = 1, dtype: str | None = None,
+def plan(model: Any, devices: Any = "auto", context: int | None = None, batch: int = 1, dtype: str | None = None,
          objective: str = "latency", split: list[float] | None = None, reserve_bytes: int | str | None = None,
          prefill_chunk: int = 512, backing: str = "cpu") -> Plan:
     """See vramancer.plan. Raises WorkloadError / DeviceSpecError / UnknownModelError (exit 2) and
-    DoesNotFitError (exit 3)."""
+    DoesNotFitError (exit 3). ``context`` None: ``default_context`` of the model."""
     from ..devices.spec import parse_devices
 
-    check_workload(context, batch, objective, prefill_chunk)
+    check_workload(1 if context is None else context, batch, objective, prefill_chunk)
     split = check_split(split)
     if reserve_bytes is not None:
         check_reserve(reserve_bytes)
@@ -609,6 +630,8 @@ def plan(model: Any, devices: Any = "auto", context: int = 4096, batch: int = 1,
 
         prof = make_profile(model, dtype=dtype)
     devs = parse_devices(devices, backing=backing)
+    if context is None:
+        context = default_context(prof)
     workload = Workload(context=context, batch=batch, dtype=prof.dtype, objective=objective,  # type: ignore[arg-type]
                         prefill_chunk=prefill_chunk)
     return plan_profile(prof, devs, workload, reserve_bytes=reserve_bytes, split=split)

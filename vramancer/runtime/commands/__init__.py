@@ -69,10 +69,12 @@ def make_plan(args: argparse.Namespace, model: str) -> "Plan":
     model = fetch_model(model)
     if getattr(args, "plan", None):
         return Plan.load(args.plan)
-    from ...plan.commands import planner_kwargs
+    from ...plan.commands import planner_kwargs, warn_context
     from ...plan.planner import plan as planner
 
-    return planner(model, **planner_kwargs(args))
+    plan = planner(model, **planner_kwargs(args))
+    warn_context(plan)   # run, chat, serve: a context beyond the model's trained maximum is a warning
+    return plan
 
 
 def load_tokenizer(folder: str | Path) -> Any:

@@ -57,13 +57,15 @@ def main(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from ..._paths import cache_dir
-    from ...plan.commands import render_plan
+    from ...plan.commands import profile_or_none, render_plan, story_for
     from . import check_generation_args, missing_runtime, render_memory, render_speed, summary_json
+    from .run import predictions_json, render_measured_vs_predicted, run_predictions_or_none
 
     check_generation_args(args)
     missing_runtime()
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     from ...devices.spec import parse_devices
     from ...plan.planner import plan as planner
@@ -71,8 +73,6 @@ def main(args: argparse.Namespace) -> int:
     from ..generate import generate_text
     from ..loader import load
     from . import check_plan_fits, load_tokenizer
-
-    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # this process is the CLI: no per-shard bars between our lines
     console = Console(highlight=False)
@@ -83,10 +83,11 @@ def main(args: argparse.Namespace) -> int:
     split = [1.0] * len(gpus) if len(gpus) >= 2 else None
     plan = planner(str(folder), devices=spec, context=args.context, split=split, backing=backing)
     check_plan_fits(plan)
+    profile = profile_or_none(str(folder))
     if not quiet:
         console.print(f"[bold]vramancer demo[/]: a {sum(s.weights_bytes for s in plan.stages) / 2**20:.0f} MiB "
                       f"Llama with random weights (its text is noise; the point is the split), in {folder}")
-        render_plan(plan, console)
+        render_plan(plan, console, story_for(plan, str(folder), args, profile) if profile is not None else None)
     tok = load_tokenizer(folder)
     model = load(str(folder), plan=plan)
     messages = [{"role": "user", "content": args.prompt}]
@@ -100,9 +101,11 @@ def main(args: argparse.Namespace) -> int:
     split_result = generate_text(model, tok, messages, max_new_tokens=args.max_new_tokens,
                                  emit=None if quiet else emit)
     report = model.vramancer.memory_report()
+    preds = run_predictions_or_none(plan, profile, split_result)
     if not quiet:
         sys.stdout.write("\n")
         render_speed(split_result, console, label="split:   ")
+        render_measured_vs_predicted(console, split_result, preds, label="split:   ")
         render_memory(report, console)
     model.vramancer.free()
     del model
@@ -113,8 +116,9 @@ def main(args: argparse.Namespace) -> int:
     ref_result = generate_text(ref, tok, messages, max_new_tokens=args.max_new_tokens)
     same = ref_result.token_ids == split_result.token_ids
     if quiet:
+        extra = {"predicted_for_run": predictions_json(preds)} if preds is not None else {}
         print(json.dumps(summary_json(str(folder), plan, split_result, report, matches_unsplit=same,
-                                      unsplit=ref_result.to_dict()), indent=2))
+                                      unsplit=ref_result.to_dict(), **extra), indent=2))
     else:
         render_speed(ref_result, console, label="unsplit: ")
         if split_result.decode_tokens_per_s and ref_result.decode_tokens_per_s:

@@ -10,7 +10,7 @@ import json
 import sys
 from contextlib import nullcontext
 
-__all__ = ["configure", "main"]
+__all__ = ["configure", "main", "render_measured_vs_predicted", "run_predictions_or_none", "predictions_json"]
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -91,7 +91,7 @@ def _main(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from ...errors import WorkloadError
-    from ...plan.commands import render_plan
+    from ...plan.commands import profile_or_none, render_plan, story_for
     from ...terminal import escape_control
     from . import (
         check_generation_args,
@@ -121,8 +121,9 @@ def _main(args: argparse.Namespace) -> int:
             check_trace_path(args.trace)
     console = Console(highlight=False)
     plan = make_plan(args, args.model)
+    profile = profile_or_none(args.model, args.dtype)
     if not args.json and not quiet:
-        render_plan(plan, console)
+        render_plan(plan, console, story_for(plan, args.model, args, profile) if profile is not None else None)
     monitor = None
     if recording:
         from ..watch import RunMonitor
@@ -168,8 +169,11 @@ def _main(args: argparse.Namespace) -> int:
         raise
     if monitor:
         monitor.finish()
+    preds = run_predictions_or_none(plan, profile, result)
     if args.json:
         extra = {"telemetry": monitor.summary()} if monitor else {}
+        if preds is not None:
+            extra["predicted_for_run"] = predictions_json(preds)
         print(json.dumps(summary_json(args.model, plan, result, report, prompt=args.prompt, **extra), indent=2))
         return 0
     if panel:  # the panel showed the text as it came; now it goes to stdout
@@ -180,6 +184,7 @@ def _main(args: argparse.Namespace) -> int:
         return 0
     console.rule()
     render_speed(result, console)
+    render_measured_vs_predicted(console, result, preds)
     render_memory(report, console)
     if monitor and args.monitor:
         monitor.render_peaks(console)
@@ -187,3 +192,41 @@ def _main(args: argparse.Namespace) -> int:
         console.print(f"trace written to {monitor.written} (read it with: vramancer report {monitor.written})",
                       soft_wrap=True, markup=False)
     return 0
+
+
+def run_predictions_or_none(plan, profile, result):
+    """The plan's predictions for the workload this run measured (its prompt and new tokens)."""
+    from ...plan.explain import run_predictions
+
+    if profile is None or result.prompt_tokens < 1:
+        return None
+    return run_predictions(plan, profile, result.prompt_tokens, max(1, result.new_tokens))
+
+
+def predictions_json(preds) -> dict:
+    return {"named": preds.named.to_dict(),
+            "backing": None if preds.backing is None else {
+                "device": preds.backing.device, "simulated": list(preds.backing.simulated),
+                **preds.backing.predicted.to_dict()}}
+
+
+def render_measured_vs_predicted(console, result, preds, label: str = "") -> None:
+    """One line: measured decode and prefill next to the plan's prediction for the same workload,
+    on the device that really ran it (the backing device of simulated cards) and on the cards named."""
+    if preds is None:
+        return
+    from ...plan.commands import _tps
+
+    real = preds.backing.predicted if preds.backing is not None else preds.named
+    where = f" on {preds.backing.device}" if preds.backing is not None else ""
+
+    def pair(measured: float, predicted: float) -> str:
+        ratio = f", {measured / predicted:.2f}x" if measured > 0 and predicted > 0 else ""
+        return f"{_tps(measured)} measured / {_tps(predicted)} predicted{where}{ratio}"
+
+    line = (f"{label}decode {pair(result.decode_tokens_per_s, real.decode_tokens_per_s)} · "
+            f"prefill {pair(result.prefill_tokens_per_s, real.prefill_tokens_per_s)} tokens/s")
+    if preds.backing is not None:
+        line += (f"  (on the cards named the plan predicts {_tps(preds.named.decode_tokens_per_s)} decode, "
+                 f"{_tps(preds.named.prefill_tokens_per_s)} prefill)")
+    console.print(line, soft_wrap=True, highlight=False)

@@ -1,0 +1,153 @@
+"""The CPU cost model: host RAM uses the host's measured figures (GEMV bandwidth, matmul FLOP/s, fixed
+cost per block and per step) exactly as the formula says, kept per CPU and thread count, and the
+predictions a run prints are the planner's own for the simulated cards and for their backing device.
+No timing is asserted: the figures are given, and the formula is checked on exact numbers."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from vramancer.devices.host_speed import (
+    HostSpeed,
+    default_host_speed,
+    host_fingerprint,
+    host_speed,
+    host_speed_path,
+    save_host_speed,
+)
+from vramancer.devices.inventory import host_device
+from vramancer.devices.spec import parse_devices
+from vramancer.models.resolve import profile as make_profile
+from vramancer.plan.cost import CostModel
+from vramancer.plan.explain import backing_prediction, run_predictions, run_workload
+from vramancer.plan.plan import Workload
+from vramancer.plan.planner import plan, plan_placement, plan_profile
+
+SPEED = HostSpeed(bandwidth_bytes_per_s=10e9, gemm_flops_per_s=40e9, block_overhead_s=0.5e-3,
+                  step_overhead_s=2e-3, request_overhead_s=7e-3, threads=2, fingerprint="test", source="measured")
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("VRAMANCER_CACHE_DIR", str(tmp_path))
+    return tmp_path
+
+
+@pytest.fixture
+def llama_folder(tmp_path):
+    folder = tmp_path / "tiny-llama"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 256,
+        "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "vocab_size": 1024, "max_position_embeddings": 512, "torch_dtype": "float32",
+        "tie_word_embeddings": False}))
+    return folder
+
+
+def test_cpu_block_time_is_the_formula_on_the_host_figures(llama_folder):
+    prof = make_profile(str(llama_folder))
+    cm = CostModel(prof, context=256, batch=1, prefill_chunk=64, host=SPEED)
+    cpu = replace(host_device(), bandwidth_bytes_per_s=SPEED.bandwidth_bytes_per_s, tflops=SPEED.tflops)
+    for b in prof.blocks:
+        dec, pre = cm.execute_seconds(b, cpu)
+        ctx = 128  # a decode step sees half the context on average
+        want_dec = max((b.read_bytes_per_token + b.kv_bytes_per_token * ctx) / 10e9,
+                       (b.flops_per_token + b.attn_flops_per_token_per_ctx * ctx) / 40e9) + 0.5e-3
+        want_pre = max(b.weights_bytes / 10e9,
+                       64 * (b.flops_per_token + b.attn_flops_per_token_per_ctx * 128) / 40e9) + 0.5e-3
+        assert dec == pytest.approx(want_dec, rel=1e-12)
+        assert pre == pytest.approx(want_pre, rel=1e-12)
+    assert cm.step_seconds() == (2e-3, 7e-3)      # a prefill chunk is priced as a request's first forward
+    assert CostModel(prof, 256, 1, 64, host=replace(SPEED, request_overhead_s=0.0)).step_seconds() == (2e-3, 2e-3)
+
+
+def test_plan_on_cpu_predicts_blocks_plus_step_with_kept_figures(cache, llama_folder):
+    # kept for what host_speed() looks up: this CPU at the thread count the planner assumes
+    speed = replace(SPEED, fingerprint=host_speed().fingerprint)
+    assert speed.fingerprint == host_fingerprint(host_speed().threads)
+    save_host_speed(speed)
+    assert host_speed_path().parent == cache
+    got = host_speed()
+    assert got.source == "measured" and got.bandwidth_bytes_per_s == 10e9 and got.block_overhead_s == 0.5e-3
+    cpu = parse_devices("cpu")[0]
+    assert cpu.bandwidth_bytes_per_s == 10e9 and cpu.tflops == pytest.approx(0.04)
+    prof = make_profile(str(llama_folder))
+    p = plan_profile(prof, [cpu], Workload(context=256, prefill_chunk=64, dtype=prof.dtype), suggest=False)
+    cm = CostModel(prof, 256, 1, 64, host=speed)
+    blocks = [cm.execute_seconds(b, cpu) for b in prof.blocks]
+    want_dec = sum(d for d, _ in blocks) + 2e-3
+    want_pre = sum(x for _, x in blocks) + 7e-3
+    assert p.predicted.decode_ms_per_step == pytest.approx(want_dec * 1e3, abs=1e-3)
+    assert p.predicted.decode_tokens_per_s == pytest.approx(1 / want_dec, rel=1e-3)
+    assert p.predicted.prefill_tokens_per_s == pytest.approx(64 / want_pre, rel=1e-3)
+
+
+def test_kept_figures_are_per_fingerprint_and_bad_files_fall_back(cache):
+    default = host_speed()
+    assert default.source == "default"
+    save_host_speed(replace(SPEED, fingerprint="another machine"))
+    assert host_speed() == default                     # not this CPU: not used
+    host_speed_path().write_text("{not json")
+    from vramancer.devices import host_speed as hs
+
+    hs._read.cache_clear()
+    assert host_speed() == default
+    save_host_speed(replace(SPEED, fingerprint=default.fingerprint))   # a broken file is replaced
+    assert host_speed().bandwidth_bytes_per_s == 10e9
+
+
+def test_default_figures_scale_with_threads_up_to_dram():
+    one, two, many = default_host_speed(1), default_host_speed(2), default_host_speed(64)
+    assert two.bandwidth_bytes_per_s == 2 * one.bandwidth_bytes_per_s
+    assert two.gemm_flops_per_s == 2 * one.gemm_flops_per_s
+    assert many.bandwidth_bytes_per_s == 40e9          # a desktop's DRAM, not 64 x a core's share
+    assert one.block_overhead_s == many.block_overhead_s > 0 and one.step_overhead_s > 0
+
+
+def test_simulated_cards_are_also_predicted_on_their_backing_device(cache, llama_folder):
+    prof = make_profile(str(llama_folder))
+    p = plan(str(llama_folder), devices="rtx3090,rtx3060", split=[1, 1])
+    b = backing_prediction(p, prof)
+    assert b is not None and b.device == "cpu" and set(b.simulated) == {"rtx3090#0", "rtx3060-12gb#0"}
+    host = replace(host_device(), free_bytes=1 << 60, total_bytes=1 << 60)
+    want = plan_placement(prof, [host], p.workload, ["cpu"] * len(p.blocks), offload_mode="execute").predicted
+    assert b.predicted == want
+    assert b.predicted.decode_tokens_per_s < p.predicted.decode_tokens_per_s   # a CPU is no RTX 3090
+    # after a run: the workload it measured (22-token prompt, 16 new tokens)
+    r = run_predictions(p, prof, prompt_tokens=22, new_tokens=16)
+    w = run_workload(p, 22, 16)
+    assert (w.context, w.prefill_chunk) == (38, 22)
+    assert r.backing.predicted == plan_placement(prof, [host], w, ["cpu"] * len(p.blocks),
+                                                 offload_mode="execute").predicted
+    assert r.named == plan_placement(prof, p.devices, w, [blk.device for blk in p.blocks]).predicted
+    # real devices: nothing simulated, no backing line
+    assert backing_prediction(plan(str(llama_folder), devices="cpu"), prof) is None
+
+
+def test_run_prints_measured_next_to_predicted_on_the_device_that_ran(cache, llama_folder):
+    import io
+
+    from rich.console import Console
+
+    from vramancer.plan.commands import _tps
+    from vramancer.runtime.commands.run import predictions_json, render_measured_vs_predicted
+    from vramancer.runtime.generate import GenerationResult
+
+    prof = make_profile(str(llama_folder))
+    p = plan(str(llama_folder), devices="rtx3090,rtx3060", split=[1, 1])
+    r = run_predictions(p, prof, prompt_tokens=20, new_tokens=11)
+    result = GenerationResult(text="", prompt_tokens=20, new_tokens=11, prefill_seconds=0.5, decode_seconds=2.0)
+    buf = io.StringIO()
+    render_measured_vs_predicted(Console(file=buf, width=300, color_system=None), result, r)
+    line = buf.getvalue().strip()
+    cpu = r.backing.predicted
+    assert line.startswith(f"decode 5.0 measured / {_tps(cpu.decode_tokens_per_s)} predicted on cpu, "
+                           f"{5.0 / cpu.decode_tokens_per_s:.2f}x · prefill 40.0 measured / "
+                           f"{_tps(cpu.prefill_tokens_per_s)} predicted on cpu")
+    assert f"on the cards named the plan predicts {_tps(r.named.decode_tokens_per_s)} decode" in line
+    d = predictions_json(r)
+    assert d["backing"]["device"] == "cpu" and d["backing"]["decode_tokens_per_s"] == cpu.decode_tokens_per_s
+    assert d["named"] == r.named.to_dict()
