@@ -136,6 +136,13 @@ def test_pull_only_a_plan_stages_shards(hub, tiny_folder, tmp_path, capsys, monk
     capsys.readouterr()
 
 
+def test_pull_dry_run_fetches_nothing(hub, tiny_folder, capsys):
+    repo = hub.add(_published(tiny_folder))
+    assert cli(["pull", "tiny-org/tiny-llama", "--dry-run"]) == 0
+    assert f"{len(_expected_run_files(repo))} files" in capsys.readouterr().out
+    assert _resolve_gets(hub) <= {"config.json", "model.safetensors.index.json"}   # read to size the shards
+
+
 def test_pull_bad_input(hub, tiny_folder, tmp_path, capsys):
     hub.add(_published(tiny_folder))
     assert cli(["pull", "tiny-org/nope"]) == 2

@@ -267,3 +267,13 @@ def test_pickle_only_folder_is_refused_with_the_command(tmp_path, capsys, monkey
     assert main(["run", "old-org/old-llama", "--prompt", "hi", "--devices", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "vramancer convert old-org/old-llama old-llama-safetensors" in err
+    monkeypatch.chdir(tmp_path)                               # the command it names works as written
+    command = err.split("convert them once with: ")[1].split()
+    assert command[:2] == ["vramancer", "convert"] and main(command[1:]) == 0
+    converted = tmp_path / "old-llama-safetensors"
+    ref = transformers.LlamaForCausalLM.from_pretrained(folder).eval()   # transformers reading the pickle
+    model, _ = _split(converted)
+    try:
+        assert torch.equal(_greedy(model, _ids()), _greedy(ref, _ids()))
+    finally:
+        model.vramancer.detach()
