@@ -206,6 +206,15 @@ def test_zsh_and_fish_scripts_name_every_command_and_flag(tmp_path, shell):
             for s in option.strings:
                 assert (s if shell == "zsh" else (f"-l {s[2:]}" if s.startswith("--") else f"-s {s[1:]}")) in p.stdout
     exe = shutil.which(shell)
+    if exe and shell == "fish":   # fish completes for real: what a person gets on Tab
+        (tmp_path / "v.fish").write_text(p.stdout)
+        q = subprocess.run([exe, "--no-config", "-c", f"source {tmp_path / 'v.fish'}; complete -C 'vramancer pl'; "
+                            "echo ---; complete -C 'vramancer plan --objective '; echo ---; "
+                            "complete -C 'vramancer run --top'"], capture_output=True, text=True, timeout=30)
+        first, choices, top = q.stdout.split("---\n")
+        assert first.split("\t")[0] == "plan"
+        assert [x.split("\t")[0] for x in choices.splitlines()] == ["latency", "throughput"]
+        assert top.split("\t")[0] == "--top-p"
     if exe:   # the shell itself checks the syntax where it is installed
         check = [exe, "-n", "/dev/stdin"] if shell == "zsh" else [exe, "--no-execute"]
         q = subprocess.run(check, input=p.stdout, capture_output=True, text=True, timeout=30)

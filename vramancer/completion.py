@@ -47,7 +47,8 @@ class Command:
 
 def _first_line(text: str | None) -> str:
     text = (text or "").replace("%%", "%")
-    return re.sub(r"\s+", " ", text).strip().split(". ")[0][:90]
+    text = re.sub(r"\s+", " ", text).strip()
+    return re.split(r"(?<=[a-z0-9)])\. (?=[A-Z])", text)[0][:100]      # the first sentence ("e.g." is no end)
 
 
 def _options(p: argparse.ArgumentParser) -> tuple[Option, ...]:

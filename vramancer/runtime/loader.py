@@ -55,7 +55,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .split import SplitRuntime
 
 __all__ = ["load", "load_module", "load_folder", "build_empty_model", "model_class", "torch_dtype",
-           "weights_folder", "check_identity"]
+           "weights_folder", "check_identity", "load_gguf"]
 
 _FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 _log = logging.getLogger("vramancer.loader")
@@ -659,6 +659,25 @@ def load_module(module: "nn.Module", devices: Any = "auto", plan: "Plan | None" 
     return _place(module, plan, sources, None, offload_dir, free_on_error=False)
 
 
+def load_gguf(path: str | os.PathLike, plan: "Plan", dtype: str | None = None,
+              offload_dir: str | None = None) -> "nn.Module":
+    """Build the model of the GGUF file ``path`` on meta with its weights kept as GGUF blocks
+    (runtime/gguf/) and load it per ``plan``. ``dtype``: the compute dtype the blocks are
+    dequantized to (default: float32 on CPUs, bfloat16 when a stage runs on a GPU)."""
+    from .gguf.load import compute_dtype, gguf_model_config, keep_quantized, loaded_note, open_gguf, plan_config
+
+    plan.validate()
+    check_identity(plan, plan_config(path), str(path))
+    dt = compute_dtype(dtype, plan)
+    config = gguf_model_config(path)
+    gf = open_gguf(path)
+    model = build_empty_model(config, dt)
+    sources = {name: _Source(convert=read) for name, read in keep_quantized(model, gf, dt).items()}
+    model = _place(model, plan, sources, None, offload_dir, free_on_error=True)
+    model.vramancer.notes.append(loaded_note(gf, dt))
+    return model
+
+
 def load(model: Any, devices: Any = "auto", plan: "Plan | None" = None, *, dtype: str | None = None,
          offload_dir: str | None = None, **plan_kwargs: Any) -> "nn.Module":
     """Load ``model`` (a transformers folder, a name the resolver finds locally, or an nn.Module) split
@@ -672,6 +691,14 @@ def load(model: Any, devices: Any = "auto", plan: "Plan | None" = None, *, dtype
         if dtype is not None:  # an nn.Module is planned and loaded in the dtype it has
             model.to(torch_dtype(dtype))
         return load_module(model, devices=devices, plan=plan, offload_dir=offload_dir, **plan_kwargs)
+    from .gguf.load import is_gguf
+
+    if is_gguf(model):  # a llama.cpp file: weights kept quantized; dtype is the compute dtype
+        if plan is None:
+            from ..plan.planner import plan as make_plan
+
+            plan = make_plan(str(model), devices=devices, **plan_kwargs)
+        return load_gguf(model, plan, dtype=dtype, offload_dir=offload_dir)
     folder = weights_folder(model)
     if plan is None:
         from ..plan.planner import plan as make_plan

@@ -88,9 +88,16 @@ def load_tokenizer(folder: str | Path) -> Any:
 
 def load_split(model: str, plan: "Plan", dtype: str | None = None) -> tuple[Any, Any]:
     """(model split per ``plan``, tokenizer) for ``model`` (a local transformers folder)."""
+    from ..gguf.load import is_gguf
     from ..loader import load, weights_folder
 
     model = fetch_model(model)
+    if is_gguf(model):  # a llama.cpp file: its tokenizer and chat template are in its metadata
+        from ..gguf.load import load_gguf_tokenizer
+
+        tok = load_gguf_tokenizer(model)
+        check_plan_fits(plan)
+        return load(str(model), plan=plan, dtype=dtype), tok
     folder = weights_folder(model)
     tok = load_tokenizer(folder)
     check_plan_fits(plan)

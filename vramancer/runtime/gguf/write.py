@@ -195,9 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import transformers
 
-        from ..loader import weights_folder
-
-        folder = weights_folder(args.src)
+        folder = Path(args.src)
+        if not (folder / "config.json").is_file():
+            raise BadInputError(f"{folder}: not a transformers folder (no config.json)")
         model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype="float32")
         try:
             tok = transformers.AutoTokenizer.from_pretrained(folder)
