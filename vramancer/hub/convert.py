@@ -90,8 +90,11 @@ class ConvertResult:
 # sources
 def _resolve_src(src: str) -> Path:
     p = Path(src).expanduser()
-    if p.exists():
-        return p
+    try:
+        if p.exists():
+            return p
+    except (OSError, ValueError):  # a NUL byte, a name too long: not a path here
+        pass
     from ..models.resolve import find_in_hf_cache
 
     repo, _, rev = src.partition("@")

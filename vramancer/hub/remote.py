@@ -44,7 +44,12 @@ class HubError(VramancerError):
 def looks_like_repo_id(text: str) -> bool:
     """``org/name`` (optionally ``@revision``) that is not a path on this machine."""
     repo = text.partition("@")[0]
-    return bool(_REPO_ID_RE.match(repo)) and ".." not in repo and not Path(text).expanduser().exists()
+    if not _REPO_ID_RE.match(repo) or ".." in repo:
+        return False
+    try:
+        return not Path(text).expanduser().exists()
+    except (OSError, ValueError):  # not a usable path: still an id
+        return True
 
 
 def split_revision(text: str, revision: str | None = None) -> tuple[str, str | None]:

@@ -260,7 +260,7 @@ def main(args: argparse.Namespace) -> int:
 
     console = Console()
     if not console.is_terminal:  # pipes and logs: do not squeeze the table into 80 columns
-        console = Console(width=max(console.width, 110))
+        console = Console(width=max(console.width, 110), soft_wrap=True)  # and never break a line
     if args.list_models:
         return _list_models(console, as_json=args.json)
     if not args.model:
