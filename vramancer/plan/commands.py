@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from ..errors import WorkloadError
 from ..units import format_bytes
@@ -272,10 +271,10 @@ def main(args: argparse.Namespace) -> int:
     kwargs = planner_kwargs(args)
     target = args.model
     fetch = None
-    if "/" in str(args.model) and not Path(args.model).expanduser().exists():
+    if "/" in str(args.model) and not str(args.model).startswith((".", "/", "~")):
         from ..hub.resolve import remote_fetch  # only for a Hub id: catalog plans stay torch- and network-free
 
-        fetch = remote_fetch(args.model, dtype=kwargs.get("dtype"))
+        fetch = remote_fetch(args.model, dtype=kwargs.get("dtype"))  # None for a local path, cache or catalog
         if fetch is not None:
             target = fetch.profile
     result = plan_or_partial(target, kwargs)
