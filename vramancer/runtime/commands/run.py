@@ -120,6 +120,8 @@ def _main(args: argparse.Namespace) -> int:
         if args.trace is not None:
             check_trace_path(args.trace)
     console = Console(highlight=False)
+    if not console.is_terminal:   # pipes and logs: tables at full width, no line broken in two
+        console = Console(highlight=False, width=max(console.width, 110), soft_wrap=True)
     plan = make_plan(args, args.model)
     profile = profile_or_none(args.model, args.dtype)
     if not args.json and not quiet:
