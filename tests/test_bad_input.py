@@ -57,6 +57,15 @@ def deep(n: int = 100_000) -> str:
     return '{"a": ' * n + "1" + "}" * n
 
 
+def gguf_header(n_tensors: int = 0, n_kv: int = 0, kv: bytes = b"", tail: int = 64) -> bytes:
+    """A GGUF v3 file start: magic, version, counts, ``kv`` bytes, then ``tail`` zero bytes."""
+    return b"GGUF" + struct.pack("<IQQ", 3, n_tensors, n_kv) + kv + b"\0" * tail
+
+
+# one KV entry "abcd": an array of 2**40 uint32 items in a file of a few bytes
+_HUGE_ARRAY_KV = struct.pack("<Q", 4) + b"abcd" + struct.pack("<IIQ", 9, 4, 2**40)
+
+
 def safetensors(header: dict | bytes | None = None, data_bytes: int = 32, length: int | None = None) -> bytes:
     """A .safetensors file: 8-byte little-endian header length (``length`` overrides it), the header,
     then ``data_bytes`` of data. Default header: one F32 tensor of 8 elements."""
@@ -171,6 +180,13 @@ CASES: list[tuple[str, dict, list[str]]] = [
     ("st-file-truncated", {"x.safetensors": safetensors()[:12]}, [P, "x.safetensors", *D]),
     ("st-index-deep", {"m/config.json": cfg(), "m/model.safetensors.index.json": deep()}, [P, "m", *D]),
     ("gguf-truncated", {"t.gguf": gguf_truncated}, [P, "t.gguf", *D]),
+    ("gguf-tensor-count-huge", {"t.gguf": gguf_header(n_tensors=2**40)}, [P, "t.gguf", *D]),
+    ("gguf-kv-count-huge", {"t.gguf": gguf_header(n_kv=2**40)}, [P, "t.gguf", *D]),
+    ("gguf-string-length-huge", {"t.gguf": gguf_header(n_kv=1, kv=struct.pack("<Q", 2**62))}, [P, "t.gguf", *D]),
+    ("gguf-not-gguf", {"t.gguf": b"GGML" + b"\0" * 64}, [P, "t.gguf", *D]),
+    ("model-name-too-long", {}, [P, "x" * 5000, *D]),
+    ("device-bandwidth-dot", {}, [P, "llama-3.1-8b", "-d", "g:16GiB@.GBps@30TFLOPS"]),
+    ("device-bandwidth-overflow", {}, [P, "llama-3.1-8b", "-d", "g:16GiB@" + "9" * 400 + "GBps@30TFLOPS"]),
     # devices
     ("devices-1000", {}, [P, "llama-3.1-8b", "-d", ",".join(["rtx3090"] * 1000)]),
     ("devices-65-distinct", {}, [P, "llama-3.1-8b", "-d",
@@ -259,6 +275,8 @@ def _make(tmp: Path, files: dict) -> None:
             content(p)
         elif isinstance(content, tuple) and content[0] == "symlink":
             os.symlink(content[1], p)
+        elif isinstance(content, tuple) and content[0] == "fifo":
+            os.mkfifo(p)
         elif isinstance(content, bytes):
             p.write_bytes(content)
         else:
@@ -294,6 +312,12 @@ def _capped() -> None:
     pytest.param({"m/config.json": cfg(), "m/model.safetensors": safetensors(length=2**40)}, [P, "m", *D],
                  id="safetensors-header-length-1TiB"),
     pytest.param({"t.json": deep(200_000)}, ["report", "t.json"], id="trace-deep"),
+    pytest.param({"t.gguf": gguf_header(n_kv=1, kv=_HUGE_ARRAY_KV)}, [P, "t.gguf", *D], id="gguf-array-2**40"),
+    # a FIFO with no writer would block a reader forever: model files are regular files or refused
+    pytest.param({"m/config.json": ("fifo",)}, [P, "m/config.json", *D], id="config-fifo"),
+    pytest.param({"f.safetensors": ("fifo",)}, [P, "f.safetensors", *D], id="safetensors-fifo"),
+    pytest.param({"f.gguf": ("fifo",)}, [P, "f.gguf", *D], id="gguf-fifo"),
+    pytest.param({"t.csv": ("fifo",)}, ["report", "t.csv"], id="trace-fifo"),
 ])
 def test_no_hang_no_memory_blowup(tmp_path, files, argv):
     _make(tmp_path, files)

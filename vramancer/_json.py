@@ -100,6 +100,14 @@ def read_json_file(path: str | os.PathLike, *, error: type[VramancerError] = Bad
     "plan", "safetensors index"); ``prefix`` replaces the default ``"malformed {what} {path}: "``."""
     p = Path(path)
     pre = f"malformed {what} {p}: " if prefix is None else prefix
+    try:   # a FIFO or device would block or never end: only regular files (and folders, said below)
+        st = os.stat(p)
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            raise error(f"{what} {p}: not a regular file")
+    except FileNotFoundError:
+        raise error(f"{what} {p}: no such file") from None
+    except OSError as e:
+        raise error(f"cannot read {what} {p}: {e.strerror or e}") from None
     try:
         with open(p, "rb") as f:
             st = os.fstat(f.fileno())

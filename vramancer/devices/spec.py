@@ -5,6 +5,7 @@ two devices ("rtx3060,rtx3060" -> rtx3060#0, rtx3060#1). ``format_devices`` writ
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import replace
 
@@ -85,11 +86,14 @@ def parse_item(item: str, backing: str = "cpu", real: list[Device] | None = None
 
     m = _CUSTOM_RE.match(item)
     if m:
-        bw = float(m["bw"]) * (1e12 if m["bwu"].lower().startswith("tb") else 1e9)
+        try:
+            bw = float(m["bw"]) * (1e12 if m["bwu"].lower().startswith("tb") else 1e9)
+            tf = float(m["tf"])
+        except ValueError:
+            raise DeviceSpecError(f"bad device {raw!r}: bandwidth and TFLOPS must be numbers") from None
         mem = _size(m["mem"], raw)
-        tf = float(m["tf"])
-        if bw <= 0 or tf <= 0:
-            raise DeviceSpecError(f"bad device {raw!r}: bandwidth and TFLOPS must be positive")
+        if not (0 < bw < math.inf and 0 < tf < math.inf):
+            raise DeviceSpecError(f"bad device {raw!r}: bandwidth and TFLOPS must be positive, finite numbers")
         return [Device(id=m["name"], name=m["name"], kind="gpu", total_bytes=mem, free_bytes=mem,
                        bandwidth_bytes_per_s=bw, tflops=tf, simulated=True, backing=backing,
                        torch_device=backing)]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,6 +153,8 @@ def read_safetensors_header(path: str | Path) -> tuple[list[HeaderTensor], dict[
     path = Path(path)
     bad = f"malformed safetensors file {path}"
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):   # a FIFO or device would block or never end
+            raise MalformedCheckpointError(f"{bad}: not a regular file")
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) != 8:

@@ -19,7 +19,7 @@ from .dtypes import resolve_dtype
 from .layout import ArchLayout, TensorSpec, assemble_profile
 from .profile import ModelProfile
 
-__all__ = ["GGUF_ARCHES", "GGUF_FILE_TYPES", "read_gguf", "gguf_config", "profile_from_gguf"]
+__all__ = ["GGUF_ARCHES", "GGUF_FILE_TYPES", "read_gguf", "gguf_config", "profile_from_gguf", "check_gguf_header"]
 
 # GGUF general.architecture -> transformers model_type (llama.cpp's "llama" also carries
 # Mistral, and Mixtral when it has experts)
@@ -50,6 +50,93 @@ def _split_parts(path: Path) -> tuple[list[Path], list[str]]:
     return [p for p in parts if p.is_file()], ([f"split GGUF parts missing: {', '.join(missing)}"] if missing else [])
 
 
+_GGUF_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def check_gguf_header(path: str | Path) -> None:
+    """Walk a GGUF header (magic, version, KV metadata, tensor infos) checking that every count and
+    length fits in the file, before GGUFReader trusts them: a count of 2**40 array items or
+    tensors in a small file is refused in one line instead of being looped over. A FIFO or device
+    is refused (reading one would block or never end)."""
+    import mmap
+    import os
+    import stat
+    import struct
+
+    p = Path(path)
+    bad = f"malformed GGUF file {p}"
+    try:
+        if not stat.S_ISREG(os.stat(p).st_mode):
+            raise MalformedCheckpointError(f"{bad}: not a regular file")
+        with open(p, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 24:
+                raise MalformedCheckpointError(f"{bad}: too short for a GGUF header")
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as e:
+        raise MalformedCheckpointError(f"cannot read GGUF file {p}: {e.strerror or e}") from None
+    try:
+        if buf[:4] != b"GGUF":
+            raise MalformedCheckpointError(f"{bad}: no GGUF magic")
+        version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
+        if version not in (2, 3):
+            raise MalformedCheckpointError(f"{bad}: GGUF version {version} (2 and 3 are read)")
+        pos = 24
+
+        def take(n: int, what: str) -> int:
+            nonlocal pos
+            if n < 0 or pos + n > size:
+                raise MalformedCheckpointError(f"{bad}: {what} runs past the end of the file (truncated?)")
+            start, pos = pos, pos + n
+            return start
+
+        def u32(what: str) -> int:
+            return struct.unpack_from("<I", buf, take(4, what))[0]
+
+        def u64(what: str) -> int:
+            return struct.unpack_from("<Q", buf, take(8, what))[0]
+
+        def string(what: str) -> None:
+            take(u64(what), what)
+
+        def value(vtype: int, what: str, depth: int = 0) -> None:
+            if vtype in _GGUF_SCALAR_BYTES:
+                take(_GGUF_SCALAR_BYTES[vtype], what)
+            elif vtype == _GGUF_STRING:
+                string(what)
+            elif vtype == _GGUF_ARRAY:
+                if depth > 4:
+                    raise MalformedCheckpointError(f"{bad}: {what}: arrays nested too deeply")
+                itype, count = u32(what), u64(what)
+                if itype in _GGUF_SCALAR_BYTES:
+                    take(count * _GGUF_SCALAR_BYTES[itype], what)
+                elif count > size - pos:           # every item takes at least one byte
+                    raise MalformedCheckpointError(f"{bad}: {what}: {count} items cannot fit in the file")
+                else:
+                    for _ in range(count):
+                        value(itype, what, depth + 1)
+            else:
+                raise MalformedCheckpointError(f"{bad}: {what}: unknown value type {vtype}")
+
+        if n_kv > size // 12 or n_tensors > size // 24:
+            raise MalformedCheckpointError(f"{bad}: {n_kv} metadata entries and {n_tensors} tensors cannot fit "
+                                           f"in {size} bytes")
+        for i in range(n_kv):
+            string(f"metadata key {i}")
+            value(u32(f"metadata {i}"), f"metadata {i}")
+        for i in range(n_tensors):
+            string(f"tensor {i} name")
+            n_dims = u32(f"tensor {i}")
+            if n_dims > 8:
+                raise MalformedCheckpointError(f"{bad}: tensor {i} has {n_dims} dimensions")
+            take(8 * n_dims + 4 + 8, f"tensor {i}")
+    except struct.error:
+        raise MalformedCheckpointError(f"{bad}: truncated header") from None
+    finally:
+        buf.close()
+
+
 def read_gguf(path: str | Path) -> tuple[dict[str, Any], list[HeaderTensor]]:
     """(KV metadata as plain values, tensors in transformers shape order with exact n_bytes) of a
     GGUF file and its split parts. MalformedCheckpointError names the file on a bad header."""
@@ -60,6 +147,7 @@ def read_gguf(path: str | Path) -> tuple[dict[str, Any], list[HeaderTensor]]:
     fields: dict[str, Any] = {}
     tensors: list[HeaderTensor] = []
     for part in parts:
+        check_gguf_header(part)
         try:
             reader = GGUFReader(str(part), "r")
             for key, field in reader.fields.items():

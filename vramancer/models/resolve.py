@@ -159,7 +159,11 @@ def profile(model: Any, dtype: str | None = None) -> ModelProfile:
     if not text.strip():
         raise UnknownModelError(unknown_model_message(text))
     path = Path(text).expanduser()
-    if path.exists():
+    try:
+        exists = path.exists()
+    except (OSError, ValueError):   # a name too long for a path, a NUL byte: not a file, maybe a name
+        exists = False
+    if exists:
         return _profile_path(path, dtype, name=text)
     repo, _, revision = text.partition("@")
     snapshot = find_in_hf_cache(repo, revision or None)

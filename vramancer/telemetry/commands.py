@@ -83,7 +83,10 @@ def render_report(trace, report, top: int = 10, console=None) -> None:
     console = console or Console()
     t0 = report.start
     span = (report.end - report.start) if report.start is not None and report.end is not None else 0.0
-    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t0)) if t0 is not None else "-"
+    try:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t0)) if t0 is not None else "-"
+    except (OverflowError, ValueError, OSError):   # a timestamp no calendar holds: shown as it is
+        started = f"t={t0:g}"
     interval = f", interval {trace.interval:g} s" if trace.interval else ""
     console.print(f"[bold]{trace.path}[/bold]: {report.samples} samples over {span:.1f} s from {started}{interval}")
     if not report.samples:
