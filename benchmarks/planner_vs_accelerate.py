@@ -321,7 +321,7 @@ def _summarise_plan(p: Plan, profile: ModelProfile, tool: str, seconds: float) -
         offloaded_blocks=sum(s.num_blocks for s in p.offloaded),
         fits=fits,
         hard_oom=any(o > reserve[d] for d, o in over.items()),
-        decode_tps=float(p.predicted["decode_tokens_per_s"]),
+        decode_tps=float(p.predicted.decode_tokens_per_s),
         request_seconds=request_seconds(p),
         offload_executed=any(s.mode == "execute" for s in p.offloaded),
         max_context=p.max_context if fits else 0,

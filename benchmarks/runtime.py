@@ -303,17 +303,18 @@ def main(argv: list[str] | None = None) -> int:
         if backing == "cpu":
             _log("\nstreamed offload vs accelerate CPU offload: needs CUDA")
         else:
-            from dataclasses import replace
-
             from vramancer.devices.spec import parse_devices
+            from vramancer.models.resolve import profile
+            from vramancer.plan.planner import plan_placement
 
-            plan = _plan(folder, 3, ctx)
+            even = _plan(folder, 3, ctx)
             cpu = parse_devices("cpu")[0]
-            gpu = plan.devices[0]
-            plan.stages[1] = replace(plan.stages[1], device=cpu.id, kind="cpu", mode="stream",
-                                     compute_device=gpu.id, torch_device="cpu")
-            plan.stages[2] = replace(plan.stages[2], device=gpu.id, torch_device=gpu.torch_device)
-            plan.devices = [gpu, cpu]
+            gpu = even.devices[0]
+            # the middle stage's blocks in host RAM, streamed to the GPU (the planner's modes and buffer)
+            owners = [gpu.id, cpu.id, gpu.id]
+            blocks = [owners[i] for i, st in enumerate(even.stages) for _ in range(*st.blocks)]
+            plan = plan_placement(profile(str(folder), dtype=even.workload.dtype), [gpu, cpu], even.workload, blocks,
+                                  offload_mode="stream")
             # blocks 1..n-2 streamed: stage 1 holds all layers but those of stages 0 and 2
             ours = _ours(folder, plan)
             dm = {p: ("cpu" if st.mode == "stream" else str(st.compute_device))

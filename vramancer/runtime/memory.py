@@ -177,7 +177,8 @@ class StageMemoryReport:
     report's ``stream_buffers``. ``allocator_peak_bytes`` is the CUDA caching allocator's peak on
     the stage's compute device (shared by stages on one device). ``misplaced``: parameters not on
     the stage's device (should be empty); ``kv_devices``: the devices holding its layers' KV cache
-    (should be its compute device alone)."""
+    (should be its compute device alone). ``torch_device`` / ``compute_device`` are torch devices;
+    ``compute_device_id`` is the plan's id of the compute device."""
 
     stage: int
     device: str
@@ -194,6 +195,7 @@ class StageMemoryReport:
     allocator_peak_bytes: int | None = None
     misplaced: list[str] = field(default_factory=list)
     kv_devices: list[str] = field(default_factory=list)   # where this stage's KV tensors are
+    compute_device_id: str = ""
 
     @property
     def over_plan(self) -> bool:
@@ -236,7 +238,7 @@ class MemoryReport:
         """Table rows for people, matching ``HEADER``."""
         rows = []
         for s in self.stages:
-            where = s.device if s.mode == "execute" else f"{s.device}->{s.compute_device}"
+            where = s.device if s.mode == "execute" else f"{s.device}->{s.compute_device_id or s.compute_device}"
             rows.append([
                 str(s.stage), where, f"{s.blocks[0]}-{s.blocks[1] - 1}",
                 short_bytes(s.weights_bytes), short_bytes(s.planned_weights_bytes),

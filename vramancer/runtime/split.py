@@ -267,7 +267,7 @@ class SplitRuntime:
                 weights_bytes=sb.weights_bytes, planned_weights_bytes=st.plan.weights_bytes,
                 kv_cache_bytes=sb.kv_cache_bytes, planned_kv_cache_bytes=st.plan.kv_cache_bytes,
                 buffers_bytes=sb.buffers_bytes, allocator_peak_bytes=peaks.get(str(st.compute_device)),
-                misplaced=list(sb.misplaced), kv_devices=list(sb.kv_devices)))
+                misplaced=list(sb.misplaced), kv_devices=list(sb.kv_devices), compute_device_id=sb.compute_device))
         return MemoryReport(out, kv_tokens=kv.tokens, batch=kv.batch, notes=list(self.notes),
                             stream_buffers=held.stream_buffers)
 
