@@ -15,7 +15,6 @@ is one line and exit 2 (:class:`ConfigFileError`).
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -60,11 +59,7 @@ _TYPES: dict[str, type] = {"devices": str, "reserve": str, "context": int, "dtyp
 
 def config_path() -> Path:
     """$VRAMANCER_CONFIG, else $XDG_CONFIG_HOME/vramancer/config.toml, else ~/.config/vramancer/config.toml."""
-    explicit = envs.get("VRAMANCER_CONFIG")
-    if explicit:
-        return Path(explicit).expanduser()
-    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
-    return Path(base) / "vramancer" / "config.toml"
+    return Path(envs.get("VRAMANCER_CONFIG")).expanduser()
 
 
 def load_config(path: str | Path | None = None) -> Config:

@@ -38,13 +38,18 @@ def _default_cache() -> str:
     return str(Path(base) / "vramancer")
 
 
+def _default_config() -> str:
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return str(Path(base) / "vramancer" / "config.toml")
+
+
 # name -> (default factory, converter)
 ENV: dict[str, tuple[Callable[[], object], Callable[[str], object]]] = {
     "VRAMANCER_API_KEY": (lambda: None, str),
     "VRAMANCER_CACHE_DIR": (_default_cache, str),
     "HF_HUB_CACHE": (_default_hf_cache, lambda v: str(Path(v).expanduser())),
     "HF_ENDPOINT": (lambda: "https://huggingface.co", lambda v: v.rstrip("/")),
-    "VRAMANCER_CONFIG": (lambda: None, str),
+    "VRAMANCER_CONFIG": (_default_config, str),
 }
 
 
