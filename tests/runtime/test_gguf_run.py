@@ -305,3 +305,40 @@ def test_file_that_does_not_match_its_config(files, tmp_path, tok):
     w.close()
     with pytest.raises((CheckpointMismatchError, BadInputError), match="ffn_up"):
         _load(path)
+
+
+def test_plan_for_other_dtype_or_model_refused(files):
+    """The runtime keeps the file's blocks: a plan sizing them as bfloat16 (made with --dtype), or
+    made for another model, is refused in one line before anything loads."""
+    from vramancer.plan.planner import plan as make_plan
+    from vramancer.runtime.loader import load
+
+    path = files["llama"]["Q8_0"]
+    bf16 = make_plan(str(path), devices="rtx3060", context=64, backing="cpu", dtype="bfloat16")
+    with pytest.raises(BadInputError, match="without --dtype") as e:
+        load(str(path), plan=bf16)
+    assert e.value.exit_code == 2
+    other = make_plan(str(files["qwen2"]["Q8_0"]), devices="rtx3060", context=64, backing="cpu")
+    with pytest.raises(BadInputError, match="plan"):
+        load(str(path), plan=other)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_blocks_on_the_gpu(files):
+    """On a real GPU the blocks live in VRAM and are dequantized there: float32 compute gives the
+    CPU run's greedy tokens, bytes as planned; bfloat16 compute (the GPU default) runs too."""
+    from vramancer.runtime.loader import load
+
+    path = files["llama"]["Q8_0"]
+    ids = _prompt()
+    want = _greedy(_load(path, 1), ids)
+    model = load(str(path), devices="cuda:0", context=64, dtype="float32")
+    stored = model.get_submodule("model.layers.0.self_attn.o_proj").parametrizations.weight.original
+    assert stored.device.type == "cuda" and stored.dtype == torch.uint8
+    assert _greedy(model, ids.cuda()) == want
+    _check_bytes(model, path)
+    model.vramancer.detach()
+    half = load(str(path), devices="cuda:0", context=64)
+    assert half.get_submodule("model.layers.0.self_attn.o_proj").weight.dtype == torch.bfloat16
+    assert len(_greedy(half, ids.cuda())) == NEW_TOKENS

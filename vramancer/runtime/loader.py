@@ -664,10 +664,19 @@ def load_gguf(path: str | os.PathLike, plan: "Plan", dtype: str | None = None,
     """Build the model of the GGUF file ``path`` on meta with its weights kept as GGUF blocks
     (runtime/gguf/) and load it per ``plan``. ``dtype``: the compute dtype the blocks are
     dequantized to (default: float32 on CPUs, bfloat16 when a stage runs on a GPU)."""
-    from .gguf.load import compute_dtype, gguf_model_config, keep_quantized, loaded_note, open_gguf, plan_config
+    from .gguf.load import (
+        check_plan_dtype,
+        compute_dtype,
+        gguf_model_config,
+        keep_quantized,
+        loaded_note,
+        open_gguf,
+        plan_config,
+    )
 
     plan.validate()
     check_identity(plan, plan_config(path), str(path))
+    check_plan_dtype(plan, path)
     dt = compute_dtype(dtype, plan)
     config = gguf_model_config(path)
     gf = open_gguf(path)

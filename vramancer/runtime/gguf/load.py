@@ -37,7 +37,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ...plan.plan import Plan
 
 __all__ = ["GGUFTensor", "GGUFFile", "is_gguf", "open_gguf", "gguf_model_config", "keep_quantized",
-           "load_gguf_tokenizer", "compute_dtype", "plan_config", "loaded_note"]
+           "load_gguf_tokenizer", "compute_dtype", "plan_config", "check_plan_dtype", "loaded_note"]
 
 
 def is_gguf(model: Any) -> bool:
@@ -287,6 +287,19 @@ def plan_config(path: str | Path) -> dict:
 
     fields, headers = read_gguf(Path(path))
     return gguf_config(fields, headers)
+
+
+def check_plan_dtype(plan: Plan, path: str | Path) -> None:
+    """Refuse a plan that sized this file's weights in another dtype than the file stores (a plan
+    made with ``--dtype``): the runtime keeps the file's blocks, so that plan's bytes would be wrong."""
+    from ...models.dtypes import resolve_dtype
+    from ...models.gguf_file import profile_from_gguf
+
+    stored = profile_from_gguf(Path(path)).dtype
+    planned = plan.workload.dtype
+    if resolve_dtype(planned).name != resolve_dtype(stored).name:
+        raise BadInputError(f"the plan sizes {Path(path).name} as {planned}, but its weights stay as stored "
+                            f"({stored}): plan it without --dtype")
 
 
 def loaded_note(gf: GGUFFile, dtype: torch.dtype) -> str:
