@@ -194,6 +194,7 @@ CASES: list[tuple[str, dict, list[str]]] = [
     ("devices-garbage", {}, [P, "llama-3.1-8b", "-d", "rtx3090:lots"]),
     ("backing-missing", {}, [P, "llama-3.1-8b", *D, "--backing", "cuda:9"]),
     ("backing-garbage", {}, [P, "llama-3.1-8b", *D, "--backing", "tpu"]),
+    ("devices-backing-missing", {}, ["devices", *D, "--backing", "cuda:9"]),
     ("problem-too-big", {"m/config.json": cfg(num_hidden_layers=1000)},
      [P, "m", "-d", ",".join(f"g{i}:{i + 1}GiB@100GBps@10TFLOPS" for i in range(8))]),
     # workload numbers
@@ -244,6 +245,7 @@ CASES: list[tuple[str, dict, list[str]]] = [
     ("trace-binary", {"t.csv": b"\xff\xfe\x00garbage\n\x80\x81"}, ["report", "t.csv"]),
     ("trace-binary-no-suffix", {"t": b"\x00\x01\x02\xff"}, ["report", "t"]),
     ("trace-empty", {"t.csv": b""}, ["report", "t.csv"]),
+    ("trace-giant-line", {"t.csv": trace_csv([]) + "1," + "x" * (3 * 2**20) + "\n"}, ["report", "t.csv"]),
     ("trace-empty-json", {"t.json": b""}, ["report", "t.json"]),
     ("trace-missing", {}, ["report", "none.csv"]),
     ("trace-folder", {"d/keep": ""}, ["report", "d"]),

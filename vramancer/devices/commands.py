@@ -39,9 +39,9 @@ def main(args: argparse.Namespace) -> int:
         return 0
 
     from .device import devices_to_json
-    from .spec import parse_devices
+    from .spec import check_backing, parse_devices
 
-    devices = parse_devices(args.devices, backing=args.backing)
+    devices = parse_devices(args.devices, backing=check_backing(args.backing))
     if args.json:
         print(json.dumps(devices_to_json(devices), indent=2))
         return 0

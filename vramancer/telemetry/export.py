@@ -236,8 +236,25 @@ def iter_csv_snapshots(path: str | Path, text: str | None = None) -> Iterator[Sn
         f.close()
 
 
-def _csv_snapshots(path: Path, f: Iterable[str]) -> Iterator[Snapshot]:
-    reader = csv.reader(f)
+MAX_CSV_LINE_CHARS = 1 << 20
+
+
+def _bounded_lines(path: Path, f: io.TextIOBase) -> Iterator[str]:
+    """The lines of ``f``, each read with a length limit: a 'line' of gigabytes (a binary or
+    hostile file) is refused after MAX_CSV_LINE_CHARS, never held in memory whole."""
+    n = 0
+    while True:
+        line = f.readline(MAX_CSV_LINE_CHARS + 1)
+        if not line:
+            return
+        n += 1
+        if len(line) > MAX_CSV_LINE_CHARS:
+            raise _fail(path, f"line {n}: ", f"longer than {MAX_CSV_LINE_CHARS} characters (not a CSV trace?)")
+        yield line
+
+
+def _csv_snapshots(path: Path, f: io.TextIOBase) -> Iterator[Snapshot]:
+    reader = csv.reader(_bounded_lines(path, f))
     try:
         header = next(reader, None)
     except csv.Error as e:
