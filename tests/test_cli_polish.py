@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -24,10 +25,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": str(REPO), "XDG_CONFIG_HOME": str(tmp_path / "config"),
-           "HF_HUB_OFFLINE": "1", "VRAMANCER_CACHE_DIR": str(tmp_path / "cache"), **extra}
-    env.pop("VRAMANCER_CONFIG", None)
-    env.pop("FORCE_COLOR", None)
-    return env
+           "HF_HUB_OFFLINE": "1", "VRAMANCER_CACHE_DIR": str(tmp_path / "cache")}
+    for name in ("VRAMANCER_CONFIG", "FORCE_COLOR", "NO_COLOR", "TTY_COMPATIBLE"):
+        env.pop(name, None)
+    return {**env, **extra}
 
 
 def _vramancer(tmp_path: Path, *argv: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
@@ -504,3 +505,13 @@ def test_plan_table_on_a_narrow_terminal_cuts_nothing():
     for stage, row in zip(p.stages, table[1:], strict=True):
         assert row.split()[1] == stage.device
     assert console.width == 60                       # the console is left as it was
+
+
+def test_no_color_is_respected_even_when_colour_is_forced(tmp_path):
+    colour = re.compile(r"\x1b\[[0-9;]*3[0-7]m|\x1b\[[0-9;]*38;")      # a foreground colour, any form
+    p = _vramancer(tmp_path, "plan", "llama-3.1-8b", "-d", "rtx3090", FORCE_COLOR="1")
+    assert p.returncode == 0 and colour.search(p.stdout)                  # rich colours when told to
+    p = _vramancer(tmp_path, "plan", "llama-3.1-8b", "-d", "rtx3090", FORCE_COLOR="1", NO_COLOR="1")
+    assert p.returncode == 0 and not colour.search(p.stdout)
+    p = _vramancer(tmp_path, "plan", "llama-3.1-8b", "-d", "rtx3090")     # a pipe: no escape at all
+    assert p.returncode == 0 and "\x1b" not in p.stdout
