@@ -92,8 +92,10 @@ def main(args: argparse.Namespace) -> int:
     model = load(str(folder), plan=plan)
     messages = [{"role": "user", "content": args.prompt}]
 
-    def emit(text: str) -> None:
-        sys.stdout.write(text)
+    def emit(text: str) -> None:   # the model's text: control bytes escaped, never raw ANSI
+        from ...terminal import escape_control
+
+        sys.stdout.write(escape_control(text))
         sys.stdout.flush()
 
     if not quiet:
