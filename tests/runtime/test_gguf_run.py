@@ -342,3 +342,22 @@ def test_on_cuda_blocks_on_the_gpu(files):
     half = load(str(path), devices="cuda:0", context=64)
     assert half.get_submodule("model.layers.0.self_attn.o_proj").weight.dtype == torch.bfloat16
     assert len(_greedy(half, ids.cuda())) == NEW_TOKENS
+
+
+@pytest.mark.parametrize("qtype", ["F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q5_K", "Q6_K"])
+def test_every_written_type_kept_as_stored(tmp_path, tok, qtype):
+    """Each type the writer makes stays in the file's bytes on its stage (F16 / BF16 as such, cast
+    when read; the quantized ones as blocks): logits equal the dequantized float model's."""
+    model = _model("llama", tok, hidden=256, inter=512, seed=3)
+    hf = tmp_path / "hf"
+    model.save_pretrained(hf, safe_serialization=True)
+    path = write_gguf(model, tmp_path / f"m-{qtype}.gguf", qtype, tokenizer=tok).path
+    loaded = _load(path)
+    stored = loaded.get_submodule("model.layers.0.mlp.down_proj").parametrizations.weight.original
+    want_dtype = {"F16": torch.float16, "BF16": torch.bfloat16}.get(qtype, torch.uint8)
+    assert stored.dtype == want_dtype
+    ids = _prompt()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, _dequantized_reference(hf, path)(ids).logits)
+    _check_bytes(loaded, path)
+    loaded.vramancer.detach()
