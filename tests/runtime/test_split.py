@@ -13,7 +13,7 @@ NEW_TOKENS = 20
 PROMPT = 6
 
 
-def _prompt(batch: int = 1, seed: int = 1) -> "torch.Tensor":
+def _prompt(batch: int = 1, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, PROMPT), generator=g)
 
@@ -354,7 +354,6 @@ def test_long_prompt_prefills_in_plan_chunks(saved_models):
     """A prompt longer than the plan's prefill chunk runs in chunks (the workspace the plan sized),
     with the same tokens as one unchunked prefill of the unsplit model."""
     from vramancer.plan.planner import plan as make
-
     from vramancer.runtime.generate import generate_ids
 
     folder = saved_models["mistral"]  # sliding window 8: chunks cross the window

@@ -95,7 +95,7 @@ class FieldReader:
         return v
 
     # -- containers ---------------------------------------------------------------------------
-    def obj(self, key: str, default: Any = _MISSING) -> "FieldReader":
+    def obj(self, key: str, default: Any = _MISSING) -> FieldReader:
         return FieldReader(self.raw(key, default), self.prefix, self.where(key))
 
     def list(self, key: str, default: Any = _MISSING, max_len: int = 1 << 20) -> list:
@@ -106,7 +106,7 @@ class FieldReader:
             raise self.error(f"{len(v)} items, at most {max_len}", key)
         return v
 
-    def objs(self, key: str, default: Any = _MISSING) -> list["FieldReader"]:
+    def objs(self, key: str, default: Any = _MISSING) -> list[FieldReader]:
         where = self.where(key)
         return [FieldReader(x, self.prefix, f"{where}[{i}]") for i, x in enumerate(self.list(key, default))]
 

@@ -55,7 +55,7 @@ class ModelIdentity:
     dtype: str
 
     @classmethod
-    def of(cls, config: dict | None, dtype: str) -> "ModelIdentity":
+    def of(cls, config: dict | None, dtype: str) -> ModelIdentity:
         return cls(config_sha256(config) if isinstance(config, dict) else None, dtype)
 
     @property
@@ -279,7 +279,7 @@ class Plan:
         return json.dumps(self.to_dict(), indent=indent)
 
     @classmethod
-    def from_dict(cls, d: Any) -> "Plan":
+    def from_dict(cls, d: Any) -> Plan:
         """The plan of a JSON document, every field checked (types, ranges, how stages, blocks,
         devices and stream buffers fit together); BadInputError with one line otherwise."""
         if not isinstance(d, dict) or "schema" not in d:
@@ -294,14 +294,14 @@ class Plan:
         return plan
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> "Plan":
+    def from_json(cls, text: str | bytes) -> Plan:
         """The plan of JSON text (vramancer._json: depth, UTF-8 and syntax refused in one line)."""
         from .._json import parse_json
 
         return cls.from_dict(parse_json(text, prefix="plan file is not JSON: "))
 
     @classmethod
-    def load(cls, path: str | Path) -> "Plan":
+    def load(cls, path: str | Path) -> Plan:
         from .._json import read_json_file
 
         return cls.from_dict(read_json_file(path, what="plan"))

@@ -33,11 +33,11 @@ class BoundaryStats:
         return {"crossings": self.crossings, "hidden_bytes": self.hidden_bytes, "copied_bytes": self.copied_bytes}
 
 
-def _nbytes(t: "torch.Tensor") -> int:
+def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def move_tensors(obj: Any, device: "torch.device", memo: dict[int, tuple[Any, Any]] | None = None,
+def move_tensors(obj: Any, device: torch.device, memo: dict[int, tuple[Any, Any]] | None = None,
                  stats: BoundaryStats | None = None) -> Any:
     """``obj`` with every tensor inside tuples / lists / dicts on ``device``. ``memo`` maps the id of a
     tensor already moved to (tensor, moved copy) so one tensor is copied once."""
@@ -67,7 +67,7 @@ def move_tensors(obj: Any, device: "torch.device", memo: dict[int, tuple[Any, An
     return obj
 
 
-def hidden_state_of(args: tuple, kwargs: dict) -> "torch.Tensor | None":
+def hidden_state_of(args: tuple, kwargs: dict) -> torch.Tensor | None:
     import torch
 
     h = args[0] if args else kwargs.get("hidden_states")
@@ -87,7 +87,7 @@ class StageInputCache:
 class BoundaryHook:
     """Forward pre-hook (``with_kwargs=True``) placing a unit's inputs on its stage's device."""
 
-    def __init__(self, device: "torch.device", cache: StageInputCache, stats: BoundaryStats, entry: bool,
+    def __init__(self, device: torch.device, cache: StageInputCache, stats: BoundaryStats, entry: bool,
                  move: bool):
         self.device = device
         self.cache = cache
@@ -95,7 +95,7 @@ class BoundaryHook:
         self.entry = entry
         self.move = move
 
-    def __call__(self, module: "nn.Module", args: tuple, kwargs: dict):
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
         if self.entry:
             self.cache.clear()
             self.stats.crossings += 1

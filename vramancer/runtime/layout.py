@@ -48,7 +48,7 @@ class BlockLayout:
         return self.layers[block]
 
 
-def layout_from_plan(plan: "Plan", model: "nn.Module") -> BlockLayout:
+def layout_from_plan(plan: Plan, model: nn.Module) -> BlockLayout:
     """The plan's blocks, checked against ``model``: every module the plan names must exist in it.
     Refuses (BadInputError, one line) a plan that names no modules for a block (planned from a
     profile without module names) or modules the model does not have."""
@@ -85,7 +85,7 @@ class StageLayout:
         return [(b, p) for b, s in enumerate(self.stage_of_block) if s == stage for p in self.blocks.modules[b]]
 
 
-def stage_layout(model: "nn.Module", blocks: BlockLayout, plan: "Plan") -> StageLayout:
+def stage_layout(model: nn.Module, blocks: BlockLayout, plan: Plan) -> StageLayout:
     n = blocks.num_blocks
     stage_of_block = [-1] * n
     for si, st in enumerate(plan.stages):

@@ -6,8 +6,11 @@ buffer its engine allocated. ``MemoryReport`` sets these next to the plan's figu
 caching allocator's peak per device."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
+
+from ..units import format_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -19,14 +22,11 @@ __all__ = ["StageMemoryReport", "StreamBufferBytes", "MemoryReport", "CacheBytes
 
 
 def short_bytes(n: int) -> str:
-    """Compact sizes for table cells: "47.2M", "212K", "1.5G", "0"."""
-    for unit, size in (("G", 2**30), ("M", 2**20), ("K", 2**10)):
-        if abs(n) >= size:
-            return f"{n / size:.1f}{unit}"
-    return str(int(n))
+    """Compact sizes for table cells: "47.2M", "212.0K", "1.5G", "0" (``units.format_bytes``)."""
+    return format_bytes(n, compact=True)
 
 
-def tensor_bytes(t: "torch.Tensor | None") -> int:
+def tensor_bytes(t: torch.Tensor | None) -> int:
     if t is None:
         return 0
     return t.numel() * t.element_size()
@@ -128,7 +128,7 @@ class RuntimeBytes:
     stream_buffers: list[StreamBufferBytes]
 
 
-def stage_bytes(plan: "Plan", stages: Sequence[Any], engines: Sequence[Any], cache: CacheBytes) -> RuntimeBytes:
+def stage_bytes(plan: Plan, stages: Sequence[Any], engines: Sequence[Any], cache: CacheBytes) -> RuntimeBytes:
     """The bytes a split model holds now, per stage and per stream buffer. ``stages``: the runtime's
     stages (``RuntimeStage``: units, stream units, layer indices, devices); ``engines``: its stream
     engines; ``cache``: the KV cache to count (``CacheBytes()`` for none). Each tensor counts once
@@ -251,9 +251,9 @@ class MemoryReport:
 
     def buffer_lines(self) -> list[str]:
         """One line per stream buffer: measured (plan), the stages it serves."""
-        return [f"stream buffer on {b.device}: {short_bytes(b.buffer_bytes)} (plan {short_bytes(b.planned_buffer_bytes)})"
-                f" for stage{'s' if len(b.stages) > 1 else ''} {', '.join(str(i) for i in b.stages)}"
-                for b in self.stream_buffers]
+        return [f"stream buffer on {b.device}: {short_bytes(b.buffer_bytes)} "
+                f"(plan {short_bytes(b.planned_buffer_bytes)}) for stage{'s' if len(b.stages) > 1 else ''} "
+                f"{', '.join(str(i) for i in b.stages)}" for b in self.stream_buffers]
 
     def table(self) -> str:
         rows = [self.HEADER] + self.rows()

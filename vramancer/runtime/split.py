@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["RuntimeStage", "SplitRuntime", "free_module"]
 
 
-def free_module(model: "nn.Module") -> None:
+def free_module(model: nn.Module) -> None:
     """Point every parameter and buffer of ``model`` at ``meta`` (no memory) and give cached device
     memory back."""
     import gc
@@ -60,15 +60,15 @@ class RuntimeStage:
     ``layers``: its repeated layers as (layer index, module)."""
 
     index: int
-    plan: "Stage"
+    plan: Stage
     mode: str
-    device: "torch.device"
-    compute_device: "torch.device"
-    units: list[tuple[str, "nn.Module"]]
-    layers: list[tuple[int, "nn.Module"]]
+    device: torch.device
+    compute_device: torch.device
+    units: list[tuple[str, nn.Module]]
+    layers: list[tuple[int, nn.Module]]
     config: Any = None
     stats: BoundaryStats = field(default_factory=BoundaryStats)
-    stream_units: list["StreamUnit"] = field(default_factory=list)
+    stream_units: list[StreamUnit] = field(default_factory=list)
 
     @property
     def blocks(self) -> tuple[int, int]:
@@ -89,7 +89,7 @@ class RuntimeStage:
         types = getattr(self.config, "layer_types", None) if self.config is not None else None
         return types[index] if types and index < len(types) else "full_attention"
 
-    def forward(self, hidden_states: "torch.Tensor", *args: Any, **kwargs: Any) -> "torch.Tensor":
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Run this stage's repeated layers: ``hidden_states`` [batch, tokens, hidden] in, the same
         shape out, on this stage's compute device. ``args`` / ``kwargs`` are what the model passes each
         layer (an ``attention_mask`` or ``position_embeddings`` given as a dict keyed by layer type,
@@ -114,8 +114,8 @@ class RuntimeStage:
 class SplitRuntime:
     """Everything that makes ``model`` run split: attach() installs the hooks, detach() removes them."""
 
-    def __init__(self, model: "nn.Module", plan: "Plan", layout: "StageLayout", stages: list[RuntimeStage],
-                 engines: list["StreamEngine"] | None = None, checkpoints: list["Checkpoint"] | None = None,
+    def __init__(self, model: nn.Module, plan: Plan, layout: StageLayout, stages: list[RuntimeStage],
+                 engines: list[StreamEngine] | None = None, checkpoints: list[Checkpoint] | None = None,
                  offload_dir: str | None = None, notes: list[str] | None = None,
                  cleanup_offload_dir: bool = False):
         self.model = model
@@ -138,16 +138,16 @@ class SplitRuntime:
 
     # -- hooks --------------------------------------------------------------------------------
     @property
-    def input_device(self) -> "torch.device":
+    def input_device(self) -> torch.device:
         return self.stages[0].compute_device
 
-    def _root_pre(self, module: "nn.Module", args: tuple, kwargs: dict):
+    def _root_pre(self, module: nn.Module, args: tuple, kwargs: dict):
         self.current_stage = 0
         self.forwards += 1
         dev = self.input_device
         return move_tensors(args, dev), move_tensors(kwargs, dev)
 
-    def _root_post(self, module: "nn.Module", args: tuple, kwargs: dict, output: Any):
+    def _root_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any):
         import torch
 
         cache = getattr(output, "cache", None)
@@ -165,11 +165,11 @@ class SplitRuntime:
         return output
 
     def _entered(self, index: int):
-        def hook(module: "nn.Module", args: tuple, kwargs: dict):
+        def hook(module: nn.Module, args: tuple, kwargs: dict):
             self.current_stage = index
         return hook
 
-    def attach(self) -> "SplitRuntime":
+    def attach(self) -> SplitRuntime:
         if self.attached:
             return self
         h = self._handles

@@ -36,23 +36,23 @@ class StreamParam:
     """One parameter of a streamed unit. ``home``: the host tensor (cpu tier), or None with
     ``file_key`` naming the tensor in ``source`` (disk tier; stored in the parameter's dtype)."""
 
-    owner: "nn.Module"
+    owner: nn.Module
     attr: str
     shape: tuple[int, ...]
-    dtype: "torch.dtype"
+    dtype: torch.dtype
     nbytes: int
-    home: "torch.Tensor | None" = None
-    source: "Checkpoint | None" = None
+    home: torch.Tensor | None = None
+    source: Checkpoint | None = None
     file_key: str | None = None
     slot_offset: int = 0
-    home_param: "nn.Parameter | None" = None
+    home_param: nn.Parameter | None = None
     key: str = ""          # identity for accounting: params sharing a home share a key
 
 
 @dataclass
 class StreamUnit:
     name: str
-    module: "nn.Module"
+    module: nn.Module
     stage: int
     params: list[StreamParam] = field(default_factory=list)
     slot_bytes: int = 0
@@ -67,7 +67,7 @@ class StreamUnit:
 
 
 class _Slot:
-    def __init__(self, index: int, nbytes: int, device: "torch.device", pinned_staging: bool):
+    def __init__(self, index: int, nbytes: int, device: torch.device, pinned_staging: bool):
         import torch
 
         self.index = index
@@ -80,7 +80,7 @@ class _Slot:
         self.free_event: Any = None      # cuda: compute stream finished with this slot
         self.params: dict[str, list[Any]] = {}   # unit name -> Parameters viewing this slot
 
-    def view(self, p: StreamParam, base: "torch.Tensor | None" = None) -> "torch.Tensor":
+    def view(self, p: StreamParam, base: torch.Tensor | None = None) -> torch.Tensor:
         buf = self.buffer if base is None else base
         return buf[p.slot_offset: p.slot_offset + p.nbytes].view(p.dtype).view(p.shape)
 
@@ -90,7 +90,7 @@ class StreamEngine:
     plan's; more only if a unit needs more, which the memory report then shows over plan).
     ``plan_device``: the plan's id of the compute device (its stream buffer's)."""
 
-    def __init__(self, units: list[StreamUnit], device: "torch.device", slot_bytes: int = 0, plan_device: str = ""):
+    def __init__(self, units: list[StreamUnit], device: torch.device, slot_bytes: int = 0, plan_device: str = ""):
         import torch
 
         self.device = device

@@ -32,8 +32,9 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from ..errors import DeviceSpecError
 from ..telemetry.samples import DeviceSample
@@ -74,17 +75,17 @@ class _LoadWatch:
     registers its parameters before it is attached) and whose root holds every module the plan's
     blocks name; from then on a tick sums the parameters and buffers on each stage."""
 
-    def __init__(self, plan: "Plan", model: Any):
+    def __init__(self, plan: Plan, model: Any):
         self.plan = plan
         self.model = model
         self._parents: dict[int, tuple[Any, Any]] = {}     # id(child) -> (child, parent) while building
-        self._root: "weakref.ref[nn.Module] | None" = None
+        self._root: weakref.ref[nn.Module] | None = None
         self._stage_of: dict[str, int] = {}
         self._handles: list[Any] = []
         self.failed: str | None = None
 
     # -- recognising the model ------------------------------------------------------------------
-    def adopt(self, root: "nn.Module") -> bool:
+    def adopt(self, root: nn.Module) -> bool:
         """Watch ``root`` if it is the model the plan is for (it has every module the plan's blocks
         name); False if it is not (yet)."""
         from .layout import layout_from_plan, stage_layout
@@ -120,7 +121,7 @@ class _LoadWatch:
             self.failed = f"{type(e).__name__}: {e}"
             log.debug("load watch gave up: %s", self.failed)
 
-    def start(self) -> "_LoadWatch":
+    def start(self) -> _LoadWatch:
         from torch.nn.modules import module as torch_module
 
         if _is_module(self.model):
@@ -179,7 +180,7 @@ class StageFeed:
     """The per-stage accounting of one split run, as DeviceSamples for its simulated devices.
     Calling the feed (``feed()``) returns the samples of this instant; thread-safe."""
 
-    def __init__(self, plan: "Plan"):
+    def __init__(self, plan: Plan):
         self.plan = plan
         by_id = {d.id: d for d in plan.devices}
         used: list[str] = []
@@ -190,17 +191,17 @@ class StageFeed:
         for buf in plan.stream_buffers:
             if buf.device not in used:
                 used.append(buf.device)
-        self.devices: dict[str, "Device"] = {i: by_id[i] for i in used if i in by_id}
+        self.devices: dict[str, Device] = {i: by_id[i] for i in used if i in by_id}
         self.simulated: list[str] = [i for i in used if i in by_id and by_id[i].simulated]
         self._lock = threading.Lock()
         self._watch: _LoadWatch | None = None
         self._runtime: Any = None
         self._hook: Any = None
-        self._kv: tuple["weakref.ref | None", CacheBytes] = (None, CacheBytes())   # (live cache, its bytes)
+        self._kv: tuple[weakref.ref | None, CacheBytes] = (None, CacheBytes())   # (live cache, its bytes)
 
     # -- load -------------------------------------------------------------------------------------
     @contextmanager
-    def watch_load(self, model: Any) -> Iterator["StageFeed"]:
+    def watch_load(self, model: Any) -> Iterator[StageFeed]:
         """Count weights per stage while ``model`` (what is passed to ``load``: a transformers
         folder, a name resolved to one, or an nn.Module) loads in this block."""
         watch = _LoadWatch(self.plan, model)
@@ -213,7 +214,7 @@ class StageFeed:
             watch.stop()
 
     # -- run --------------------------------------------------------------------------------------
-    def attach(self, runtime: Any) -> "StageFeed":
+    def attach(self, runtime: Any) -> StageFeed:
         """Count from ``runtime`` (the loaded model's ``model.vramancer``) from now on."""
         if self._runtime is runtime:
             return self
