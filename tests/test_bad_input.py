@@ -602,3 +602,23 @@ def test_stale_scratch_of_a_dead_process_removed_at_next_start(tmp_path):
     assert proc.returncode == 0, err
     assert not stale.exists() and alive.is_dir()
     assert sorted(os.listdir(root)) == [alive.name]
+
+
+def test_unusable_paths_are_bad_input_not_value_errors(tmp_path):
+    from vramancer._io import atomic_write, check_writable
+
+    for path in ("a\0b", "", tmp_path / "nodir" / "x", tmp_path):
+        with pytest.raises(BadInputError):
+            check_writable(path, "-o")
+    long_name = tmp_path / ("n" * 250)          # the temporary name beside it stays within 255 bytes
+    atomic_write(long_name, "ok")
+    assert long_name.read_text() == "ok" and os.listdir(tmp_path) == [long_name.name]
+
+
+def test_csv_trace_with_a_byte_order_mark_reads(tmp_path):
+    from vramancer.telemetry.summary import summarize_file
+
+    path = tmp_path / "excel.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + trace_csv([{"used_bytes": "7"}]).encode())
+    summary, report = summarize_file(path)
+    assert summary.samples == 1 and report.devices[0].peak_used_bytes == 7

@@ -65,6 +65,19 @@ def check_writable(path: str | os.PathLike, flag: str = "output") -> Path:
     """Refuse, now and in one line, a ``path`` that a later ``atomic_write`` could not write;
     returns the path written in the end (see ``write_target``). Probes the folder by creating
     and removing a temporary file (permission bits do not bind root; a read-only mount does)."""
+    try:
+        return _check_writable(path, flag)
+    except ValueError as e:            # an embedded NUL byte and the like
+        if isinstance(e, BadInputError):
+            raise
+        raise BadInputError(f"{flag} {os.fspath(path)!r}: not a usable path ({e})") from None
+
+
+def _tmp_prefix(target: Path) -> str:
+    return f".{target.name[:200]}."    # room for the random part within a 255-byte name
+
+
+def _check_writable(path: str | os.PathLike, flag: str) -> Path:
     shown = os.fspath(path)
     if str(shown).endswith(("/", os.sep)):
         raise BadInputError(f"{flag} {shown}: names a folder; name a file")
@@ -87,7 +100,7 @@ def check_writable(path: str | os.PathLike, flag: str = "output") -> Path:
     if not folder.is_dir():
         raise BadInputError(f"{flag} {shown}: {folder} is not a folder")
     try:
-        fd, probe = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".probe", dir=folder)
+        fd, probe = tempfile.mkstemp(prefix=_tmp_prefix(target), suffix=".probe", dir=folder)
     except OSError as e:
         raise BadInputError(f"{flag} {shown}: cannot write in folder {folder} ({e.strerror or e})") from None
     os.close(fd)
@@ -115,7 +128,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", *, flag: str = "output
         except OSError as e:
             raise VramancerError(f"cannot write {os.fspath(path)}: {e.strerror or e}") from None
         return
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(target), suffix=".tmp", dir=target.parent)
     try:
         os.fchmod(fd, stat.S_IMODE(st.st_mode) if st is not None else 0o666 & ~_umask())
         with os.fdopen(fd, mode, **kwargs) as f:

@@ -215,7 +215,7 @@ def _open_text(p: Path) -> io.TextIOBase:
     if not p.is_file():
         raise TraceFileError(f"{p}: not a file")
     try:
-        return open(p, encoding="utf-8", newline="")  # noqa: SIM115 - the caller closes it
+        return open(p, encoding="utf-8-sig", newline="")  # noqa: SIM115 - the caller closes it (a BOM is skipped)
     except OSError as e:
         raise TraceFileError(f"{p}: cannot read: {e.strerror or e}") from None
 
