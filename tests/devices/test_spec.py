@@ -1,4 +1,4 @@
-"""Device spec parsing: every form of DESIGN.md, errors, and the round trip."""
+"""Device spec parsing: every form of docs/architecture.md, errors, and the round trip."""
 from __future__ import annotations
 
 import pytest

@@ -46,7 +46,7 @@ class Device:
         return self.kind == "gpu"
 
     def to_dict(self) -> dict:
-        """The Device JSON item of DESIGN.md (plus a few extra keys)."""
+        """The Device JSON item (`vramancer devices --json`; docs/plan-schema.md, "devices")."""
         d = asdict(self)
         d["p2p_peers"] = list(self.p2p_peers)
         return d

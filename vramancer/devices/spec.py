@@ -1,4 +1,4 @@
-"""Parse device specs (DESIGN.md): "auto", "cuda:0", "cuda:0:20GiB", "mps", "cpu", "cpu:64GiB",
+"""Parse device specs (docs/architecture.md): "auto", "cuda:0", "cuda:0:20GiB", "mps", "cpu", "cpu:64GiB",
 "disk", "disk:500GiB", catalog GPUs ("rtx3090", "rtx3060:10GiB") and custom simulated GPUs
 ("mygpu:16GiB@448GBps@30TFLOPS"). Items are comma separated; two items with the same name are
 two devices ("rtx3060,rtx3060" -> rtx3060#0, rtx3060#1). ``format_devices`` writes a spec back.

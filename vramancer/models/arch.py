@@ -2,7 +2,7 @@
 parameter layout of the transformers model class (AutoModelForCausalLM for decoders, AutoModel
 for encoders), split into blocks, with the per-token KV / activation / FLOP figures.
 
-Blocks (DESIGN.md): block 0 = what runs before the repeated layers (token embeddings, GPT-2's
+Blocks (docs/architecture.md): block 0 = what runs before the repeated layers (token embeddings, GPT-2's
 position embeddings, BERT's embeddings, the rotary-embedding buffers), blocks 1..L = the layers
 (``model.layers.i``, ``transformer.h.i``, ``gpt_neox.layers.i``, ``encoder.layer.i``), last block =
 final norm + LM head (BERT: the pooler). ``modules`` are the module-name prefixes of the

@@ -1,6 +1,6 @@
 """ModelProfile: what a model needs, per block, without loading its weights.
 
-Blocks follow DESIGN.md: block 0 is what runs before the first repeated layer
+Blocks follow docs/architecture.md: block 0 is what runs before the first repeated layer
 (embeddings), blocks 1..L the repeated layers in order, block L+1 what runs after
 (final norm, LM head, pooler). Units are bytes and FLOPs; "per token" means per
 token of one sequence.
