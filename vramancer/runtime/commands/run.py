@@ -232,3 +232,21 @@ def render_measured_vs_predicted(console, result, preds, label: str = "") -> Non
         line += (f"  (on the cards named the plan predicts {_tps(preds.named.decode_tokens_per_s)} decode, "
                  f"{_tps(preds.named.prefill_tokens_per_s)} prefill)")
     console.print(line, soft_wrap=True, highlight=False)
+    busy = _busy_note()
+    if busy:
+        console.print(busy, style="dim", soft_wrap=True, highlight=False)
+
+
+def _busy_note() -> str:
+    """A note when other work shares this machine's CPUs (the measured side then runs slower)."""
+    import os
+
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # pragma: no cover - not on Unix
+        return ""
+    cpus = os.cpu_count() or 1
+    if load <= cpus:
+        return ""
+    return (f"note: this machine is busy (load {load:.1f} on {cpus} CPUs): measured speeds are lower and vary; "
+            f"`python benchmarks/cost_model.py` compares in the same conditions")
