@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("vramancer.serve.commands", "OpenAI-compatible HTTP server for a split model"),
     "pull": ("vramancer.hub.commands.pull", "download a Hub model's safetensors (all, or one plan stage's shards)"),
     "convert": ("vramancer.hub.commands.convert", "convert .bin / GGUF / dtype / plan shards to a safetensors folder"),
+    "keys": ("vramancer.link.commands", "this node's Link identity key and the peer fingerprints it trusts"),
     "completion": ("vramancer.completion", "print a shell completion script (bash, zsh or fish)"),
 }
 

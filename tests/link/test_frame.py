@@ -1,0 +1,164 @@
+"""Frames round-trip every dtype torch and numpy share, 0-d / empty / many / 16 MiB tensors, with
+exact byte counts; replayed and reordered frames are refused; destinations are checked."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from vramancer.link.errors import FrameError, LinkError
+from vramancer.link.frame import (
+    DESC_FIXED_BYTES,
+    DTYPES,
+    HEADER_BYTES,
+    FrameType,
+    FrameWriter,
+    Limits,
+    numpy_buffers,
+    torch_buffers,
+)
+
+from .conftest import Counting, in_thread, pair
+
+torch = pytest.importorskip("torch")
+
+NUMPY_DTYPES = [d.name for d in DTYPES.values() if d.numpy is not None]
+TORCH_DTYPES = [d.name for d in DTYPES.values()]
+
+
+def _frame_bytes(*arrays) -> int:
+    return HEADER_BYTES + sum(DESC_FIXED_BYTES + 8 * a.ndim + a.nbytes if isinstance(a, (np.ndarray, np.generic))
+                              else DESC_FIXED_BYTES + 8 * a.dim() + a.numel() * a.element_size() for a in arrays)
+
+
+def _sample_np(name: str, shape) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    if name == "bool":
+        return rng.integers(0, 2, size=shape).astype(bool)
+    if name.startswith("complex"):
+        return (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(name)
+    if name.startswith("float"):
+        return rng.standard_normal(shape).astype(name)
+    info = np.iinfo(name)
+    return rng.integers(info.min, info.max, size=shape, dtype=name, endpoint=True)
+
+
+@pytest.mark.parametrize("name", NUMPY_DTYPES)
+def test_numpy_round_trip_every_dtype(name):
+    a, b = pair()
+    x = _sample_np(name, (3, 5))
+    scalar = _sample_np(name, ())
+    empty = np.empty((0, 7), dtype=name)
+    n = a.send([x, scalar, empty], stream_id=9)
+    assert n == _frame_bytes(x, scalar, empty)
+    frame = b.recv()
+    assert (frame.frame_type, frame.stream_id, frame.seq) == (FrameType.TENSORS, 9, 1)
+    got_x, got_s, got_e = frame.tensors
+    assert got_x.dtype == x.dtype and got_x.shape == (3, 5) and got_x.tobytes() == x.tobytes()
+    assert got_s.shape == () and got_s.tobytes() == scalar.tobytes()
+    assert got_e.shape == (0, 7) and got_e.dtype == x.dtype
+    assert b.bytes_received == n
+
+
+@pytest.mark.parametrize("name", TORCH_DTYPES)
+def test_torch_round_trip_every_dtype(name):
+    a, b = pair()
+    dtype = getattr(torch, name)
+    src = torch.arange(-6, 6, dtype=torch.int64).reshape(3, 4)
+    x = (src % 2).to(dtype) if name == "bool" else (src.abs() if name.startswith("uint") else src).to(dtype)
+    zero_d = x.reshape(-1)[5].clone()
+    a.send([x, zero_d, x[:0]])
+    frame = b.recv(factory=torch_buffers)
+    got, got0, gote = frame.tensors
+    assert got.dtype == dtype and torch.equal(got, x)
+    assert got0.dim() == 0 and torch.equal(got0, zero_d)
+    assert gote.shape == (0, 4)
+
+
+def test_non_contiguous_and_many_tensors_in_one_frame():
+    a, b = pair()
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    tensors = [base.t(), base[:, ::2], *[torch.full((i,), float(i)) for i in range(40)]]
+    a.send(tensors)
+    frame = b.recv(factory=torch_buffers)
+    assert len(frame.tensors) == 42
+    for want, got in zip(tensors, frame.tensors):
+        assert torch.equal(want, got)
+
+
+def test_16_mib_frame_into_caller_buffers():
+    a, b = pair()
+    x = np.random.default_rng(1).standard_normal(4 << 20).astype(np.float32)   # 16 MiB
+    sender = in_thread(a.send, [x])
+    dest = np.empty_like(x)
+    counting = Counting(numpy_buffers)
+    frame = b.recv(into=[dest], factory=counting)
+    assert sender.result() == HEADER_BYTES + DESC_FIXED_BYTES + 8 + (16 << 20)
+    assert frame.tensors[0] is dest and np.array_equal(dest, x)
+    assert counting.calls == 0                                   # nothing allocated: it went into dest
+
+
+def test_raw_bytearray_destination_and_mismatch():
+    a, b = pair()
+    a.send([np.arange(4, dtype=np.int32)])
+    raw = bytearray(16)
+    b.recv(into=[raw])
+    assert np.frombuffer(raw, dtype=np.int32).tolist() == [0, 1, 2, 3]
+    a.send([np.arange(4, dtype=np.int32)])
+    with pytest.raises(FrameError, match="destination"):
+        b.recv(into=[np.empty(4, dtype=np.int64)])
+    assert b.closed
+
+
+def test_numpy_factory_refuses_bfloat16_in_one_line():
+    a, b = pair()
+    a.send([torch.ones(2, dtype=torch.bfloat16)])
+    with pytest.raises(FrameError, match="torch_buffers"):
+        b.recv()
+
+
+def test_replayed_frame_is_refused_and_logged(caplog):
+    a, b = pair()
+    frame = FrameWriter().header(FrameType.TENSORS, [])
+    a.sock.sendall(frame + frame)                     # the same frame twice: sequence 1 again
+    assert b.recv().seq == 1
+    with caplog.at_level(logging.WARNING, logger="vramancer.link"):
+        with pytest.raises(FrameError, match="replayed"):
+            b.recv()
+    assert "sequence 1 not after 1" in caplog.text
+    assert b.closed
+    with pytest.raises(LinkError):
+        b.recv()
+
+
+def test_reordered_frames_are_refused_but_streams_are_independent():
+    a, b = pair()
+    w = FrameWriter()
+    f1, f2 = w.header(FrameType.TENSORS, []), w.header(FrameType.TENSORS, [])
+    other = w.header(FrameType.TENSORS, [], stream_id=5)
+    a.sock.sendall(f2 + other + f1)
+    assert b.recv().seq == 2
+    assert (b.recv().stream_id, b.reader._last[5]) == (5, 1)
+    with pytest.raises(FrameError, match="sequence 1 not after 2"):
+        b.recv()
+
+
+def test_close_frame_closes_and_limits_are_enforced_on_send_side_sizes():
+    a, b = pair(Limits(max_frame_bytes=HEADER_BYTES + DESC_FIXED_BYTES + 8 + 100))
+    a.send([np.zeros(100, dtype=np.uint8)])             # exactly at the limit
+    assert b.recv().tensors[0].nbytes == 100
+    a.send([np.zeros(101, dtype=np.uint8)])
+    with pytest.raises(FrameError, match="over the limit"):
+        b.recv()
+    c, d = pair()
+    c.send_control(FrameType.CLOSE)
+    assert d.recv().frame_type == FrameType.CLOSE and d.closed
+
+
+def test_unsendable_objects_are_refused():
+    a, _ = pair()
+    with pytest.raises(FrameError, match="numpy arrays and torch tensors"):
+        a.send([[1, 2, 3]])
+    with pytest.raises(FrameError, match="cannot travel"):
+        a.send([np.array(["x"])])

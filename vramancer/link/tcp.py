@@ -1,0 +1,111 @@
+"""Plaintext TCP transport. Loopback only unless ``trusted_network=True`` (``--trusted-network``):
+plaintext is never chosen silently for a real network; use the TLS transport there."""
+from __future__ import annotations
+
+import ipaddress
+import socket
+from typing import Any
+
+from .errors import LinkError, PlaintextRefusedError
+from .frame import Limits
+from .transport import Connection, Listener, StreamConnection, Transport
+
+__all__ = ["TcpTransport", "TcpListener", "is_loopback", "check_plaintext", "tune_socket"]
+
+_BUF_BYTES = 4 << 20
+
+
+def is_loopback(host: str) -> bool:
+    """True when every address ``host`` resolves to is a loopback address."""
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError:
+        return False
+    addrs = {info[4][0] for info in infos}
+    return bool(addrs) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addrs)
+
+
+def check_plaintext(host: str, trusted_network: bool, what: str = "plaintext TCP") -> None:
+    if not trusted_network and not is_loopback(host):
+        raise PlaintextRefusedError(
+            f"refusing {what} to {host}: not a loopback address; use the tls transport, "
+            f"or pass trusted_network=True (--trusted-network) on a network you trust")
+
+
+def tune_socket(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, _BUF_BYTES)
+        except OSError:
+            pass
+
+
+def dial(address: tuple[str, int], timeout: float | None) -> socket.socket:
+    host, port = address
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError as e:
+        raise LinkError(f"cannot connect to {host}:{port}: {e}") from None
+    sock.settimeout(None)
+    tune_socket(sock)
+    return sock
+
+
+def bind(address: tuple[str, int]) -> socket.socket:
+    host, port = address
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise LinkError(f"cannot listen on {host}:{port}: {e}") from None
+    sock.listen(16)
+    return sock
+
+
+class TcpListener(Listener):
+    def __init__(self, sock: socket.socket, limits: Limits | None) -> None:
+        self.sock = sock
+        self.limits = limits
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.sock.getsockname()[:2]
+
+    def accept(self, timeout: float | None = None) -> Connection:
+        self.sock.settimeout(timeout)
+        try:
+            conn, _ = self.sock.accept()
+        except OSError as e:
+            raise LinkError(f"accept failed: {e}") from None
+        conn.settimeout(None)
+        tune_socket(conn)
+        return StreamConnection(conn, self.limits, "tcp")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class TcpTransport(Transport):
+    name = "tcp"
+
+    def __init__(self, trusted_network: bool = False, limits: Limits | None = None) -> None:
+        self.trusted_network = trusted_network
+        self.limits = limits
+
+    def connect(self, address: Any, timeout: float | None = 30.0) -> Connection:
+        check_plaintext(address[0], self.trusted_network)
+        return StreamConnection(dial(address, timeout), self.limits, "tcp")
+
+    def listen(self, address: Any) -> TcpListener:
+        host = address[0]
+        if host in ("", "0.0.0.0", "::"):
+            if not self.trusted_network:
+                raise PlaintextRefusedError(f"refusing to serve plaintext TCP on every interface ({host!r}) "
+                                            "without trusted_network=True (--trusted-network)")
+        else:
+            check_plaintext(host, self.trusted_network, "to serve plaintext TCP")
+        return TcpListener(bind(address), self.limits)
