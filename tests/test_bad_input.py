@@ -622,3 +622,23 @@ def test_csv_trace_with_a_byte_order_mark_reads(tmp_path):
     path.write_bytes(b"\xef\xbb\xbf" + trace_csv([{"used_bytes": "7"}]).encode())
     summary, report = summarize_file(path)
     assert summary.samples == 1 and report.devices[0].peak_used_bytes == 7
+
+
+def test_report_plot_draws_from_evenly_spaced_samples_with_exact_peaks(tmp_path):
+    pytest.importorskip("matplotlib")
+    from vramancer.telemetry.export import write_csv
+    from vramancer.telemetry.samples import DeviceSample, Snapshot
+    from vramancer.telemetry.summary import summarize_file
+
+    snaps = [Snapshot(timestamp=float(i), phase="decode" if i > 500 else "load",
+                      devices=[DeviceSample("cuda:0", "gpu", "nvml", used_bytes=i if i != 777 else 10**6,
+                                            total_bytes=2 * 10**6)]) for i in range(1001)]
+    path = write_csv(tmp_path / "t.csv", snaps)
+    summary, report = summarize_file(path, keep=100)
+    assert 100 <= len(summary.kept) < 200 and summary.kept[0].timestamp == 0.0
+    gaps = {b.timestamp - a.timestamp for a, b in zip(summary.kept, summary.kept[1:])}
+    assert len(gaps) == 1                                   # evenly spaced
+    assert report.devices[0].peak_used_bytes == 10**6       # the peak sample itself need not be kept
+    assert [p.name for p in summary.phases] == ["load", "decode"]
+    assert main(["report", str(path), "--plot", str(tmp_path / "t.png")]) == 0
+    assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -9,7 +9,9 @@ import json
 import sys
 import time
 
-__all__ = ["configure", "main", "render_report"]
+__all__ = ["configure", "main", "render_report", "PLOT_SAMPLES"]
+
+PLOT_SAMPLES = 5000     # a chart draws at most about twice this many snapshots (more would not show)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -21,24 +23,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from ..errors import BadInputError
-    from .export import read_trace
-    from .peaks import analyse
 
     if args.top < 1:
         raise BadInputError(f"--top must be at least 1, got {args.top}")
+    from .summary import summarize_file
+
     if args.plot:   # refused before the trace is read, not after
         from .._io import check_writable
 
         check_writable(args.plot, "--plot")
-        trace = read_trace(args.file)
-        report = analyse(trace.snapshots, trace.phases)
+    # row by row: a trace of any size in bounded memory (the chart from evenly spaced samples)
+    trace, report = summarize_file(args.file, keep=PLOT_SAMPLES if args.plot else 0)
+    if args.plot:
         from .plot import plot_trace
 
-        plot_trace(trace, args.plot, report)
-    else:           # row by row: a trace of any size in bounded memory
-        from .summary import summarize_file
-
-        trace, report = summarize_file(args.file)
+        plot_trace(trace.chart_trace(), args.plot, report)
     if args.json:
         doc = report.to_dict()
         doc["trace"] = {"path": trace.path, "format": trace.format, "interval": trace.interval,
