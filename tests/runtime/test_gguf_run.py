@@ -275,13 +275,13 @@ def test_unsupported_architecture_named(tmp_path):
     assert e.value.exit_code == 2
 
 
-def test_file_that_does_not_match_its_config(files, tmp_path, tok):
-    """A tensor of the wrong shape for the architecture: one line naming it."""
+def _rewrite(src_path: Path, path: Path, change=lambda name, data: data, extra: dict | None = None) -> Path:
+    """A copy of a GGUF file (metadata and tensors) with ``change(name, data)`` applied to each
+    tensor and ``extra`` tensors added."""
     import numpy as np
 
-    src = gguf.GGUFReader(str(files["llama"]["F32"]))
-    path = tmp_path / "bad.gguf"
-    w = gguf.GGUFWriter(str(path), "llama")
+    src = gguf.GGUFReader(str(src_path))
+    w = gguf.GGUFWriter(str(path), str(src.fields["general.architecture"].contents()))
     for key, field in src.fields.items():
         if key.startswith("GGUF.") or key == "general.architecture":
             continue
@@ -295,16 +295,40 @@ def test_file_that_does_not_match_its_config(files, tmp_path, tok):
         else:
             w.add_uint32(key, int(val))
     for t in src.tensors:
-        data = np.array(t.data)
-        if t.name == "blk.0.ffn_up.weight":
-            data = data[:64]
-        w.add_tensor(str(t.name), data)
+        data = change(str(t.name), np.array(t.data))
+        w.add_tensor(str(t.name), data, raw_dtype=t.tensor_type if data.dtype == np.uint8 else None)
+    for name, data in (extra or {}).items():
+        w.add_tensor(name, data)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    return path
+
+
+def test_file_that_does_not_match_its_config(files, tmp_path):
+    """A tensor of the wrong shape for the architecture: one line naming it."""
+    path = _rewrite(files["llama"]["F32"], tmp_path / "bad.gguf",
+                    lambda name, data: data[:64] if name == "blk.0.ffn_up.weight" else data)
     with pytest.raises((CheckpointMismatchError, BadInputError), match="ffn_up"):
         _load(path)
+
+
+def test_tensors_the_model_has_no_place_for_are_left_unread(files, tmp_path, caplog):
+    """llama.cpp writes extras such as ``rope_freqs.weight`` that transformers does not load: left
+    unread (a warning names them), the model the same."""
+    import logging
+
+    import numpy as np
+
+    path = _rewrite(files["llama"]["Q8_0"], tmp_path / "extra.gguf",
+                    extra={"rope_freqs.weight": np.ones(8, dtype=np.float32)})
+    ids = _prompt()
+    with caplog.at_level(logging.WARNING, logger="vramancer.gguf"):
+        model = _load(path)
+    assert "rope_freqs.weight" in caplog.text
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, _load(files["llama"]["Q8_0"])(ids).logits)
 
 
 def test_plan_for_other_dtype_or_model_refused(files):

@@ -21,6 +21,7 @@ Resident weight memory per stage is the GGUF byte count of its tensors, which th
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
     from ...plan.plan import Plan
+
+_log = logging.getLogger("vramancer.gguf")
 
 __all__ = ["GGUFTensor", "GGUFFile", "is_gguf", "open_gguf", "gguf_model_config", "keep_quantized",
            "load_gguf_tokenizer", "compute_dtype", "plan_config", "check_plan_dtype", "loaded_note"]
@@ -270,6 +273,12 @@ def keep_quantized(model: nn.Module, gf: GGUFFile, dtype: torch.dtype) -> dict[s
         for sn in state_names:
             sources[sn] = fn
     missing = [n for n in params if n not in done]
+    if unexpected and not missing and not mismatched:
+        # as transformers loads a GGUF: tensors the model has no place for (llama.cpp's
+        # rope_freqs, ...) are left unread once every parameter has its tensor
+        _log.warning("%s: %d tensors %s does not use, left unread: %s", gf.path.name, len(unexpected),
+                     type(model).__name__, ", ".join(unexpected[:8]))
+        unexpected = []
     if missing or unexpected or mismatched:
         parts = []
         for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
