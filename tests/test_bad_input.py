@@ -260,6 +260,9 @@ CASES: list[tuple[str, dict, list[str]]] = [
     ("max-new-tokens-zero", {}, ["run", "llama-3.1-8b", "-p", "hi", "-n", "0"]),
     ("max-new-tokens-negative", {}, ["run", "llama-3.1-8b", "-p", "hi", "-n", "-1"]),
     ("chat-temperature-nan", {}, ["chat", "llama-3.1-8b", "--temperature", "nan"]),
+    ("prompt-file-huge", {"p.txt": "a" * (2**24 + 1)}, ["run", "llama-3.1-8b", "--prompt-file", "p.txt"]),
+    ("prompt-file-binary", {"p.txt": b"\xff\xfe\x00"}, ["run", "llama-3.1-8b", "--prompt-file", "p.txt"]),
+    ("prompt-file-missing", {}, ["run", "llama-3.1-8b", "--prompt-file", "none.txt"]),
     ("run-trace-missing-folder", {}, ["run", "llama-3.1-8b", "-p", "hi", "--trace", "nodir/t.csv"]),
     ("run-backing-missing", {}, ["run", "llama-3.1-8b", "-p", "hi", *D, "--backing", "cuda:9"]),
     # plan files given to run

@@ -60,7 +60,7 @@ def read_prompt(args: argparse.Namespace, stdin=None) -> str:
     if args.prompt_file is not None:
         try:
             with open(args.prompt_file, encoding="utf-8") as f:
-                return f.read()
+                return _bounded(f.read(MAX_PROMPT_CHARS + 1), f"--prompt-file {args.prompt_file}")
         except UnicodeDecodeError:
             raise BadInputError(f"--prompt-file {args.prompt_file}: not UTF-8 text") from None
         except OSError as e:
@@ -71,10 +71,23 @@ def read_prompt(args: argparse.Namespace, stdin=None) -> str:
         raise BadInputError("which prompt? give --prompt TEXT (-p), --prompt-file FILE, or pipe it in "
                             "(echo Hello | vramancer run MODEL)")
     try:
-        text = stdin.read()
+        text = _bounded(stdin.read(MAX_PROMPT_CHARS + 1), "the prompt on stdin")
     except UnicodeDecodeError:
         raise BadInputError("the prompt on stdin is not UTF-8 text") from None
     return text.removesuffix("\n")
+
+
+# more text than any context holds: refused after reading this much (``--prompt-file /dev/zero``,
+# an endless pipe), never read on without end
+MAX_PROMPT_CHARS = 1 << 24
+
+
+def _bounded(text: str, what: str) -> str:
+    from ...errors import BadInputError
+
+    if len(text) > MAX_PROMPT_CHARS:
+        raise BadInputError(f"{what}: more than {MAX_PROMPT_CHARS} characters (no model's context holds it)")
+    return text
 
 
 def main(args: argparse.Namespace) -> int:
