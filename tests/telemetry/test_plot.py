@@ -104,6 +104,9 @@ def test_a_card_barely_used_is_drawn_in_mib_against_its_data():
     assert 219.0 < panel.axes.get_ylim()[1] < 260.0
     assert panel.totals_drawn == [] and panel.axes.get_ylabel() == "MiB"
     _check_labels(chart)
+    tiny = [Snapshot(T0 + i, [DeviceSample("sim", "sim", "simulated", 1000 * (i + 1), 24 * GiB)]) for i in range(5)]
+    (panel,) = render_trace(Trace(tiny, [], [], 1.0, path="tiny.json")).panels
+    assert panel.unit == "KiB" and panel.data_top == pytest.approx(5000 / 1024)
 
 
 def test_forty_phases_keep_their_labels_apart():

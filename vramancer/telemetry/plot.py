@@ -5,8 +5,8 @@ so host RAM does not flatten the GPU lines. matplotlib's Agg canvas, no pyplot, 
 What keeps it readable:
   - the y axis fits the data (a card used at 1 % is not drawn against its full 24 GiB); a card's
     capacity is the dashed line of its colour, in the legend, drawn when it is near the data
-    (within 2x of it) and said "off the chart" in the legend otherwise; MiB when a panel stays
-    under 1 GiB;
+    (within 2x of it) and said "off the chart" in the legend otherwise; MiB (KiB) when a panel
+    stays under 1 GiB (1 MiB);
   - the device legend sits outside the plot, right of it; phase names are in the legend below
     and written on a band only where they fit without touching another label (rows staggered);
   - peak labels are placed where they stay inside the axes and touch no other label.
@@ -32,6 +32,7 @@ _PANELS = (("GPU memory in use", lambda src: src not in HOST_SOURCES and src != 
            ("host RAM in use", lambda src: src in HOST_SOURCES))
 _PHASE_ROWS = 3            # staggered rows of phase labels at the top of a panel
 _ROW_HEIGHT = 0.075        # of the axes height, per row
+_UNITS = (("GiB", GiB), ("MiB", MiB), ("KiB", 1024))   # a panel counts in the largest its data reaches
 _TOTAL_NEAR = 2.0          # a capacity line is drawn when it is at most this many times the data's top
 
 
@@ -42,7 +43,7 @@ class ChartPanel:
     title: str
     devices: list[str]
     axes: Any
-    unit: str                                   # "GiB" | "MiB"
+    unit: str                                   # "GiB" | "MiB" | "KiB"
     unit_bytes: int
     data_top: float                             # largest used value drawn, in ``unit``
     totals_drawn: list[str] = field(default_factory=list)     # devices whose dashed capacity line shows
@@ -98,7 +99,7 @@ def render_trace(trace: Trace, report: PeakReport | None = None, title: str | No
     panels: list[ChartPanel] = []
     for ax, (panel_title, devs) in zip(axes, groups, strict=True):
         top_bytes = max((max(series[d][3]) for d in devs if series[d][3]), default=0)
-        unit, unit_bytes = ("MiB", MiB) if top_bytes < GiB else ("GiB", GiB)
+        unit, unit_bytes = next(((u, b) for u, b in _UNITS if top_bytes >= b), _UNITS[-1])
         panel = ChartPanel(panel_title, devs, ax, unit, unit_bytes, top_bytes / unit_bytes)
         panels.append(panel)
         handles: list[Any] = []
