@@ -159,6 +159,8 @@ BAD_EDITS = {
     "buffer without stages": (lambda d: d["stream_buffers"].append({"device": "ghost", "buffer_bytes": 1,
                                                                      "stages": []}), "stages"),
     "negative buffer": (_set("stream_buffers.0.buffer_bytes", -5), "outside"),
+    "buffer too small": (_set("stream_buffers.0.buffer_bytes", 2**30), "two slots of the largest"),
+    "buffer beyond its device": (_set("stream_buffers.0.buffer_bytes", 2**61), "two slots of the largest"),
     "unknown dtype": (_set("workload.dtype", "float7"), "unknown dtype"),
     "zero context": (_set("workload.context", 0), "outside"),
     "objective": (_set("workload.objective", "fast"), "not one of"),

@@ -146,3 +146,19 @@ def test_disk_only_run_from_the_command_line(tmp_path):
                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     assert got == want[0, ids["input_ids"].shape[-1]:].tolist()
     assert doc["memory"]["stream_buffers"][0]["buffer_bytes"] == doc["plan"]["stream_buffers"][0]["buffer_bytes"]
+
+
+def test_plan_for_devices_this_machine_lacks_is_refused(saved_models):
+    from dataclasses import replace
+
+    from vramancer.errors import BadInputError
+    from vramancer.runtime.loader import load
+
+    folder = saved_models["llama"]
+    plan = make_plan(folder, 2)
+    plan.devices[1] = replace(plan.devices[1], torch_device="cuda:63")
+    plan.stages[1] = replace(plan.stages[1], torch_device="cuda:63")
+    plan.validate()                                  # a well-formed plan, made for another machine
+    with pytest.raises(BadInputError) as e:
+        load(str(folder), plan=plan)
+    assert "stage 1 on cuda:63" in str(e.value) and "\n" not in str(e.value)

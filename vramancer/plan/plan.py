@@ -386,6 +386,12 @@ class Plan:
             if not buf.stages or list(buf.stages) != streaming.get(buf.device, []):
                 raise bad(f"stream_buffers[{j}].stages: {list(buf.stages)}, but the stages streamed to "
                           f"{buf.device} are {streaming.get(buf.device, [])}")
+            # two slots, each at least the largest block streamed through it; no more than its device has
+            need = 2 * max(self.blocks[b].streamed_bytes for i in buf.stages for b in range(*self.stages[i].blocks))
+            room = devs[buf.device].free_bytes if buf.device in devs else None
+            if buf.buffer_bytes < need or (room is not None and buf.buffer_bytes > room):
+                raise bad(f"stream_buffers[{j}].buffer_bytes: {buf.buffer_bytes}, but two slots of the largest "
+                          f"block streamed through it take {need}" + (f" and {buf.device} has {room}" if room else ""))
         missing = [d for d in streaming if d not in seen]
         if missing:
             raise bad(f"stream_buffers: none on {missing[0]}, which stages stream to")

@@ -32,9 +32,10 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from ..errors import (
     BadInputError,
@@ -55,14 +56,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from .split import SplitRuntime
 
 __all__ = ["load", "load_module", "load_folder", "build_empty_model", "model_class", "torch_dtype",
-           "weights_folder", "check_identity", "load_gguf"]
+           "weights_folder", "check_identity", "check_torch_devices", "load_gguf"]
 
 _FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 _log = logging.getLogger("vramancer.loader")
 _LIST_MAX = 12
 
 
-def torch_dtype(name: str) -> "torch.dtype":
+def torch_dtype(name: str) -> torch.dtype:
     """"bfloat16" / "bf16" -> torch.bfloat16; quantized names are refused (the runtime runs float weights)."""
     import torch
 
@@ -116,7 +117,7 @@ def model_class(config: Any) -> type:
     raise UnknownModelError(f"transformers has no model class for {getattr(config, 'model_type', '?')}")
 
 
-def build_empty_model(config: Any, dtype: "torch.dtype") -> "nn.Module":
+def build_empty_model(config: Any, dtype: torch.dtype) -> nn.Module:
     """The model of ``config`` with parameters on ``meta`` (no memory) and buffers computed on the
     CPU, tied weights tied, in eval mode."""
     from accelerate import init_empty_weights
@@ -130,7 +131,7 @@ def build_empty_model(config: Any, dtype: "torch.dtype") -> "nn.Module":
     return model
 
 
-def check_identity(plan: "Plan", config: dict | None, model_name: str) -> None:
+def check_identity(plan: Plan, config: dict | None, model_name: str) -> None:
     """Refuse (BadInputError, one line) a plan made for another model: the hash of the model's
     config must be the plan's. Plans of models without a config (plain nn.Modules) are checked by
     their module names instead (``layout_from_plan``)."""
@@ -160,7 +161,7 @@ def _ignored(name: str, patterns: Any) -> bool:
     return any(re.search(p, name) for p in (patterns or ()))
 
 
-def _ignore_patterns(model: "nn.Module") -> tuple[list[str], list[str]]:
+def _ignore_patterns(model: nn.Module) -> tuple[list[str], list[str]]:
     """(unexpected, missing) patterns exactly as ``from_pretrained`` applies them: the class's
     ``_keys_to_ignore_on_load_*`` plus its generic rules for legacy persistent buffers
     (``rotary_emb.inv_freq`` and ``position_ids`` when the model now has such buffers)."""
@@ -180,7 +181,7 @@ def _listing(names: list[str]) -> str:
     return ", ".join(names[:_LIST_MAX]) + more
 
 
-def _checkpoint_sources(model: "nn.Module", ckpt: "Checkpoint") -> dict[str, _Source]:
+def _checkpoint_sources(model: nn.Module, ckpt: Checkpoint) -> dict[str, _Source]:
     """Model state name -> source, with transformers' conversion mapping; raises
     CheckpointMismatchError listing missing, unexpected and mis-shaped tensors."""
     from transformers.conversion_mapping import get_model_conversion_mapping
@@ -255,8 +256,8 @@ def _checkpoint_sources(model: "nn.Module", ckpt: "Checkpoint") -> dict[str, _So
 class _Placer:
     """Puts every tensor of ``model`` where its stage wants it, and builds the SplitRuntime."""
 
-    def __init__(self, model: "nn.Module", plan: "Plan", layout: "StageLayout", sources: dict[str, _Source],
-                 ckpt: "Checkpoint | None", offload_dir: str | None):
+    def __init__(self, model: nn.Module, plan: Plan, layout: StageLayout, sources: dict[str, _Source],
+                 ckpt: Checkpoint | None, offload_dir: str | None):
         import torch
 
         self.model = model
@@ -289,7 +290,7 @@ class _Placer:
         self.converted: dict[int, dict] = {}                 # id(convert fn) -> its outputs, while needed
 
     # -- reading ----------------------------------------------------------------------------
-    def _staging(self, nbytes: int, pinned: bool) -> "torch.Tensor":
+    def _staging(self, nbytes: int, pinned: bool) -> torch.Tensor:
         import torch
 
         if self.staging is None or self.staging.numel() < nbytes or (pinned and not self.staging.is_pinned()):
@@ -298,7 +299,7 @@ class _Placer:
             self.staging = torch.empty(size, dtype=torch.uint8, pin_memory=pinned)
         return self.staging
 
-    def _produce(self, name: str, src: _Source) -> "torch.Tensor":
+    def _produce(self, name: str, src: _Source) -> torch.Tensor:
         """The tensor for ``name`` as a CPU (or source-device) tensor, for conversions and copies."""
         if src.tensor is not None:
             return src.tensor
@@ -312,8 +313,8 @@ class _Placer:
             return out[name]
         return self.ckpt.read(src.key)
 
-    def _materialize(self, name: str, src: _Source, meta: "torch.Tensor", device: "torch.device",
-                     pinned: bool) -> "torch.Tensor":
+    def _materialize(self, name: str, src: _Source, meta: torch.Tensor, device: torch.device,
+                     pinned: bool) -> torch.Tensor:
         import torch
 
         dtype = meta.dtype if meta.is_floating_point() else None
@@ -409,7 +410,7 @@ class _Placer:
             raise CheckpointMismatchError(f"no weights for {len(empty)} parameters: {_listing(empty)}",
                                           missing=empty)
 
-    def _to_cpu(self, name: str, src: _Source, meta: "torch.Tensor") -> "torch.Tensor":
+    def _to_cpu(self, name: str, src: _Source, meta: torch.Tensor) -> torch.Tensor:
         """One tensor for the offload file; a conversion's outputs are not kept past it."""
         import torch
 
@@ -438,7 +439,6 @@ class _Placer:
 
         if self.offload_dir is None:  # under the cache folder: /tmp may be RAM (tmpfs), defeating the disk tier
             from .._paths import cache_dir
-
             from .scratch import make_offload_dir
 
             # removed at detach, on a failed load, at exit, on SIGTERM; a killed run's at the next start
@@ -455,7 +455,7 @@ class _Placer:
         for n, _, _, _ in specs:
             self.disk[n] = (ck, n)
 
-    def _assign(self, names: list[str], t: "torch.Tensor") -> None:
+    def _assign(self, names: list[str], t: torch.Tensor) -> None:
         """Point every name in ``names`` at ``t`` (one Parameter object: ties stay ties)."""
         from torch import nn
 
@@ -470,7 +470,7 @@ class _Placer:
                 setattr(owner, attr, t)
 
     # -- runtime ------------------------------------------------------------------------------
-    def build_runtime(self) -> "SplitRuntime":
+    def build_runtime(self) -> SplitRuntime:
         import torch
         from torch import nn
 
@@ -546,13 +546,32 @@ class _Placer:
             device=dev, stage=self.stage_now)
 
 
-def compute_torch_device(plan: "Plan", device_id: str | None) -> str:
+def compute_torch_device(plan: Plan, device_id: str | None) -> str:
     """The torch device behind plan device ``device_id`` (``HOST_COMPUTE``, the host, is "cpu")."""
     dev = next((d for d in plan.devices if d.id == device_id), None)
     return dev.torch_device if dev is not None else "cpu"
 
 
-def _torch_device(name: str) -> "torch.device":
+def check_torch_devices(plan: Plan) -> None:
+    """Refuse (one line) a plan whose stages live or run on torch devices this machine lacks (a plan
+    made on another machine, or edited): before anything is built or read."""
+    import torch
+
+    for i, st in enumerate(plan.stages):
+        for name in dict.fromkeys((st.torch_device, compute_torch_device(plan, st.compute_device))):
+            try:
+                d = torch.device(name)
+            except RuntimeError:
+                raise BadInputError(f"plan stage {i}: {name!r} is not a torch device") from None
+            there = (d.type == "cpu"
+                     or (d.type == "cuda" and torch.cuda.is_available() and (d.index or 0) < torch.cuda.device_count())
+                     or (d.type == "mps" and torch.backends.mps.is_available()))
+            if not there:
+                raise BadInputError(f"the plan puts stage {i} on {name}, which this machine does not have; "
+                                    "plan again here (or --backing to run simulated devices elsewhere)")
+
+
+def _torch_device(name: str) -> torch.device:
     import torch
 
     d = torch.device(name)
@@ -561,28 +580,29 @@ def _torch_device(name: str) -> "torch.device":
     return d
 
 
-def _owner(model: "nn.Module", name: str) -> tuple["nn.Module", str]:
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     path, _, attr = name.rpartition(".")
     return (model.get_submodule(path) if path else model), attr
 
 
-def _is_param(model: "nn.Module", name: str) -> bool:
+def _is_param(model: nn.Module, name: str) -> bool:
     owner, attr = _owner(model, name)
     return attr in owner._parameters
 
 
-def _stored_dtype(ckpt: "Checkpoint", key: str) -> "torch.dtype":
+def _stored_dtype(ckpt: Checkpoint, key: str) -> torch.dtype:
     from .checkpoint import torch_dtype_of
 
     return torch_dtype_of(ckpt.info(key).dtype)
 
 
-def _place(model: "nn.Module", plan: "Plan", sources: dict[str, _Source],
-           ckpt: "Checkpoint | None", offload_dir: str | None, free_on_error: bool) -> "nn.Module":
+def _place(model: nn.Module, plan: Plan, sources: dict[str, _Source],
+           ckpt: Checkpoint | None, offload_dir: str | None, free_on_error: bool) -> nn.Module:
     import torch
 
     from .layout import layout_from_plan, stage_layout
 
+    check_torch_devices(plan)
     layout = stage_layout(model, layout_from_plan(plan, model), plan)
     placer = _Placer(model, plan, layout, sources, ckpt, offload_dir)
     try:
@@ -611,8 +631,8 @@ def _place(model: "nn.Module", plan: "Plan", sources: dict[str, _Source],
 
 
 # ------------------------------------------------------------------------------------------------
-def load_folder(folder: str | os.PathLike, plan: "Plan", dtype: str | None = None,
-                offload_dir: str | None = None, model_ref: Any = None) -> "nn.Module":
+def load_folder(folder: str | os.PathLike, plan: Plan, dtype: str | None = None,
+                offload_dir: str | None = None, model_ref: Any = None) -> nn.Module:
     """Build the model of ``folder`` on meta and load its checkpoint per ``plan``."""
     from transformers import AutoConfig
 
@@ -643,8 +663,8 @@ def load_folder(folder: str | os.PathLike, plan: "Plan", dtype: str | None = Non
     return _place(model, plan, sources, ckpt, offload_dir, free_on_error=True)
 
 
-def load_module(module: "nn.Module", devices: Any = "auto", plan: "Plan | None" = None,
-                offload_dir: str | None = None, **plan_kwargs: Any) -> "nn.Module":
+def load_module(module: nn.Module, devices: Any = "auto", plan: Plan | None = None,
+                offload_dir: str | None = None, **plan_kwargs: Any) -> nn.Module:
     """Split an already built module in place per ``plan`` (made here when not given)."""
     if plan is None:
         from ..plan.planner import plan as make_plan
@@ -659,8 +679,8 @@ def load_module(module: "nn.Module", devices: Any = "auto", plan: "Plan | None" 
     return _place(module, plan, sources, None, offload_dir, free_on_error=False)
 
 
-def load_gguf(path: str | os.PathLike, plan: "Plan", dtype: str | None = None,
-              offload_dir: str | None = None) -> "nn.Module":
+def load_gguf(path: str | os.PathLike, plan: Plan, dtype: str | None = None,
+              offload_dir: str | None = None) -> nn.Module:
     """Build the model of the GGUF file ``path`` on meta with its weights kept as GGUF blocks
     (runtime/gguf/) and load it per ``plan``. ``dtype``: the compute dtype the blocks are
     dequantized to (default: float32 on CPUs, bfloat16 when a stage runs on a GPU)."""
@@ -687,8 +707,8 @@ def load_gguf(path: str | os.PathLike, plan: "Plan", dtype: str | None = None,
     return model
 
 
-def load(model: Any, devices: Any = "auto", plan: "Plan | None" = None, *, dtype: str | None = None,
-         offload_dir: str | None = None, **plan_kwargs: Any) -> "nn.Module":
+def load(model: Any, devices: Any = "auto", plan: Plan | None = None, *, dtype: str | None = None,
+         offload_dir: str | None = None, **plan_kwargs: Any) -> nn.Module:
     """Load ``model`` (a transformers folder, a name the resolver finds locally, or an nn.Module) split
     over ``devices`` per ``plan`` (planned here with ``plan_kwargs`` when not given). The result keeps
     the transformers interface and carries the runtime as ``model.vramancer``."""
