@@ -261,7 +261,8 @@ def layer_windows(model_type: str, config: dict, num_layers: int, defaults: dict
     if not types:
         mwl = c.get("max_window_layers", 28)
         if model_type in ("qwen2", "qwen3"):
-            types = ["sliding_attention" if sw is not None and i >= mwl else "full_attention" for i in range(num_layers)]
+            types = ["sliding_attention" if sw is not None and i >= mwl else "full_attention"
+                     for i in range(num_layers)]
         elif model_type == "qwen2_moe":
             types = ["sliding_attention" if (i + 1) % 2 and i < mwl and sw else "full_attention"
                      for i in range(num_layers)]
@@ -314,7 +315,7 @@ def _llama_family(spec: ArchSpec, c: _Cfg) -> ArchLayout:
     if heads % kvh:
         raise MalformedCheckpointError(f"{c.origin}: num_key_value_heads ({kvh}) must divide "
                                        f"num_attention_heads ({heads})")
-    if not c.has_value("head_dim") and not spec.head_dim_default and H < heads:
+    if not c.has_value("head_dim") and not spec.head_dim_default and heads > H:
         raise MalformedCheckpointError(f"{c.origin}: hidden_size ({H}) is smaller than num_attention_heads "
                                        f"({heads}): no head_dim")
     hd = c.int("head_dim", spec.head_dim_default or H // heads)
@@ -376,7 +377,8 @@ def _llama_family(spec: ArchSpec, c: _Cfg) -> ArchLayout:
                 t += [TensorSpec(f"{m}.gate_proj.weight", (I, H)), TensorSpec(f"{m}.up_proj.weight", (I, H))]
             t.append(TensorSpec(f"{m}.down_proj.weight", (H, I)))
             if mlp_bias and not spec.fused:
-                t += [TensorSpec(f"{m}.gate_proj.bias", (I,), "vector"), TensorSpec(f"{m}.up_proj.bias", (I,), "vector"),
+                t += [TensorSpec(f"{m}.gate_proj.bias", (I,), "vector"),
+                      TensorSpec(f"{m}.up_proj.bias", (I,), "vector"),
                       TensorSpec(f"{m}.down_proj.bias", (H,), "vector")]
             mlp_act = 3 * I
         norms = ["input_layernorm", "post_attention_layernorm"]
@@ -462,8 +464,10 @@ def _gpt_neox(spec: ArchSpec, c: _Cfg) -> ArchLayout:
         t.append(TensorSpec(f"{p}.attention.dense.weight", (H, H)))
         if bias:
             t.append(TensorSpec(f"{p}.attention.dense.bias", (H,), "vector"))
-        t += [TensorSpec(f"{p}.mlp.dense_h_to_4h.weight", (I, H)), TensorSpec(f"{p}.mlp.dense_h_to_4h.bias", (I,), "vector"),
-              TensorSpec(f"{p}.mlp.dense_4h_to_h.weight", (H, I)), TensorSpec(f"{p}.mlp.dense_4h_to_h.bias", (H,), "vector")]
+        t += [TensorSpec(f"{p}.mlp.dense_h_to_4h.weight", (I, H)),
+              TensorSpec(f"{p}.mlp.dense_h_to_4h.bias", (I,), "vector"),
+              TensorSpec(f"{p}.mlp.dense_4h_to_h.weight", (H, I)),
+              TensorSpec(f"{p}.mlp.dense_4h_to_h.bias", (H,), "vector")]
         layers.append(BlockLayout(p, [p], t, kv_elems_per_token=2 * H,
                                   act_elems_per_token=2 * H + 3 * H + H + H + 2 * I,
                                   score_heads=heads, attn_flops_per_token_per_ctx=4.0 * heads * hd))
@@ -474,7 +478,8 @@ def _gpt_neox(spec: ArchSpec, c: _Cfg) -> ArchLayout:
 def _bert(spec: ArchSpec, c: _Cfg) -> ArchLayout:
     """BertModel (AutoModel): no KV cache (an encoder), no LM head; the pooler is the last block."""
     H, L, heads = c.int("hidden_size"), c.int("num_hidden_layers"), c.int("num_attention_heads")
-    V, I, P, T = c.int("vocab_size"), c.int("intermediate_size"), c.int("max_position_embeddings"), c.int("type_vocab_size")
+    V, I = c.int("vocab_size"), c.int("intermediate_size")
+    P, T = c.int("max_position_embeddings"), c.int("type_vocab_size")
     hd = _heads_divide(c, H, heads)
     e = "embeddings"
     b0 = BlockLayout(e, [e], [TensorSpec(f"{e}.word_embeddings.weight", (V, H), "embed"),
@@ -486,7 +491,7 @@ def _bert(spec: ArchSpec, c: _Cfg) -> ArchLayout:
     for i in range(L):
         p = f"encoder.layer.{i}"
 
-        def lin(n: str, o: int, i_: int) -> list[TensorSpec]:
+        def lin(n: str, o: int, i_: int, p: str = p) -> list[TensorSpec]:
             return [TensorSpec(f"{p}.{n}.weight", (o, i_)), TensorSpec(f"{p}.{n}.bias", (o,), "vector")]
 
         t = (lin("attention.self.query", H, H) + lin("attention.self.key", H, H) + lin("attention.self.value", H, H)

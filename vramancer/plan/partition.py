@@ -55,7 +55,8 @@ def _signature(d: Device) -> tuple:
 def candidate_orders(devices: list[Device], max_orders: int = MAX_ORDERS) -> list[list[int]]:
     """Device index orders to try: GPUs permuted (identical GPUs not swapped), then cpu, then disk."""
     gpus = [i for i, d in enumerate(devices) if d.kind == "gpu"]
-    tail = [i for i, d in enumerate(devices) if d.kind == "cpu"] + [i for i, d in enumerate(devices) if d.kind == "disk"]
+    tail = ([i for i, d in enumerate(devices) if d.kind == "cpu"]
+            + [i for i, d in enumerate(devices) if d.kind == "disk"])
 
     def speed(i: int) -> float:
         return devices[i].bandwidth_bytes_per_s

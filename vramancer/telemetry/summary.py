@@ -82,8 +82,8 @@ def summarize_file(path: str | Path, keep: int = 0) -> tuple[TraceSummary, PeakR
     start = end = last = None
     gaps = set()
     kept: list[Snapshot] = []
-    stride, index = 1, 0
-    for snap in iter_csv_snapshots(p):
+    stride = 1
+    for index, snap in enumerate(iter_csv_snapshots(p)):
         t = snap.timestamp
         if last is not None and t < last:       # out of time order: the exact, whole-file way
             trace = read_csv(p)
@@ -99,7 +99,6 @@ def summarize_file(path: str | Path, keep: int = 0) -> tuple[TraceSummary, PeakR
             if len(kept) >= 2 * keep:       # halve: every other kept one, twice the stride
                 kept = kept[::2]
                 stride *= 2
-        index += 1
         tracker.add(snap)          # its own phase counts; in time order no other interval holds t
         _gaps(gaps, snap.missing)
         if snap.phase != name:     # the runs phases_from_rows makes, as they come
