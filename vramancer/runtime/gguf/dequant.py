@@ -151,7 +151,7 @@ def _q4_1(b: torch.Tensor) -> torch.Tensor:
 def _q5(b: torch.Tensor, at: int) -> torch.Tensor:
     """The 5-bit values of a Q5_0 / Q5_1 block whose qh starts at byte ``at``: uint8 [n, 32]."""
     n = b.shape[0]
-    hi = _bits(b[:, at:at + 4], 4).permute(0, 1, 3, 2).reshape(n, 32)  # bit j of byte i -> value 8i+j
+    hi = _bits(b[:, at:at + 4], 1).reshape(n, 32)        # bit j of byte i (a little-endian u32) -> value 8i+j
     lo = _split_bits(b[:, at + 4:], 16, (0, 4), 0x0F).reshape(n, 32)
     return lo.bitwise_or_(hi.bitwise_left_shift_(4))
 
