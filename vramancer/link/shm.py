@@ -52,21 +52,38 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-# segments this process created and has not unlinked yet (filled at run time, never at import)
-_MADE_HERE: set[str] = set()
+def _untrack(seg: shared_memory.SharedMemory) -> None:
+    """Python < 3.13 registers every segment, made or mapped, with the resource tracker (shared by
+    a parent and its multiprocessing children), which unlinks or complains at exit. The Link owns
+    its segments' lifetime (the creator unlinks right after the peer mapped it): unregister at once."""
+    if sys.version_info < (3, 13):
+        from multiprocessing import resource_tracker
+
+        resource_tracker.unregister(seg._name, "shared_memory")  # noqa: SLF001
+
+
+def _create(size: int) -> shared_memory.SharedMemory:
+    if sys.version_info >= (3, 13):
+        return shared_memory.SharedMemory(create=True, size=size, track=False)
+    seg = shared_memory.SharedMemory(create=True, size=size)
+    _untrack(seg)
+    return seg
+
+
+def _unlink(seg: shared_memory.SharedMemory) -> None:
+    if sys.version_info >= (3, 13):
+        seg.unlink()
+    else:  # SharedMemory.unlink would unregister a second time
+        from multiprocessing import shared_memory as _sm
+
+        _sm._posixshmem.shm_unlink(seg._name)  # noqa: SLF001
 
 
 def _attach(name: str) -> shared_memory.SharedMemory:
     if sys.version_info >= (3, 13):
         return shared_memory.SharedMemory(name=name, track=False)
     seg = shared_memory.SharedMemory(name=name)
-    # Python < 3.13 registers attached segments with the resource tracker, which would unlink the
-    # creator's segment when this process exits: the creator owns it.
-    # (unless this very process made it: then the creator's own unlink unregisters it).
-    if seg._name not in _MADE_HERE:  # noqa: SLF001
-        from multiprocessing import resource_tracker
-
-        resource_tracker.unregister(seg._name, "shared_memory")  # noqa: SLF001
+    _untrack(seg)
     return seg
 
 
@@ -82,16 +99,14 @@ class _Pipe:
 
 
 def _offer(sock: socket.socket, slots: int, slot_bytes: int) -> shared_memory.SharedMemory:
-    seg = shared_memory.SharedMemory(create=True, size=slots * slot_bytes)
+    seg = _create(slots * slot_bytes)
     name = seg.name.encode()
-    _MADE_HERE.add(seg._name)  # noqa: SLF001
     try:
         sock.sendall(_SEG.pack(b"VRMS", slots, slot_bytes, len(name)) + name)
         if _recv_exact(sock, 1) != b"\x01":
             raise LinkError("shm: peer did not map the segment")
     finally:
-        seg.unlink()
-        _MADE_HERE.discard(seg._name)  # noqa: SLF001
+        _unlink(seg)
     return seg
 
 
@@ -185,12 +200,11 @@ class ShmConnection(Connection):
             if n:
                 mv[:] = buf[off:off + n]
             off += n
+        self.reader.accept(head)
         try:
             self.rx.sock.sendall(_ACK.pack(b"VRMA", slot))
-        except OSError as e:
+        except OSError:  # the peer is gone after sending: this frame is whole, the next call says so
             self.close()
-            raise LinkError(f"link shm: ack failed: {e}") from None
-        self.reader.accept(head)
         self.bytes_received += head.payload_bytes
         return Frame(head.frame_type, head.stream_id, head.seq, descs, objs)
 
