@@ -95,8 +95,9 @@ def _reserve(devices: list[Device], reserve_bytes: int | str | None) -> dict[str
 class _Planner:
     """One planning problem. ``offload_mode`` fixes how offloaded blocks are costed ("execute",
     "stream", or None for the faster of the two per block); ``staging_bytes`` is kept free, while
-    searching, on the GPU that computes streamed blocks (its double buffer). ``capacity`` is what
-    each device holds after its reserve; the staging is accounted on the GPU's stage itself."""
+    searching, on the GPU that computes streamed blocks (its stream buffer). ``capacity`` is what
+    each device holds after its reserve; the plan's stream buffers (``_stage_runs``) are counted on
+    their devices next to the stages there."""
 
     def __init__(self, profile: ModelProfile, devices: list[Device], workload: Workload,
                  reserve: dict[str, int], offload_mode: str | None = None, staging_bytes: int = 0):

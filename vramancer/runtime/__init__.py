@@ -2,11 +2,16 @@
 
     loader.py      load(model, devices, plan) -> the model split and ready (``model.vramancer``)
     checkpoint.py  safetensors files read tensor by tensor into memory we own (pread, no full copy)
-    layout.py      blocks (module prefixes from the profile) mapped onto the plan's stages
+    layout.py      the plan's blocks (module prefixes) mapped onto its stages, checked against the model
     split.py       SplitRuntime (hooks, attach / detach, memory report) and RuntimeStage
     boundary.py    moving activations and shared layer inputs at stage boundaries only
-    stream.py      streamed offload: two slots, prefetch on a side stream / worker thread
-    memory.py      measured bytes per stage next to the plan's
+    stream.py      streamed offload: the plan's stream buffer (two slots), prefetch on a side stream
+    memory.py      stage_bytes: what each stage and stream buffer holds, counted once (memory report,
+                   live view); the memory report next to the plan's figures
+    telemetry_feed.py  those bytes as samples of the plan's simulated devices (run --monitor)
+
+The runtime reads only the Plan (docs/architecture.md): module prefixes per block, each stage's mode
+and compute device, the stream buffers; it never profiles the model itself.
     generate.py    generation with streamed text, prefill / decode speed, OOM naming the stage
     demo_model.py  the demo's small Llama and tokenizer, built offline
     commands/      `vramancer run`, `chat`, `demo`
