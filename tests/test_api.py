@@ -10,7 +10,7 @@ import vramancer
 
 def test_public_api_is_pinned():
     assert sorted(vramancer.__all__) == sorted([
-        "__version__", "parse_devices", "profile", "plan", "load", "track",
+        "__version__", "parse_devices", "profile", "plan", "load", "load_pipeline", "track",
         "Device", "ModelProfile", "BlockProfile", "Plan", "Stage", "Workload",
         "VramancerError", "BadInputError", "UnknownModelError", "MalformedCheckpointError", "DeviceSpecError",
         "WorkloadError", "DoesNotFitError", "CheckpointMismatchError", "DeviceOutOfMemoryError", "TraceFileError",

@@ -39,6 +39,7 @@ __all__ = [
     "profile",
     "plan",
     "load",
+    "load_pipeline",
     "track",
     "Device",
     "ModelProfile",
@@ -92,6 +93,17 @@ def load(model: Any, devices: Any = "auto", plan: Plan | None = None, **plan_kwa
     from .runtime.loader import load as _load
 
     return _load(model, devices=devices, plan=plan, **plan_kwargs)
+
+
+def load_pipeline(model: Any, devices: Any = "auto", height: int = 1024, width: int = 1024,
+                  plan: Plan | None = None, **kwargs: Any) -> Any:
+    """Load a diffusers pipeline (folder with model_index.json, or a single-file checkpoint with
+    ``config=``) with its components placed by ``plan`` (made here for ``devices`` and the image size
+    when not given) and its denoiser split over its stages; use it as diffusers users do:
+    ``pipe(prompt, num_inference_steps=..., generator=...)``. See vramancer.runtime.pipeline."""
+    from .runtime.pipeline import load_pipeline as _load_pipeline
+
+    return _load_pipeline(model, devices=devices, height=height, width=width, plan=plan, **kwargs)
 
 
 def track(interval: float = 1.0, **kwargs: Any) -> "Recorder":

@@ -45,7 +45,7 @@ from .catalog import CatalogModel, DiffusionBlock
 from .dtypes import DType, resolve_dtype
 from .profile import BlockProfile, ModelProfile
 
-__all__ = ["diffusion_profile", "FLUX_TEXT_TOKENS", "SDXL_TEXT_TOKENS", "PIXELS_PER_TOKEN_SIDE"]
+__all__ = ["diffusion_profile", "denoiser_blocks", "FLUX_TEXT_TOKENS", "SDXL_TEXT_TOKENS", "PIXELS_PER_TOKEN_SIDE"]
 
 PIXELS_PER_TOKEN_SIDE = 16   # one image token = a 16 x 16 pixel patch
 FLUX_TEXT_TOKENS = 512       # FLUX.1-dev's T5 max_sequence_length
@@ -198,3 +198,39 @@ def diffusion_profile(entry: CatalogModel, dtype: str | None = None, image_token
             "no KV cache; every weight is read once per denoising step",
         ],
     )
+
+
+def _joint_blocks(cfg: dict[str, Any], blocks: tuple[DiffusionBlock, ...] | list, dt: DType, d: int,
+                  heads: int) -> list[BlockProfile]:
+    """A joint-attention transformer (SD3's MMDiT, or any DiT): every listed block as a Flux
+    double-stream block (``max(11, 2 + 2r) d`` per token, r = 4), embed / final as Flux's."""
+    r = _FLUX_MLP_RATIO
+    in_ch = int(cfg.get("in_channels") or 16) * int(cfg.get("patch_size") or 1) ** 2
+    linear = 4 * d * d + 4 * d + 2 * r * d * d + (r + 1) * d
+    out: list[BlockProfile] = []
+    for name, modules, params in blocks:
+        if name == "embed":
+            out.append(_block(name, modules, params, dt, act_elems=in_ch + d, flops=2 * (in_ch * d + d)))
+        elif name == "final":
+            out.append(_block(name, modules, params, dt, act_elems=2 * d + in_ch, flops=2 * (d * in_ch + in_ch)))
+        else:
+            out.append(_block(name, modules, params, dt, act_elems=max(11, 2 + 2 * r) * d, flops=2 * linear,
+                              heads=heads, attn_flops_per_pair=4 * d))
+    return out
+
+
+def denoiser_blocks(arch: str, cfg: dict[str, Any], blocks: list, dt: DType, text_tokens: int = 0,
+                    hidden: int = 0, image_tokens: int = 4096) -> list[BlockProfile]:
+    """Block profiles of any denoiser with the formulas above: ``blocks`` are (name, module
+    prefixes, params) in run order (names "embed", "<list>.<i>", "mid_block", "final"). UNet2D and
+    Flux use their own formulas; SD3 and any other transformer the joint-attention block; a model
+    whose config gives no width uses ``hidden`` (its widest norm, for single-file checkpoints)."""
+    blocks = [tuple(b) for b in blocks]
+    if arch == "UNet2DConditionModel" and "block_out_channels" in cfg:
+        return _unet_blocks(cfg, blocks, dt)
+    if arch == "FluxTransformer2DModel" and "joint_attention_dim" in cfg:
+        return _flux_blocks(cfg, blocks, dt, image_tokens)
+    heads = int(cfg.get("num_attention_heads") or 0)
+    d = heads * int(cfg.get("attention_head_dim") or 0) if heads else 0
+    d = d or hidden or 1
+    return _joint_blocks(cfg, blocks, dt, d, heads or max(1, d // 64))

@@ -16,7 +16,7 @@ from ..errors import BadInputError
 from ._fields import FieldReader
 
 __all__ = ["PLAN_SCHEMA", "Workload", "Stage", "Plan", "PlanBlock", "Prediction", "StreamBuffer",
-           "ModelIdentity", "HOST_COMPUTE", "config_sha256"]
+           "ModelIdentity", "HOST_COMPUTE", "config_sha256", "ComponentPlacement", "PhasePeak", "ImagePrediction"]
 
 PLAN_SCHEMA = 2
 Objective = Literal["latency", "throughput"]
@@ -140,6 +140,59 @@ class StreamBuffer:
         return {"device": self.device, "buffer_bytes": self.buffer_bytes, "stages": list(self.stages)}
 
 
+@dataclass(frozen=True)
+class ComponentPlacement:
+    """Where one component of an image pipeline lives and runs (pipeline plans only). ``mode``:
+    "resident" (kept on ``device``), "split" (the denoiser, over the plan's stages), "moved" (kept in
+    host RAM, copied onto ``device`` for its phase and dropped after: ``move_seconds`` per image),
+    "cpu" (kept and run on the host). ``phase``: "encode" | "denoise" | "decode"."""
+
+    name: str
+    role: str
+    phase: str
+    mode: str
+    device: str
+    weights_bytes: int
+    activation_bytes: int
+    compute_seconds: float = 0.0
+    move_seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PhasePeak:
+    """Bytes ``device`` holds at the peak of ``phase`` (weights present, workspace, stream buffer)."""
+
+    phase: str
+    device: str
+    bytes: int
+    capacity_bytes: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ImagePrediction:
+    """An image pipeline plan's workload and predicted seconds: per phase and per image."""
+
+    height: int
+    width: int
+    batch: int
+    steps: int
+    guidance: float
+    encode_seconds: float
+    step_seconds: float
+    decode_seconds: float
+    move_seconds: float
+    seconds_per_image: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 @dataclass
 class Stage:
     """One contiguous range of blocks on one device. ``blocks`` is half-open [start, end).
@@ -208,6 +261,14 @@ class Plan:
     shortfall_bytes: int = 0
     suggestions: list[str] = field(default_factory=list)
     manual_split: list[float] | None = None
+    # image pipelines only (absent from an LLM plan's JSON): the stages above are the denoiser's
+    components: list[ComponentPlacement] = field(default_factory=list)
+    phase_peaks: list[PhasePeak] = field(default_factory=list)
+    image: ImagePrediction | None = None
+
+    @property
+    def is_pipeline(self) -> bool:
+        return bool(self.components)
 
     @property
     def offloaded(self) -> list[Stage]:
@@ -273,6 +334,9 @@ class Plan:
             "shortfall_bytes": self.shortfall_bytes,
             "suggestions": self.suggestions,
             "manual_split": self.manual_split,
+            **({"components": [c.to_dict() for c in self.components],
+                "phase_peaks": [p.to_dict() for p in self.phase_peaks],
+                "image": self.image.to_dict() if self.image else None} if self.components else {}),
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -485,4 +549,25 @@ def _read_plan(r: FieldReader) -> Plan:
         shortfall_bytes=r.int("shortfall_bytes", default=0),
         suggestions=r.strs("suggestions", []),
         manual_split=split,
+        components=[ComponentPlacement(
+            name=c.str("name", nonempty=True), role=c.str("role", ("text_encoder", "denoiser", "vae", "other")),
+            phase=c.str("phase", ("encode", "denoise", "decode")), mode=c.str("mode", ("resident", "split", "moved", "cpu")),
+            device=c.str("device", nonempty=True), weights_bytes=c.int("weights_bytes"),
+            activation_bytes=c.int("activation_bytes"), compute_seconds=c.float("compute_seconds", default=0.0),
+            move_seconds=c.float("move_seconds", default=0.0)) for c in r.objs("components", [])],
+        phase_peaks=[PhasePeak(p.str("phase", ("encode", "denoise", "decode")), p.str("device", nonempty=True),
+                               p.int("bytes"), p.int("capacity_bytes")) for p in r.objs("phase_peaks", [])],
+        image=_read_image(r),
     )
+
+
+def _read_image(r: FieldReader) -> ImagePrediction | None:
+    if r.raw("image", None) is None:
+        return None
+    i = r.obj("image")
+    return ImagePrediction(
+        height=i.int("height", lo=1, hi=1 << 16), width=i.int("width", lo=1, hi=1 << 16),
+        batch=i.int("batch", lo=1, hi=1 << 12), steps=i.int("steps", lo=1, hi=1 << 14), guidance=i.float("guidance"),
+        encode_seconds=i.float("encode_seconds"), step_seconds=i.float("step_seconds"),
+        decode_seconds=i.float("decode_seconds"), move_seconds=i.float("move_seconds"),
+        seconds_per_image=i.float("seconds_per_image"))

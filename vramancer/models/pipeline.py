@@ -1,0 +1,515 @@
+"""Profiles of whole image pipelines (diffusers folders and single-file checkpoints), without
+loading a weight: each component's exact weight bytes from its safetensors headers, the denoiser as
+ordered blocks (a ModelProfile the LLM partitioner places), and activation bytes per image size.
+
+Units. One *image token* is one 2x2 patch of latent positions (a 16x16-pixel patch at the usual VAE
+scale of 8), the unit vramancer/models/diffusion.py uses: Flux and SD3 run exactly these tokens
+(plus their text tokens for joint attention); a UNet runs 4 latent positions per token at full
+resolution, 1 at the /2 level, 1/4 at the /4 level. The denoiser's ``ModelProfile`` takes the
+per-token figures of diffusion.py (``denoiser_blocks``) with its weights replaced by the exact bytes
+of the checkpoint; one denoising forward processes ``denoise_tokens(h, w)`` tokens for
+``denoise_batch`` images (classifier-free guidance runs the conditional and the unconditional
+prediction in one batch: twice the images).
+
+Attention scores. diffusers' default processors (AttnProcessor2_0, FluxAttnProcessor2_0,
+JointAttnProcessor2_0) call ``F.scaled_dot_product_attention``; on CUDA its flash and
+memory-efficient kernels never hold the (query x key) score matrix, so the profile counts none
+unless ``eager_attention`` is asked for (the classic AttnProcessor, or SDPA's math fallback on some
+CPUs and dtypes): then each block's ``attn_score_bytes`` (heads x bytes per query-key pair) counts
+against ``tokens x tokens x batch`` (the denoiser profile's config carries
+``attn_implementation: "eager"``, which the planner's BlockTable reads).
+
+Text encoders: ``tokens x hidden x bytes x 12`` while a layer runs (hidden in/out, q/k/v, MLP
+intermediate of 4 hidden) + scores only with eager attention. VAE decode: the decoder's widest
+full-resolution level holds 3 maps of C0 channels at H x W (input, normed, conv output) per image,
+plus its mid-block attention at latent resolution when eager.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+from ..errors import BadInputError, MalformedCheckpointError, UnknownModelError, WorkloadError
+from .checkpoint import HeaderTensor, checkpoint_dtype, read_config, read_safetensors_header
+from .diffusion import FLUX_TEXT_TOKENS, SDXL_TEXT_TOKENS, denoiser_blocks
+from .dtypes import resolve_dtype
+from .profile import ModelProfile
+
+__all__ = ["ComponentProfile", "PipelineProfile", "ImageWorkload", "Role", "pipeline_profile",
+           "is_pipeline", "single_file_layout", "SINGLE_FILE_LAYOUTS", "BODY_LISTS"]
+
+Role = Literal["text_encoder", "denoiser", "vae", "other"]
+Phase = Literal["encode", "denoise", "decode"]
+PHASES: tuple[Phase, ...] = ("encode", "denoise", "decode")
+_PHASE_OF: dict[str, Phase] = {"text_encoder": "encode", "other": "encode", "denoiser": "denoise", "vae": "decode"}
+
+# Block lists of denoisers in run order (diffusers names, then the original single-file names);
+# a list not named here runs after these, in name order. "mid_block" / "middle_block" are one block.
+BODY_LISTS = ("down_blocks", "input_blocks", "mid_block", "middle_block", "up_blocks", "output_blocks",
+              "transformer_blocks", "joint_blocks", "double_blocks", "single_transformer_blocks", "single_blocks",
+              "blocks", "layers")
+_SINGLE_BODY = ("mid_block", "middle_block")
+# top-level modules that run after the body (the rest run before it)
+_TAIL = ("norm_out", "proj_out", "conv_norm_out", "conv_act", "conv_out", "final_layer", "out", "norm_final")
+_DENOISER_CLASSES = ("UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel")
+_DENOISER_NAMES = ("unet", "transformer", "prior", "decoder_unet")
+
+
+@dataclass(frozen=True)
+class ImageWorkload:
+    """What one call makes: ``batch`` images of ``height`` x ``width`` pixels in ``steps`` denoising
+    steps; ``guidance`` > 1 runs classifier-free guidance (the denoiser sees twice the batch; Flux-dev
+    embeds guidance instead: ``cfg_doubles`` False)."""
+
+    height: int = 1024
+    width: int = 1024
+    batch: int = 1
+    steps: int = 28
+    guidance: float = 3.5
+    cfg_doubles: bool = True
+
+    @property
+    def denoise_batch(self) -> int:
+        return self.batch * (2 if self.cfg_doubles and self.guidance > 1.0 else 1)
+
+
+@dataclass
+class ComponentProfile:
+    """One component of a pipeline. ``weights_bytes``: exact bytes of its stored tensors;
+    ``hidden``: its width (text encoders' hidden size, the VAE decoder's widest channels, the
+    denoiser's model width); ``tokens``: text tokens a text encoder reads per prompt."""
+
+    name: str
+    class_name: str
+    role: Role
+    weights_bytes: int
+    params: int
+    dtype: str
+    files: tuple[str, ...] = ()
+    hidden: int = 0
+    heads: int = 1
+    tokens: int = 0
+    config: dict = field(default_factory=dict)
+
+    @property
+    def phase(self) -> Phase:
+        return _PHASE_OF[self.role]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "class_name": self.class_name, "role": self.role, "phase": self.phase,
+                "weights_bytes": self.weights_bytes, "params": self.params, "dtype": self.dtype,
+                "files": list(self.files)}
+
+
+@dataclass
+class PipelineProfile:
+    """A pipeline's needs. ``denoiser`` is the denoiser's block profile (blocks in run order with
+    their module prefixes, as the runtime splits it); ``vae_scale`` pixels per latent position;
+    ``patch`` latent positions per token side (2: the 2x2 patch of the unit)."""
+
+    name: str
+    path: str | None
+    pipeline_class: str
+    source: Literal["folder", "single-file", "catalog"]
+    components: list[ComponentProfile]
+    denoiser: ModelProfile
+    vae_scale: int = 8
+    latent_channels: int = 4
+    text_tokens: int = 0
+    layout: str | None = None
+    eager_attention: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def weights_bytes(self) -> int:
+        return sum(c.weights_bytes for c in self.components)
+
+    def component(self, name: str) -> ComponentProfile:
+        for c in self.components:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+    @property
+    def denoiser_component(self) -> ComponentProfile:
+        return next(c for c in self.components if c.role == "denoiser")
+
+    @property
+    def pixel_multiple(self) -> int:
+        """Height and width must be multiples of this (the VAE's scale x the 2x2 token patch)."""
+        return self.vae_scale * 2
+
+    def check_size(self, w: ImageWorkload) -> None:
+        m = self.pixel_multiple
+        for what, v in (("height", w.height), ("width", w.width)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise WorkloadError(f"{what} must be a positive whole number of pixels, not {v!r:.40}")
+            if v % m:
+                raise WorkloadError(f"{what} {v} is not a multiple of {m} (VAE scale {self.vae_scale} x 2x2 "
+                                    f"latent patches); try {max(m, v // m * m)} or {(v // m + 1) * m}")
+            if v > 1 << 16:
+                raise WorkloadError(f"{what} {v} is beyond the {1 << 16} pixels this planner takes")
+        for what, v, most in (("batch", w.batch, 1 << 12), ("steps", w.steps, 1 << 14)):
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= most:
+                raise WorkloadError(f"{what} must be a whole number from 1 to {most}, not {v!r:.40}")
+        if isinstance(w.guidance, bool) or not isinstance(w.guidance, (int, float)) or not math.isfinite(w.guidance) \
+                or w.guidance < 0:
+            raise WorkloadError(f"guidance must be a finite number >= 0, not {w.guidance!r:.40}")
+
+    def image_tokens(self, w: ImageWorkload) -> int:
+        m = self.pixel_multiple
+        return (w.height // m) * (w.width // m)
+
+    def denoise_tokens(self, w: ImageWorkload) -> int:
+        """Tokens of one denoising forward per image: image tokens (+ text tokens for joint attention)."""
+        return self.image_tokens(w) + self.text_tokens
+
+    def activation_bytes(self, comp: ComponentProfile, w: ImageWorkload) -> int:
+        """Peak workspace of a text encoder or the VAE decode for this workload (the denoiser's is
+        the planner's BlockTable, per stage)."""
+        b = resolve_dtype(comp.dtype).compute_bytes
+        if comp.role in ("text_encoder", "other"):
+            n = w.batch * (2 if w.cfg_doubles and w.guidance > 1.0 else 1)
+            act = 12 * comp.tokens * comp.hidden * b * n
+            if self.eager_attention:
+                act += comp.heads * comp.tokens * comp.tokens * b * n
+            return act
+        if comp.role == "vae":
+            act = 3 * comp.hidden * w.height * w.width * b * w.batch
+            if self.eager_attention:
+                pos = (w.height // self.vae_scale) * (w.width // self.vae_scale)
+                act += pos * pos * b * w.batch
+            return act
+        return 0
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "path": self.path, "pipeline_class": self.pipeline_class, "source": self.source,
+                "layout": self.layout, "components": [c.to_dict() for c in self.components],
+                "denoiser_blocks": [{"name": b.name, "weights_bytes": b.weights_bytes, "modules": b.modules}
+                                    for b in self.denoiser.blocks],
+                "weights_bytes": self.weights_bytes, "vae_scale": self.vae_scale, "text_tokens": self.text_tokens}
+
+
+# -- folders ---------------------------------------------------------------------------------------
+def is_pipeline(path: str | Path) -> bool:
+    """A diffusers pipeline folder (model_index.json) or a single-file checkpoint of a known layout."""
+    p = Path(path)
+    if p.is_dir():
+        return (p / "model_index.json").is_file()
+    if p.is_file() and p.suffix == ".safetensors":
+        try:
+            tensors, _ = read_safetensors_header(p)
+        except BadInputError:
+            return False
+        return single_file_layout([t.name for t in tensors]) is not None
+    return False
+
+
+def _component_files(folder: Path) -> list[Path]:
+    index = sorted(folder.glob("*.safetensors.index.json"))
+    if index:
+        data = read_config(index[0])
+        wm = data.get("weight_map")
+        if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+            raise MalformedCheckpointError(f"malformed safetensors index {index[0]}: no weight_map")
+        missing = sorted({v for v in wm.values() if not (folder / v).is_file()})
+        if missing:
+            raise BadInputError(f"pipeline component {folder.name}: shard {missing[0]} is missing")
+        return [folder / v for v in sorted(set(wm.values()))]
+    files = sorted(p for p in folder.glob("*.safetensors") if p.is_file())
+    # variants (model.fp16.safetensors) beside the main file: the main one
+    plain = [p for p in files if p.name.count(".") == 1]
+    return plain or files
+
+
+def _role(name: str, class_name: str) -> Role:
+    if class_name in _DENOISER_CLASSES or name in _DENOISER_NAMES:
+        return "denoiser"
+    if name.startswith("vae") or class_name.startswith("Autoencoder"):
+        return "vae"
+    if name.startswith("text_encoder"):
+        return "text_encoder"
+    return "other"
+
+
+def _int(cfg: dict, *keys: str, default: int = 0) -> int:
+    for k in keys:
+        v = cfg.get(k)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return default
+
+
+def _text_tokens_of(cfg: dict, name: str, pipeline_class: str) -> int:
+    if cfg.get("model_type") == "t5" or "T5" in str(cfg.get("architectures", "")):
+        return FLUX_TEXT_TOKENS if "Flux" in pipeline_class else 256
+    return _int(cfg, "max_position_embeddings", default=SDXL_TEXT_TOKENS)
+
+
+def _read_component(folder: Path, name: str, class_name: str, pipeline_class: str) -> tuple[ComponentProfile,
+                                                                                             list[HeaderTensor]]:
+    sub = folder / name
+    if not sub.is_dir():
+        raise BadInputError(f"pipeline {folder} lists component {name!r} ({class_name}) but has no folder {name}/")
+    files = _component_files(sub)
+    if not files:
+        raise BadInputError(f"pipeline component {name}/ has no .safetensors weights (pickle weights are refused)")
+    cfg_path = sub / "config.json"
+    if not cfg_path.is_file():
+        raise BadInputError(f"pipeline component {name}/ has no config.json")
+    cfg = read_config(cfg_path)
+    tensors: list[HeaderTensor] = []
+    for f in files:
+        tensors.extend(read_safetensors_header(f)[0])
+    role = _role(name, class_name)
+    dtype = checkpoint_dtype(tensors) or "float32"
+    hidden = heads = tokens = 0
+    if role in ("text_encoder", "other"):
+        hidden = _int(cfg, "hidden_size", "d_model")
+        heads = _int(cfg, "num_attention_heads", "num_heads", default=1)
+        tokens = _text_tokens_of(cfg, name, pipeline_class)
+    elif role == "vae":
+        chans = cfg.get("block_out_channels") or [128]
+        hidden = max(int(c) for c in chans)
+    comp = ComponentProfile(name=name, class_name=class_name, role=role,
+                            weights_bytes=sum(t.nbytes for t in tensors), params=sum(t.numel for t in tensors),
+                            dtype=dtype, files=tuple(str(f) for f in files), hidden=hidden, heads=heads,
+                            tokens=tokens, config=cfg)
+    return comp, tensors
+
+
+def _grouped_blocks(tensors: list[HeaderTensor], prefix: str = "") -> list[tuple[str, tuple[str, ...], int, int]]:
+    """(name, module prefixes, params, bytes) of a denoiser's blocks in run order: the modules before the
+    body as "embed", each entry of each block list (``down_blocks.0``, ``transformer_blocks.3``, the mid
+    block), then the modules after it as "final". Found from tensor names, for any ModelMixin."""
+    heads: dict[str, list[int]] = {}
+    body: dict[str, list[int]] = {}
+    tails: dict[str, list[int]] = {}
+    for t in tensors:
+        if not t.name.startswith(prefix):
+            continue
+        parts = t.name[len(prefix):].split(".")
+        top = parts[0]
+        if len(parts) > 2 and parts[1].isdigit() and top not in _TAIL and \
+                (top in BODY_LISTS or top.endswith("blocks") or top.endswith("layers")):
+            key = f"{top}.{parts[1]}"
+            acc = body
+        elif top in _SINGLE_BODY:
+            key, acc = top, body
+        elif top in _TAIL:
+            key, acc = top, tails
+        else:
+            key, acc = top, heads
+        cell = acc.setdefault(key, [0, 0])
+        cell[0] += t.numel
+        cell[1] += t.nbytes
+
+    def order(key: str) -> tuple:
+        top, _, idx = key.partition(".")
+        rank = BODY_LISTS.index(top) if top in BODY_LISTS else len(BODY_LISTS)
+        return (rank, top, int(idx) if idx else 0)
+
+    out: list[tuple[str, tuple[str, ...], int, int]] = []
+    if heads:
+        out.append(("embed", tuple(prefix + k for k in heads), sum(v[0] for v in heads.values()),
+                    sum(v[1] for v in heads.values())))
+    for k in sorted(body, key=order):
+        out.append((k, (prefix + k,), body[k][0], body[k][1]))
+    if tails:
+        keys = [k for k in _TAIL if k in tails]
+        out.append(("final", tuple(prefix + k for k in keys), sum(tails[k][0] for k in keys),
+                    sum(tails[k][1] for k in keys)))
+    if not body:
+        raise BadInputError("the denoiser has no lists of blocks (down_blocks / transformer_blocks / ...) to split")
+    return out
+
+
+def _denoiser_profile(name: str, comp: ComponentProfile, tensors: list[HeaderTensor], text_tokens: int,
+                      eager: bool, prefix: str = "", arch: str | None = None) -> ModelProfile:
+    groups = _grouped_blocks(tensors, prefix)
+    dt = resolve_dtype(comp.dtype)
+    cfg = dict(comp.config)
+    arch = arch or str(cfg.get("_class_name") or comp.class_name)
+    blocks = denoiser_blocks(arch, cfg, [(g[0], g[1], g[2]) for g in groups], dt, text_tokens, hidden=comp.hidden)
+    blocks = [replace(b, weights_bytes=g[3], read_bytes_per_token=g[3]) for b, g in zip(blocks, groups, strict=True)]
+    if eager:
+        cfg["attn_implementation"] = "eager"
+    hidden = comp.hidden or max((b.act_bytes_per_token for b in blocks), default=0)
+    return ModelProfile(name=f"{name}/{comp.name}", arch=arch, kind="diffusion", dtype=dt.name, blocks=blocks,
+                        source="local", hidden_size=hidden, num_layers=max(0, len(blocks) - 2), vocab_size=0,
+                        max_position_embeddings=None, kv_dtype=dt.compute, layers_prefix="", config=cfg)
+
+
+def _denoiser_hidden(cfg: dict) -> int:
+    if cfg.get("num_attention_heads") and cfg.get("attention_head_dim") and "block_out_channels" not in cfg:
+        return int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"])
+    chans = cfg.get("block_out_channels")
+    if isinstance(chans, list) and chans:
+        return int(chans[-1])
+    return _int(cfg, "hidden_size", "inner_dim")
+
+
+def _folder_profile(folder: Path, eager: bool) -> PipelineProfile:
+    index = read_config(folder / "model_index.json")
+    pipeline_class = str(index.get("_class_name") or "")
+    if not pipeline_class:
+        raise BadInputError(f"{folder}/model_index.json names no pipeline class (_class_name)")
+    comps: list[ComponentProfile] = []
+    denoiser: tuple[ComponentProfile, list[HeaderTensor]] | None = None
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, list) or len(spec) != 2 or spec[0] is None:
+            continue
+        library, class_name = spec
+        if library not in ("diffusers", "transformers") or not isinstance(class_name, str):
+            continue
+        if "Tokenizer" in class_name or "Scheduler" in class_name or "Processor" in class_name \
+                or "FeatureExtractor" in class_name:
+            if not (folder / name).is_dir():
+                raise BadInputError(f"pipeline {folder} lists {name!r} ({class_name}) but has no folder {name}/")
+            continue
+        comp, tensors = _read_component(folder, name, class_name, pipeline_class)
+        comps.append(comp)
+        if comp.role == "denoiser":
+            if denoiser is not None:
+                raise BadInputError(f"pipeline {folder} has two denoisers ({denoiser[0].name}, {name}); "
+                                    "one is planned at a time")
+            denoiser = (comp, tensors)
+    if denoiser is None:
+        raise BadInputError(f"pipeline {folder} has no denoiser (unet / transformer) with weights")
+    if not any(c.role == "vae" for c in comps):
+        raise BadInputError(f"pipeline {folder} has no VAE (vae/) to decode its latents")
+    dcomp, dtensors = denoiser
+    dcomp.hidden = _denoiser_hidden(dcomp.config)
+    vae = next(c for c in comps if c.role == "vae")
+    vae_scale = 2 ** (len(vae.config.get("block_out_channels") or [0, 0, 0, 0]) - 1)
+    joint = dcomp.class_name != "UNet2DConditionModel" and "joint_attention_dim" in dcomp.config
+    text_tokens = 0
+    if joint:
+        t5 = [c for c in comps if c.role == "text_encoder" and c.config.get("model_type") == "t5"]
+        text_tokens = t5[0].tokens if t5 else SDXL_TEXT_TOKENS
+        if "StableDiffusion3" in pipeline_class:
+            text_tokens += SDXL_TEXT_TOKENS     # CLIP tokens concatenated before the T5 ones
+    den = _denoiser_profile(folder.name, dcomp, dtensors, text_tokens, eager)
+    return PipelineProfile(name=folder.name, path=str(folder), pipeline_class=pipeline_class, source="folder",
+                           components=comps, denoiser=den, vae_scale=vae_scale,
+                           latent_channels=int(vae.config.get("latent_channels") or 4), text_tokens=text_tokens,
+                           eager_attention=eager)
+
+
+# -- single files ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SingleFileLayout:
+    """A single-file checkpoint layout: its key marker, the diffusers pipeline that loads it, and the
+    key prefixes of each component (name, role, prefix)."""
+
+    key: str
+    pipeline_class: str
+    marker: str
+    components: tuple[tuple[str, Role, str], ...]
+    text_tokens: int = 0
+
+
+SINGLE_FILE_LAYOUTS: tuple[SingleFileLayout, ...] = (
+    SingleFileLayout("sd3", "StableDiffusion3Pipeline", "model.diffusion_model.joint_blocks.",
+                     (("text_encoder", "text_encoder", "text_encoders.clip_l."),
+                      ("text_encoder_2", "text_encoder", "text_encoders.clip_g."),
+                      ("text_encoder_3", "text_encoder", "text_encoders.t5xxl."),
+                      ("transformer", "denoiser", "model.diffusion_model."),
+                      ("vae", "vae", "first_stage_model.")), text_tokens=256 + SDXL_TEXT_TOKENS),
+    SingleFileLayout("flux", "FluxPipeline", "double_blocks.",
+                     (("transformer", "denoiser", "model.diffusion_model."), ("transformer", "denoiser", ""),
+                      ("vae", "vae", "vae.")), text_tokens=FLUX_TEXT_TOKENS),
+    SingleFileLayout("sdxl", "StableDiffusionXLPipeline", "conditioner.embedders.1.",
+                     (("text_encoder", "text_encoder", "conditioner.embedders.0."),
+                      ("text_encoder_2", "text_encoder", "conditioner.embedders.1."),
+                      ("unet", "denoiser", "model.diffusion_model."), ("vae", "vae", "first_stage_model."))),
+    SingleFileLayout("sd15", "StableDiffusionPipeline", "model.diffusion_model.input_blocks.",
+                     (("text_encoder", "text_encoder", "cond_stage_model."),
+                      ("unet", "denoiser", "model.diffusion_model."), ("vae", "vae", "first_stage_model."))),
+)
+_FLUX_KEY = re.compile(r"^(model\.diffusion_model\.)?double_blocks\.\d+\.")
+
+
+def single_file_layout(names: list[str]) -> SingleFileLayout | None:
+    """The layout a single-file checkpoint's tensor names show (SD3, Flux, SDXL, SD1.5), or None."""
+    by = {lay.key: lay for lay in SINGLE_FILE_LAYOUTS}
+    if any(n.startswith(by["sd3"].marker) for n in names):
+        return by["sd3"]
+    if any(_FLUX_KEY.match(n) for n in names):
+        return by["flux"]
+    if any(n.startswith(by["sdxl"].marker) for n in names) or any(
+            n.startswith("model.diffusion_model.label_emb.") for n in names):
+        return by["sdxl"]
+    if any(n.startswith(by["sd15"].marker) for n in names):
+        return by["sd15"]
+    return None
+
+
+def _single_file_profile(path: Path, eager: bool) -> PipelineProfile:
+    tensors, _ = read_safetensors_header(path)
+    layout = single_file_layout([t.name for t in tensors])
+    if layout is None:
+        raise UnknownModelError(f"{path.name}: not a single-file layout VRAMancer knows (SD1.5, SDXL, SD3, Flux "
+                                "keys); a diffusers folder with model_index.json plans any pipeline")
+    dtype = checkpoint_dtype(tensors) or "float32"
+    owner: dict[str, tuple[str, Role, str]] = {}
+    for t in tensors:
+        for name, role, prefix in layout.components:   # the first prefix that matches (longest listed first)
+            if t.name.startswith(prefix):
+                owner.setdefault(t.name, (name, role, prefix))
+                break
+    comps: dict[str, ComponentProfile] = {}
+    den_tensors: list[HeaderTensor] = []
+    den_prefix = ""
+    for t in tensors:
+        hit = owner.get(t.name)
+        if hit is None:
+            continue
+        name, role, prefix = hit
+        c = comps.get(name)
+        if c is None:
+            c = comps[name] = ComponentProfile(name=name, class_name=name, role=role, weights_bytes=0, params=0,
+                                               dtype=dtype, files=(str(path),))
+        c.weights_bytes += t.nbytes
+        c.params += t.numel
+        if role == "denoiser":
+            den_tensors.append(t)
+            den_prefix = prefix
+        if role == "text_encoder" and t.name.endswith(("token_embedding.weight", "shared.weight")) and len(t.shape) == 2:
+            c.hidden = t.shape[1]
+            c.tokens = 256 if "t5" in prefix else SDXL_TEXT_TOKENS
+        if role == "vae" and t.name.endswith("decoder.conv_in.weight") and len(t.shape) == 4:
+            c.hidden = t.shape[0]
+    if "denoiser" not in {c.role for c in comps.values()}:  # pragma: no cover - the marker is a denoiser key
+        raise UnknownModelError(f"{path.name}: no denoiser weights in the {layout.key} layout")
+    den = next(c for c in comps.values() if c.role == "denoiser")
+    den.hidden = max((t.shape[0] for t in den_tensors if len(t.shape) == 1), default=0)
+    den_prof = _denoiser_profile(path.stem, den, den_tensors, layout.text_tokens, eager, prefix=den_prefix,
+                                 arch=f"single-file:{layout.key}")
+    notes = [f"single-file {layout.key} checkpoint; diffusers' from_single_file converts it when it runs "
+             "(a local config folder is needed: nothing is downloaded)"]
+    missing = [n for n, _, _ in layout.components if n not in comps]
+    if missing:
+        notes.append(f"not in the file: {', '.join(dict.fromkeys(missing))} (bring them as separate files)")
+    return PipelineProfile(name=path.stem, path=str(path), pipeline_class=layout.pipeline_class,
+                           source="single-file", components=list(comps.values()), denoiser=den_prof,
+                           vae_scale=8, text_tokens=layout.text_tokens, layout=layout.key, eager_attention=eager,
+                           notes=notes)
+
+
+def pipeline_profile(path: str | Path, eager_attention: bool = False) -> PipelineProfile:
+    """The profile of a diffusers pipeline folder or a single-file checkpoint (BadInputError: not a
+    pipeline, a component missing, an unknown single-file layout)."""
+    p = Path(path)
+    if p.is_dir():
+        if not (p / "model_index.json").is_file():
+            raise BadInputError(f"{p} is neither a transformers model (config.json) nor a diffusers pipeline "
+                                "(model_index.json)")
+        return _folder_profile(p, eager_attention)
+    if p.is_file() and p.suffix == ".safetensors":
+        return _single_file_profile(p, eager_attention)
+    raise BadInputError(f"{p}: expected a diffusers pipeline folder or a single-file .safetensors checkpoint")
+
