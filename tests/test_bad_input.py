@@ -645,3 +645,28 @@ def test_report_plot_draws_from_evenly_spaced_samples_with_exact_peaks(tmp_path)
     assert [p.name for p in summary.phases] == ["load", "decode"]
     assert main(["report", str(path), "--plot", str(tmp_path / "t.png")]) == 0
     assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_monitor_trace_kept_when_its_folder_goes_away_during_sampling(tmp_path, monkeypatch):
+    import tempfile
+
+    from vramancer.errors import VramancerError
+    from vramancer.telemetry.recorder import Recorder
+    from vramancer.ui.commands.monitor import _export_or_keep
+
+    keep = tmp_path / "tmp"
+    keep.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(keep))
+    rec = Recorder(samplers=[])
+    rec.sample_once()
+    rec.sample_once()
+    (tmp_path / "out").mkdir()
+    target = tmp_path / "out" / "t.csv"
+    (tmp_path / "out").rmdir()                      # checked at the start, a file by the end
+    (tmp_path / "out").write_text("not a folder")
+    with pytest.raises(VramancerError, match="the samples are kept in") as e:
+        _export_or_keep(rec, target)
+    assert "\n" not in str(e.value)
+    (kept,) = keep.glob("vramancer-trace-*.csv")
+    assert kept.read_text().startswith("timestamp,")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tmp"]

@@ -79,15 +79,12 @@ def run_lines(recorder, duration_s: float | None, out=None, as_json: bool = Fals
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..source import export_format, export_trace, recorder_from_args
+    from ..source import export_format, recorder_from_args
 
     duration_s = check_duration(args.duration)
     export = Path(args.export) if args.export else None
     if export is not None:
         export_format(export)          # a bad suffix is bad input before anything runs
-        from ..._io import check_writable
-
-        check_writable(args.export, "--export")   # and a path it cannot write, before any sampling
         from ..._io import check_writable
 
         check_writable(args.export, "--export")   # and a path it cannot write, before any sampling
@@ -117,5 +114,23 @@ def main(args: argparse.Namespace) -> int:
         return int(code or 0)
     finally:
         if export is not None and recorder.snapshots():
-            for path in export_trace(recorder, export):
+            for path in _export_or_keep(recorder, export):
                 print(f"wrote {path}", file=sys.stderr)
+
+
+def _export_or_keep(recorder, export: Path) -> list[Path]:
+    """Write the trace to ``export``; when that fails after the sampling (its folder removed or
+    filled meanwhile), keep the samples in the temp folder and say where, in the one error line."""
+    import tempfile
+
+    from ..source import export_trace
+
+    try:
+        return export_trace(recorder, export)
+    except (VramancerError, OSError) as e:
+        why = str(e) if isinstance(e, VramancerError) else f"cannot write {export}: {e.strerror or e}"
+        try:
+            kept = export_trace(recorder, None, directory=tempfile.gettempdir())
+        except (VramancerError, OSError):
+            raise VramancerError(why) from None
+        raise VramancerError(f"{why}; the samples are kept in {', '.join(map(str, kept))}") from None
