@@ -670,3 +670,16 @@ def test_monitor_trace_kept_when_its_folder_goes_away_during_sampling(tmp_path, 
     (kept,) = keep.glob("vramancer-trace-*.csv")
     assert kept.read_text().startswith("timestamp,")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tmp"]
+
+
+def test_an_error_quoting_a_huge_input_stays_one_readable_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config.json").write_text(cfg(model_type="m" * 1_000_000))
+    code = main(["plan", "config.json", "-d", "rtx3090"])
+    err = capsys.readouterr().err
+    _assert_one_line(code, err)
+    assert len(err) < 3000 and "more characters)" in err
+    assert main(["plan", "llama-3.1-8b", "--objective", "x" * 100_000]) == 2
+    err = capsys.readouterr().err
+    _assert_one_line(2, err)
+    assert len(err) < 3000

@@ -61,6 +61,9 @@ def _add_common_flags(p: argparse.ArgumentParser, default) -> None:
                    help="errors and results only: no progress or info lines")
 
 
+_MAX_ERROR_CHARS = 2000
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with VRAMancer's error contract: a usage error is one line on stderr,
     ``vramancer: error: [COMMAND: ]message``, and exit 2 (no usage dump); subcommand parsers are
@@ -73,7 +76,10 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):  # type: ignore[override]
         where = self.prog.split(" ", 1)[1] + ": " if " " in self.prog else ""
-        self.exit(2, f"vramancer: error: {where}{' '.join(str(message).split())}\n")
+        text = " ".join(str(message).split())
+        if len(text) > _MAX_ERROR_CHARS:
+            text = f"{text[:_MAX_ERROR_CHARS]} ... ({len(text) - _MAX_ERROR_CHARS} more characters)"
+        self.exit(2, f"vramancer: error: {where}{text}\n")
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -168,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         line = " ".join(part.strip() for part in str(e).splitlines() if part.strip()) or type(e).__name__
+        if len(line) > _MAX_ERROR_CHARS:   # a message quoting a hostile input (a 1 MB name) stays readable
+            line = f"{line[:_MAX_ERROR_CHARS]} ... ({len(line) - _MAX_ERROR_CHARS} more characters)"
         print(f"vramancer: error: {line}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
