@@ -683,3 +683,13 @@ def test_an_error_quoting_a_huge_input_stays_one_readable_line(tmp_path, monkeyp
     err = capsys.readouterr().err
     _assert_one_line(2, err)
     assert len(err) < 3000
+
+
+def test_offload_folder_under_an_unusable_cache_is_one_error(tmp_path):
+    from vramancer.runtime.scratch import make_offload_dir
+
+    blocker = tmp_path / "cache"
+    blocker.write_text("a file where the cache folder should be")
+    with pytest.raises(BadInputError, match="VRAMANCER_CACHE_DIR"):
+        make_offload_dir(blocker / "offload")
+    assert sorted(os.listdir(tmp_path)) == ["cache"]

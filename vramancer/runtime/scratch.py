@@ -126,6 +126,12 @@ def track(path: str | os.PathLike) -> str:
 def make_offload_dir(root: str | os.PathLike) -> str:
     """A new folder ``root/<pid>-<random>`` for this process's offload files, tracked (see the
     module docstring); stale folders of dead processes in ``root`` are removed first."""
-    Path(root).mkdir(parents=True, exist_ok=True)
-    sweep_stale(root)
-    return track(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=root))
+    try:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        sweep_stale(root)
+        return track(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=root))
+    except OSError as e:   # the cache folder is a file, read-only, full: say which, in one line
+        from ..errors import BadInputError
+
+        raise BadInputError(f"cannot make the disk tier's offload folder in {root}: {e.strerror or e} "
+                            f"(set VRAMANCER_CACHE_DIR to a writable folder)") from None
