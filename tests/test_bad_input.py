@@ -541,6 +541,17 @@ _RUNNER = textwrap.dedent("""
     mode = sys.argv[1]
     model = build_model("gpt2")
     plan = offload_plan(model, context=16)
+    if mode == "full-disk":       # files may not grow past 4 KiB: the offload file cannot be written
+        import resource, signal
+        from vramancer.errors import VramancerError
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+        try:
+            load(model, plan=plan)
+        except VramancerError as e:
+            print(type(e).__name__, e, flush=True)
+            sys.exit(0)
     load(model, plan=plan)
     print(model.vramancer.offload_dir, flush=True)
     print("ready", flush=True)
@@ -693,3 +704,12 @@ def test_offload_folder_under_an_unusable_cache_is_one_error(tmp_path):
     with pytest.raises(BadInputError, match="VRAMANCER_CACHE_DIR"):
         make_offload_dir(blocker / "offload")
     assert sorted(os.listdir(tmp_path)) == ["cache"]
+
+
+def test_offload_write_failure_is_one_error_and_leaves_nothing(tmp_path):
+    pytest.importorskip("torch")
+    proc = _start(tmp_path, "full-disk")
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err
+    assert out.startswith("VramancerError cannot write the disk tier's offload file") and out.count("\n") == 1
+    assert os.listdir(tmp_path / "cache" / "offload") == []

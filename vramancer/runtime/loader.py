@@ -42,6 +42,7 @@ from ..errors import (
     CheckpointMismatchError,
     DeviceOutOfMemoryError,
     UnknownModelError,
+    VramancerError,
     WorkloadError,
 )
 from ..units import format_bytes
@@ -450,7 +451,10 @@ class _Placer:
             from .scratch import track
 
             self.offload_files.append(track(path))
-        ck = write_safetensors(path, [(n, d, s) for n, d, s, _ in specs], (f() for _, _, _, f in specs))
+        try:
+            ck = write_safetensors(path, [(n, d, s) for n, d, s, _ in specs], (f() for _, _, _, f in specs))
+        except OSError as e:   # a full or read-only disk: one line (the caller removes what was written)
+            raise VramancerError(f"cannot write the disk tier's offload file {path}: {e.strerror or e}") from None
         self.checkpoints.append(ck)
         for n, _, _, _ in specs:
             self.disk[n] = (ck, n)
