@@ -194,17 +194,27 @@ class PipelineProfile:
 
 
 # -- folders ---------------------------------------------------------------------------------------
+# key prefixes only diffusion checkpoints (LDM / ComfyUI / A1111 single files) use
+_DIFFUSION_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.embedders.",
+                       "text_encoders.", "double_blocks.", "single_blocks.")
+
+
 def is_pipeline(path: str | Path) -> bool:
-    """A diffusers pipeline folder (model_index.json) or a single-file checkpoint of a known layout."""
+    """A diffusers pipeline folder (model_index.json), or a single-file checkpoint whose keys are a
+    diffusion checkpoint's (its layout known or not: an unknown one is refused by ``pipeline_profile``),
+    or a folder with neither a model nor a pipeline in it (refused by ``pipeline_profile`` too)."""
     p = Path(path)
     if p.is_dir():
-        return (p / "model_index.json").is_file()
+        if (p / "model_index.json").is_file():
+            return True
+        return not ((p / "config.json").is_file() or any(p.glob("*.safetensors")) or any(p.glob("*.gguf"))
+                    or (p / "model.safetensors.index.json").is_file())
     if p.is_file() and p.suffix == ".safetensors":
         try:
             tensors, _ = read_safetensors_header(p)
         except BadInputError:
             return False
-        return single_file_layout([t.name for t in tensors]) is not None
+        return any(t.name.startswith(_DIFFUSION_PREFIXES) for t in tensors)
     return False
 
 
@@ -327,9 +337,50 @@ def _grouped_blocks(tensors: list[HeaderTensor], prefix: str = "") -> list[tuple
     return out
 
 
+# single-file (original) names -> the diffusers modules the converted denoiser has
+_SF_EMBED = {"sd15": ("conv_in", "time_embedding"), "sdxl": ("conv_in", "time_embedding", "add_embedding"),
+             "sd3": ("pos_embed", "context_embedder", "time_text_embed"),
+             "flux": ("x_embedder", "context_embedder", "time_text_embed")}
+_SF_FINAL = {"sd15": ("conv_norm_out", "conv_out"), "sdxl": ("conv_norm_out", "conv_out"),
+             "sd3": ("norm_out", "proj_out"), "flux": ("norm_out", "proj_out")}
+_LDM_PER_LEVEL = 3    # SD1.5 / SDXL: 2 resnets (+ attentions) and a down/upsampler per level
+
+
+def _sf_name(layout: str, name: str) -> str:
+    top, _, idx = name.partition(".")
+    if layout in ("sd15", "sdxl"):
+        if top == "input_blocks":
+            i = int(idx)
+            return "embed" if i == 0 else f"down_blocks.{(i - 1) // _LDM_PER_LEVEL}"
+        if top == "middle_block":
+            return "mid_block"
+        if top == "output_blocks":
+            return f"up_blocks.{int(idx) // _LDM_PER_LEVEL}"
+    return {"joint_blocks": "transformer_blocks", "double_blocks": "transformer_blocks",
+            "single_blocks": "single_transformer_blocks"}.get(top, top) + (f".{idx}" if idx else "")
+
+
+def _diffusers_groups(layout: str, groups: list[tuple[str, tuple[str, ...], int, int]]
+                      ) -> list[tuple[str, tuple[str, ...], int, int]]:
+    """A single file's blocks under the names of the diffusers model it converts to (the runtime
+    splits the converted model): consecutive original blocks of one diffusers block merged."""
+    out: list[tuple[str, tuple[str, ...], int, int]] = []
+    for name, _, params, nbytes in groups:
+        new = name if name in ("embed", "final") else _sf_name(layout, name)
+        mods = _SF_EMBED[layout] if new == "embed" else _SF_FINAL[layout] if new == "final" else (new,)
+        if out and out[-1][0] == new:
+            last = out[-1]
+            out[-1] = (new, last[1], last[2] + params, last[3] + nbytes)
+        else:
+            out.append((new, tuple(mods), params, nbytes))
+    return out
+
+
 def _denoiser_profile(name: str, comp: ComponentProfile, tensors: list[HeaderTensor], text_tokens: int,
-                      eager: bool, prefix: str = "", arch: str | None = None) -> ModelProfile:
+                      eager: bool, prefix: str = "", arch: str | None = None, layout: str | None = None) -> ModelProfile:
     groups = _grouped_blocks(tensors, prefix)
+    if layout is not None:
+        groups = _diffusers_groups(layout, groups)
     dt = resolve_dtype(comp.dtype)
     cfg = dict(comp.config)
     arch = arch or str(cfg.get("_class_name") or comp.class_name)
@@ -488,7 +539,7 @@ def _single_file_profile(path: Path, eager: bool) -> PipelineProfile:
     den = next(c for c in comps.values() if c.role == "denoiser")
     den.hidden = max((t.shape[0] for t in den_tensors if len(t.shape) == 1), default=0)
     den_prof = _denoiser_profile(path.stem, den, den_tensors, layout.text_tokens, eager, prefix=den_prefix,
-                                 arch=f"single-file:{layout.key}")
+                                 arch=f"single-file:{layout.key}", layout=layout.key)
     notes = [f"single-file {layout.key} checkpoint; diffusers' from_single_file converts it when it runs "
              "(a local config folder is needed: nothing is downloaded)"]
     missing = [n for n, _, _ in layout.components if n not in comps]

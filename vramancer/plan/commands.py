@@ -58,6 +58,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the Plan JSON")
     p.add_argument("-o", "--output", default=None, help="also write the Plan JSON to this file")
     p.add_argument("--list-models", action="store_true", help="list the built-in model catalog")
+    from .pipeline import add_image_flags
+
+    add_image_flags(p)
 
 
 def _block_label(start: int, end: int, n: int) -> str:
@@ -268,6 +271,16 @@ def main(args: argparse.Namespace) -> int:
         from .._io import check_writable
 
         check_writable(args.output, "-o")
+    from ..models.pipeline import is_pipeline
+
+    try:
+        image = is_pipeline(args.model)
+    except (OSError, ValueError):   # a name no path can be (a NUL byte, too long): not a local pipeline
+        image = False
+    if image:   # a diffusers folder or a single-file diffusion checkpoint: the phase-aware pipeline plan
+        from .pipeline import plan_command
+
+        return plan_command(args, console)
     kwargs = planner_kwargs(args)
     target = args.model
     fetch = None

@@ -39,7 +39,8 @@ from .memory import default_reserve_bytes
 from .plan import ComponentPlacement, ImagePrediction, PhasePeak, Plan, Workload
 from .planner import plan_placement, plan_profile
 
-__all__ = ["plan_pipeline", "Policy", "POLICIES", "denoiser_workload", "pipeline_suggestions"]
+__all__ = ["plan_pipeline", "Policy", "POLICIES", "denoiser_workload", "pipeline_suggestions", "render_pipeline_plan",
+           "plan_command", "add_image_flags"]
 
 Policy = Literal["vramancer", "balanced", "model_cpu_offload"]
 POLICIES: tuple[str, ...] = ("vramancer", "balanced", "model_cpu_offload")
@@ -274,3 +275,85 @@ def pipeline_suggestions(profile: PipelineProfile, devices: list[Device], w: Ima
             peak = max((x.bytes for x in p.phase_peaks), default=0)
             out.append(f"{label} ({p.image.seconds_per_image:.2f} s/image, peak {format_bytes(peak)} on one device)")
     return out
+
+
+# -- the plan command for pipelines ------------------------------------------------------------------
+def add_image_flags(p) -> None:
+    """--height --width --steps --guidance (image pipelines; --batch is the planner's)."""
+    p.add_argument("--height", type=int, default=1024, help="image pipelines: image height in pixels (default 1024)")
+    p.add_argument("--width", type=int, default=1024, help="image pipelines: image width in pixels (default 1024)")
+    p.add_argument("--steps", type=int, default=28, help="image pipelines: denoising steps (default 28)")
+    p.add_argument("--guidance", type=float, default=3.5,
+                   help="image pipelines: guidance scale; > 1 runs classifier-free guidance (default 3.5)")
+
+
+def render_pipeline_plan(plan: Plan, console) -> None:
+    """Components, per-phase peaks per device, the denoiser's stages and the predicted seconds."""
+    from rich.table import Table
+
+    img = plan.image
+    head = f"{plan.model}  {img.width}x{img.height} · batch {img.batch} · {img.steps} steps · guidance {img.guidance:g}" \
+        if img else plan.model
+    console.print(head, markup=False, highlight=False)
+    t = Table(box=None, pad_edge=False, header_style="bold")
+    for col in ("component", "phase", "mode", "device", "weights", "workspace", "s/image"):
+        t.add_column(col, justify="right" if col in ("weights", "workspace", "s/image") else "left")
+    for c in plan.components:
+        t.add_row(c.name, c.phase, c.mode, c.device, format_bytes(c.weights_bytes), format_bytes(c.activation_bytes),
+                  f"{c.compute_seconds + c.move_seconds:.3f}")
+    console.print(t)
+    peaks = Table(box=None, pad_edge=False, header_style="bold", title="peak per phase", title_justify="left")
+    peaks.add_column("device")
+    for ph in PHASES:
+        peaks.add_column(ph, justify="right")
+    peaks.add_column("capacity", justify="right")
+    devs = list(dict.fromkeys(p.device for p in plan.phase_peaks))
+    for dev in devs:
+        row = {p.phase: p for p in plan.phase_peaks if p.device == dev}
+        cap = next(p.capacity_bytes for p in plan.phase_peaks if p.device == dev)
+        cells = []
+        for ph in PHASES:
+            p = row.get(ph)
+            cells.append("-" if p is None else format_bytes(p.bytes) + (" !" if p.bytes > p.capacity_bytes else ""))
+        peaks.add_row(dev, *cells, format_bytes(cap))
+    console.print(peaks)
+    for i, s in enumerate(plan.stages):
+        names = f"{plan.blocks[s.blocks[0]].name} .. {plan.blocks[s.blocks[1] - 1].name}"
+        how = f"streamed to {s.compute_device}" if s.mode == "stream" else "runs there"
+        console.print(f"denoiser stage {i}: {names} on {s.device} ({format_bytes(s.weights_bytes)} weights, "
+                      f"{format_bytes(s.activation_bytes)} workspace; {how})", markup=False, highlight=False)
+    if img:
+        console.print(f"Predicted: {img.seconds_per_image:.2f} s/image (encode {img.encode_seconds:.3f} s, "
+                      f"{img.steps} x {img.step_seconds:.3f} s denoise, decode {img.decode_seconds:.3f} s, "
+                      f"moves {img.move_seconds:.3f} s)", markup=False, highlight=False)
+    for n in plan.notes:
+        console.print(f"note: {n}", markup=False, highlight=False, style="dim")
+    console.print("Fits." if plan.fits else "Does not fit on the GPUs as given.", markup=False, highlight=False)
+
+
+def plan_command(args, console) -> int:
+    """``vramancer plan PIPELINE``: the pipeline plan as a table (or JSON), exit 3 when it does not fit."""
+    import json
+    import sys
+
+    from ..devices.spec import check_backing, parse_devices
+    from ..models.pipeline import pipeline_profile
+
+    prof = pipeline_profile(args.model)
+    devs = parse_devices(args.devices, backing=check_backing(args.backing))
+    w = ImageWorkload(height=args.height, width=args.width, batch=args.batch, steps=args.steps,
+                      guidance=args.guidance, cfg_doubles="Flux" not in prof.pipeline_class)
+    plan = plan_pipeline(prof, devs, w, reserve_bytes=args.reserve)
+    if args.output:
+        plan.save(args.output)
+    if args.json:
+        sys.stdout.write(json.dumps(plan.to_dict(), indent=2) + "\n")
+    else:
+        render_pipeline_plan(plan, console)
+    over = [p for p in plan.phase_peaks if p.bytes > p.capacity_bytes]
+    if over:
+        print(f"vramancer: error: {plan.model} does not fit: "
+              + "; ".join(f"{p.device} is {format_bytes(p.bytes - p.capacity_bytes)} short in {p.phase}" for p in over),
+              file=sys.stderr)
+        return 3
+    return 0

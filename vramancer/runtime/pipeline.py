@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..plan.plan import ComponentPlacement, Plan
     from .stream import StreamEngine
 
-__all__ = ["load_pipeline", "PipelineRuntime", "plan_for_pipeline"]
+__all__ = ["load_pipeline", "PipelineRuntime", "plan_for_pipeline", "run_command", "demo_image", "build_demo_pipeline"]
 
 
 def _torch_device(plan: Plan, device_id: str) -> torch.device:
@@ -294,3 +294,187 @@ def load_pipeline(model: str | os.PathLike, devices: Any = "auto", height: int =
         rt = PipelineRuntime(pipe, plan).attach()
     pipe.vramancer = rt
     return pipe
+
+
+# -- commands -----------------------------------------------------------------------------------------
+def _quiet_loading() -> None:
+    """The CLI process: no per-component progress bars between our lines."""
+    from diffusers.utils import logging as df_logging
+    from transformers.utils import logging as hf_logging
+
+    df_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()
+
+
+def _render(console: Any, plan: "Plan") -> None:
+    from ..plan.pipeline import render_pipeline_plan
+
+    render_pipeline_plan(plan, console)
+
+
+def _save_png(image: Any, path: str) -> None:
+    from .._io import atomic_open
+
+    with atomic_open(path, "wb", flag="-o") as f:
+        image.save(f, format="PNG")
+
+
+def run_command(args: Any, prompt: str) -> int:
+    """``vramancer run PIPELINE --prompt ... --steps N --seed S -o out.png``: plan (or read --plan),
+    load split, make the image, write it atomically, print the plan and the measured seconds."""
+    import time
+
+    import torch
+    from rich.console import Console
+
+    from .._io import check_writable
+    from ..plan.plan import Plan
+
+    if getattr(args, "monitor", False) or getattr(args, "trace", None):
+        raise BadInputError("--monitor and --trace follow LLM stages; for an image pipeline run without them")
+    _quiet_loading()
+    out = getattr(args, "output", None) or "out.png"
+    check_writable(out, "-o")
+    if args.plan:
+        plan = Plan.load(args.plan)
+        if not plan.is_pipeline:
+            raise BadInputError(f"--plan {args.plan} is a model's plan, not an image pipeline's")
+    else:
+        plan = plan_for_pipeline(args.model, args.devices, height=args.height, width=args.width, batch=args.batch,
+                                 steps=args.steps, guidance=args.guidance, reserve_bytes=args.reserve,
+                                 backing=args.backing)
+    console = Console(highlight=False)
+    quiet = getattr(args, "json", False)
+    if not quiet:
+        _render(console, plan)
+    if not plan.fits:
+        from ..errors import DoesNotFitError
+
+        raise DoesNotFitError(f"{plan.model} does not fit as planned: "
+                              + "; ".join(n for n in plan.notes if "needs" in n))
+    pipe = load_pipeline(args.model, plan=plan, dtype=getattr(args, "dtype", None))
+    pipe.set_progress_bar_config(disable=True)
+    img = plan.image
+    gen = torch.Generator().manual_seed(0 if args.seed is None else args.seed)
+    t0 = time.perf_counter()
+    result = pipe(prompt, num_inference_steps=img.steps, height=img.height, width=img.width,
+                  guidance_scale=img.guidance, num_images_per_prompt=img.batch, generator=gen)
+    seconds = time.perf_counter() - t0
+    _save_png(result.images[0], out)
+    per_image = seconds / img.batch
+    if quiet:
+        import json
+
+        print(json.dumps({"output": out, "seconds_per_image": round(per_image, 4),
+                          "predicted_seconds_per_image": img.seconds_per_image, "plan": plan.to_dict()}, indent=2))
+    else:
+        console.print(f"wrote {out}: {per_image:.2f} s/image measured, {img.seconds_per_image:.2f} s predicted",
+                      markup=False)
+    pipe.vramancer.detach()
+    return 0
+
+
+def build_demo_pipeline(folder: str | os.PathLike) -> str:
+    """A tiny Stable Diffusion 1.5-shaped pipeline with random weights, built offline (a CLIP BPE
+    tokenizer written here) and saved in ``folder``; returns its path. Kept when it is already there."""
+    import json
+    import warnings
+    from pathlib import Path
+
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    root = Path(folder)
+    if (root / "model_index.json").is_file():
+        return str(root)
+    tmp = root.with_name(root.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in letters:
+        vocab[ch] = len(vocab)
+        vocab[ch + "</w>"] = len(vocab)
+    (tmp / "vocab.json").write_text(json.dumps(vocab))
+    (tmp / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(tmp / "vocab.json"), str(tmp / "merges.txt"), model_max_length=77,
+                        pad_token="<|endoftext|>")
+    torch.manual_seed(0)
+    text = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                                        num_hidden_layers=2, vocab_size=len(vocab), max_position_embeddings=77,
+                                        bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
+    unet = UNet2DConditionModel(
+        block_out_channels=(16, 32), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8).eval()
+    vae = AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        latent_channels=4, norm_num_groups=4).eval()
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
+                                   scheduler=DDIMScheduler(steps_offset=1, clip_sample=False), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe.save_pretrained(tmp / "pipe", safe_serialization=True)
+    import shutil
+
+    if not root.exists():
+        root.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp / "pipe", root)
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    return str(root)
+
+
+def demo_image(args: Any) -> int:
+    """``vramancer demo --image``: a tiny random pipeline built offline, its UNet split over two
+    simulated GPUs (or the devices given), an image made split and unsplit: the same pixels."""
+    import warnings
+
+    import numpy as np
+    import torch
+    from diffusers import DiffusionPipeline
+    from rich.console import Console
+
+    from .._paths import cache_dir
+    from ..devices.spec import parse_devices
+    from ..models.pipeline import ImageWorkload, pipeline_profile
+    from ..plan.pipeline import plan_pipeline
+
+    _quiet_loading()
+    console = Console(highlight=False)
+    folder = build_demo_pipeline(os.path.join(args.cache_dir or str(cache_dir()), "demo-image-pipeline"))
+    prof = pipeline_profile(folder)
+    devs = parse_devices(args.devices or "rtx3060,rtx3060", backing=args.backing or "cpu")
+    gpus = [d for d in devs if d.kind == "gpu"]
+    w = ImageWorkload(height=32, width=32, batch=1, steps=4, guidance=5.0)
+    ids = None
+    if len(gpus) >= 2:   # the point of the demo is the split: deal the UNet's blocks over the GPUs
+        n = prof.denoiser.num_blocks
+        ids = [gpus[min(b * len(gpus) // n, len(gpus) - 1)].id for b in range(n)]
+    plan = plan_pipeline(prof, devs, w, block_devices=ids)
+    if not args.json:
+        console.print(f"vramancer demo --image: a tiny Stable Diffusion pipeline with random weights "
+                      f"(its image is noise; the point is the split), in {folder}", markup=False)
+        _render(console, plan)
+    kw = dict(num_inference_steps=w.steps, height=w.height, width=w.width, guidance_scale=w.guidance)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = load_pipeline(folder, plan=plan)
+        pipe.set_progress_bar_config(disable=True)
+        split = pipe(args.prompt, generator=torch.Generator().manual_seed(0), **kw).images[0]
+        stats = pipe.vramancer.boundary_stats()
+        pipe.vramancer.detach()
+        ref = DiffusionPipeline.from_pretrained(folder, local_files_only=True)
+        ref.set_progress_bar_config(disable=True)
+        unsplit = ref(args.prompt, generator=torch.Generator().manual_seed(0), **kw).images[0]
+    same = bool(np.array_equal(np.asarray(split), np.asarray(unsplit)))
+    if args.json:
+        import json
+
+        print(json.dumps({"pipeline": folder, "stages": len(plan.stages), "matches_unsplit": same,
+                          "boundary": stats, "plan": plan.to_dict()}, indent=2))
+    else:
+        console.print(f"split over {len(plan.stages)} stages; image equals the unsplit pipeline's: "
+                      f"{'yes' if same else 'NO'}", markup=False)
+    return 0 if same else 1

@@ -25,6 +25,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
     p.add_argument("-c", "--context", type=int, default=1024, help="context the plan sizes the KV cache for")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
+    p.add_argument("--image", action="store_true",
+                   help="a tiny random image pipeline (Stable Diffusion shaped) instead: its UNet split, "
+                        "the image checked against the unsplit one")
 
 
 def demo_devices(spec: str | None, backing: str | None) -> tuple[str, str]:
@@ -61,6 +64,10 @@ def main(args: argparse.Namespace) -> int:
     from . import check_generation_args, missing_runtime, render_memory, render_speed, summary_json
     from .run import predictions_json, render_measured_vs_predicted, run_predictions_or_none
 
+    if getattr(args, "image", False):
+        from ..pipeline import demo_image
+
+        return demo_image(args)
     check_generation_args(args)
     missing_runtime()
     import torch

@@ -31,6 +31,11 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="print one JSON object (text, speed, plan, memory) instead of streaming")
     add_run_flags(p)
     add_monitor_flags(p)
+    from ...plan.pipeline import add_image_flags
+
+    add_image_flags(p)   # image pipelines (a folder with model_index.json or a single-file checkpoint)
+    p.add_argument("-o", "--output", default=None, metavar="PNG",
+                   help="image pipelines: where the first image is written (default out.png)")
 
 
 # the planner's flags: with --plan FILE the plan already fixed them
@@ -121,6 +126,16 @@ def _main(args: argparse.Namespace) -> int:
     args.prompt = read_prompt(args)
     if not args.prompt.strip():
         raise WorkloadError("the prompt is empty: give some text with --prompt (-p), --prompt-file or stdin")
+    from ...models.pipeline import is_pipeline
+
+    try:
+        image = is_pipeline(args.model)
+    except (OSError, ValueError):   # a name no path can be: not a local pipeline
+        image = False
+    if image:
+        from ..pipeline import run_command
+
+        return run_command(args, args.prompt)
     quiet = getattr(args, "quiet", False)
     missing_runtime()
     from ..generate import generate_text
