@@ -713,3 +713,41 @@ def test_offload_write_failure_is_one_error_and_leaves_nothing(tmp_path):
     assert proc.returncode == 0, err
     assert out.startswith("VramancerError cannot write the disk tier's offload file") and out.count("\n") == 1
     assert os.listdir(tmp_path / "cache" / "offload") == []
+
+
+# -- a real model folder whose side files (read by transformers, not by us) are malformed ---------
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    pytest.importorskip("torch")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.runtime.conftest import VOCAB, build_model
+
+    folder = tmp_path_factory.mktemp("side") / "gpt2"
+    build_model("gpt2").save_pretrained(folder, safe_serialization=True)
+    vocab = {f"t{i}": i for i in range(VOCAB - 1)} | {"[UNK]": VOCAB - 1}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="t2").save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("name, content", [
+    ("tokenizer.json", deep()), ("tokenizer_config.json", deep()), ("generation_config.json", deep()),
+    ("generation_config.json", b"\xff\xfe"), ("special_tokens_map.json", ""), ("tokenizer.json", '{"a": 1}'),
+    ("config.json", deep()),
+], ids=["tokenizer-deep", "tokenizer-config-deep", "generation-config-deep", "generation-config-binary",
+        "special-tokens-empty", "tokenizer-wrong-shape", "config-deep"])
+def test_malformed_side_files_of_a_model_folder(model_folder, tmp_path, monkeypatch, capsys, name, content):
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(model_folder, folder)
+    (folder / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("VRAMANCER_CACHE_DIR", str(tmp_path / ".cache"))
+    before = _files_under(tmp_path)
+    code = main(["run", "m", "-p", "t1 t2", "-n", "2", "-d", "rtx3090", "--json"])
+    _assert_one_line(code, capsys.readouterr().err)
+    assert _files_under(tmp_path) == before

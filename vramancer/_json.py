@@ -28,7 +28,8 @@ from typing import Any
 
 from .errors import BadInputError, VramancerError
 
-__all__ = ["DEFAULT_MAX_BYTES", "MAX_DEPTH", "nested_deeper_than", "parse_json", "read_json_file"]
+__all__ = ["DEFAULT_MAX_BYTES", "MAX_DEPTH", "check_json_files", "nested_deeper_than", "parse_json",
+           "read_json_file"]
 
 MAX_DEPTH = 512                   # far beyond any real config / plan / trace (they nest < 10 deep)
 DEFAULT_MAX_BYTES = 256 * 2**20   # 256 MiB
@@ -125,3 +126,14 @@ def read_json_file(path: str | os.PathLike, *, error: type[VramancerError] = Bad
     if len(raw) > max_bytes:
         raise error(f"{pre}more than the {max_bytes} bytes a {what} may have")
     return parse_json(raw, error=error, prefix=pre)
+
+
+def check_json_files(folder: str | os.PathLike, error: type[VramancerError] | None = None) -> None:
+    """Every ``*.json`` at the top of a model folder reads as JSON (size, UTF-8, syntax, depth), so
+    the libraries that read them later (transformers: tokenizer, generation and chat-template
+    configs) meet none that would end in a traceback or a RecursionError. Default error:
+    MalformedCheckpointError naming the file."""
+    from .errors import MalformedCheckpointError
+
+    for p in sorted(Path(folder).glob("*.json")):
+        read_json_file(p, error=error or MalformedCheckpointError, what="model file")

@@ -86,6 +86,9 @@ def weights_folder(model: Any) -> Path:
         if not (p / "config.json").is_file():
             raise UnknownModelError(f"{p}: no config.json (a transformers model folder is needed)")
         refuse_pickle_only(p, str(model))
+        from .._json import check_json_files
+
+        check_json_files(p)   # tokenizer / generation configs: one line here, not a traceback in transformers
         return p
     if p.is_file():
         if p.suffix == ".safetensors" and (p.parent / "config.json").is_file():

@@ -82,8 +82,11 @@ def load_tokenizer(folder: str | Path) -> Any:
 
     try:
         return AutoTokenizer.from_pretrained(str(folder))
-    except (OSError, ValueError, TypeError) as e:
-        raise BadInputError(f"{folder}: no usable tokenizer ({str(e).splitlines()[0]})") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - tokenizers raises bare Exception for files of the wrong shape
+        detail = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BadInputError(f"{folder}: no usable tokenizer ({detail})") from None
 
 
 def load_split(model: str, plan: "Plan", dtype: str | None = None) -> tuple[Any, Any]:
