@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"host ({speed.fingerprint}, load {os.getloadavg()[0]:.1f}): GEMV "
               f"{speed.bandwidth_bytes_per_s / 1e9:.1f} GB/s, GEMM {speed.gemm_flops_per_s / 1e9:.1f} GFLOP/s, "
               f"{speed.block_overhead_s * 1e3:.2f} ms per block, {speed.step_overhead_s * 1e3:.2f} ms per step, "
-              f"{speed.request_overhead_s * 1e3:.1f} ms to a first token"
+              f"{speed.request_overhead_s * 1e3:.1f} ms to a first token, "
+              f"{speed.parallel_op_s * 1e3:.2f} ms per parallel op"
               + (f"  (kept in {where})" if args.save else ""), flush=True)
         return speed
 

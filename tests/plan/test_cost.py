@@ -64,6 +64,27 @@ def test_cpu_block_time_is_the_formula_on_the_host_figures(llama_folder):
     assert CostModel(prof, 256, 1, 64, host=replace(SPEED, request_overhead_s=0.0)).step_seconds() == (2e-3, 2e-3)
 
 
+def test_prefill_past_the_grain_size_pays_a_hand_off_per_parallel_op(llama_folder):
+    from vramancer.plan.cost import PARALLEL_OPS_PER_LAYER, PARALLEL_OPS_PER_OTHER_BLOCK, TORCH_GRAIN_SIZE
+
+    prof = make_profile(str(llama_folder))                    # hidden 256
+    cpu = replace(host_device(), bandwidth_bytes_per_s=SPEED.bandwidth_bytes_per_s, tflops=SPEED.tflops)
+    slow = replace(SPEED, parallel_op_s=1e-3)
+    assert TORCH_GRAIN_SIZE == 128 * 256
+    for chunk, extra_layer, extra_other in ((64, 0.0, 0.0),    # 64 x 256 elements: one thread, no hand-off
+                                            (128, PARALLEL_OPS_PER_LAYER * 1e-3, PARALLEL_OPS_PER_OTHER_BLOCK * 1e-3)):
+        base = CostModel(prof, 256, 1, chunk, host=SPEED)
+        cm = CostModel(prof, 256, 1, chunk, host=slow)
+        for b in prof.blocks:
+            (d0, p0), (d1, p1) = base.execute_seconds(b, cpu), cm.execute_seconds(b, cpu)
+            assert d1 == d0                                   # a decode step (1 x 256) stays on one thread
+            if b.flops_per_token <= 0:
+                want = 0.0                                    # an embedding lookup: no parallel op counted
+            else:
+                want = extra_layer if b.kv_bytes_per_token > 0 else extra_other
+            assert p1 - p0 == pytest.approx(want, abs=1e-12)
+
+
 def test_plan_on_cpu_predicts_blocks_plus_step_with_kept_figures(cache, llama_folder):
     # kept for what host_speed() looks up: this CPU at the thread count the planner assumes
     speed = replace(SPEED, fingerprint=host_speed().fingerprint)

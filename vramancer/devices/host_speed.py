@@ -13,6 +13,9 @@ criteria, the streamer). So these are measured, not looked up:
     step_overhead_s        fixed seconds per generation step beyond its blocks (t1 minus its 3 blocks)
     request_overhead_s     fixed seconds from a ``generate`` call to its first token beyond the
                            prompt's blocks (setup, the first step): what a prefill chunk pays on top
+    parallel_op_s          the hand-off between threads each op of a prefill pays once its tensors
+                           pass torch's grain size: a width-256 decoder layer's 128-token forward (1
+                           layer vs 5), less its matmuls and the block's fixed cost, per op
 
 ``vramancer.runtime.calibrate.measure_host_speed()`` measures them (a few seconds, with the threads
 torch uses); ``save_host_speed`` keeps them under the cache folder for this CPU and thread count
@@ -43,6 +46,7 @@ class HostSpeed:
     block_overhead_s: float
     step_overhead_s: float
     request_overhead_s: float = 0.0
+    parallel_op_s: float = 0.0
     threads: int = 0
     fingerprint: str = ""
     source: str = "default"   # "default" or "measured"
@@ -72,6 +76,7 @@ DEFAULT_GEMM_FLOPS_PER_THREAD = 25e9
 DEFAULT_BLOCK_OVERHEAD_S = 4e-3
 DEFAULT_STEP_OVERHEAD_S = 1.5e-3
 DEFAULT_REQUEST_OVERHEAD_S = 20e-3
+DEFAULT_PARALLEL_OP_S = 0.3e-3
 
 
 def default_host_speed(threads: int) -> HostSpeed:
@@ -80,7 +85,7 @@ def default_host_speed(threads: int) -> HostSpeed:
     return HostSpeed(bandwidth_bytes_per_s=min(DEFAULT_DRAM_BANDWIDTH, DEFAULT_BANDWIDTH_PER_THREAD * t),
                      gemm_flops_per_s=DEFAULT_GEMM_FLOPS_PER_THREAD * t,
                      block_overhead_s=DEFAULT_BLOCK_OVERHEAD_S, step_overhead_s=DEFAULT_STEP_OVERHEAD_S,
-                     request_overhead_s=DEFAULT_REQUEST_OVERHEAD_S,
+                     request_overhead_s=DEFAULT_REQUEST_OVERHEAD_S, parallel_op_s=DEFAULT_PARALLEL_OP_S,
                      threads=t, fingerprint=host_fingerprint(t), source="default")
 
 

@@ -17,7 +17,9 @@ A hop between stages moves ``tokens x hidden x bytes`` over the host link plus a
 Host RAM (and the CPU that runs disk-tier blocks) uses measured figures, not vendor peaks (see
 vramancer/devices/host_speed.py): the bandwidth a decode GEMV reaches and the FLOP/s of a prefill
 matmul, taken as they are (no efficiency factor), plus a fixed cost per block per forward (eager op
-dispatch: what dominates small models on a CPU). Every plan also pays the host's fixed cost per
+dispatch: what dominates small models on a CPU), plus, for tensors past torch's grain size (a
+prefill chunk), a thread hand-off per parallel op (what dominates when other work holds the cores).
+Every plan also pays the host's fixed cost per
 generation step and per request (``step_seconds``: the ``generate`` loop around the forward, and its
 setup before the first token), whatever runs the blocks.
 """
@@ -30,13 +32,21 @@ from ..devices.host_speed import HostSpeed, host_speed
 from ..models.profile import BlockProfile, ModelProfile
 
 __all__ = ["CostModel", "DECODE_BANDWIDTH_EFFICIENCY", "COMPUTE_EFFICIENCY", "LINK_EFFICIENCY",
-           "GPU_BLOCK_OVERHEAD_S", "HOP_LATENCY_S"]
+           "GPU_BLOCK_OVERHEAD_S", "HOP_LATENCY_S", "TORCH_GRAIN_SIZE", "PARALLEL_OPS_PER_LAYER",
+           "PARALLEL_OPS_PER_OTHER_BLOCK"]
 
 DECODE_BANDWIDTH_EFFICIENCY = 0.75
 COMPUTE_EFFICIENCY = 0.55
 LINK_EFFICIENCY = 0.80
 GPU_BLOCK_OVERHEAD_S = 60e-6   # ~12 kernel launches per transformer layer at ~5 us
 HOP_LATENCY_S = 25e-6          # device->host->device sync + copy launch
+# torch runs an elementwise op on one thread below this many elements (at::internal::GRAIN_SIZE)
+TORCH_GRAIN_SIZE = 32768
+# ops a transformers decoder layer splits over threads once past the grain size, counted in a
+# torch profile of a Llama layer's forward: 7 matmuls, ~10 mul, 6 add, 2 pow, 2 mean/sum, silu,
+# attention; the embedding and head blocks: a norm and the LM head
+PARALLEL_OPS_PER_LAYER = 28
+PARALLEL_OPS_PER_OTHER_BLOCK = 8
 
 
 @dataclass
@@ -83,6 +93,16 @@ class CostModel:
     def _overhead(self, dev: Device) -> float:
         return GPU_BLOCK_OVERHEAD_S if dev.kind == "gpu" else self.host.block_overhead_s
 
+    def _parallel_ops_seconds(self, b: BlockProfile, tokens: int) -> float:
+        """CPU only: the ops of a block that torch splits over its threads once a tensor passes its
+        grain size (``tokens x hidden`` elements) each pay a thread hand-off, ``parallel_op_s``: a
+        few microseconds on idle cores, milliseconds when other work holds them."""
+        hidden = self.profile.hidden_size or 0
+        if tokens * hidden < TORCH_GRAIN_SIZE or b.flops_per_token <= 0:
+            return 0.0
+        is_layer = b.kv_bytes_per_token > 0 or b.attn_flops_per_token_per_ctx > 0
+        return (PARALLEL_OPS_PER_LAYER if is_layer else PARALLEL_OPS_PER_OTHER_BLOCK) * self.host.parallel_op_s
+
     def step_seconds(self) -> tuple[float, float]:
         """(decode step, prefill chunk) fixed host seconds beyond the blocks: a decode step pays the
         generation loop's; a prefill chunk is priced as a request's first forward (``generate``'s setup)."""
@@ -98,10 +118,14 @@ class CostModel:
             prefill = max(b.weights_bytes / (read_dev_bw * LINK_EFFICIENCY),
                           self._compute_seconds(self._prefill_flops(b), dev))
             oh = self.host.block_overhead_s
-            return decode + oh, prefill + oh
+            return (decode + oh + self._parallel_ops_seconds(b, self.batch),
+                    prefill + oh + self._parallel_ops_seconds(b, self.chunk_tokens))
         decode = max(self._read_seconds(self._decode_bytes(b), dev), self._compute_seconds(self._decode_flops(b), dev))
         prefill = max(self._read_seconds(b.weights_bytes, dev), self._compute_seconds(self._prefill_flops(b), dev))
         oh = self._overhead(dev)
+        if dev.kind == "cpu":
+            return (decode + oh + self._parallel_ops_seconds(b, self.batch),
+                    prefill + oh + self._parallel_ops_seconds(b, self.chunk_tokens))
         return decode + oh, prefill + oh
 
     def stream_seconds(self, b: BlockProfile, src: Device, gpu: Device) -> tuple[float, float]:

@@ -16,7 +16,8 @@ from collections.abc import Callable
 
 from ..devices.host_speed import HostSpeed, host_fingerprint
 
-__all__ = ["measure_host_speed", "measure_bandwidth", "measure_gemm_flops", "measure_overheads"]
+__all__ = ["measure_host_speed", "measure_bandwidth", "measure_gemm_flops", "measure_overheads",
+           "measure_parallel_op"]
 
 
 def _median_seconds(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> float:
@@ -50,11 +51,36 @@ def measure_gemm_flops(m: int = 512, k: int = 1024, n: int = 1024) -> float:
     return 2.0 * m * k * n / _median_seconds(lambda: torch.mm(a, b), repeat=7)
 
 
-def _tiny_llama(layers: int, vocab: int):
+def measure_parallel_op(block_overhead_s: float, gemm_flops_per_s: float, rounds: int = 5) -> float:
+    """Seconds each parallel op of a prefill pays for the hand-off between threads, from a real
+    decoder layer: Llamas of width 256 with 1 and 5 layers run a 128-token forward (128 x 256 is
+    torch's grain size, so every elementwise op goes parallel), in alternation; a layer's time,
+    less its matmuls at the measured FLOP/s and the fixed cost per block, is spread over its
+    PARALLEL_OPS_PER_LAYER ops."""
+    import torch
+
+    from ..plan.cost import PARALLEL_OPS_PER_LAYER
+
+    small, large = _tiny_llama(1, 256, hidden=256), _tiny_llama(5, 256, hidden=256)
+    ids = torch.randint(0, 256, (1, 128), generator=torch.Generator().manual_seed(0))
+    layer = large.model.layers[0]
+    layer_flops = 2 * 128 * sum(p.numel() for p in layer.parameters() if p.dim() == 2)
+    with torch.no_grad():
+        small(ids), large(ids)   # warm-up
+        per_layer = []
+        for _ in range(rounds):
+            t1 = _median_seconds(lambda: small(ids), repeat=1, warmup=0)
+            t5 = _median_seconds(lambda: large(ids), repeat=1, warmup=0)
+            per_layer.append((t5 - t1) / 4)
+    left = statistics.median(per_layer) - layer_flops / gemm_flops_per_s - block_overhead_s
+    return max(0.0, left) / PARALLEL_OPS_PER_LAYER
+
+
+def _tiny_llama(layers: int, vocab: int, hidden: int = 64):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=256, tie_word_embeddings=False)
     torch.manual_seed(0)
     return LlamaForCausalLM(cfg).eval()
@@ -102,6 +128,8 @@ def measure_host_speed() -> HostSpeed:
 
     threads = torch.get_num_threads()
     block, step, request = measure_overheads()
-    return HostSpeed(bandwidth_bytes_per_s=measure_bandwidth(), gemm_flops_per_s=measure_gemm_flops(),
-                     block_overhead_s=block, step_overhead_s=step, request_overhead_s=request, threads=threads,
+    gemm = measure_gemm_flops()
+    return HostSpeed(bandwidth_bytes_per_s=measure_bandwidth(), gemm_flops_per_s=gemm,
+                     block_overhead_s=block, step_overhead_s=step, request_overhead_s=request,
+                     parallel_op_s=measure_parallel_op(block, gemm), threads=threads,
                      fingerprint=host_fingerprint(threads), source="measured")
