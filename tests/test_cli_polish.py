@@ -304,15 +304,9 @@ transformers = pytest.importorskip("transformers")
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     """A tiny Llama with the demo's tokenizer, saved as a folder."""
-    from vramancer.runtime.demo_model import build_demo_tokenizer
+    from tests.models.tiny import chat_llama
 
-    tok = build_demo_tokenizer()
-    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
-                                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                   pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    model, tok = chat_llama(num_hidden_layers=2, max_position_embeddings=8192, std=None)
     out = tmp_path_factory.mktemp("polish") / "tiny"
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)

@@ -130,17 +130,10 @@ def _prepare(line: ReadmeLine) -> str:
 
 def _tiny_model(folder: Path) -> None:
     """A tiny Llama with a chat template (the demo's tokenizer), random weights, saved as safetensors."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    from vramancer.runtime.demo_model import build_demo_tokenizer
+    from tests.models.tiny import chat_llama  # skips the test without torch / transformers
 
-    tok = build_demo_tokenizer()
-    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768,
-                                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                   pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).eval().save_pretrained(folder, safe_serialization=True)
+    model, tok = chat_llama(hidden_size=64, intermediate_size=128, max_position_embeddings=32768, std=None)
+    model.save_pretrained(folder, safe_serialization=True)
     tok.save_pretrained(folder)
 
 

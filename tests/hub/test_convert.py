@@ -220,16 +220,10 @@ def test_convert_gguf_with_tokenizer_then_run(tmp_path, capsys):
     """A GGUF holding its tokenizer (byte-level BPE and chat template, as llama.cpp's converter
     stores it): convert writes the tokenizer transformers builds from it, in bf16 the folder runs
     with `vramancer run`, and the tokens equal transformers' GGUF model's."""
-    from vramancer.runtime.demo_model import build_demo_tokenizer
+    from tests.models.tiny import chat_llama
     from vramancer.runtime.gguf.write import write_gguf
 
-    tok = build_demo_tokenizer()
-    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                   pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    model, tok = chat_llama(num_hidden_layers=2, intermediate_size=64, max_position_embeddings=128, std=None)
     gdir = tmp_path / "g"
     gdir.mkdir()
     write_gguf(model, gdir / "m.gguf", "Q8_0", tokenizer=tok)

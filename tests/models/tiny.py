@@ -76,3 +76,24 @@ def cache_layer_bytes(out) -> list[int]:
     if cache is None:
         cache = out.past_key_values
     return [int(layer.keys.nbytes + layer.values.nbytes) for layer in cache.layers]
+
+
+def chat_llama(num_hidden_layers: int = 4, hidden_size: int = 32, intermediate_size: int = 48,
+               max_position_embeddings: int = 256, std: float | None = 0.2, seed: int = 0):
+    """(model, tokenizer): a tiny Llama with the demo's real tokenizer and chat template, random
+    weights (matrices drawn with ``std`` so greedy output is not one repeated token), in eval mode."""
+    from vramancer.runtime.demo_model import build_demo_tokenizer
+
+    tok = build_demo_tokenizer()
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=intermediate_size,
+                                   num_hidden_layers=num_hidden_layers, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=max_position_embeddings, bos_token_id=tok.bos_token_id,
+                                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    if std is not None:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() >= 2:
+                    p.normal_(0.0, std)
+    return model, tok

@@ -15,19 +15,9 @@ from vramancer.cli import main as cli  # noqa: E402
 @pytest.fixture(scope="module")
 def chat_folder(tmp_path_factory):
     """A tiny Llama with the demo's real tokenizer (and chat template), saved as a folder."""
-    from vramancer.runtime.demo_model import build_demo_tokenizer
+    from tests.models.tiny import chat_llama
 
-    tok = build_demo_tokenizer()
-    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=4,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                   pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.2)
+    model, tok = chat_llama()
     folder = tmp_path_factory.mktemp("chat") / "tiny-llama"
     model.save_pretrained(folder, safe_serialization=True)
     tok.save_pretrained(folder)
