@@ -111,3 +111,39 @@ def test_planner_splits_sd15_over_three_small_gpus(pipelines, reference):
         b = ref("the cat", num_inference_steps=STEPS, height=HEIGHT, width=WIDTH, output_type="latent",
                 guidance_scale=1.0, generator=torch.Generator().manual_seed(0)).images
     assert torch.allclose(a, b, atol=1e-5, rtol=0)
+
+
+def test_moved_components_and_evicted_stages(pipelines):
+    """Text encoder and VAE moved in for their phase, each sending the denoiser's stage on their GPU to
+    host RAM meanwhile: the image is the unsplit pipeline's, and the stages are back for every step."""
+    from dataclasses import replace
+
+    plan = _forced_plan(pipelines["sd15"], 2)
+    last = len(plan.stages) - 1
+    comps = []
+    for c in plan.components:
+        if c.role == "text_encoder":
+            c = replace(c, mode="moved", device=plan.stages[0].device, evicts=(0,))
+        elif c.role == "vae":
+            c = replace(c, mode="moved", device=plan.stages[last].device, evicts=(last,))
+        comps.append(c)
+    plan.components = comps
+    plan.validate()
+    pipe = _load(pipelines["sd15"], plan)
+    kw = dict(num_inference_steps=STEPS, height=HEIGHT, width=WIDTH, output_type="pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = pipe("the cat", generator=torch.Generator().manual_seed(0), **kw).images
+        ref = diffusers.DiffusionPipeline.from_pretrained(pipelines["sd15"], local_files_only=True)
+        ref.set_progress_bar_config(disable=True)
+        b = ref("the cat", generator=torch.Generator().manual_seed(0), **kw).images
+    assert torch.allclose(a, b, atol=1e-5, rtol=0)
+    rt = pipe.vramancer
+    assert rt.evictions == 2 and rt.moved["text_encoder"].moves == 1 and rt.moved["vae"].moves == 1
+    bad = replace(plan.components[-1], evicts=(0,)) if plan.stages[0].device != plan.components[-1].device \
+        else replace(plan.components[-1], evicts=(99,))
+    plan.components = plan.components[:-1] + [bad]
+    from vramancer.errors import BadInputError
+
+    with pytest.raises(BadInputError, match="evicts"):
+        plan.validate()

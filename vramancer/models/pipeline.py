@@ -20,9 +20,10 @@ against ``tokens x tokens x batch`` (the denoiser profile's config carries
 ``attn_implementation: "eager"``, which the planner's BlockTable reads).
 
 Text encoders: ``tokens x hidden x bytes x 12`` while a layer runs (hidden in/out, q/k/v, MLP
-intermediate of 4 hidden) + scores only with eager attention. VAE decode: the decoder's widest
-full-resolution level holds 3 maps of C0 channels at H x W (input, normed, conv output) per image,
-plus its mid-block attention at latent resolution when eager.
+intermediate of 4 hidden) + scores only with eager attention. VAE decode: its full-resolution
+level holds 3 maps of C1 channels at H x W (the upsampled map entering it, its conv output, a
+norm) per image, C1 = ``block_out_channels[1]`` (the channels that enter that level), plus its
+mid-block attention at latent resolution when eager.
 """
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ from .diffusion import FLUX_TEXT_TOKENS, SDXL_TEXT_TOKENS, denoiser_blocks
 from .dtypes import resolve_dtype
 from .profile import ModelProfile
 
-__all__ = ["ComponentProfile", "PipelineProfile", "ImageWorkload", "Role", "pipeline_profile",
+__all__ = ["ComponentProfile", "PipelineProfile", "ImageWorkload", "Role", "pipeline_profile", "catalog_pipeline",
+           "CATALOG_PIPELINES",
            "is_pipeline", "single_file_layout", "SINGLE_FILE_LAYOUTS", "BODY_LISTS"]
 
 Role = Literal["text_encoder", "denoiser", "vae", "other"]
@@ -282,8 +284,8 @@ def _read_component(folder: Path, name: str, class_name: str, pipeline_class: st
         heads = _int(cfg, "num_attention_heads", "num_heads", default=1)
         tokens = _text_tokens_of(cfg, name, pipeline_class)
     elif role == "vae":
-        chans = cfg.get("block_out_channels") or [128]
-        hidden = max(int(c) for c in chans)
+        chans = [int(c) for c in (cfg.get("block_out_channels") or [128])]
+        hidden = chans[min(1, len(chans) - 1)]   # the channels that enter the full-resolution level
     comp = ComponentProfile(name=name, class_name=class_name, role=role,
                             weights_bytes=sum(t.nbytes for t in tensors), params=sum(t.numel for t in tensors),
                             dtype=dtype, files=tuple(str(f) for f in files), hidden=hidden, heads=heads,
@@ -532,7 +534,7 @@ def _single_file_profile(path: Path, eager: bool) -> PipelineProfile:
         if role == "text_encoder" and t.name.endswith(("token_embedding.weight", "shared.weight")) and len(t.shape) == 2:
             c.hidden = t.shape[1]
             c.tokens = 256 if "t5" in prefix else SDXL_TEXT_TOKENS
-        if role == "vae" and t.name.endswith("decoder.conv_in.weight") and len(t.shape) == 4:
+        if role == "vae" and t.name.endswith("decoder.up.1.block.0.conv1.weight") and len(t.shape) == 4:
             c.hidden = t.shape[0]
     if "denoiser" not in {c.role for c in comps.values()}:  # pragma: no cover - the marker is a denoiser key
         raise UnknownModelError(f"{path.name}: no denoiser weights in the {layout.key} layout")
@@ -564,3 +566,56 @@ def pipeline_profile(path: str | Path, eager_attention: bool = False) -> Pipelin
         return _single_file_profile(p, eager_attention)
     raise BadInputError(f"{p}: expected a diffusers pipeline folder or a single-file .safetensors checkpoint")
 
+
+
+# -- catalog pipelines (benchmarks, `vramancer plan` of a published pipeline without its files) -----
+@dataclass(frozen=True)
+class _CatalogComponent:
+    name: str
+    role: Role
+    params: int
+    hidden: int
+    heads: int = 1
+    tokens: int = 0
+
+
+# published parameter counts of the components around the catalog denoisers
+_CLIP_L = _CatalogComponent("text_encoder", "text_encoder", 123_060_480, 768, 12, SDXL_TEXT_TOKENS)
+_CATALOG_COMPONENTS: dict[str, tuple[str, tuple[_CatalogComponent, ...]]] = {
+    "sdxl-unet": ("StableDiffusionXLPipeline", (
+        _CLIP_L, _CatalogComponent("text_encoder_2", "text_encoder", 694_659_840, 1280, 20, SDXL_TEXT_TOKENS),
+        _CatalogComponent("vae", "vae", 83_653_863, 256))),
+    "flux.1-dev": ("FluxPipeline", (
+        _CLIP_L, _CatalogComponent("text_encoder_2", "text_encoder", 4_762_310_656, 4096, 64, FLUX_TEXT_TOKENS),
+        _CatalogComponent("vae", "vae", 83_819_683, 256))),
+}
+CATALOG_PIPELINES = tuple(_CATALOG_COMPONENTS)
+
+
+def catalog_pipeline(key: str, dtype: str | None = None, eager_attention: bool = False) -> PipelineProfile:
+    """A whole pipeline around a catalog denoiser (SDXL, FLUX.1-dev): the denoiser's block profile from
+    the catalog, its text encoders and VAE from their published parameter counts, all in ``dtype``
+    (the denoiser's default when None)."""
+    from .catalog import find_model
+    from .diffusion import diffusion_profile
+
+    entry = find_model(key)
+    if entry is None or entry.key not in _CATALOG_COMPONENTS:
+        raise UnknownModelError(f"no catalog pipeline {key!r} (known: {', '.join(CATALOG_PIPELINES)})")
+    den = diffusion_profile(entry, dtype)
+    if eager_attention:
+        den.config = dict(den.config or {}, attn_implementation="eager")
+    dt = resolve_dtype(den.dtype)
+    pipeline_class, parts = _CATALOG_COMPONENTS[entry.key]
+    comps = [ComponentProfile(name="transformer" if "Flux" in pipeline_class else "unet",
+                              class_name=entry.arch, role="denoiser", weights_bytes=den.weights_bytes,
+                              params=den.params, dtype=den.dtype, hidden=den.hidden_size)]
+    for c in parts:
+        comps.append(ComponentProfile(name=c.name, class_name=c.name, role=c.role,
+                                      weights_bytes=c.params * dt.compute_bytes, params=c.params,
+                                      dtype=dt.compute, hidden=c.hidden, heads=c.heads, tokens=c.tokens))
+    text_tokens = FLUX_TEXT_TOKENS if "Flux" in pipeline_class else 0
+    return PipelineProfile(name=entry.key, path=None, pipeline_class=pipeline_class, source="catalog",
+                           components=comps, denoiser=den, vae_scale=8, latent_channels=16 if text_tokens else 4,
+                           text_tokens=text_tokens, eager_attention=eager_attention,
+                           notes=["text encoders and VAE sized from their published parameter counts"])

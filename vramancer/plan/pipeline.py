@@ -118,6 +118,25 @@ def plan_pipeline(profile: PipelineProfile, devices: list[Device], workload: Ima
     if policy not in POLICIES:
         raise WorkloadError(f"policy must be one of {', '.join(POLICIES)}, not {policy!r}")
     profile.check_size(workload)
+    if policy == "vramancer" and block_devices is None:
+        # the partitioner's split of the denoiser, and the denoiser whole on each GPU: the plan that
+        # fits with the fewest seconds per image (a split costs hops; whole, it may crowd the encoders out)
+        best = _plan_one(profile, devices, workload, reserve_bytes, policy, suggest, None, offload_mode)
+        for g in (d for d in devices if d.kind == "gpu"):
+            try:
+                alt = _plan_one(profile, devices, workload, reserve_bytes, policy, False,
+                                [g.id] * profile.denoiser.num_blocks, None)
+            except DoesNotFitError:
+                continue
+            if alt.fits and (not best.fits or alt.image.seconds_per_image < best.image.seconds_per_image):
+                best = alt
+        return best
+    return _plan_one(profile, devices, workload, reserve_bytes, policy, suggest, block_devices, offload_mode)
+
+
+def _plan_one(profile: PipelineProfile, devices: list[Device], workload: ImageWorkload,
+              reserve_bytes: int | str | None, policy: str, suggest: bool, block_devices: list[str] | None,
+              offload_mode: str | None) -> Plan:
     reserve = {d.id: (default_reserve_bytes(d) if reserve_bytes is None else int(reserve_bytes)) for d in devices}
     try:
         den_plan = _denoiser_plan(profile, devices, workload, policy, reserve_bytes, block_devices, offload_mode)
@@ -133,9 +152,10 @@ def plan_pipeline(profile: PipelineProfile, devices: list[Device], workload: Ima
     budget = _Budget({d.id: d.free_bytes for d in devices}, {ph: {} for ph in PHASES})
     for d in devices:
         budget.add(d.id, reserve[d.id], PHASES)
-    # the denoiser: its weights stay in every phase; workspace and stream buffers while it runs
+    # the denoiser: its weights stay in every phase (model_cpu_offload: only while it runs); workspace
+    # and stream buffers while it runs
     for st in den_plan.stages:
-        budget.add(st.device, st.weights_bytes, PHASES)
+        budget.add(st.device, st.weights_bytes, ("denoise",) if policy == "model_cpu_offload" else PHASES)
         budget.add(st.device, st.activation_bytes, ("denoise",))
     for buf in den_plan.stream_buffers:
         if buf.device in by_id:
@@ -152,6 +172,7 @@ def plan_pipeline(profile: PipelineProfile, devices: list[Device], workload: Ima
         activation_bytes=max((s.activation_bytes for s in den_plan.stages), default=0),
         compute_seconds=step_seconds * workload.steps / workload.batch))
     notes: list[str] = []
+    evicted: dict[str, set[int]] = {}   # phase -> denoiser stages waiting in host RAM during it
     others = sorted((c for c in profile.components if c.role != "denoiser"),
                     key=lambda c: (PHASES.index(c.phase), -c.weights_bytes))
     # balanced: components largest first, each on the GPU with the most room left
@@ -173,6 +194,17 @@ def plan_pipeline(profile: PipelineProfile, devices: list[Device], workload: Ima
                 mv = _move_seconds(c.weights_bytes, g) / workload.batch
                 options.append((comp_s + mv, 1, ComponentPlacement(c.name, c.role, c.phase, "moved", g.id,
                                                                    c.weights_bytes, act, comp_s, mv)))
+            elif policy == "vramancer":
+                # moved in while the denoiser's executed stages on this GPU wait in host RAM (copied
+                # back before the first denoising step: their bytes over the link, per image)
+                ev = [i for i, st in enumerate(den_plan.stages)
+                      if st.device == g.id and st.mode == "execute" and i not in evicted.get(c.phase, set())]
+                freed = sum(den_plan.stages[i].weights_bytes for i in ev)
+                if ev and budget.fits(g.id, {c.phase: c.weights_bytes + act - freed}):
+                    mv = _move_seconds(c.weights_bytes + freed, g) / workload.batch
+                    options.append((comp_s + mv, 1, ComponentPlacement(c.name, c.role, c.phase, "moved", g.id,
+                                                                       c.weights_bytes, act, comp_s, mv,
+                                                                       evicts=tuple(ev))))
         if policy == "vramancer" or not gpus:
             host = next((d for d in devices if d.kind == "cpu"), None)
             if host is None or budget.fits(host.id, {ph: c.weights_bytes + (act if ph == c.phase else 0)
@@ -201,6 +233,9 @@ def plan_pipeline(profile: PipelineProfile, devices: list[Device], workload: Ima
             budget.add(pick.device, act, (c.phase,))
         elif pick.mode == "moved":
             budget.add(pick.device, c.weights_bytes + act, (c.phase,))
+            for i in pick.evicts:
+                budget.add(pick.device, -den_plan.stages[i].weights_bytes, (c.phase,))
+                evicted.setdefault(c.phase, set()).add(i)
         elif pick.device in by_id:
             budget.add(pick.device, c.weights_bytes, PHASES)
             budget.add(pick.device, act, (c.phase,))

@@ -145,7 +145,9 @@ class ComponentPlacement:
     """Where one component of an image pipeline lives and runs (pipeline plans only). ``mode``:
     "resident" (kept on ``device``), "split" (the denoiser, over the plan's stages), "moved" (kept in
     host RAM, copied onto ``device`` for its phase and dropped after: ``move_seconds`` per image),
-    "cpu" (kept and run on the host). ``phase``: "encode" | "denoise" | "decode"."""
+    "cpu" (kept and run on the host). ``phase``: "encode" | "denoise" | "decode". ``evicts``: indices of
+    the denoiser's stages on ``device`` that wait in host RAM while this moved component runs (copied
+    back before the next denoising step; counted in ``move_seconds``)."""
 
     name: str
     role: str
@@ -156,9 +158,12 @@ class ComponentPlacement:
     activation_bytes: int
     compute_seconds: float = 0.0
     move_seconds: float = 0.0
+    evicts: tuple[int, ...] = ()
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["evicts"] = list(self.evicts)
+        return d
 
 
 @dataclass(frozen=True)
@@ -461,6 +466,12 @@ class Plan:
             raise bad(f"stream_buffers: none on {missing[0]}, which stages stream to")
         if not 0 <= self.predicted.bottleneck_stage < len(self.stages):
             raise bad(f"predicted.bottleneck_stage: {self.predicted.bottleneck_stage} is not a stage")
+        for j, c in enumerate(self.components):
+            for i in c.evicts:
+                if c.mode != "moved" or not 0 <= i < len(self.stages) or self.stages[i].device != c.device \
+                        or self.stages[i].mode != "execute":
+                    raise bad(f"components[{j}].evicts: stage {i} is not an executed stage on {c.device} "
+                              "that a moved component can send to host RAM")
         if self.identity.dtype != self.workload.dtype:
             raise bad(f"identity.dtype: {self.identity.dtype!r}, but the workload's is {self.workload.dtype!r}")
 
@@ -554,7 +565,9 @@ def _read_plan(r: FieldReader) -> Plan:
             phase=c.str("phase", ("encode", "denoise", "decode")), mode=c.str("mode", ("resident", "split", "moved", "cpu")),
             device=c.str("device", nonempty=True), weights_bytes=c.int("weights_bytes"),
             activation_bytes=c.int("activation_bytes"), compute_seconds=c.float("compute_seconds", default=0.0),
-            move_seconds=c.float("move_seconds", default=0.0)) for c in r.objs("components", [])],
+            move_seconds=c.float("move_seconds", default=0.0),
+            evicts=tuple(c.check_int(x, "evicts", 0, 1 << 20) for x in c.list("evicts", [])))
+            for c in r.objs("components", [])],
         phase_peaks=[PhasePeak(p.str("phase", ("encode", "denoise", "decode")), p.str("device", nonempty=True),
                                p.int("bytes"), p.int("capacity_bytes")) for p in r.objs("phase_peaks", [])],
         image=_read_image(r),

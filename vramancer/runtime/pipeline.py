@@ -56,6 +56,7 @@ class _Moved:
     home: torch.device
     on_device: bool = False
     moves: int = 0
+    evicts: tuple[int, ...] = ()
 
 
 @dataclass
@@ -81,6 +82,8 @@ class PipelineRuntime:
         self._caches: list[StageInputCache] = []
         self._caller_device: list[torch.device] = []
         self.denoiser_calls = 0
+        self.evicted: set[int] = set()     # denoiser stages sent to host RAM by a moved component
+        self.evictions = 0
         self.attached = False
 
     # -- placement --------------------------------------------------------------------------------
@@ -114,7 +117,7 @@ class PipelineRuntime:
 
         dev = _torch_device(self.plan, cp.device.split(",")[0])
         mod.to("cpu")
-        mv = _Moved(cp.name, mod, dev, torch.device("cpu"))
+        mv = _Moved(cp.name, mod, dev, torch.device("cpu"), evicts=tuple(cp.evicts))
         self.moved[cp.name] = mv
         for _, child in mod.named_children():
             self._handles.append(child.register_forward_pre_hook(
@@ -125,6 +128,12 @@ class PipelineRuntime:
             if other is not mv and other.on_device and other.device == mv.device:
                 other.module.to(other.home)
                 other.on_device = False
+        for i in mv.evicts:     # the denoiser's stages on this device wait in host RAM meanwhile
+            if i not in self.evicted:
+                for _, m in self.stages[i].units:
+                    m.to("cpu")
+                self.evicted.add(i)
+                self.evictions += 1
         if not mv.on_device:
             mv.module.to(mv.device)
             mv.on_device = True
@@ -202,6 +211,15 @@ class PipelineRuntime:
         import torch
 
         self.denoiser_calls += 1
+        if self.evicted:        # back to their devices, and the moved components off them, before a step
+            for mv in self.moved.values():
+                if mv.on_device and mv.evicts:
+                    mv.module.to(mv.home)
+                    mv.on_device = False
+            for i in sorted(self.evicted):
+                for _, m in self.stages[i].units:
+                    m.to(self.stages[i].device)
+            self.evicted.clear()
         x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
         self._caller_device = [x.device] if isinstance(x, torch.Tensor) else []
         dev = self.stages[0].compute_device
