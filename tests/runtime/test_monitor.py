@@ -231,3 +231,18 @@ def test_streamed_stages_count_on_their_compute_device(saved_models):
     assert sample.device == gpu and sample.used_bytes == expected
     assert sample.missing and sample.source == "simulated"
     rt.free()
+
+
+def test_line_view_prints_phase_changes_and_one_line_a_second():
+    """Sampled every 0.1 s for 3.5 s over load -> prefill -> decode: the line view shows each phase's
+    first and last sample and one line a second within a phase, not 35 lines."""
+    from vramancer.runtime.watch import throttle_lines
+    from vramancer.telemetry.samples import Snapshot
+
+    phases = ["load"] * 12 + ["prefill"] * 3 + ["decode"] * 20
+    snaps = [Snapshot(timestamp=100.0 + 0.1 * i, phase=p) for i, p in enumerate(phases)]
+    shown = [(round(s.timestamp - 100.0, 1), s.phase) for s in throttle_lines(snaps)]
+    assert shown == [(0.0, "load"), (1.0, "load"), (1.1, "load"),
+                     (1.2, "prefill"), (1.4, "prefill"),
+                     (1.5, "decode"), (2.5, "decode"), (3.4, "decode")]
+    assert list(throttle_lines([])) == []

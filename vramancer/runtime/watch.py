@@ -3,19 +3,21 @@
 A Recorder samples the plan's simulated devices (the runtime's accounting, ``StageFeed``) and its
 real ones (NVML, torch, host RAM) in the phases ``load``, ``prefill`` (to the logits of the first
 new token) and ``decode``, with one sample taken at the end of each phase so that even a run
-shorter than the interval has each phase's memory. The live view is one line per sample on stderr
-when stdout or stderr is not a terminal (logs, pipes), else a compact panel of per-stage bars on
-the terminal (the generated text is printed when the panel closes). At the end: the peak analysis
-and, with ``--trace FILE``, the trace (CSV or JSON by suffix) that ``vramancer report`` reads.
+shorter than the interval has each phase's memory. The live view is one line per phase change
+and per second on stderr when stdout or stderr is not a terminal (logs, pipes), else a compact
+panel of per-stage bars on the terminal (the generated text is printed when the panel closes).
+At the end: the peak analysis and, with ``--trace FILE``, the trace (CSV or JSON by suffix)
+that ``vramancer report`` reads.
 """
 from __future__ import annotations
 
 import logging
 import sys
 import threading
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from ..errors import BadInputError, WorkloadError
 from ..units import format_bytes
@@ -28,8 +30,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .split import SplitRuntime
     from .telemetry_feed import StageFeed
 
-__all__ = ["RunMonitor", "GenerationPhases", "stage_line", "check_trace_path", "check_monitor_interval",
-           "DEFAULT_MONITOR_INTERVAL_S", "TEXT_TAIL_CHARS"]
+__all__ = ["RunMonitor", "GenerationPhases", "stage_line", "throttle_lines", "check_trace_path",
+           "check_monitor_interval", "DEFAULT_MONITOR_INTERVAL_S", "TEXT_TAIL_CHARS"]
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +59,14 @@ def check_monitor_interval(seconds: float) -> float:
     return float(seconds)
 
 
+LINE_EVERY_S = 1.0   # the live view's line rate within a phase (it samples faster)
+
+
 def _size(n: int | None) -> str:
     return "n/a" if n is None else format_bytes(n, 1)
 
 
-def stage_line(snapshot: "Snapshot", labels: dict[str, str] | None = None) -> str:
+def stage_line(snapshot: Snapshot, labels: dict[str, str] | None = None) -> str:
     """One log line per sample: "14:03:07.250 decode | s0 rtx3060-12gb#0 1.3 MiB / 12.0 GiB | cpu ..."."""
     from ..units import iso_time
 
@@ -74,6 +79,26 @@ def stage_line(snapshot: "Snapshot", labels: dict[str, str] | None = None) -> st
             + (" | ".join(parts) if parts else "no devices"))
 
 
+def throttle_lines(snapshots: Iterable[Snapshot], every_s: float = LINE_EVERY_S) -> Iterator[Snapshot]:
+    """The samples the line view prints: the first of each phase (after the last one of the phase
+    before), at most one per ``every_s`` seconds within a phase, and the very last sample."""
+    last_phase: Any = ()                     # nothing printed yet
+    last_t = float("-inf")
+    held = None                              # the newest sample not printed
+    for snap in snapshots:
+        if snap.phase != last_phase:
+            if held is not None:
+                yield held
+        elif snap.timestamp - last_t < every_s:
+            held = snap
+            continue
+        held = None
+        last_phase, last_t = snap.phase, snap.timestamp
+        yield snap
+    if held is not None:
+        yield held
+
+
 class GenerationPhases:
     """``prefill`` from entering until the logits of the first new token exist, ``decode`` from
     there to the end, a "first token" mark between them. A sample closes each phase: prefill's
@@ -84,7 +109,7 @@ class GenerationPhases:
             generate_text(model, tok, prompt, max_new_tokens=64, **phases.generate_kwargs())
     """
 
-    def __init__(self, recorder: "Recorder", max_new_tokens: int | None = None,
+    def __init__(self, recorder: Recorder, max_new_tokens: int | None = None,
                  eos_token_ids: Any = None):
         self.recorder = recorder
         self.max_new_tokens = max_new_tokens
@@ -107,7 +132,7 @@ class GenerationPhases:
         if cm is not None:
             cm.__exit__(None, None, None)
 
-    def __enter__(self) -> "GenerationPhases":
+    def __enter__(self) -> GenerationPhases:
         self._enter("prefill")
         return self
 
@@ -164,7 +189,7 @@ class RunMonitor:
     ``generating()``, and finish() (idempotent; also after an error). ``live``: show samples as
     they come (``panel`` says which view); ``trace``: where finish() writes the trace."""
 
-    def __init__(self, plan: "Plan", interval_s: float = DEFAULT_MONITOR_INTERVAL_S, live: bool = True,
+    def __init__(self, plan: Plan, interval_s: float = DEFAULT_MONITOR_INTERVAL_S, live: bool = True,
                  trace: str | Path | None = None, stream: TextIO | None = None, panel: bool | None = None,
                  real_devices: bool = True):
         from ..telemetry.recorder import Recorder
@@ -188,7 +213,7 @@ class RunMonitor:
         self._finished = False
 
     # -- life cycle -------------------------------------------------------------------------------
-    def start(self) -> "RunMonitor":
+    def start(self) -> RunMonitor:
         if self.live and not self.panel:
             sub = self.recorder.subscribe()
             self._printer = threading.Thread(target=self._print_lines, args=(sub,), name="vramancer-run-monitor",
@@ -205,20 +230,20 @@ class RunMonitor:
             self._live_view.start()
         return self
 
-    def __enter__(self) -> "RunMonitor":
+    def __enter__(self) -> RunMonitor:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
         self.finish()
 
     @contextmanager
-    def loading(self, model: Any) -> Iterator["RunMonitor"]:
+    def loading(self, model: Any) -> Iterator[RunMonitor]:
         """The ``load`` phase around loading ``model`` (what is passed to ``load``)."""
         with self.recorder.phase("load"), self.feed.watch_load(model):
             yield self
             self.recorder.sample_once()      # the loaded state, inside the load phase
 
-    def attach(self, runtime: "SplitRuntime") -> None:
+    def attach(self, runtime: SplitRuntime) -> None:
         self.feed.attach(runtime)
 
     def generating(self, max_new_tokens: int | None = None, eos_token_ids: Any = None) -> GenerationPhases:
@@ -228,7 +253,7 @@ class RunMonitor:
         """Generated text for the panel (the caller prints it after finish())."""
         self.text += piece
 
-    def finish(self, quiet: bool = False) -> "PeakReport":
+    def finish(self, quiet: bool = False) -> PeakReport:
         """Stop sampling (one last sample), stop the live view, write the trace; the peaks.
         ``quiet``: an error is already on its way (a failed run): failing to write the trace is
         logged, not raised, so that it does not hide that error."""
@@ -265,7 +290,7 @@ class RunMonitor:
 
     # -- views ------------------------------------------------------------------------------------
     def _print_lines(self, sub: Any) -> None:
-        for snap in sub:
+        for snap in throttle_lines(sub):
             try:
                 self.stream.write(stage_line(snap, self.labels) + "\n")
                 self.stream.flush()
