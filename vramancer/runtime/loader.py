@@ -54,6 +54,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..plan.plan import Plan
     from .checkpoint import Checkpoint
     from .layout import StageLayout
+    from .progress import LoadProgress
     from .split import SplitRuntime
 
 __all__ = ["load", "load_module", "load_folder", "build_empty_model", "model_class", "torch_dtype",
@@ -261,10 +262,11 @@ class _Placer:
     """Puts every tensor of ``model`` where its stage wants it, and builds the SplitRuntime."""
 
     def __init__(self, model: nn.Module, plan: Plan, layout: StageLayout, sources: dict[str, _Source],
-                 ckpt: Checkpoint | None, offload_dir: str | None):
+                 ckpt: Checkpoint | None, offload_dir: str | None, progress: LoadProgress | None = None):
         import torch
 
         self.model = model
+        self.progress = progress
         self.plan = plan
         self.layout = layout
         self.sources = sources
@@ -382,6 +384,7 @@ class _Placer:
                             else:
                                 disk_specs.append((n, meta[first].dtype, tuple(meta[first].shape),
                                                    lambda n=n, s=src, m=meta[first]: self._to_cpu(n, s, m)))
+                        self._count(si, meta[first].numel() * meta[first].element_size())
                         continue
                     # streamed stages keep their parameters at home; buffers live where they run
                     device = self.compute[si] if (tier == "disk" or not is_param) else self.device[si]
@@ -395,6 +398,7 @@ class _Placer:
                     for n in by_stage[si]:
                         self.placed[n] = t
                     self._assign(by_stage[si], t)
+                    self._count(si, t.numel() * t.element_size())
                 self._drop_converted(src)
             # buffers nobody loads (non-persistent: rotary frequencies, ...) are computed, not loaded
             for name, buf in list(self.model.named_buffers(remove_duplicate=False)):
@@ -413,6 +417,10 @@ class _Placer:
         if empty:
             raise CheckpointMismatchError(f"no weights for {len(empty)} parameters: {_listing(empty)}",
                                           missing=empty)
+
+    def _count(self, stage: int, nbytes: int) -> None:
+        if self.progress is not None:
+            self.progress.placed(stage, nbytes)
 
     def _to_cpu(self, name: str, src: _Source, meta: torch.Tensor) -> torch.Tensor:
         """One tensor for the offload file; a conversion's outputs are not kept past it."""
@@ -604,14 +612,15 @@ def _stored_dtype(ckpt: Checkpoint, key: str) -> torch.dtype:
 
 
 def _place(model: nn.Module, plan: Plan, sources: dict[str, _Source],
-           ckpt: Checkpoint | None, offload_dir: str | None, free_on_error: bool) -> nn.Module:
+           ckpt: Checkpoint | None, offload_dir: str | None, free_on_error: bool,
+           progress: LoadProgress | None = None) -> nn.Module:
     import torch
 
     from .layout import layout_from_plan, stage_layout
 
     check_torch_devices(plan)
     layout = stage_layout(model, layout_from_plan(plan, model), plan)
-    placer = _Placer(model, plan, layout, sources, ckpt, offload_dir)
+    placer = _Placer(model, plan, layout, sources, ckpt, offload_dir, progress)
     try:
         placer.place_all()
         runtime = placer.build_runtime()
@@ -639,7 +648,8 @@ def _place(model: nn.Module, plan: Plan, sources: dict[str, _Source],
 
 # ------------------------------------------------------------------------------------------------
 def load_folder(folder: str | os.PathLike, plan: Plan, dtype: str | None = None,
-                offload_dir: str | None = None, model_ref: Any = None) -> nn.Module:
+                offload_dir: str | None = None, model_ref: Any = None,
+                progress: LoadProgress | None = None) -> nn.Module:
     """Build the model of ``folder`` on meta and load its checkpoint per ``plan``."""
     from transformers import AutoConfig
 
@@ -667,11 +677,12 @@ def load_folder(folder: str | os.PathLike, plan: Plan, dtype: str | None = None,
     except BaseException:
         ckpt.close()
         raise
-    return _place(model, plan, sources, ckpt, offload_dir, free_on_error=True)
+    return _place(model, plan, sources, ckpt, offload_dir, free_on_error=True, progress=progress)
 
 
 def load_module(module: nn.Module, devices: Any = "auto", plan: Plan | None = None,
-                offload_dir: str | None = None, **plan_kwargs: Any) -> nn.Module:
+                offload_dir: str | None = None, progress: LoadProgress | None = None,
+                **plan_kwargs: Any) -> nn.Module:
     """Split an already built module in place per ``plan`` (made here when not given)."""
     if plan is None:
         from ..plan.planner import plan as make_plan
@@ -683,11 +694,11 @@ def load_module(module: nn.Module, devices: Any = "auto", plan: Plan | None = No
     module.eval()
     module.requires_grad_(False)
     sources = {n: _Source(tensor=t.detach()) for n, t in module.state_dict(keep_vars=True).items()}
-    return _place(module, plan, sources, None, offload_dir, free_on_error=False)
+    return _place(module, plan, sources, None, offload_dir, free_on_error=False, progress=progress)
 
 
 def load_gguf(path: str | os.PathLike, plan: Plan, dtype: str | None = None,
-              offload_dir: str | None = None) -> nn.Module:
+              offload_dir: str | None = None, progress: LoadProgress | None = None) -> nn.Module:
     """Build the model of the GGUF file ``path`` on meta with its weights kept as GGUF blocks
     (runtime/gguf/) and load it per ``plan``. ``dtype``: the compute dtype the blocks are
     dequantized to (default: float32 on CPUs, bfloat16 when a stage runs on a GPU)."""
@@ -709,16 +720,17 @@ def load_gguf(path: str | os.PathLike, plan: Plan, dtype: str | None = None,
     gf = open_gguf(path)
     model = build_empty_model(config, dt)
     sources = {name: _Source(convert=read) for name, read in keep_quantized(model, gf, dt).items()}
-    model = _place(model, plan, sources, None, offload_dir, free_on_error=True)
+    model = _place(model, plan, sources, None, offload_dir, free_on_error=True, progress=progress)
     model.vramancer.notes.append(loaded_note(gf, dt))
     return model
 
 
 def load(model: Any, devices: Any = "auto", plan: Plan | None = None, *, dtype: str | None = None,
-         offload_dir: str | None = None, **plan_kwargs: Any) -> nn.Module:
+         offload_dir: str | None = None, progress: LoadProgress | None = None, **plan_kwargs: Any) -> nn.Module:
     """Load ``model`` (a transformers folder, a name the resolver finds locally, or an nn.Module) split
     over ``devices`` per ``plan`` (planned here with ``plan_kwargs`` when not given). The result keeps
-    the transformers interface and carries the runtime as ``model.vramancer``."""
+    the transformers interface and carries the runtime as ``model.vramancer``. ``progress``: a
+    LoadProgress (runtime/progress.py) told of every tensor placed."""
     from torch import nn
 
     if getattr(model, "vramancer", None) is not None:
@@ -726,7 +738,8 @@ def load(model: Any, devices: Any = "auto", plan: Plan | None = None, *, dtype: 
     if isinstance(model, nn.Module):
         if dtype is not None:  # an nn.Module is planned and loaded in the dtype it has
             model.to(torch_dtype(dtype))
-        return load_module(model, devices=devices, plan=plan, offload_dir=offload_dir, **plan_kwargs)
+        return load_module(model, devices=devices, plan=plan, offload_dir=offload_dir, progress=progress,
+                           **plan_kwargs)
     from .gguf.load import is_gguf
 
     if is_gguf(model):  # a llama.cpp file: weights kept quantized; dtype is the compute dtype
@@ -734,7 +747,7 @@ def load(model: Any, devices: Any = "auto", plan: Plan | None = None, *, dtype: 
             from ..plan.planner import plan as make_plan
 
             plan = make_plan(str(model), devices=devices, **plan_kwargs)
-        return load_gguf(model, plan, dtype=dtype, offload_dir=offload_dir)
+        return load_gguf(model, plan, dtype=dtype, offload_dir=offload_dir, progress=progress)
     folder = weights_folder(model)
     if plan is None:
         from ..plan.planner import plan as make_plan
@@ -742,4 +755,4 @@ def load(model: Any, devices: Any = "auto", plan: Plan | None = None, *, dtype: 
         plan = make_plan(str(folder), devices=devices, dtype=dtype, **plan_kwargs)
     elif dtype is not None and torch_dtype(dtype) != torch_dtype(plan.workload.dtype):
         raise WorkloadError(f"dtype {dtype} differs from the plan's {plan.workload.dtype}")
-    return load_folder(folder, plan, dtype=dtype, offload_dir=offload_dir, model_ref=folder)
+    return load_folder(folder, plan, dtype=dtype, offload_dir=offload_dir, model_ref=folder, progress=progress)

@@ -112,7 +112,13 @@ def main(args: argparse.Namespace) -> int:
 
     missing_runtime()
     plan = make_plan(args, args.model)
-    model, tokenizer = load_split(args.model, plan, dtype=None)
+    from ..runtime.progress import LoadProgress
+
+    quiet = getattr(args, "quiet", False)
+    with LoadProgress(plan, enabled=False if quiet else None) as progress:
+        model, tokenizer = load_split(args.model, plan, dtype=None, progress=progress)
+    if not quiet:
+        print(f"vramancer: {progress.summary()}", file=sys.stderr)
     from .server import build_server, serve_forever
 
     recorder = None

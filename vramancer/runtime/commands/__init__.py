@@ -41,7 +41,7 @@ def add_monitor_flags(p: argparse.ArgumentParser) -> None:
                    help="write the memory trace to FILE (.csv or .json) for `vramancer report`")
 
 
-def check_plan_fits(plan: "Plan") -> None:
+def check_plan_fits(plan: Plan) -> None:
     """A plan whose stages need more than their devices hold (a manual split too big) is refused
     before anything is loaded. Offloaded plans run."""
     over = plan.device_shortfalls()      # each device's stages and stream buffer together
@@ -59,7 +59,7 @@ def fetch_model(model: str) -> str:
     return ensure_local(str(model))
 
 
-def make_plan(args: argparse.Namespace, model: str) -> "Plan":
+def make_plan(args: argparse.Namespace, model: str) -> Plan:
     from ...plan.plan import Plan
 
     if getattr(args, "plan", None):  # --plan FILE with --devices X: refused, never one of them ignored
@@ -89,8 +89,9 @@ def load_tokenizer(folder: str | Path) -> Any:
         raise BadInputError(f"{folder}: no usable tokenizer ({detail})") from None
 
 
-def load_split(model: str, plan: "Plan", dtype: str | None = None) -> tuple[Any, Any]:
-    """(model split per ``plan``, tokenizer) for ``model`` (a local transformers folder)."""
+def load_split(model: str, plan: Plan, dtype: str | None = None, progress: Any = None) -> tuple[Any, Any]:
+    """(model split per ``plan``, tokenizer) for ``model`` (a local transformers folder);
+    ``progress``: a runtime.progress.LoadProgress told of every tensor placed."""
     from ..gguf.load import is_gguf
     from ..loader import load, weights_folder
 
@@ -100,14 +101,14 @@ def load_split(model: str, plan: "Plan", dtype: str | None = None) -> tuple[Any,
 
         tok = load_gguf_tokenizer(model)
         check_plan_fits(plan)
-        return load(str(model), plan=plan, dtype=dtype), tok
+        return load(str(model), plan=plan, dtype=dtype, progress=progress), tok
     folder = weights_folder(model)
     tok = load_tokenizer(folder)
     check_plan_fits(plan)
-    return load(str(folder), plan=plan, dtype=dtype), tok
+    return load(str(folder), plan=plan, dtype=dtype, progress=progress), tok
 
 
-def render_memory(report: "MemoryReport", console: Any) -> None:
+def render_memory(report: MemoryReport, console: Any) -> None:
     from rich.table import Table
 
     t = Table(box=None, header_style="bold", pad_edge=False, title="memory per stage: measured (plan)",
@@ -133,14 +134,14 @@ def render_memory(report: "MemoryReport", console: Any) -> None:
         console.print(f"[dim]note: {note}[/]")
 
 
-def render_speed(result: "GenerationResult", console: Any, label: str = "") -> None:
+def render_speed(result: GenerationResult, console: Any, label: str = "") -> None:
     console.print(f"{label}prefill [bold]{result.prefill_tokens_per_s:,.1f}[/] tokens/s "
                   f"({result.prompt_tokens} tokens in {result.prefill_seconds * 1e3:.0f} ms), "
                   f"decode [bold]{result.decode_tokens_per_s:,.1f}[/] tokens/s "
                   f"({result.new_tokens} tokens)")
 
 
-def summary_json(model_name: str, plan: "Plan", result: "GenerationResult", report: "MemoryReport",
+def summary_json(model_name: str, plan: Plan, result: GenerationResult, report: MemoryReport,
                  **extra: Any) -> dict:
     return {"schema": 1, "model": model_name, **extra, "generation": result.to_dict(),
             "plan": plan.to_dict(), "memory": report.to_dict()}

@@ -44,13 +44,17 @@ def _main(args: argparse.Namespace) -> int:
 
     console = Console(highlight=False, stderr=True)
     plan = make_plan(args, args.model)
-    model, tok = load_split(args.model, plan)
+    from ..progress import LoadProgress
+
+    quiet = getattr(args, "quiet", False)
+    with LoadProgress(plan, enabled=False if quiet else None) as progress:
+        model, tok = load_split(args.model, plan, progress=progress)
     if not getattr(tok, "chat_template", None):
         raise BadInputError(f"{args.model}: the tokenizer has no chat template; use `vramancer run` instead")
     stages = ", ".join(f"{s.plan.device}[{s.blocks[0]}:{s.blocks[1]}]" for s in model.vramancer.stages)
-    if not getattr(args, "quiet", False):
-        console.print(f"split over {stages}. Type a message; /exit or end of input quits.", style="dim",
-                      markup=False)
+    if not quiet:
+        console.print(f"{progress.summary()}; split over {stages}. Type a message; /exit or end of input quits.",
+                      style="dim", markup=False)
     messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
     while True:

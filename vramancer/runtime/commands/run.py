@@ -176,9 +176,12 @@ def _main(args: argparse.Namespace) -> int:
 
         set_seed(args.seed)
 
+    from ..progress import LoadProgress
+
+    progress = LoadProgress(plan, enabled=False if (quiet or args.json or panel) else None)
     try:
-        with monitor.loading(args.model) if monitor else nullcontext():
-            model, tok = load_split(args.model, plan, dtype=None)
+        with monitor.loading(args.model) if monitor else nullcontext(), progress:
+            model, tok = load_split(args.model, plan, dtype=None, progress=progress)
             if monitor:
                 monitor.attach(model.vramancer)
         if not args.json and not panel:
@@ -202,6 +205,8 @@ def _main(args: argparse.Namespace) -> int:
     preds = run_predictions_or_none(plan, profile, result)
     if args.json:
         extra = {"telemetry": monitor.summary()} if monitor else {}
+        extra["load"] = {"seconds": progress.seconds, "bytes": progress.placed_bytes,
+                         "tensors": progress.placed_tensors}
         if preds is not None:
             extra["predicted_for_run"] = predictions_json(preds)
         print(json.dumps(summary_json(args.model, plan, result, report, prompt=args.prompt, **extra), indent=2))
@@ -213,6 +218,7 @@ def _main(args: argparse.Namespace) -> int:
     if quiet:
         return 0
     console.rule()
+    console.print(progress.summary(), markup=False)
     render_speed(result, console)
     render_measured_vs_predicted(console, result, preds)
     render_memory(report, console)
