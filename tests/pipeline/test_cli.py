@@ -69,8 +69,8 @@ def test_bad_input_one_line_exit_2(pipelines, tmp_path, case):
         shutil.rmtree(tmp_path / "p" / "text_encoder_3")
         argv = ["plan", tmp_path / "p", "-d", "rtx3060"]
     else:
-        from safetensors.torch import save_file
         import torch
+        from safetensors.torch import save_file
 
         save_file({"model.diffusion_model.new_thing.weight": torch.zeros(2, 2)}, str(tmp_path / "x.safetensors"))
         argv = ["plan", tmp_path / "x.safetensors", "-d", "rtx3060"]
@@ -89,12 +89,12 @@ def test_run_writes_the_image(pipelines, tmp_path):
     assert p.returncode == 0, p.stderr
     d = json.loads(p.stdout)
     assert d["output"] == str(out) and d["plan"]["image"]["steps"] == 2
-    from PIL import Image
+    import diffusers
+    import numpy as np
 
     # the same image as diffusers' own pipeline with the same seed
     import torch
-    import diffusers
-    import numpy as np
+    from PIL import Image
 
     ref = diffusers.DiffusionPipeline.from_pretrained(pipelines["sd15"], local_files_only=True)
     ref.set_progress_bar_config(disable=True)

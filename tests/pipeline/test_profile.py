@@ -20,7 +20,7 @@ def _stored_bytes(folder):
     for f in folder.glob("*/*.safetensors"):
         with safe_open(str(f), "pt") as st:
             total[f.parent.name] = total.get(f.parent.name, 0) + sum(
-                st.get_tensor(k).numel() * st.get_tensor(k).element_size() for k in st.keys())
+                st.get_tensor(k).numel() * st.get_tensor(k).element_size() for k in st.keys())  # noqa: SIM118 - safe_open is no dict
     return total
 
 

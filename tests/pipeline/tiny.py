@@ -76,18 +76,20 @@ def build_pipeline(kind: str, folder: Path) -> Path:
         torch.manual_seed(0)
         unet = UNet2DConditionModel(
             block_out_channels=(8, 16), layers_per_block=1, sample_size=HEIGHT // 2, in_channels=4, out_channels=4,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4).eval()
         pipe = StableDiffusionPipeline(vae=_vae(), text_encoder=_clip(), tokenizer=tokenizer(folder / "_tok"),
-                                       unet=unet, scheduler=DDIMScheduler(steps_offset=1, clip_sample=False), safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
+                                       unet=unet, scheduler=DDIMScheduler(steps_offset=1, clip_sample=False),
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     elif kind == "sdxl":
         from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 
         torch.manual_seed(0)
         unet = UNet2DConditionModel(
             block_out_channels=(8, 16), layers_per_block=1, sample_size=HEIGHT // 2, in_channels=4, out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
             addition_time_embed_dim=4, transformer_layers_per_block=(1, 2),
             projection_class_embeddings_input_dim=6 * 4 + 16, cross_attention_dim=32, norm_num_groups=4).eval()

@@ -379,7 +379,8 @@ def _diffusers_groups(layout: str, groups: list[tuple[str, tuple[str, ...], int,
 
 
 def _denoiser_profile(name: str, comp: ComponentProfile, tensors: list[HeaderTensor], text_tokens: int,
-                      eager: bool, prefix: str = "", arch: str | None = None, layout: str | None = None) -> ModelProfile:
+                      eager: bool, prefix: str = "", arch: str | None = None,
+                      layout: str | None = None) -> ModelProfile:
     groups = _grouped_blocks(tensors, prefix)
     if layout is not None:
         groups = _diffusers_groups(layout, groups)
@@ -531,7 +532,8 @@ def _single_file_profile(path: Path, eager: bool) -> PipelineProfile:
         if role == "denoiser":
             den_tensors.append(t)
             den_prefix = prefix
-        if role == "text_encoder" and t.name.endswith(("token_embedding.weight", "shared.weight")) and len(t.shape) == 2:
+        if role == "text_encoder" and t.name.endswith(("token_embedding.weight", "shared.weight")) \
+                and len(t.shape) == 2:
             c.hidden = t.shape[1]
             c.tokens = 256 if "t5" in prefix else SDXL_TEXT_TOKENS
         if role == "vae" and t.name.endswith("decoder.up.1.block.0.conv1.weight") and len(t.shape) == 4:

@@ -327,8 +327,8 @@ def render_pipeline_plan(plan: Plan, console) -> None:
     from rich.table import Table
 
     img = plan.image
-    head = f"{plan.model}  {img.width}x{img.height} · batch {img.batch} · {img.steps} steps · guidance {img.guidance:g}" \
-        if img else plan.model
+    head = (f"{plan.model}  {img.width}x{img.height} · batch {img.batch} · {img.steps} steps · "
+            f"guidance {img.guidance:g}") if img else plan.model
     console.print(head, markup=False, highlight=False)
     t = Table(box=None, pad_edge=False, header_style="bold")
     for col in ("component", "phase", "mode", "device", "weights", "workspace", "s/image"):

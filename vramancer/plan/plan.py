@@ -562,7 +562,8 @@ def _read_plan(r: FieldReader) -> Plan:
         manual_split=split,
         components=[ComponentPlacement(
             name=c.str("name", nonempty=True), role=c.str("role", ("text_encoder", "denoiser", "vae", "other")),
-            phase=c.str("phase", ("encode", "denoise", "decode")), mode=c.str("mode", ("resident", "split", "moved", "cpu")),
+            phase=c.str("phase", ("encode", "denoise", "decode")),
+            mode=c.str("mode", ("resident", "split", "moved", "cpu")),
             device=c.str("device", nonempty=True), weights_bytes=c.int("weights_bytes"),
             activation_bytes=c.int("activation_bytes"), compute_seconds=c.float("compute_seconds", default=0.0),
             move_seconds=c.float("move_seconds", default=0.0),

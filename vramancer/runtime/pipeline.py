@@ -324,7 +324,7 @@ def _quiet_loading() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _render(console: Any, plan: "Plan") -> None:
+def _render(console: Any, plan: Plan) -> None:
     from ..plan.pipeline import render_pipeline_plan
 
     render_pipeline_plan(plan, console)
