@@ -262,3 +262,14 @@ def test_eight_identical_gpus_are_one_order():
     # same name/size/speed: copies of one signature
     devs = [type(d)(**{**d.to_dict(), "id": f"h#{i}", "name": "h", "p2p_peers": ()}) for i, d in enumerate(devs)]
     assert len(candidate_orders(devs)) == 1
+
+
+def test_host_stream_buffer_is_kept_free_while_searching():
+    """A disk stage streams through a double buffer in host RAM: the search keeps room for it, so
+    the plan never puts blocks in RAM that the buffer then pushes over (it was 1.7 GiB over)."""
+    import vramancer
+
+    plan = vramancer.plan("llama-3.1-8b", devices="rtx3060,cpu:4GiB,disk", context=4096)
+    assert plan.device_shortfalls() == {}
+    host_buffers = [b for b in plan.stream_buffers if b.device == "cpu"]
+    assert host_buffers and any(s.kind == "disk" for s in plan.stages)

@@ -38,6 +38,7 @@ DEFAULT_CONTEXT = 4096
 # x 256 blocks, 4 x 1024) is refused in one line rather than searched for minutes.
 SEARCH_CELLS = 1 << 24
 MAX_PROBLEM_CELLS = 1 << 22
+MAX_BUFFER_ROUNDS = 3       # searches again with room kept for host stream buffers found (sizes only grow)
 # beyond any model's context (2**31 tokens) or batch: refused rather than searched
 _MAX_TOKENS = 1 << 31
 _MAX_BATCH = 1 << 20
@@ -95,12 +96,14 @@ def _reserve(devices: list[Device], reserve_bytes: int | str | None) -> dict[str
 class _Planner:
     """One planning problem. ``offload_mode`` fixes how offloaded blocks are costed ("execute",
     "stream", or None for the faster of the two per block); ``staging_bytes`` is kept free, while
-    searching, on the GPU that computes streamed blocks (its stream buffer). ``capacity`` is what
+    searching, on the GPU that computes streamed blocks (its stream buffer), and ``keep_free``
+    (device id -> bytes) on other devices, such as the host RAM that disk stages stream through. ``capacity`` is what
     each device holds after its reserve; the plan's stream buffers (``_stage_runs``) are counted on
     their devices next to the stages there."""
 
     def __init__(self, profile: ModelProfile, devices: list[Device], workload: Workload,
-                 reserve: dict[str, int], offload_mode: str | None = None, staging_bytes: int = 0):
+                 reserve: dict[str, int], offload_mode: str | None = None, staging_bytes: int = 0,
+                 keep_free: dict[str, int] | None = None):
         self.profile = profile
         self.offload_mode = offload_mode
         self.devices = devices
@@ -115,6 +118,8 @@ class _Planner:
         if staging_bytes and self.stream_gpu is not None:
             i = devices.index(self.stream_gpu)
             self.search_capacity[i] = max(0, self.capacity[i] - staging_bytes)
+        for i, d in enumerate(devices):   # room kept for stream buffers found on a device (the host's)
+            self.search_capacity[i] = max(0, self.search_capacity[i] - (keep_free or {}).get(d.id, 0))
         self.exec_time: list[list[tuple[float, float]]] = []
         self.stream_time: list[list[tuple[float, float]] | None] = []
         for d in devices:
@@ -286,6 +291,25 @@ def plan_profile(profile: ModelProfile, devices: list[Device], workload: Workloa
         ranges = _manual_placement(pl, list(split))
         return _assemble(pl, profile, devices, workload, ranges, notes, split, reserve_bytes, suggest)
     placement = pl.search()
+    keep_free: dict[str, int] = {}
+    for _ in range(MAX_BUFFER_ROUNDS):
+        # A disk stage streams through a buffer in host RAM that the search did not see: search
+        # again with that room kept on the host, until the buffers found fit beside the stages.
+        if placement is None:
+            break
+        trial = _assemble(pl, profile, devices, workload, placement.ranges, list(notes), None, reserve_bytes,
+                          False, offload_mode="execute")
+        over = trial.device_shortfalls()
+        grow = {b.device: b.buffer_bytes for b in trial.stream_buffers
+                if b.device in over and b.buffer_bytes > keep_free.get(b.device, 0)}
+        if not grow:
+            break
+        keep_free.update(grow)
+        pl_kept = _Planner(profile, devices, workload, reserve, keep_free=keep_free)
+        kept = pl_kept.search()
+        if kept is None:
+            break
+        pl, placement = pl_kept, kept
     if placement is None:
         need = sum(pl.table.weights) + sum(pl.table.kv) + max(pl.table.act, default=0)
         short = max(need - sum(pl.capacity), 1)
@@ -302,7 +326,8 @@ def plan_profile(profile: ModelProfile, devices: list[Device], workload: Workloa
         # without leaving more blocks off the GPUs.
         streamed_bytes = _streamed_block_bytes(pl.table)
         staging = max(stream_buffer_bytes(streamed_bytes, s.blocks) for s in best.offloaded)
-        pl_stream = _Planner(profile, devices, workload, reserve, offload_mode="stream", staging_bytes=staging)
+        pl_stream = _Planner(profile, devices, workload, reserve, offload_mode="stream", staging_bytes=staging,
+                             keep_free=keep_free)
         placement_s = pl_stream.search()
         if placement_s is not None:
             streamed = _assemble(pl_stream, profile, devices, workload, placement_s.ranges, list(notes), None,
