@@ -363,7 +363,13 @@ def render_pipeline_plan(plan: Plan, console) -> None:
                       f"moves {img.move_seconds:.3f} s)", markup=False, highlight=False)
     for n in plan.notes:
         console.print(f"note: {n}", markup=False, highlight=False, style="dim")
-    console.print("Fits." if plan.fits else "Does not fit on the GPUs as given.", markup=False, highlight=False)
+    if plan.fits:
+        verdict = "Fits on the GPUs."
+    elif any(p.bytes > p.capacity_bytes for p in plan.phase_peaks):
+        verdict = "Does not fit on the devices as given."
+    else:
+        verdict = "Fits, with denoiser blocks off the GPUs (host RAM or disk)."
+    console.print(verdict, markup=False, highlight=False)
 
 
 def plan_command(args, console) -> int:

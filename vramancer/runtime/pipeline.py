@@ -365,11 +365,13 @@ def run_command(args: Any, prompt: str) -> int:
     quiet = getattr(args, "json", False)
     if not quiet:
         _render(console, plan)
-    if not plan.fits:
+    over = [p for p in plan.phase_peaks if p.bytes > p.capacity_bytes]
+    if over:   # a plan without GPUs runs on the host: only memory beyond a device's stops it
         from ..errors import DoesNotFitError
+        from ..units import format_bytes
 
-        raise DoesNotFitError(f"{plan.model} does not fit as planned: "
-                              + "; ".join(n for n in plan.notes if "needs" in n))
+        raise DoesNotFitError(f"{plan.model} does not fit: " + "; ".join(
+            f"{p.device} is {format_bytes(p.bytes - p.capacity_bytes)} short in {p.phase}" for p in over))
     pipe = load_pipeline(args.model, plan=plan, dtype=getattr(args, "dtype", None))
     pipe.set_progress_bar_config(disable=True)
     img = plan.image
