@@ -103,10 +103,13 @@ class PipelineRuntime:
                 self._place_denoiser(mod)
                 if cp.mode == "moved":
                     self._add_moved(cp, mod)
-            elif cp.mode == "resident":
-                mod.to(_torch_device(self.plan, cp.device))
-            elif cp.mode == "cpu":
-                mod.to("cpu")
+            elif cp.mode in ("resident", "cpu"):
+                dev = _torch_device(self.plan, cp.device) if cp.mode == "resident" else torch.device("cpu")
+                mod.to(dev)
+                # its inputs come from the pipeline's execution device: moved onto its own
+                for _, child in mod.named_children():
+                    self._handles.append(child.register_forward_pre_hook(
+                        lambda m, a, kw, dev=dev: (move_tensors(a, dev), move_tensors(kw, dev)), with_kwargs=True))
             elif cp.mode == "moved":
                 self._add_moved(cp, mod)
         self.attached = True
