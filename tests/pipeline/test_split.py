@@ -147,3 +147,16 @@ def test_moved_components_and_evicted_stages(pipelines):
 
     with pytest.raises(BadInputError, match="evicts"):
         plan.validate()
+
+
+def test_host_only_plan_runs_components_on_the_cpu(pipelines, reference):
+    """No GPU at all: the denoiser executes in host RAM and every other component runs on the CPU."""
+    import vramancer
+
+    pipe = vramancer.load_pipeline(pipelines["sdxl"], devices="cpu:4GiB", height=HEIGHT, width=WIDTH, steps=STEPS,
+                                   guidance=5.0)
+    pipe.set_progress_bar_config(disable=True)
+    plan = pipe.vramancer.plan
+    assert {c.mode for c in plan.components if c.role != "denoiser"} == {"cpu"}
+    assert all(s.kind == "cpu" for s in plan.stages)
+    assert torch.allclose(_latents(pipe), reference["sdxl"], atol=1e-5, rtol=0)

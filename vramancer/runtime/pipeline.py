@@ -95,6 +95,8 @@ class PipelineRuntime:
         return mod
 
     def attach(self) -> PipelineRuntime:
+        import torch
+
         if self.attached:
             return self
         for cp in self.plan.components:
