@@ -110,3 +110,19 @@ def test_demo_image(tmp_path):
     d = json.loads(p.stdout)
     assert d["matches_unsplit"] is True and d["stages"] == 2
     assert d["boundary"][1]["crossings"] == 4     # 4 steps, CFG in one batch: stage 1 entered once per step
+
+
+def test_run_trace_has_the_three_phases(pipelines, tmp_path):
+    trace = tmp_path / "t.json"
+    p = subprocess.run([sys.executable, "-m", "vramancer", "run", str(pipelines["flux"]), "--prompt", "the cat",
+                        "--steps", "2", "--seed", "0", "-o", str(tmp_path / "o.png"), "--height", str(HEIGHT),
+                        "--width", str(WIDTH), "-d", "rtx3060,rtx3060", "--trace", str(trace), "--monitor"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "Phases by peak" in p.stdout
+    d = json.loads(trace.read_text())
+    names = [ph["name"] for ph in d["phases"]]
+    assert names == ["encode", "denoise", "decode"]
+    bad = subprocess.run([sys.executable, "-m", "vramancer", "run", str(pipelines["flux"]), "--prompt", "x",
+                          "--trace", str(tmp_path / "t.txt")], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1

@@ -15,6 +15,8 @@ in host RAM and comes onto its device when one of its modules first runs in a ca
 on each child module, so ``vae.decode`` counts as well as ``forward``); entering another component
 sends the moved ones back to the host (one moved component on a device at a time). Simulated
 devices are backed by their real torch device (the CPU in tests), so the same hooks run everywhere.
+The same hooks tell ``phase_listener`` when a call enters encode / denoise / decode: ``vramancer run
+PIPELINE --monitor / --trace FILE`` samples the real devices in those phases (``PhaseRecorder``).
 """
 from __future__ import annotations
 
@@ -32,7 +34,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..plan.plan import ComponentPlacement, Plan
     from .stream import StreamEngine
 
-__all__ = ["load_pipeline", "PipelineRuntime", "plan_for_pipeline", "run_command", "demo_image", "build_demo_pipeline"]
+__all__ = ["load_pipeline", "PipelineRuntime", "plan_for_pipeline", "run_command", "demo_image", "build_demo_pipeline",
+           "PhaseRecorder"]
 
 
 def _torch_device(plan: Plan, device_id: str) -> torch.device:
@@ -57,6 +60,7 @@ class _Moved:
     on_device: bool = False
     moves: int = 0
     evicts: tuple[int, ...] = ()
+    phase: str = "encode"
 
 
 @dataclass
@@ -84,6 +88,7 @@ class PipelineRuntime:
         self.denoiser_calls = 0
         self.evicted: set[int] = set()     # denoiser stages sent to host RAM by a moved component
         self.evictions = 0
+        self.phase_listener: Any = None    # called with "encode" / "denoise" / "decode" as a call goes
         self.attached = False
 
     # -- placement --------------------------------------------------------------------------------
@@ -111,7 +116,8 @@ class PipelineRuntime:
                 # its inputs come from the pipeline's execution device: moved onto its own
                 for _, child in mod.named_children():
                     self._handles.append(child.register_forward_pre_hook(
-                        lambda m, a, kw, dev=dev: (move_tensors(a, dev), move_tensors(kw, dev)), with_kwargs=True))
+                        lambda m, a, kw, dev=dev, ph=cp.phase: self._resident_entry(ph, dev, a, kw),
+                        with_kwargs=True))
             elif cp.mode == "moved":
                 self._add_moved(cp, mod)
         self.attached = True
@@ -122,13 +128,22 @@ class PipelineRuntime:
 
         dev = _torch_device(self.plan, cp.device.split(",")[0])
         mod.to("cpu")
-        mv = _Moved(cp.name, mod, dev, torch.device("cpu"), evicts=tuple(cp.evicts))
+        mv = _Moved(cp.name, mod, dev, torch.device("cpu"), evicts=tuple(cp.evicts), phase=cp.phase)
         self.moved[cp.name] = mv
         for _, child in mod.named_children():
             self._handles.append(child.register_forward_pre_hook(
                 lambda m, a, kw, mv=mv: self._enter(mv, a, kw), with_kwargs=True))
 
+    def _phase(self, name: str) -> None:
+        if self.phase_listener is not None:
+            self.phase_listener(name)
+
+    def _resident_entry(self, phase: str, dev: torch.device, args: tuple, kwargs: dict):
+        self._phase(phase)
+        return move_tensors(args, dev), move_tensors(kwargs, dev)
+
     def _enter(self, mv: _Moved, args: tuple, kwargs: dict):
+        self._phase(mv.phase)
         for other in self.moved.values():
             if other is not mv and other.on_device and other.device == mv.device:
                 other.module.to(other.home)
@@ -216,6 +231,7 @@ class PipelineRuntime:
         import torch
 
         self.denoiser_calls += 1
+        self._phase("denoise")
         if self.evicted:        # back to their devices, and the moved components off them, before a step
             for mv in self.moved.values():
                 if mv.on_device and mv.evicts:
@@ -353,8 +369,13 @@ def run_command(args: Any, prompt: str) -> int:
     from .._io import check_writable
     from ..plan.plan import Plan
 
-    if getattr(args, "monitor", False) or getattr(args, "trace", None):
-        raise BadInputError("--monitor and --trace follow LLM stages; for an image pipeline run without them")
+    recording = bool(getattr(args, "monitor", False) or getattr(args, "trace", None))
+    if recording:   # bad flags refused before anything is planned or loaded
+        from .watch import check_monitor_interval, check_trace_path
+
+        check_monitor_interval(args.monitor_interval)
+        if args.trace is not None:
+            check_trace_path(args.trace)
     _quiet_loading()
     out = getattr(args, "output", None) or "out.png"
     check_writable(out, "-o")
@@ -381,9 +402,14 @@ def run_command(args: Any, prompt: str) -> int:
     pipe.set_progress_bar_config(disable=True)
     img = plan.image
     gen = torch.Generator().manual_seed(0 if args.seed is None else args.seed)
+    phases = PhaseRecorder(args.monitor_interval, pipe.vramancer) if recording else None
     t0 = time.perf_counter()
-    result = pipe(prompt, num_inference_steps=img.steps, height=img.height, width=img.width,
-                  guidance_scale=img.guidance, num_images_per_prompt=img.batch, generator=gen)
+    try:
+        result = pipe(prompt, num_inference_steps=img.steps, height=img.height, width=img.width,
+                      guidance_scale=img.guidance, num_images_per_prompt=img.batch, generator=gen)
+    finally:
+        if phases is not None:
+            phases.finish(args.trace)
     seconds = time.perf_counter() - t0
     _save_png(result.images[0], out)
     per_image = seconds / img.batch
@@ -395,8 +421,59 @@ def run_command(args: Any, prompt: str) -> int:
     else:
         console.print(f"wrote {out}: {per_image:.2f} s/image measured, {img.seconds_per_image:.2f} s predicted",
                       markup=False)
+        if phases is not None and args.monitor:
+            phases.render(console)
+        if phases is not None and args.trace:
+            console.print(f"trace: {args.trace} (vramancer report {args.trace})", markup=False)
     pipe.vramancer.detach()
     return 0
+
+
+class PhaseRecorder:
+    """Samples this machine's real devices (torch / NVML / host RAM: a simulated card's bytes are
+    the plan's, per phase above) through one image call, in the phases encode / denoise / decode as
+    the pipeline enters them (the runtime's hooks say when), one sample closing each phase."""
+
+    def __init__(self, interval_s: float, runtime: PipelineRuntime):
+        from ..telemetry.recorder import Recorder
+
+        self.recorder = Recorder(interval=interval_s).start()
+        self.runtime = runtime
+        self.current: str | None = None
+        self._open: Any = None
+        runtime.phase_listener = self.switch
+
+    def switch(self, name: str) -> None:
+        if name == self.current:
+            return
+        self._leave()
+        self.current = name
+        self._open = self.recorder.phase(name)
+        self._open.__enter__()
+
+    def _leave(self) -> None:
+        cm, self._open = self._open, None
+        if cm is not None:
+            self.recorder.sample_once()
+            cm.__exit__(None, None, None)
+
+    def finish(self, trace: str | None) -> None:
+        self._leave()
+        self.runtime.phase_listener = None
+        self.recorder.stop()
+        if trace:
+            if str(trace).lower().endswith(".csv"):
+                self.recorder.to_csv(trace)
+            else:
+                self.recorder.to_json(trace)
+
+    def render(self, console: Any) -> None:
+        from ..telemetry.commands import render_report
+        from ..telemetry.export import Trace
+
+        rec = self.recorder
+        render_report(Trace(snapshots=rec.snapshots(), phases=rec.phases(), marks=rec.marks(), interval=rec.interval,
+                            path="this run"), rec.peaks(), console=console)
 
 
 def build_demo_pipeline(folder: str | os.PathLike) -> str:
