@@ -16,6 +16,7 @@ seen on that stream (a replayed or reordered frame is refused). A refusal is a :
 """
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -53,7 +54,6 @@ HEADER = struct.Struct("<4sBBHIQHHIQ")
 HEADER_BYTES = HEADER.size  # 36
 DESC_FIXED = struct.Struct("<BBHQ")
 DESC_FIXED_BYTES = DESC_FIXED.size  # 12
-_DIM = struct.Struct("<Q")
 
 
 class FrameType(IntEnum):
@@ -108,8 +108,8 @@ class TensorDesc:
         return n
 
     def encode(self) -> bytes:
-        return DESC_FIXED.pack(self.dtype_code, len(self.shape), 0, self.byte_length) + b"".join(
-            _DIM.pack(d) for d in self.shape)
+        n = len(self.shape)
+        return struct.pack(f"<BBHQ{n}Q", self.dtype_code, n, 0, self.byte_length, *self.shape)
 
 
 @dataclass(frozen=True)
@@ -151,10 +151,12 @@ class FrameWriter:
             raise FrameError(f"stream id {stream_id} is not a u32")
         seq = self._next.get(stream_id, 1)
         self._next[stream_id] = seq + 1
-        desc_blob = b"".join(d.encode() for d in descs)
-        head = FrameHeader(frame_type, 0, stream_id, seq, len(descs), len(desc_blob),
-                           sum(d.byte_length for d in descs))
-        return head.encode() + desc_blob
+        desc_blob = b"".join([d.encode() for d in descs])
+        payload = 0
+        for d in descs:
+            payload += d.byte_length
+        return HEADER.pack(MAGIC, VERSION, frame_type, 0, stream_id, seq, len(descs), 0, len(desc_blob),
+                           payload) + desc_blob
 
 
 class FrameReader:
@@ -275,6 +277,17 @@ def _torch_bytes(t: Any) -> memoryview:
     return memoryview(flat.numpy()).cast("B")
 
 
+@functools.lru_cache(maxsize=64)
+def _dtype_of(dtype: Any) -> DType | None:
+    """The Link dtype of a numpy dtype or torch dtype (cached: numpy's dtype.name is slow)."""
+    module = type(dtype).__module__
+    if module.startswith("torch"):
+        return DTYPE_BY_NAME.get(str(dtype).removeprefix("torch."))
+    if dtype.byteorder == ">":
+        return None
+    return DTYPE_BY_NAME.get(dtype.name)
+
+
 def _is_torch(obj: Any) -> bool:
     return type(obj).__module__.startswith("torch")
 
@@ -288,10 +301,9 @@ def as_payload(obj: Any) -> tuple[TensorDesc, memoryview, Any]:
             t = t.cpu()
         if not t.is_contiguous():
             t = t.contiguous()
-        name = str(t.dtype).removeprefix("torch.")
-        dtype = DTYPE_BY_NAME.get(name)
+        dtype = _dtype_of(t.dtype)
         if dtype is None:
-            raise FrameError(f"dtype {name} cannot travel over the Link")
+            raise FrameError(f"dtype {t.dtype} cannot travel over the Link")
         mv = _torch_bytes(t)
         return TensorDesc(dtype.code, tuple(t.shape), t.numel() * dtype.itemsize), mv, t
     import numpy as np
@@ -301,8 +313,8 @@ def as_payload(obj: Any) -> tuple[TensorDesc, memoryview, Any]:
     if not isinstance(obj, np.ndarray):
         raise FrameError(f"cannot send a {type(obj).__name__}: numpy arrays and torch tensors only")
     arr = obj if obj.flags.c_contiguous else obj.copy(order="C")  # (ascontiguousarray makes 0-d 1-d)
-    dtype = DTYPE_BY_NAME.get(arr.dtype.name)
-    if dtype is None or arr.dtype.byteorder == ">":
+    dtype = _dtype_of(arr.dtype)
+    if dtype is None:
         raise FrameError(f"dtype {arr.dtype} cannot travel over the Link")
     return TensorDesc(dtype.code, tuple(arr.shape), arr.nbytes), memoryview(arr.reshape(-1).view(np.uint8)), arr
 
@@ -312,14 +324,14 @@ def dest_view(obj: Any, desc: TensorDesc) -> memoryview:
     of the same dtype and shape, or any writable buffer of exactly ``desc.byte_length`` bytes."""
     if _is_torch(obj):
         name = str(obj.dtype).removeprefix("torch.")
-        if name != desc.dtype.name or tuple(obj.shape) != desc.shape or not obj.is_contiguous() \
+        if _dtype_of(obj.dtype) is not desc.dtype or tuple(obj.shape) != desc.shape or not obj.is_contiguous() \
                 or obj.device.type != "cpu":
             raise FrameError(f"destination is {name} {list(obj.shape)}, frame has {desc.dtype.name} {list(desc.shape)}")
         return _torch_bytes(obj)
     import numpy as np
 
     if isinstance(obj, np.ndarray):
-        if obj.dtype.name != desc.dtype.name or obj.shape != desc.shape or not obj.flags.c_contiguous \
+        if _dtype_of(obj.dtype) is not desc.dtype or obj.shape != desc.shape or not obj.flags.c_contiguous \
                 or not obj.flags.writeable:
             raise FrameError(f"destination is {obj.dtype} {list(obj.shape)}, frame has "
                              f"{desc.dtype.name} {list(desc.shape)}")

@@ -181,11 +181,13 @@ class ShmConnection(Connection):
             if head.frame_type == FrameType.CLOSE:
                 self.close()
             return Frame(head.frame_type, head.stream_id, head.seq)
+        slot_buf = bytearray(_SLOT.size)
         try:
-            (slot,) = _SLOT.unpack(_recv_exact(self.rx.sock, _SLOT.size))
-        except (OSError, LinkError) as e:
+            self._rx_stream._read_into(memoryview(slot_buf))   # through its read-ahead, like the header
+        except LinkError:
             self.close()
-            raise LinkError(f"link shm: receive failed: {e}") from None
+            raise
+        (slot,) = _SLOT.unpack(slot_buf)
         if slot >= self.rx.slots or head.payload_bytes > self.rx.slot_bytes:
             raise self._refuse(f"slot {slot} / {head.payload_bytes} bytes outside the peer's "
                                f"{self.rx.slots} x {self.rx.slot_bytes}-byte segment")

@@ -59,6 +59,7 @@ TRANSPORTS: dict[str, tuple[str, str]] = {
 
 _IOV_MAX = 512
 _COALESCE_BYTES = 64 * 1024  # TLS: frames this small go out as one record
+_STAGE_BYTES = 64 * 1024     # receive read-ahead: header, descriptors and small payloads in one syscall
 
 
 @dataclass
@@ -166,6 +167,9 @@ class StreamConnection(Connection):
         self.sock = sock
         self.name = name
         self._head = bytearray(HEADER_BYTES)
+        self._stage_mv = memoryview(bytearray(_STAGE_BYTES))
+        self._lo = self._hi = 0
+        self._mid_frame = False
         self._scatter = hasattr(sock, "sendmsg") and not _is_ssl(sock)
 
     # -- sending ---------------------------------------------------------------------------------
@@ -210,15 +214,30 @@ class StreamConnection(Connection):
 
     # -- receiving -------------------------------------------------------------------------------
     def _read_into(self, mv: memoryview) -> None:
-        got = 0
+        """Fill ``mv``: first from bytes already staged, then small remainders through the staging
+        buffer (one syscall can bring a whole small frame, or the next one), large ones straight
+        into ``mv`` with recv_into."""
         n_total = mv.nbytes
+        got = 0
         try:
             while got < n_total:
-                n = self.sock.recv_into(mv[got:], n_total - got)
+                staged = self._hi - self._lo
+                if staged:
+                    k = min(staged, n_total - got)
+                    mv[got:got + k] = self._stage_mv[self._lo:self._lo + k]
+                    self._lo += k
+                    got += k
+                    continue
+                want = n_total - got
+                if want >= _STAGE_BYTES // 2:
+                    n = self.sock.recv_into(mv[got:], want)
+                    got += n
+                else:
+                    n = self.sock.recv_into(self._stage_mv, _STAGE_BYTES)
+                    self._lo, self._hi = 0, n
                 if n == 0:
                     raise LinkError(f"link {self.name}: peer closed the connection mid-frame"
-                                    if got else f"link {self.name}: peer closed the connection")
-                got += n
+                                    if got or self._mid_frame else f"link {self.name}: peer closed the connection")
         except LinkError:
             self.close()
             raise
@@ -230,7 +249,9 @@ class StreamConnection(Connection):
     def read_header(self) -> tuple[FrameHeader, list[TensorDesc]]:
         if self.closed:
             raise LinkError(f"link {self.name}: connection is closed")
+        self._mid_frame = False
         self._read_into(memoryview(self._head))
+        self._mid_frame = True
         try:
             head = self.reader.parse_header(self._head)
         except FrameError as e:
