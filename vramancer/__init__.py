@@ -106,7 +106,7 @@ def load_pipeline(model: Any, devices: Any = "auto", height: int = 1024, width: 
     return _load_pipeline(model, devices=devices, height=height, width=width, plan=plan, **kwargs)
 
 
-def track(interval: float = 1.0, **kwargs: Any) -> "Recorder":
+def track(interval: float = 1.0, **kwargs: Any) -> Recorder:
     """A Recorder of VRAM samples; use as ``with vramancer.track(0.1) as rec:``."""
     from .telemetry.recorder import track as _track
 

@@ -11,8 +11,8 @@ Prefer CLI flags; these exist for secrets and for paths shared by many commands.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 __all__ = ["ENV", "get", "parse_bool"]
 

@@ -51,7 +51,7 @@ def test_stored_block_params_match_diffusers(entry, fixture, request):
     assert sum(counted.values()) == sum(p.numel() for p in model.parameters())
     # the top-level modules in placement order (block 0 first, then repeated blocks, then the head)
     tops = [n for n, _ in model.named_children()]
-    for name, prefixes, _ in entry.blocks:
+    for _, prefixes, _ in entry.blocks:
         for prefix in prefixes:
             assert prefix.split(".")[0] in tops
 

@@ -115,5 +115,6 @@ def test_catalog_modules_do_not_import_torch():
     code = ("import sys; from vramancer.models.catalog import find_model; "
             "from vramancer.models.diffusion import diffusion_profile; "
             "diffusion_profile(find_model('flux.1-dev'), 'bfloat16'); "
-            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules and 'diffusers' not in sys.modules")
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules "
+            "and 'diffusers' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

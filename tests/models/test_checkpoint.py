@@ -110,8 +110,8 @@ def test_single_safetensors_file_alone_infers_layers(saved, tmp_path) -> None:
 
 def test_base_model_prefix_is_matched(saved, tmp_path) -> None:
     """A BertForMaskedLM-style checkpoint stores ``bert.``-prefixed names; they land in the same blocks."""
-    from safetensors.numpy import save_file
     import numpy as np
+    from safetensors.numpy import save_file
 
     src = saved["bert"]
     d = tmp_path / "prefixed"
@@ -122,7 +122,7 @@ def test_base_model_prefix_is_matched(saved, tmp_path) -> None:
 
     tensors = {}
     with safe_open(str(src / "model.safetensors"), framework="numpy") as f:
-        for k in f.keys():
+        for k in f.keys():  # noqa: SIM118 - a safe_open handle, not a dict
             shape = f.get_slice(k).get_shape()
             tensors["bert." + k] = np.zeros(shape, np.float16)  # same bytes as bf16
     save_file(tensors, str(d / "model.safetensors"))

@@ -40,7 +40,7 @@ class PeakRss:
             self.peak = max(self.peak, self.rss())
             time.sleep(self.interval)
 
-    def __enter__(self) -> "PeakRss":
+    def __enter__(self) -> PeakRss:
         gc.collect()
         self.base = self.peak = self.rss()
         self._max_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

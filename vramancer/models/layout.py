@@ -114,7 +114,7 @@ class ArchLayout:
     config: dict | None = None
     notes: list[str] = field(default_factory=list)
 
-    def with_block_tensors(self, tensors: list[list[TensorSpec]], shared: list[list[TensorSpec]]) -> "ArchLayout":
+    def with_block_tensors(self, tensors: list[list[TensorSpec]], shared: list[list[TensorSpec]]) -> ArchLayout:
         """A copy whose blocks own ``tensors[i]`` and use ``shared[i]`` (e.g. read from a checkpoint)."""
         blocks = [replace(b, tensors=list(t), shared=list(s)) for b, t, s in zip(self.blocks, tensors, shared)]
         return replace(self, blocks=blocks, notes=list(self.notes))

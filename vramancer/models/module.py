@@ -185,7 +185,7 @@ def layout_from_module(module: Any, *, config: dict | None = None, exact: bool =
         nbytes = int(p.numel()) * int(p.element_size()) if exact else None
         blocks = sorted({min(block_of(n), nblocks - 1) for n in names})
 
-        def role(block: int) -> str:
+        def role(block: int, pid: int = pid, shape: tuple = shape, names: list = names) -> str:
             if pid in head_ids and (block == nblocks - 1 or pid not in embed_ids):
                 return "head"
             if pid in embed_ids:

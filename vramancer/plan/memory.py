@@ -115,7 +115,7 @@ class BlockTable:
             act = max(act, self.range_memory(s, e).activation_bytes)
         return StageMemory(weights + sum(shared.values()), kv, act)
 
-    def without_last(self) -> "BlockTable":
+    def without_last(self) -> BlockTable:
         """The same table without its last block (planning the rest when the head is pinned)."""
         t = object.__new__(BlockTable)
         t.__dict__.update(self.__dict__)

@@ -10,8 +10,9 @@ last, over the tokens after the first (``TextStreamer``'s ``put`` marks each ste
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from ..errors import DeviceOutOfMemoryError
 
@@ -46,7 +47,7 @@ class GenerationResult:
         return d
 
 
-def oom_error(model: "nn.Module", err: BaseException, doing: str) -> DeviceOutOfMemoryError:
+def oom_error(model: nn.Module, err: BaseException, doing: str) -> DeviceOutOfMemoryError:
     """A DeviceOutOfMemoryError naming the stage that ran when ``err`` was raised."""
     rt = getattr(model, "vramancer", None)
     st = rt.stage_of_device_error() if rt is not None else None
@@ -95,7 +96,7 @@ def prompt_ids(tokenizer: Any, prompt: str | list[dict], device: Any = None) -> 
     return enc
 
 
-def generate_ids(model: "nn.Module", inputs: dict, max_new_tokens: int, temperature: float = 0.0,
+def generate_ids(model: nn.Module, inputs: dict, max_new_tokens: int, temperature: float = 0.0,
                  streamer: Any = None, pad_token_id: int | None = None, **kwargs: Any):
     """``model.generate`` greedy (temperature 0) or sampled; out-of-memory becomes
     DeviceOutOfMemoryError naming the stage. A split model prefills in chunks of its plan's
@@ -120,7 +121,7 @@ def generate_ids(model: "nn.Module", inputs: dict, max_new_tokens: int, temperat
         raise oom_error(model, e, "generating") from None
 
 
-def generate_text(model: "nn.Module", tokenizer: Any, prompt: str | list[dict], max_new_tokens: int = 64,
+def generate_text(model: nn.Module, tokenizer: Any, prompt: str | list[dict], max_new_tokens: int = 64,
                   temperature: float = 0.0, emit: Callable[[str], None] | None = None,
                   **kwargs: Any) -> GenerationResult:
     """Generate from ``prompt`` (text, or chat messages), handing text pieces to ``emit`` as they come."""

@@ -44,9 +44,10 @@ import csv
 import io
 import json
 import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 from ..errors import BadInputError, TraceFileError
 from .peaks import Mark, PhaseInterval
