@@ -30,6 +30,7 @@ from typing import Any
 
 from .errors import FrameError, LinkError
 from .frame import BufferFactory, FrameType, Limits, as_payload
+from .tcp import recv_exact
 from .transport import Connection, Frame, Listener, StreamConnection, Transport
 
 __all__ = ["ShmTransport", "ShmListener", "ShmConnection"]
@@ -40,16 +41,8 @@ _SLOT = struct.Struct("<I")
 _OPEN = struct.Struct("<4sB16s")  # b"VRMO" | direction 0 (first connection) or 1 (second) | token
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray(n)
-    mv = memoryview(buf)
-    got = 0
-    while got < n:
-        k = sock.recv_into(mv[got:])
-        if k == 0:
-            raise LinkError("shm: peer closed the control channel")
-        got += k
-    return bytes(buf)
+def _recv_control(sock: socket.socket, n: int) -> bytes:
+    return recv_exact(sock, n, "shm: peer closed the control channel")
 
 
 def _untrack(seg: shared_memory.SharedMemory) -> None:
@@ -103,7 +96,7 @@ def _offer(sock: socket.socket, slots: int, slot_bytes: int) -> shared_memory.Sh
     name = seg.name.encode()
     try:
         sock.sendall(_SEG.pack(b"VRMS", slots, slot_bytes, len(name)) + name)
-        if _recv_exact(sock, 1) != b"\x01":
+        if _recv_control(sock, 1) != b"\x01":
             raise LinkError("shm: peer did not map the segment")
     finally:
         _unlink(seg)
@@ -111,10 +104,10 @@ def _offer(sock: socket.socket, slots: int, slot_bytes: int) -> shared_memory.Sh
 
 
 def _take(sock: socket.socket, max_bytes: int) -> tuple[shared_memory.SharedMemory, int, int]:
-    magic, slots, slot_bytes, name_len = _SEG.unpack(_recv_exact(sock, _SEG.size))
+    magic, slots, slot_bytes, name_len = _SEG.unpack(_recv_control(sock, _SEG.size))
     if magic != b"VRMS" or not 1 <= slots <= 64 or slots * slot_bytes > max_bytes or name_len > 255:
         raise LinkError(f"shm: bad segment offer ({slots} x {slot_bytes} bytes)")
-    seg = _attach(_recv_exact(sock, name_len).decode())
+    seg = _attach(_recv_control(sock, name_len).decode())
     if seg.size < slots * slot_bytes:
         seg.close()
         raise LinkError("shm: segment smaller than announced")
@@ -155,7 +148,7 @@ class ShmConnection(Connection):
             raise FrameError(f"frame payload of {total} bytes over the shm slot of {self.tx.slot_bytes} bytes")
         try:
             while not self.tx.free:
-                magic, slot = _ACK.unpack(_recv_exact(self.tx.sock, _ACK.size))
+                magic, slot = _ACK.unpack(_recv_control(self.tx.sock, _ACK.size))
                 if magic != b"VRMA" or slot >= self.tx.slots:
                     raise self._refuse(f"bad ack on the control channel (slot {slot})", LinkError)
                 self.tx.free.append(slot)
@@ -244,7 +237,7 @@ class ShmListener(Listener):
             try:
                 conn, _ = self.sock.accept()
                 conn.settimeout(timeout)
-                magic, direction, token = _OPEN.unpack(_recv_exact(conn, _OPEN.size))
+                magic, direction, token = _OPEN.unpack(_recv_control(conn, _OPEN.size))
             except (OSError, LinkError) as e:
                 raise LinkError(f"shm accept failed: {e}") from None
             if magic != b"VRMO" or direction > 1:

@@ -10,9 +10,23 @@ from .errors import LinkError, PlaintextRefusedError
 from .frame import Limits
 from .transport import Connection, Listener, StreamConnection, Transport
 
-__all__ = ["TcpTransport", "TcpListener", "is_loopback", "check_plaintext", "tune_socket"]
+__all__ = ["TcpTransport", "TcpListener", "is_loopback", "check_plaintext", "tune_socket", "recv_exact"]
 
 _BUF_BYTES = 4 << 20
+
+
+def recv_exact(sock: socket.socket, n: int, closed: str) -> bytes:
+    """Exactly ``n`` bytes from ``sock`` (handshakes and control messages, not frames);
+    LinkError(``closed``) when the peer closes first."""
+    buf = bytearray(n)
+    mv = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(mv[got:])
+        if k == 0:
+            raise LinkError(closed)
+        got += k
+    return bytes(buf)
 
 
 def is_loopback(host: str) -> bool:

@@ -38,7 +38,7 @@ from typing import Any
 from .errors import LinkError, PeerRefusedError
 from .frame import BufferFactory, FrameType, Limits
 from .keys import Identity, TrustStore, fingerprint_of_cert, load_identity
-from .tcp import bind, dial, tune_socket
+from .tcp import bind, dial, recv_exact, tune_socket
 from .transport import Frame, Listener, StreamConnection, Transport, log
 
 __all__ = ["TlsTransport", "TlsListener", "TlsConnection", "HELLO", "MAX_CERT_BYTES"]
@@ -51,16 +51,8 @@ _READY = b"\x01"
 _HANDSHAKE_TIMEOUT_S = 30.0
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray(n)
-    mv = memoryview(buf)
-    got = 0
-    while got < n:
-        k = sock.recv_into(mv[got:])
-        if k == 0:
-            raise LinkError("peer closed the connection during the hello (refused, or not a VRAMancer Link)")
-        got += k
-    return bytes(buf)
+def _recv_hello(sock: socket.socket, n: int) -> bytes:
+    return recv_exact(sock, n, "peer closed the connection during the hello (refused, or not a VRAMancer Link)")
 
 
 def _send_hello(sock: socket.socket, identity: Identity, kind: int, token: bytes) -> None:
@@ -68,12 +60,12 @@ def _send_hello(sock: socket.socket, identity: Identity, kind: int, token: bytes
 
 
 def _read_hello(sock: socket.socket) -> tuple[int, bytes, bytes]:
-    magic, version, kind, token, cert_len = HELLO.unpack(_recv_exact(sock, HELLO.size))
+    magic, version, kind, token, cert_len = HELLO.unpack(_recv_hello(sock, HELLO.size))
     if magic != HELLO_MAGIC or version != 1 or kind not in (_NEW, _REKEY):
         raise LinkError(f"bad hello (magic {magic!r}, version {version}, kind {kind})")
     if cert_len > MAX_CERT_BYTES:
         raise LinkError(f"hello certificate of {cert_len} bytes, limit {MAX_CERT_BYTES}")
-    return kind, token, _recv_exact(sock, cert_len)
+    return kind, token, _recv_hello(sock, cert_len)
 
 
 class TlsConnection(StreamConnection):
@@ -263,7 +255,7 @@ class TlsTransport(Transport):
             self.last_session_reused = ssock.session_reused
             self._verify_after(ssock, fp, where)
             # the server's go-ahead, inside TLS: it accepted us, and its session tickets are read
-            if _recv_exact(ssock, 1) != _READY:
+            if _recv_hello(ssock, 1) != _READY:
                 raise LinkError(f"{where} did not confirm the connection")
             ssock.settimeout(None)
         except (OSError, ssl.SSLError) as e:

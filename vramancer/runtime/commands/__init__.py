@@ -3,6 +3,8 @@ tokenizer per a plan, and printing the plan, speed and memory per stage."""
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,7 +16,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..generate import GenerationResult
     from ..memory import MemoryReport
 
-__all__ = ["add_run_flags", "add_monitor_flags", "make_plan", "load_tokenizer", "load_split", "render_memory",
+__all__ = ["add_run_flags", "exit_on_interrupt", "add_monitor_flags", "make_plan", "load_tokenizer", "load_split",
+           "render_memory",
            "render_speed", "check_plan_fits", "summary_json", "missing_runtime", "fetch_model",
            "check_generation_args", "MAX_NEW_TOKENS"]
 
@@ -87,6 +90,17 @@ def load_tokenizer(folder: str | Path) -> Any:
     except Exception as e:  # noqa: BLE001 - tokenizers raises bare Exception for files of the wrong shape
         detail = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
         raise BadInputError(f"{folder}: no usable tokenizer ({detail})") from None
+
+
+def exit_on_interrupt(command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """``command(args)``; on Ctrl-C say so and return 130 (128 + SIGINT), as shells expect."""
+    try:
+        return command(args)
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        print("vramancer: interrupted", file=sys.stderr)
+        return 130
 
 
 def load_split(model: str, plan: Plan, dtype: str | None = None, progress: Any = None) -> tuple[Any, Any]:

@@ -96,13 +96,9 @@ def _bounded(text: str, what: str) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        return _main(args)
-    except KeyboardInterrupt:   # Ctrl-C: say so, exit 130 (128 + SIGINT) as shells expect
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-        print("vramancer: interrupted", file=sys.stderr)
-        return 130
+    from . import exit_on_interrupt
+
+    return exit_on_interrupt(_main, args)
 
 
 def _main(args: argparse.Namespace) -> int:
