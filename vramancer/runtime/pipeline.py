@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import BadInputError
-from .boundary import BoundaryHook, BoundaryStats, StageInputCache, move_tensors
+from .boundary import BoundaryStats, StageInputCache, move_tensors
+from .split import add_boundary_hooks
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -189,14 +190,7 @@ class PipelineRuntime:
         h = self._handles
         h.append(den.register_forward_pre_hook(self._root_pre, with_kwargs=True))
         h.append(den.register_forward_hook(self._root_post, with_kwargs=True))
-        for st in self.stages:
-            move = st.compute_device != first
-            for j, (_, mod) in enumerate(st.units):
-                entry = j == 0
-                if st.index == 0 or not (entry or move):
-                    continue
-                hook = BoundaryHook(st.compute_device, self._caches[st.index], st.stats, entry=entry, move=move)
-                h.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
+        add_boundary_hooks(self.stages, self._caches, h)
         self._stream(den)
 
     def _stream(self, den: nn.Module) -> None:

@@ -16,6 +16,7 @@ own cache (``stage.new_cache()``) to run stages of different requests at once.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .layout import StageLayout
     from .stream import StreamEngine, StreamUnit
 
-__all__ = ["RuntimeStage", "SplitRuntime", "free_module"]
+__all__ = ["RuntimeStage", "SplitRuntime", "free_module", "add_boundary_hooks"]
 
 
 def free_module(model: nn.Module) -> None:
@@ -111,6 +112,26 @@ class RuntimeStage:
     __call__ = forward
 
 
+def add_boundary_hooks(stages: list[Any], caches: list[Any], handles: list[Any],
+                       entered: Callable[[int], Callable] | None = None) -> None:
+    """A BoundaryHook before each stage's first unit (the activations cross to its device), and
+    before every unit of a stage whose device is not the first stage's (its inputs move too);
+    ``entered(stage index)``, when given, is a second pre-hook on each stage's first unit.
+    Stages: ``index``, ``units`` [(prefix, module)], ``compute_device``, ``stats``. Handles are
+    appended to ``handles`` for detach."""
+    first = stages[0].compute_device
+    for st in stages:
+        move = st.compute_device != first
+        for j, (_, mod) in enumerate(st.units):
+            entry = j == 0
+            if st.index == 0 or not (entry or move):
+                continue
+            hook = BoundaryHook(st.compute_device, caches[st.index], st.stats, entry=entry, move=move)
+            handles.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
+            if entry and entered is not None:
+                handles.append(mod.register_forward_pre_hook(entered(st.index), with_kwargs=True))
+
+
 class SplitRuntime:
     """Everything that makes ``model`` run split: attach() installs the hooks, detach() removes them."""
 
@@ -175,17 +196,7 @@ class SplitRuntime:
         h = self._handles
         h.append(self.model.register_forward_pre_hook(self._root_pre, with_kwargs=True))
         h.append(self.model.register_forward_hook(self._root_post, with_kwargs=True))
-        first = self.stages[0].compute_device
-        for st in self.stages:
-            move = st.compute_device != first
-            for j, (_, mod) in enumerate(st.units):
-                entry = j == 0
-                if st.index == 0 or not (entry or move):
-                    continue
-                hook = BoundaryHook(st.compute_device, self._caches[st.index], st.stats, entry=entry, move=move)
-                h.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
-                if entry:
-                    h.append(mod.register_forward_pre_hook(self._entered(st.index), with_kwargs=True))
+        add_boundary_hooks(self.stages, self._caches, h, entered=self._entered)
         for eng in self.engines:
             for unit in eng.units:
                 h.append(unit.module.register_forward_pre_hook(
