@@ -26,8 +26,10 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A listening socket on host:port; ``VramancerError`` (one line) when it cannot be had."""
+def bind_socket(host: str, port: int, backlog: int = 128, inheritable: bool = True,
+                error: type[VramancerError] = VramancerError) -> socket.socket:
+    """A listening socket on host:port; ``error`` (one line) when it cannot be had. ``inheritable``:
+    kept open across exec (uvicorn's workers take it over)."""
     bare = host.strip("[]")
     family = socket.AF_INET6 if ":" in bare else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -36,9 +38,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
         sock.bind((bare, port))
     except OSError as e:
         sock.close()
-        raise VramancerError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    sock.listen(128)
-    sock.set_inheritable(True)
+        raise error(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.listen(backlog)
+    sock.set_inheritable(inheritable)
     return sock
 
 

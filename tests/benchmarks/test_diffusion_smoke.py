@@ -3,27 +3,19 @@ unsplit ones, every catalog card is judged under the three placements (a benchma
 asserted on speed)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+
+from tests.benchmarks.conftest import import_script
 
 pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "diffusion.py"
-
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_diffusion", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_diffusion"] = mod
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop("bench_diffusion", None)
+    yield from import_script("diffusion", "bench_diffusion")
 
 
 def test_tiny_run(bench, tmp_path, capsys):

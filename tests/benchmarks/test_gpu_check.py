@@ -2,7 +2,6 @@
 it uses on a GPU, fed the output formats of the real tools (pytest's JUnit XML from a real run)."""
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 import textwrap
@@ -10,18 +9,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.benchmarks.conftest import import_script
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 
 
 @pytest.fixture(scope="module")
 def gc():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = mod
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop("gpu_check", None)
+    yield from import_script("gpu_check", "gpu_check")
 
 
 def test_without_cuda_one_line_and_exit_0(gc):

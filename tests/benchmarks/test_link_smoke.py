@@ -2,28 +2,20 @@
 (children started, joined, exit 0), the table and JSON are written (no speed is asserted)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
+
+from tests.benchmarks.conftest import import_script
 
 pytest.importorskip("torch")
 pytest.importorskip("cryptography")
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "link.py"
-
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_link", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_link"] = mod
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop("bench_link", None)
+    yield from import_script("link", "bench_link")
 
 
 def test_tiny_run(bench, tmp_path, capsys):

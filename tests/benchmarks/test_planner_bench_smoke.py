@@ -2,28 +2,18 @@
 exact byte counts, and one case end to end in-process (a benchmark prints; it is not asserted on speed)."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
+from tests.benchmarks.conftest import import_script
 from vramancer.devices.spec import parse_devices
 from vramancer.models.resolve import profile as make_profile
 from vramancer.plan.plan import Workload
 from vramancer.plan.planner import plan_placement
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "planner_vs_accelerate.py"
-
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("planner_vs_accelerate", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["planner_vs_accelerate"] = mod
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop("planner_vs_accelerate", None)
+    yield from import_script("planner_vs_accelerate", "planner_vs_accelerate")
 
 
 def test_device_map_to_blocks_by_largest_share(bench):

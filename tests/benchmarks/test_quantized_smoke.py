@@ -3,28 +3,20 @@ dequantized bit for bit, measured bytes equal the plan's, quality figures are fi
 prints; it is not asserted on speed)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
+
+from tests.benchmarks.conftest import import_script
 
 pytest.importorskip("torch")
 pytest.importorskip("gguf")
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "quantized.py"
-
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_quantized", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_quantized"] = mod
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop("bench_quantized", None)
+    yield from import_script("quantized", "bench_quantized")
 
 
 def test_tiny_run(bench, tmp_path, capsys, monkeypatch):

@@ -67,17 +67,11 @@ def dial(address: tuple[str, int], timeout: float | None) -> socket.socket:
 
 
 def bind(address: tuple[str, int]) -> socket.socket:
+    """A listening socket for Link connections (not inherited by processes this one starts)."""
+    from .._net import bind_socket
+
     host, port = address
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        raise LinkError(f"cannot listen on {host}:{port}: {e}") from None
-    sock.listen(16)
-    return sock
+    return bind_socket(host, port, backlog=16, inheritable=False, error=LinkError)
 
 
 class TcpListener(Listener):

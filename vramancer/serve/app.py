@@ -112,6 +112,18 @@ class _BodyLimit:
         await self.app(scope, replay, send)
 
 
+class _StatusOf:
+    """An ASGI ``send`` that notes the response's status (500 until one is sent)."""
+
+    def __init__(self, send: Any) -> None:
+        self._send, self.code = send, 500
+
+    async def send(self, message: dict) -> None:
+        if message["type"] == "http.response.start":
+            self.code = int(message["status"])
+        await self._send(message)
+
+
 class _CountRequests:
     """ASGI middleware: count requests by endpoint and the status they got."""
 
@@ -121,17 +133,11 @@ class _CountRequests:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        status = [500]
-
-        async def tracking_send(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                status[0] = int(message["status"])
-            await send(message)
-
+        status = _StatusOf(send)
         try:
-            await self.app(scope, receive, tracking_send)
+            await self.app(scope, receive, status.send)
         finally:
-            self.metrics.count_request(scope.get("path", ""), status[0])
+            self.metrics.count_request(scope.get("path", ""), status.code)
 
 
 class _AccessLog:
@@ -145,20 +151,14 @@ class _AccessLog:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or not self.log.isEnabledFor(logging.INFO):
             return await self.app(scope, receive, send)
-        status = [500]
+        status = _StatusOf(send)
         start = time.perf_counter()
-
-        async def tracking_send(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                status[0] = int(message["status"])
-            await send(message)
-
         try:
-            await self.app(scope, receive, tracking_send)
+            await self.app(scope, receive, status.send)
         finally:
             usage = scope.get(_USAGE_KEY)
             tokens = f"tokens={usage[0]}+{usage[1]}" if usage else "tokens=-"
-            self.log.info("%s %s %d %s %.3f s", scope.get("method", "-"), scope.get("path", ""), status[0],
+            self.log.info("%s %s %d %s %.3f s", scope.get("method", "-"), scope.get("path", ""), status.code,
                           tokens, time.perf_counter() - start)
 
 
