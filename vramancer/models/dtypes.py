@@ -5,7 +5,9 @@ from dataclasses import dataclass
 
 from ..errors import WorkloadError
 
-__all__ = ["DType", "resolve_dtype", "DTYPES", "dtype_bytes"]
+__all__ = ["DType", "resolve_dtype", "DTYPES", "dtype_bytes", "NF4_BLOCK"]
+
+NF4_BLOCK = 64   # weights per fp32 absmax in bitsandbytes' 4-bit storage (transformers' default, no double quant)
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,11 @@ class DType:
     # int4 replace nn.Linear layers only, and skip the output embedding); True for GGUF, where
     # token_embd and output are block-quantized like every other matrix.
     quantize_embeddings: bool = True
+    # How one 2-D weight of shape (rows, cols) is stored when quantized on load (runtime/quant/):
+    # "nf4": bitsandbytes Params4bit, two weights per byte + an fp32 absmax per block of 64 + its
+    # 16-entry fp32 code table; "int8": bitsandbytes Int8Params, one int8 per weight + an fp32 scale
+    # per row (SCB). None: ``bits_per_weight`` averaged over the matrix (GGUF, sizing only).
+    on_load: str | None = None
 
     @property
     def compute_bytes(self) -> int:
@@ -32,6 +39,18 @@ class DType:
         """Bytes of a 2-D weight of ``n_weights`` elements stored in this dtype (rounded up)."""
         return -(-int(n_weights * self.bits_per_weight) // 8)
 
+    def weight_bytes(self, shape: tuple[int, ...]) -> int:
+        """Exact bytes of a >= 2-D weight of ``shape`` as the on-load quantizer stores it (scales
+        included); ``matrix_bytes`` for formats without an on-load quantizer."""
+        n = 1
+        for d in shape:
+            n *= int(d)
+        if self.on_load == "nf4":
+            return -(-n // 2) + 4 * -(-n // NF4_BLOCK) + 4 * 16
+        if self.on_load == "int8":
+            return n + 4 * int(shape[0])
+        return self.matrix_bytes(n)
+
 
 DTYPES: dict[str, DType] = {
     d.name: d
@@ -39,10 +58,10 @@ DTYPES: dict[str, DType] = {
         DType("float32", 32, "float32", torch_name="float32"),
         DType("float16", 16, "float16", torch_name="float16"),
         DType("bfloat16", 16, "bfloat16", torch_name="bfloat16"),
-        # bitsandbytes LLM.int8: int8 weights + one fp16 scale per row (rows amortised to ~0)
-        DType("int8", 8, "bfloat16", quantized=True, quantize_embeddings=False),
-        # bitsandbytes NF4/FP4, block 64, fp32 absmax -> 4 + 32/64 = 4.5 bits
-        DType("nf4", 4.5, "bfloat16", quantized=True, quantize_embeddings=False),
+        # bitsandbytes LLM.int8: int8 weights + one fp32 scale per row (exact: weight_bytes)
+        DType("int8", 8, "bfloat16", quantized=True, quantize_embeddings=False, on_load="int8"),
+        # bitsandbytes NF4/FP4, block 64, fp32 absmax -> 4 + 32/64 = 4.5 bits (exact: weight_bytes)
+        DType("nf4", 4.5, "bfloat16", quantized=True, quantize_embeddings=False, on_load="nf4"),
         DType("int4", 4.5, "bfloat16", quantized=True, quantize_embeddings=False),
         # GGUF block formats (ggml-common.h): bytes per block / weights per block * 8
         DType("q8_0", 34 * 8 / 32, "float16", quantized=True),

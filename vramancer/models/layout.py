@@ -68,7 +68,7 @@ def tensor_bytes(t: TensorSpec, dtype: DType) -> int:
         return t.nbytes
     n = t.numel
     if dtype.quantized and len(t.shape) >= 2 and (t.role not in ("embed", "head") or dtype.quantize_embeddings):
-        return dtype.matrix_bytes(n)
+        return dtype.weight_bytes(t.shape) if len(t.shape) == 2 else dtype.matrix_bytes(n)
     return n * dtype.compute_bytes
 
 
@@ -137,6 +137,19 @@ def _flops(t: TensorSpec, expert_fraction: float) -> float:
     return 2.0 * t.numel
 
 
+def _experts_module(names: list[str]) -> str:
+    """The module holding routed experts named ``names`` (``...mlp.experts.gate_up_proj`` ->
+    ``...mlp.experts``; per-expert checkpoint names ``...experts.0.w1.weight`` too), "" if none or
+    if they are not under one ``experts`` module."""
+    mods = set()
+    for n in names:
+        parts = n.split(".")
+        if "experts" not in parts:
+            return ""
+        mods.add(".".join(parts[:parts.index("experts") + 1]))
+    return mods.pop() if len(mods) == 1 else ""
+
+
 def assemble_profile(layout: ArchLayout, dtype: DType, *, name: str, source: str,
                      kv_dtype: DType | None = None, path: str | None = None,
                      quantization: str | None = None, notes: list[str] | None = None,
@@ -158,6 +171,7 @@ def assemble_profile(layout: ArchLayout, dtype: DType, *, name: str, source: str
                 seen_shared.add(t.name)
                 params += t.numel
         used = own + shared
+        experts = [(t, n) for t, n in own if t.role == "expert"]
         blocks.append(BlockProfile(
             name=b.name,
             weights_bytes=sum(n for _, n in own),
@@ -172,6 +186,10 @@ def assemble_profile(layout: ArchLayout, dtype: DType, *, name: str, source: str
             attn_flops_per_token_per_ctx=float(b.attn_flops_per_token_per_ctx),
             read_bytes_per_token=sum(_read_bytes(t, n, b.expert_fraction) for t, n in used),
             params=params,
+            experts_bytes=sum(n for _, n in experts),
+            experts_read_bytes_per_token=sum(_read_bytes(t, n, b.expert_fraction) for t, n in experts),
+            experts_flops_per_token=sum(_flops(t, b.expert_fraction) for t, _ in experts),
+            experts_module=_experts_module([t.name for t, _ in experts]),
         ))
     return ModelProfile(
         name=name,

@@ -45,7 +45,9 @@ from ..errors import (
     VramancerError,
     WorkloadError,
 )
+from ..models.dtypes import resolve_dtype
 from ..units import format_bytes
+from .memory import tensor_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -68,8 +70,6 @@ _LIST_MAX = 12
 def torch_dtype(name: str) -> torch.dtype:
     """"bfloat16" / "bf16" -> torch.bfloat16; quantized names are refused (the runtime runs float weights)."""
     import torch
-
-    from ..models.dtypes import resolve_dtype
 
     d = resolve_dtype(name)
     if d.quantized or d.name not in _FLOAT_DTYPES:
@@ -152,6 +152,16 @@ def check_identity(plan: Plan, config: dict | None, model_name: str) -> None:
 
 # ------------------------------------------------------------------------------------------------
 # where each tensor comes from
+@dataclass(frozen=True)
+class _Quant:
+    """A float checkpoint quantized on load: the backend, the compute dtype the float weights are
+    cast to before quantizing, and the weight names its layers hold."""
+
+    backend: Any
+    compute: Any
+    names: frozenset[str]
+
+
 @dataclass
 class _Source:
     """``key`` in the checkpoint, or ``tensor`` (an nn.Module's own, or the output of a conversion),
@@ -262,10 +272,12 @@ class _Placer:
     """Puts every tensor of ``model`` where its stage wants it, and builds the SplitRuntime."""
 
     def __init__(self, model: nn.Module, plan: Plan, layout: StageLayout, sources: dict[str, _Source],
-                 ckpt: Checkpoint | None, offload_dir: str | None, progress: LoadProgress | None = None):
+                 ckpt: Checkpoint | None, offload_dir: str | None, progress: LoadProgress | None = None,
+                 quant: _Quant | None = None):
         import torch
 
         self.model = model
+        self.quant = quant
         self.progress = progress
         self.plan = plan
         self.layout = layout
@@ -389,7 +401,11 @@ class _Placer:
                     # streamed stages keep their parameters at home; buffers live where they run
                     device = self.compute[si] if (tier == "disk" or not is_param) else self.device[si]
                     pinned = tier == "host" and is_param and self.compute[si].type == "cuda"
-                    if made is None:
+                    if made is None and self.quant is not None and first in self.quant.names:
+                        # float on its stage's device, quantized there before the next tensor is read
+                        want = torch.empty(meta[first].shape, dtype=self.quant.compute, device="meta")
+                        t = self.quant.backend.quantize(self._materialize(first, src, want, device, False), device)
+                    elif made is None:
                         t = self._materialize(first, src, meta[first], device, pinned)
                     else:  # the same weight on another stage: its own copy there
                         t = torch.empty_like(made, device=device, pin_memory=pinned and device.type == "cpu")
@@ -398,7 +414,7 @@ class _Placer:
                     for n in by_stage[si]:
                         self.placed[n] = t
                     self._assign(by_stage[si], t)
-                    self._count(si, t.numel() * t.element_size())
+                    self._count(si, tensor_bytes(t))
                 self._drop_converted(src)
             # buffers nobody loads (non-persistent: rotary frequencies, ...) are computed, not loaded
             for name, buf in list(self.model.named_buffers(remove_duplicate=False)):
@@ -613,14 +629,14 @@ def _stored_dtype(ckpt: Checkpoint, key: str) -> torch.dtype:
 
 def _place(model: nn.Module, plan: Plan, sources: dict[str, _Source],
            ckpt: Checkpoint | None, offload_dir: str | None, free_on_error: bool,
-           progress: LoadProgress | None = None) -> nn.Module:
+           progress: LoadProgress | None = None, quant: _Quant | None = None) -> nn.Module:
     import torch
 
     from .layout import layout_from_plan, stage_layout
 
     check_torch_devices(plan)
     layout = stage_layout(model, layout_from_plan(plan, model), plan)
-    placer = _Placer(model, plan, layout, sources, ckpt, offload_dir, progress)
+    placer = _Placer(model, plan, layout, sources, ckpt, offload_dir, progress, quant)
     try:
         placer.place_all()
         runtime = placer.build_runtime()
@@ -664,8 +680,21 @@ def load_folder(folder: str | os.PathLike, plan: Plan, dtype: str | None = None,
     except (OSError, ValueError, json.JSONDecodeError) as e:
         raise UnknownModelError(f"{folder}: unreadable config.json ({e})") from None
     dt_name = dtype or plan.workload.dtype
-    dt = torch_dtype(dt_name)
-    model = build_empty_model(config, dt)
+    quant = None
+    if resolve_dtype(dt_name).quantized:   # a float checkpoint quantized on load (runtime/quant/)
+        from .quant import backend_for, prepare_model
+
+        if any(st.mode == "stream" for st in plan.stages):
+            raise WorkloadError(f"--dtype {dt_name}: quantized on load, every stage must stay resident "
+                                "(this plan streams some from host RAM or disk)")
+        backend = backend_for(dt_name, {_torch_device(compute_torch_device(plan, st.compute_device)).type
+                                        for st in plan.stages})
+        dt = torch_dtype(resolve_dtype(dt_name).compute)
+        model = build_empty_model(config, dt)
+        quant = _Quant(backend, dt, frozenset(prepare_model(model, backend, dt)))
+    else:
+        dt = torch_dtype(dt_name)
+        model = build_empty_model(config, dt)
     gen = folder / "generation_config.json"
     if gen.is_file() and getattr(model, "can_generate", lambda: False)():
         from transformers import GenerationConfig
@@ -677,7 +706,7 @@ def load_folder(folder: str | os.PathLike, plan: Plan, dtype: str | None = None,
     except BaseException:
         ckpt.close()
         raise
-    return _place(model, plan, sources, ckpt, offload_dir, free_on_error=True, progress=progress)
+    return _place(model, plan, sources, ckpt, offload_dir, free_on_error=True, progress=progress, quant=quant)
 
 
 def load_module(module: nn.Module, devices: Any = "auto", plan: Plan | None = None,
@@ -753,6 +782,6 @@ def load(model: Any, devices: Any = "auto", plan: Plan | None = None, *, dtype: 
         from ..plan.planner import plan as make_plan
 
         plan = make_plan(str(folder), devices=devices, dtype=dtype, **plan_kwargs)
-    elif dtype is not None and torch_dtype(dtype) != torch_dtype(plan.workload.dtype):
+    elif dtype is not None and resolve_dtype(dtype).name != resolve_dtype(plan.workload.dtype).name:
         raise WorkloadError(f"dtype {dtype} differs from the plan's {plan.workload.dtype}")
     return load_folder(folder, plan, dtype=dtype, offload_dir=offload_dir, model_ref=folder, progress=progress)

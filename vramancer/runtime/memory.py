@@ -29,6 +29,10 @@ def short_bytes(n: int) -> str:
 def tensor_bytes(t: torch.Tensor | None) -> int:
     if t is None:
         return 0
+    if hasattr(t, "quant_state") or hasattr(t, "SCB"):   # a bitsandbytes weight: its scales count too
+        from .quant import quantized_param_bytes
+
+        return quantized_param_bytes(t)
     return t.numel() * t.element_size()
 
 

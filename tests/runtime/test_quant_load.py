@@ -1,0 +1,87 @@
+"""Quantize on load (runtime/quant/): a float checkpoint loaded as bitsandbytes NF4 / int8 weights,
+split over simulated GPUs backed by the CPU. The planner's weight bytes per stage equal the measured
+ones (packed data + scales + code tables), and the split model's greedy tokens equal the unsplit
+quantized model's."""
+from __future__ import annotations
+
+import pytest
+
+from .conftest import build_model, make_plan
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("bitsandbytes")
+
+ARCHS = ["llama", "qwen2"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quant-models")
+    out = {}
+    for arch in ARCHS:
+        folder = root / arch
+        build_model(arch).save_pretrained(folder, safe_serialization=True)
+        out[arch] = folder
+    return out
+
+
+def _load(folder, n_stages, dtype):
+    from vramancer.runtime.loader import load
+
+    plan = make_plan(folder, n_stages, dtype=dtype, devices="rtx3090" if n_stages == 1 else None)
+    assert plan.workload.dtype == dtype
+    return load(str(folder), plan=plan)
+
+
+def _greedy(model, n=8):
+    ids = torch.tensor([[1, 5, 9, 17, 33, 40]])
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[0, ids.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("dtype", ["nf4", "int8"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_planned_bytes_equal_measured(folders, arch, dtype):
+    import bitsandbytes as bnb
+
+    model = _load(folders[arch], 2, dtype)
+    rep = model.vramancer.memory_report()
+    plan = model.vramancer.plan
+    assert [s.weights_bytes for s in rep.stages] == [s.weights_bytes for s in plan.stages]
+    layer = bnb.nn.Linear4bit if dtype == "nf4" else bnb.nn.Linear8bitLt
+    quantized = [m for m in model.modules() if isinstance(m, layer)]
+    assert len(quantized) == 7 * 4                      # q k v o gate up down in 4 layers
+    assert type(model.lm_head) is torch.nn.Linear       # the head and the embeddings stay float
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    w = quantized[0].weight
+    assert w.dtype == (torch.uint8 if dtype == "nf4" else torch.int8)
+    model.vramancer.detach()
+
+
+@pytest.mark.parametrize("dtype", ["nf4", "int8"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_split_greedy_equals_unsplit(folders, arch, dtype):
+    one = _load(folders[arch], 1, dtype)
+    want = _greedy(one)
+    one.vramancer.detach()
+    split = _load(folders[arch], 3, dtype)
+    assert len(split.vramancer.plan.stages) == 3
+    assert _greedy(split) == want
+    split.vramancer.detach()
+
+
+def test_nf4_weight_bytes_formula():
+    from vramancer.models.dtypes import resolve_dtype
+
+    # 48 x 32 = 1536 weights: 768 packed bytes + 24 fp32 absmax + 16 fp32 code entries
+    assert resolve_dtype("nf4").weight_bytes((48, 32)) == 768 + 24 * 4 + 64
+    # int8: one byte a weight + an fp32 scale per row
+    assert resolve_dtype("int8").weight_bytes((48, 32)) == 1536 + 48 * 4
+
+
+def test_int4_on_load_is_refused_in_one_line(folders):
+    from vramancer.errors import WorkloadError
+
+    with pytest.raises(WorkloadError, match="cannot be quantized on load"):
+        _load(folders["llama"], 2, "int4")
