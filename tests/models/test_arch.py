@@ -99,10 +99,12 @@ def test_quantized_dtype_sizes_matrices_by_bits_per_weight() -> None:
     cfg = config_dict(config("mistral"))
     nf4, q8 = resolve_dtype("nf4"), resolve_dtype("q8_0")
     H, I, V, q, kv = 32, 64, 128, 32, 16
-    layer_mats = [q * H, kv * H, kv * H, H * q, I * H, I * H, H * I]
-    # bitsandbytes: matrices at 4.5 bits, embeddings / LM head / norms at bf16
+    layer_shapes = [(q, H), (kv, H), (kv, H), (H, q), (I, H), (I, H), (H, I)]
+    layer_mats = [a * b for a, b in layer_shapes]
+    # bitsandbytes NF4: packed 4-bit + fp32 absmax per 64 + its 16-entry code; embeddings / head / norms bf16
     p = profile_from_config(cfg, "nf4")
-    assert p.blocks[1].weights_bytes == sum(nf4.matrix_bytes(n) for n in layer_mats) + 2 * H * 2
+    assert p.blocks[1].weights_bytes == sum(nf4.weight_bytes(s) for s in layer_shapes) + 2 * H * 2
+    assert nf4.weight_bytes((q, H)) == q * H // 2 + 4 * (q * H // 64) + 4 * 16
     assert p.blocks[0].weights_bytes == V * H * 2
     assert p.blocks[-1].weights_bytes == V * H * 2 + H * 2
     assert p.kv_dtype == "bfloat16" and p.blocks[1].kv_bytes_per_token == 2 * kv * 2

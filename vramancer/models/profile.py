@@ -32,6 +32,10 @@ class BlockProfile:
     flops_per_token      forward FLOPs per token excluding attention over the context
     attn_flops_per_token_per_ctx  extra FLOPs per token per context token (QK^T and AV)
     read_bytes_per_token bytes read per decode step (weights actually used: active experts only for MoE)
+    experts_bytes        of weights_bytes, the MoE routed experts' (role "expert" tensors), 0 if none
+    experts_read_bytes_per_token  of read_bytes_per_token, the routed experts' (the top-k used per token)
+    experts_flops_per_token       of flops_per_token, the routed experts'
+    experts_module       module name of the routed experts (e.g. ``model.layers.3.mlp.experts``), "" if none
     """
 
     name: str
@@ -47,6 +51,10 @@ class BlockProfile:
     attn_flops_per_token_per_ctx: float = 0.0
     read_bytes_per_token: int = 0
     params: int = 0
+    experts_bytes: int = 0
+    experts_read_bytes_per_token: int = 0
+    experts_flops_per_token: float = 0.0
+    experts_module: str = ""
 
     @property
     def total_weights_bytes(self) -> int:

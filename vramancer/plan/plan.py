@@ -88,7 +88,10 @@ class PlanBlock:
     """One block of the model as the runtime loads it. ``modules``: its module name prefixes in run
     order (transformers names, e.g. ``["model.embed_tokens", "model.rotary_emb"]``); ``layer_index``:
     its index in the model's list of repeated layers (the KV cache's layer index), None for the
-    blocks before and after them; ``shared_bytes``: tied weights it uses (counted on each stage)."""
+    blocks before and after them; ``shared_bytes``: tied weights it uses (counted on each stage).
+    ``experts_device``: the host device holding (and computing) this MoE layer's routed experts,
+    module ``experts_module``, ``experts_bytes`` of weights there (not in ``weights_bytes``, which is
+    what ``device`` holds); None when the experts stay with the block."""
 
     name: str
     weights_bytes: int
@@ -97,6 +100,9 @@ class PlanBlock:
     device: str
     modules: tuple[str, ...] = ()
     layer_index: int | None = None
+    experts_device: str | None = None
+    experts_bytes: int = 0
+    experts_module: str | None = None
 
     @property
     def streamed_bytes(self) -> int:
@@ -106,6 +112,9 @@ class PlanBlock:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["modules"] = list(self.modules)
+        if self.experts_device is None:   # only MoE layers whose experts are in host RAM carry these
+            for k in ("experts_device", "experts_bytes", "experts_module"):
+                del d[k]
         return d
 
 
@@ -296,6 +305,9 @@ class Plan:
             used[s.device] = used.get(s.device, 0) + s.total_bytes
         for b in self.stream_buffers:
             used[b.device] = used.get(b.device, 0) + b.buffer_bytes
+        for blk in self.blocks:
+            if blk.experts_device is not None:
+                used[blk.experts_device] = used.get(blk.experts_device, 0) + blk.experts_bytes
         return used
 
     def device_shortfalls(self) -> dict[str, int]:
@@ -439,6 +451,15 @@ class Plan:
             if blk.device != self.stages[stage_of[b]].device:
                 raise bad(f"blocks[{b}].device: {blk.device!r}, but its stage {stage_of[b]} is on "
                           f"{self.stages[stage_of[b]].device}")
+            if blk.experts_device is not None:
+                ed = devs.get(blk.experts_device)
+                st = self.stages[stage_of[b]]
+                if ed is None or ed.kind != "cpu":
+                    raise bad(f"blocks[{b}].experts_device: {blk.experts_device!r} is not a host (cpu) device "
+                              "of the plan")
+                if st.kind != "gpu" or not blk.experts_module or blk.experts_bytes <= 0:
+                    raise bad(f"blocks[{b}].experts_device: routed experts go to the host only from a block on a "
+                              "GPU, with experts_module and experts_bytes > 0")
             if blk.layer_index is not None:
                 if blk.layer_index in layers:
                     raise bad(f"blocks[{b}].layer_index: {blk.layer_index} is another block's")
@@ -525,7 +546,10 @@ def _read_stage(r: FieldReader, n_blocks: int) -> Stage:
 def _read_block(r: FieldReader) -> PlanBlock:
     return PlanBlock(name=r.str("name"), weights_bytes=r.int("weights_bytes"), shared_bytes=r.int("shared_bytes"),
                      kv_bytes_per_token=r.int("kv_bytes_per_token"), device=r.str("device", nonempty=True),
-                     modules=tuple(r.strs("modules")), layer_index=r.optional_int("layer_index", hi=1 << 31))
+                     modules=tuple(r.strs("modules")), layer_index=r.optional_int("layer_index", hi=1 << 31),
+                     experts_device=r.str("experts_device", default=None, nullable=True),
+                     experts_bytes=r.int("experts_bytes", default=0),
+                     experts_module=r.str("experts_module", default=None, nullable=True))
 
 
 def _read_plan(r: FieldReader) -> Plan:

@@ -274,7 +274,7 @@ def _manual_placement(pl: _Planner, split: list[float]) -> list[tuple[int, int, 
 
 def plan_profile(profile: ModelProfile, devices: list[Device], workload: Workload,
                  reserve_bytes: int | str | None = None, split: list[float] | None = None,
-                 suggest: bool = True) -> Plan:
+                 suggest: bool = True, moe_experts_on_host: bool = True) -> Plan:
     check_workload(workload.context, workload.batch, workload.objective, workload.prefill_chunk)
     reserve = _reserve(devices, reserve_bytes)
     cells = len(devices) * profile.num_blocks ** 2
@@ -344,6 +344,12 @@ def plan_profile(profile: ModelProfile, devices: list[Device], workload: Workloa
                     f"streaming the offloaded blocks through a GPU would serve a request {gain:.1f}x sooner "
                     f"(prefill on the GPU) but its {format_bytes(staging)} double buffer would push "
                     f"{sum(s.num_blocks for s in streamed.offloaded) - n_off} more blocks off the GPUs")
+    if best.offloaded and moe_experts_on_host:
+        from .experts import experts_on_host
+
+        alt = experts_on_host(profile, devices, workload, reserve_bytes, best, plan_profile)
+        if alt is not None and request_seconds(alt) < request_seconds(best):
+            return alt
     if best.offloaded and suggest and any(d.kind == "gpu" for d in devices):  # no GPU: nothing to fit
         best.suggestions = _suggestions(pl, profile, devices, workload, reserve_bytes, best.shortfall_bytes)
     return best
@@ -637,7 +643,7 @@ def _suggestions(pl: _Planner, profile: ModelProfile, devices: list[Device], wor
 
 def plan(model: Any, devices: Any = "auto", context: int | None = None, batch: int = 1, dtype: str | None = None,
          objective: str = "latency", split: list[float] | None = None, reserve_bytes: int | str | None = None,
-         prefill_chunk: int = 512, backing: str = "cpu") -> Plan:
+         prefill_chunk: int = 512, backing: str = "cpu", moe_experts_on_host: bool = True) -> Plan:
     """See vramancer.plan. Raises WorkloadError / DeviceSpecError / UnknownModelError (exit 2) and
     DoesNotFitError (exit 3). ``context`` None: ``default_context`` of the model."""
     from ..devices.spec import parse_devices
@@ -660,4 +666,5 @@ def plan(model: Any, devices: Any = "auto", context: int | None = None, batch: i
         context = default_context(prof)
     workload = Workload(context=context, batch=batch, dtype=prof.dtype, objective=objective,  # type: ignore[arg-type]
                         prefill_chunk=prefill_chunk)
-    return plan_profile(prof, devs, workload, reserve_bytes=reserve_bytes, split=split)
+    return plan_profile(prof, devs, workload, reserve_bytes=reserve_bytes, split=split,
+                        moe_experts_on_host=moe_experts_on_host)

@@ -53,6 +53,10 @@ def layout_from_plan(plan: Plan, model: nn.Module) -> BlockLayout:
     Refuses (BadInputError, one line) a plan that names no modules for a block (planned from a
     profile without module names) or modules the model does not have."""
     mods = [list(b.modules) for b in plan.blocks]
+    moe = [b.name for b in plan.blocks if b.experts_device is not None]
+    if moe:
+        raise BadInputError(f"the plan keeps the routed experts of {len(moe)} MoE layers in host RAM, which the "
+                            "split runtime does not run yet; plan with moe_experts_on_host=False")
     empty = [b.name for b, m in zip(plan.blocks, mods) if not m]
     if empty:
         raise BadInputError(f"the plan names no modules for blocks {empty[:4]}; plan again from the model folder "

@@ -1,0 +1,142 @@
+"""MoE routed experts in host RAM (what llama.cpp's ``--n-cpu-moe N`` / ``-ot exps=CPU`` does): every
+layer's attention, norms, router and shared experts stay on the GPUs, the routed experts of the
+first N layers live in host RAM and are computed there by the CPU. A decode step then reads only
+the top-k experts' weights of those layers from host RAM (plus two hidden-state hops per layer,
+GPU -> CPU -> GPU), where offloading whole layers reads their attention and KV cache from host RAM
+too. The planner keeps this placement when it serves a representative request sooner
+(``planner.request_seconds``).
+
+Planned by placing a "slim" profile (those layers without their routed experts) on the devices
+with host RAM reduced by the experts' bytes, then adding the experts' CPU time and the hops to
+the slim plan's stages and prediction. N is the fewest layers whose experts must leave the GPUs
+for every block to fit on them (more experts on the GPUs is never slower)."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+from ..devices.device import Device
+from ..models.profile import BlockProfile, ModelProfile
+from ..units import format_bytes
+from .cost import CostModel
+from .plan import Plan, Prediction, Workload
+
+__all__ = ["experts_blocks", "experts_on_host", "llama_cpp_moe_flags"]
+
+PlanFn = Callable[..., Plan]
+
+
+def experts_blocks(profile: ModelProfile) -> list[int]:
+    """Indices of the blocks whose routed experts can move (known bytes and module), in layer order."""
+    return [i for i, b in enumerate(profile.blocks) if b.experts_bytes > 0 and b.experts_module]
+
+
+def _slim(profile: ModelProfile, moved: list[int]) -> ModelProfile:
+    blocks = list(profile.blocks)
+    for i in moved:
+        b = blocks[i]
+        blocks[i] = replace(b, weights_bytes=b.weights_bytes - b.experts_bytes,
+                            read_bytes_per_token=b.read_bytes_per_token - b.experts_read_bytes_per_token,
+                            flops_per_token=b.flops_per_token - b.experts_flops_per_token)
+    return replace(profile, blocks=blocks, notes=list(profile.notes))
+
+
+def _experts_only(b: BlockProfile) -> BlockProfile:
+    return BlockProfile(name=b.name + ".experts", weights_bytes=b.experts_bytes, modules=[b.experts_module],
+                        read_bytes_per_token=b.experts_read_bytes_per_token, flops_per_token=b.experts_flops_per_token)
+
+
+def llama_cpp_moe_flags(profile: ModelProfile, moved: list[int]) -> tuple[str, str]:
+    """(``--n-cpu-moe N``, the equivalent ``-ot`` regex) for experts moved from the first N layers."""
+    layers = [i - 1 for i in moved]   # block i is layer i-1
+    alt = "|".join(str(n) for n in layers)
+    return f"--n-cpu-moe {len(layers)}", f'-ot "blk\\.({alt})\\.ffn_(up|down|gate)_exps\\.=CPU"'
+
+
+def _try(profile: ModelProfile, devices: list[Device], workload: Workload, reserve_bytes: int | str | None,
+         moved: list[int], host: int, plan_fn: PlanFn) -> Plan | None:
+    from ..errors import DoesNotFitError
+
+    experts = sum(profile.blocks[i].experts_bytes for i in moved)
+    if experts > devices[host].free_bytes:
+        return None
+    devs = list(devices)
+    devs[host] = replace(devices[host], free_bytes=devices[host].free_bytes - experts)
+    try:
+        sub = plan_fn(_slim(profile, moved), devs, workload, reserve_bytes=reserve_bytes, suggest=False,
+                      moe_experts_on_host=False)
+    except DoesNotFitError:
+        return None
+    return None if sub.offloaded or not sub.fits else sub
+
+
+def experts_on_host(profile: ModelProfile, devices: list[Device], workload: Workload,
+                    reserve_bytes: int | str | None, baseline: Plan, plan_fn: PlanFn) -> Plan | None:
+    """The plan with the routed experts of the fewest first layers in host RAM that puts every
+    block on the GPUs, or None (no MoE experts, no host device, no GPU, the baseline already on
+    the GPUs, or no such N)."""
+    cand = experts_blocks(profile)
+    host = next((i for i, d in enumerate(devices) if d.kind == "cpu"), None)
+    if not cand or host is None or not baseline.offloaded or not any(d.kind == "gpu" for d in devices):
+        return None
+    lo, hi, best = 1, len(cand), None
+    while lo <= hi:                         # fits is monotone in N: binary search for the fewest
+        mid = (lo + hi) // 2
+        sub = _try(profile, devices, workload, reserve_bytes, cand[:mid], host, plan_fn)
+        if sub is None:
+            lo = mid + 1
+        else:
+            best, hi = (mid, sub), mid - 1
+    if best is None:
+        return None
+    n, sub = best
+    moved = cand[:n]
+    return _finish(profile, devices, workload, sub, moved, host, baseline)
+
+
+def _finish(profile: ModelProfile, devices: list[Device], workload: Workload, sub: Plan, moved: list[int],
+            host: int, baseline: Plan) -> Plan:
+    cost = CostModel(profile, workload.context, workload.batch, workload.prefill_chunk)
+    host_dev = devices[host]
+    by_id = {d.id: d for d in devices}
+    stage_of = sub.block_stage_indices()
+    extra_dec = extra_pre = 0.0
+    for i in moved:
+        st = sub.stages[stage_of[i]]
+        dec, pre = cost.execute_seconds(_experts_only(profile.blocks[i]), host_dev)
+        hd, hp = cost.hop_seconds(by_id[st.device], host_dev)
+        st.decode_seconds += dec + 2 * hd
+        st.prefill_seconds += pre + 2 * hp
+        extra_dec += dec + 2 * hd
+        extra_pre += pre + 2 * hp
+        b = profile.blocks[i]
+        sub.blocks[i] = replace(sub.blocks[i], experts_device=host_dev.id, experts_bytes=b.experts_bytes,
+                                experts_module=b.experts_module)
+    p = sub.predicted
+    chunk = workload.chunk_tokens
+    total_dec = p.decode_ms_per_step / 1e3 + extra_dec
+    total_pre = chunk / max(p.prefill_tokens_per_s, 1e-9) + extra_pre
+    if workload.objective == "throughput" and len(sub.stages) > 1:
+        decode_tps = workload.batch / max(s.decode_seconds for s in sub.stages)
+        prefill_tps = chunk / max(s.prefill_seconds for s in sub.stages)
+    else:
+        decode_tps, prefill_tps = workload.batch / total_dec, chunk / total_pre
+    sub.predicted = Prediction(decode_tokens_per_s=round(decode_tps, 3), prefill_tokens_per_s=round(prefill_tps, 1),
+                               decode_ms_per_step=round(total_dec * 1e3, 3),
+                               bottleneck_stage=max(range(len(sub.stages)), key=lambda s: sub.stages[s].decode_seconds))
+    sub.devices = list(devices)
+    n_cpu_moe, ot = llama_cpp_moe_flags(profile, moved)
+    sub.exports.pop("vllm_pp_layer_partition", None)   # vLLM's pipeline stages hold whole layers
+    if "llama_cpp" in sub.exports:
+        sub.exports["llama_cpp"] += " " + n_cpu_moe
+        sub.exports["llama_cpp_ot"] = ot
+    experts = sum(profile.blocks[i].experts_bytes for i in moved)
+    first, last = moved[0] - 1, moved[-1] - 1
+    off = sum(s.num_blocks for s in baseline.offloaded)
+    sub.notes.append(
+        f"MoE: the routed experts of layers {first}-{last} ({format_bytes(experts)}) stay in host RAM "
+        f"({host_dev.id}) and run on the CPU; attention, router and shared experts of every layer run on "
+        f"the GPUs (instead of {off} whole blocks off the GPUs: "
+        f"{baseline.predicted.decode_tokens_per_s:g} tokens/s decode, "
+        f"{baseline.predicted.prefill_tokens_per_s:g} tokens/s prefill)")
+    return sub
