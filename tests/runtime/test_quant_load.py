@@ -1,4 +1,5 @@
-"""Quantize on load (runtime/quant/): a float checkpoint loaded as bitsandbytes NF4 / int8 weights,
+"""Quantize on load (runtime/quant/): a float checkpoint loaded as bitsandbytes NF4 / FP4 (int4) /
+int8 weights or torchao int8 weights,
 split over simulated GPUs backed by the CPU. The planner's weight bytes per stage equal the measured
 ones (packed data + scales + code tables), and the split model's greedy tokens equal the unsplit
 quantized model's."""
@@ -25,12 +26,12 @@ def folders(tmp_path_factory):
     return out
 
 
-def _load(folder, n_stages, dtype):
+def _load(folder, n_stages, dtype, backend=None):
     from vramancer.runtime.loader import load
 
     plan = make_plan(folder, n_stages, dtype=dtype, devices="rtx3090" if n_stages == 1 else None)
     assert plan.workload.dtype == dtype
-    return load(str(folder), plan=plan)
+    return load(str(folder), plan=plan, quant_backend=backend)
 
 
 def _greedy(model, n=8):
@@ -40,7 +41,7 @@ def _greedy(model, n=8):
     return out[0, ids.shape[1]:].tolist()
 
 
-@pytest.mark.parametrize("dtype", ["nf4", "int8"])
+@pytest.mark.parametrize("dtype", ["nf4", "int4", "int8"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_planned_bytes_equal_measured(folders, arch, dtype):
     import bitsandbytes as bnb
@@ -49,17 +50,51 @@ def test_planned_bytes_equal_measured(folders, arch, dtype):
     rep = model.vramancer.memory_report()
     plan = model.vramancer.plan
     assert [s.weights_bytes for s in rep.stages] == [s.weights_bytes for s in plan.stages]
-    layer = bnb.nn.Linear4bit if dtype == "nf4" else bnb.nn.Linear8bitLt
+    layer = bnb.nn.Linear8bitLt if dtype == "int8" else bnb.nn.Linear4bit
     quantized = [m for m in model.modules() if isinstance(m, layer)]
     assert len(quantized) == 7 * 4                      # q k v o gate up down in 4 layers
     assert type(model.lm_head) is torch.nn.Linear       # the head and the embeddings stay float
     assert model.lm_head.weight.dtype == torch.bfloat16
     w = quantized[0].weight
-    assert w.dtype == (torch.uint8 if dtype == "nf4" else torch.int8)
+    assert w.dtype == (torch.int8 if dtype == "int8" else torch.uint8)
+    if dtype != "int8":
+        assert w.quant_state.quant_type == ("fp4" if dtype == "int4" else "nf4")
     model.vramancer.detach()
 
 
-@pytest.mark.parametrize("dtype", ["nf4", "int8"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_torchao_int8_planned_bytes_equal_measured(folders, arch):
+    pytest.importorskip("torchao")
+    model = _load(folders[arch], 2, "int8", backend="torchao")
+    rep = model.vramancer.memory_report()
+    assert [s.weights_bytes for s in rep.stages] == [s.weights_bytes for s in model.vramancer.plan.stages]
+    w = model.model.layers[0].self_attn.q_proj.weight
+    assert type(w).__name__ == "Int8Tensor" and w.qdata.dtype == torch.int8
+    assert tuple(w.scale.shape) == (w.shape[0], 1) and w.scale.dtype == torch.float32
+    assert type(model.lm_head.weight) is torch.nn.Parameter and model.lm_head.weight.dtype == torch.bfloat16
+    # torchao's int8 rows equal bitsandbytes' (both symmetric absmax per row): same greedy tokens
+    got = _greedy(model)
+    model.vramancer.detach()
+    bnb_model = _load(folders[arch], 2, "int8", backend="bitsandbytes")
+    assert got == _greedy(bnb_model)
+    bnb_model.vramancer.detach()
+
+
+def test_backend_choice_is_checked(folders):
+    from vramancer.errors import WorkloadError
+    from vramancer.runtime.quant import backend_for
+
+    assert backend_for("int8", {"cpu"}).package == "bitsandbytes"
+    assert backend_for("int4", {"cpu"}).package == "bitsandbytes"
+    with pytest.raises(WorkloadError, match="not quantized through torchao"):
+        backend_for("nf4", {"cpu"}, prefer="torchao")
+    with pytest.raises(WorkloadError, match="known bitsandbytes, torchao"):
+        backend_for("int8", {"cpu"}, prefer="quanto")
+    with pytest.raises(WorkloadError, match="no kernel for mps devices"):
+        backend_for("int4", {"cpu", "mps"})
+
+
+@pytest.mark.parametrize("dtype", ["nf4", "int4", "int8"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_split_greedy_equals_unsplit(folders, arch, dtype):
     one = _load(folders[arch], 1, dtype)
@@ -80,8 +115,8 @@ def test_nf4_weight_bytes_formula():
     assert resolve_dtype("int8").weight_bytes((48, 32)) == 1536 + 48 * 4
 
 
-def test_int4_on_load_is_refused_in_one_line(folders):
+def test_gguf_dtype_on_load_is_refused_in_one_line(folders):
     from vramancer.errors import WorkloadError
 
     with pytest.raises(WorkloadError, match="cannot be quantized on load"):
-        _load(folders["llama"], 2, "int4")
+        _load(folders["llama"], 2, "q4_0")

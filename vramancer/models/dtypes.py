@@ -27,7 +27,8 @@ class DType:
     quantize_embeddings: bool = True
     # How one 2-D weight of shape (rows, cols) is stored when quantized on load (runtime/quant/):
     # "nf4": bitsandbytes Params4bit, two weights per byte + an fp32 absmax per block of 64 + its
-    # 16-entry fp32 code table; "int8": bitsandbytes Int8Params, one int8 per weight + an fp32 scale
+    # 16-entry fp32 code table ("fp4": the same storage, FP4 levels); "int8": bitsandbytes Int8Params
+    # or torchao Int8Tensor, one int8 per weight + an fp32 scale
     # per row (SCB). None: ``bits_per_weight`` averaged over the matrix (GGUF, sizing only).
     on_load: str | None = None
 
@@ -45,7 +46,7 @@ class DType:
         n = 1
         for d in shape:
             n *= int(d)
-        if self.on_load == "nf4":
+        if self.on_load in ("nf4", "fp4"):
             return -(-n // 2) + 4 * -(-n // NF4_BLOCK) + 4 * 16
         if self.on_load == "int8":
             return n + 4 * int(shape[0])
@@ -62,7 +63,8 @@ DTYPES: dict[str, DType] = {
         DType("int8", 8, "bfloat16", quantized=True, quantize_embeddings=False, on_load="int8"),
         # bitsandbytes NF4/FP4, block 64, fp32 absmax -> 4 + 32/64 = 4.5 bits (exact: weight_bytes)
         DType("nf4", 4.5, "bfloat16", quantized=True, quantize_embeddings=False, on_load="nf4"),
-        DType("int4", 4.5, "bfloat16", quantized=True, quantize_embeddings=False),
+        # bitsandbytes FP4 on load (runtime/quant/): NF4's storage, 4-bit floats instead of normal-float levels
+        DType("int4", 4.5, "bfloat16", quantized=True, quantize_embeddings=False, on_load="fp4"),
         # GGUF block formats (ggml-common.h): bytes per block / weights per block * 8
         DType("q8_0", 34 * 8 / 32, "float16", quantized=True),
         DType("q6_k", 210 * 8 / 256, "float16", quantized=True),

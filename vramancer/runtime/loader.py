@@ -665,8 +665,9 @@ def _place(model: nn.Module, plan: Plan, sources: dict[str, _Source],
 # ------------------------------------------------------------------------------------------------
 def load_folder(folder: str | os.PathLike, plan: Plan, dtype: str | None = None,
                 offload_dir: str | None = None, model_ref: Any = None,
-                progress: LoadProgress | None = None) -> nn.Module:
-    """Build the model of ``folder`` on meta and load its checkpoint per ``plan``."""
+                progress: LoadProgress | None = None, quant_backend: str | None = None) -> nn.Module:
+    """Build the model of ``folder`` on meta and load its checkpoint per ``plan``. ``quant_backend``:
+    the package quantizing a float checkpoint on load ("bitsandbytes", "torchao"; runtime/quant/)."""
     from transformers import AutoConfig
 
     from ..models.checkpoint import read_config
@@ -688,7 +689,7 @@ def load_folder(folder: str | os.PathLike, plan: Plan, dtype: str | None = None,
             raise WorkloadError(f"--dtype {dt_name}: quantized on load, every stage must stay resident "
                                 "(this plan streams some from host RAM or disk)")
         backend = backend_for(dt_name, {_torch_device(compute_torch_device(plan, st.compute_device)).type
-                                        for st in plan.stages})
+                                        for st in plan.stages}, prefer=quant_backend)
         dt = torch_dtype(resolve_dtype(dt_name).compute)
         model = build_empty_model(config, dt)
         quant = _Quant(backend, dt, frozenset(prepare_model(model, backend, dt)))
@@ -755,11 +756,12 @@ def load_gguf(path: str | os.PathLike, plan: Plan, dtype: str | None = None,
 
 
 def load(model: Any, devices: Any = "auto", plan: Plan | None = None, *, dtype: str | None = None,
-         offload_dir: str | None = None, progress: LoadProgress | None = None, **plan_kwargs: Any) -> nn.Module:
+         offload_dir: str | None = None, progress: LoadProgress | None = None, quant_backend: str | None = None,
+         **plan_kwargs: Any) -> nn.Module:
     """Load ``model`` (a transformers folder, a name the resolver finds locally, or an nn.Module) split
     over ``devices`` per ``plan`` (planned here with ``plan_kwargs`` when not given). The result keeps
     the transformers interface and carries the runtime as ``model.vramancer``. ``progress``: a
-    LoadProgress (runtime/progress.py) told of every tensor placed."""
+    LoadProgress (runtime/progress.py) told of every tensor placed; ``quant_backend``: see load_folder."""
     from torch import nn
 
     if getattr(model, "vramancer", None) is not None:
@@ -784,4 +786,5 @@ def load(model: Any, devices: Any = "auto", plan: Plan | None = None, *, dtype: 
         plan = make_plan(str(folder), devices=devices, dtype=dtype, **plan_kwargs)
     elif dtype is not None and resolve_dtype(dtype).name != resolve_dtype(plan.workload.dtype).name:
         raise WorkloadError(f"dtype {dtype} differs from the plan's {plan.workload.dtype}")
-    return load_folder(folder, plan, dtype=dtype, offload_dir=offload_dir, model_ref=folder, progress=progress)
+    return load_folder(folder, plan, dtype=dtype, offload_dir=offload_dir, model_ref=folder, progress=progress,
+                       quant_backend=quant_backend)

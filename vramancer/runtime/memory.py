@@ -29,7 +29,8 @@ def short_bytes(n: int) -> str:
 def tensor_bytes(t: torch.Tensor | None) -> int:
     if t is None:
         return 0
-    if hasattr(t, "quant_state") or hasattr(t, "SCB"):   # a bitsandbytes weight: its scales count too
+    if hasattr(t, "quant_state") or hasattr(t, "SCB") or hasattr(t, "tensor_data_names"):
+        # a bitsandbytes weight (its scales count too) or a torchao tensor subclass (its inner tensors)
         from .quant import quantized_param_bytes
 
         return quantized_param_bytes(t)

@@ -1,4 +1,12 @@
-"""The on-load quantizers, one row per dtype.
+"""The on-load quantizers, one row per (dtype, package).
+
+``nf4`` / ``int4`` / ``int8`` quantize through bitsandbytes (NF4, FP4 and LLM.int8 weights, CPU and
+CUDA kernels); ``int8`` also through torchao (``Int8Tensor``: int8 weights + one fp32 scale per
+row, weight-only, CPU and CUDA), chosen with ``prefer="torchao"`` or when bitsandbytes is missing.
+torchao's packed int4 weight-only kernels need CUDA and its ``mslk`` package (none run on x86
+CPUs with torchao 0.18), so ``int4`` is bitsandbytes' FP4: 4-bit floats in blocks of 64 with an
+fp32 absmax, the same bytes as NF4. Every row of a dtype stores the same bytes for a weight shape
+(``DType.weight_bytes``), whichever package the plan's devices get.
 
 ``prepare_model`` swaps a meta-built model's ``nn.Linear`` layers (all but the LM head: embeddings,
 norms and the head stay at the compute dtype, as transformers' bitsandbytes integration does) for
@@ -23,7 +31,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["QuantBackend", "BACKENDS", "backend_for", "prepare_model", "quantized_param_bytes"]
+__all__ = ["QuantBackend", "BACKEND_ROWS", "BACKENDS", "PACKAGES", "backend_for", "prepare_model",
+           "quantized_param_bytes"]
 
 
 @dataclass(frozen=True)
@@ -38,22 +47,27 @@ class QuantBackend:
     devices: tuple[str, ...]
     make_layer: Callable[[Any, Any], Any]
     quantize: Callable[[Any, Any], Any]
+    note: str = ""
 
 
-def _nf4_layer(linear: nn.Linear, compute: torch.dtype) -> nn.Module:
-    import bitsandbytes as bnb
+def _4bit_layer(quant_type: str) -> Callable[[Any, Any], Any]:
+    def make(linear: nn.Linear, compute: torch.dtype) -> nn.Module:
+        import bitsandbytes as bnb
 
-    return bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                             compute_dtype=compute, compress_statistics=False, quant_type="nf4",
-                             device="meta")
+        return bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                 compute_dtype=compute, compress_statistics=False, quant_type=quant_type,
+                                 device="meta")
+    return make
 
 
-def _nf4_quantize(w: torch.Tensor, device: torch.device) -> nn.Parameter:
-    import bitsandbytes as bnb
+def _4bit_quantize(quant_type: str) -> Callable[[Any, Any], Any]:
+    def quantize(w: torch.Tensor, device: torch.device) -> nn.Parameter:
+        import bitsandbytes as bnb
 
-    p = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", compress_statistics=False,
-                          blocksize=NF4_BLOCK)
-    return p.to(device)
+        p = bnb.nn.Params4bit(w, requires_grad=False, quant_type=quant_type, compress_statistics=False,
+                              blocksize=NF4_BLOCK)
+        return p.to(device)
+    return quantize
 
 
 def _int8_layer(linear: nn.Linear, compute: torch.dtype) -> nn.Module:
@@ -69,26 +83,61 @@ def _int8_quantize(w: torch.Tensor, device: torch.device) -> nn.Parameter:
     return bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False).to(device)
 
 
-BACKENDS: dict[str, QuantBackend] = {
-    b.dtype: b
-    for b in [
-        QuantBackend("nf4", "bitsandbytes", ("cpu", "cuda"), _nf4_layer, _nf4_quantize),
-        QuantBackend("int8", "bitsandbytes", ("cpu", "cuda"), _int8_layer, _int8_quantize),
-    ]
-}
+def _keep_linear(linear: nn.Linear, compute: torch.dtype) -> nn.Module:
+    """torchao keeps ``nn.Linear``: its weight becomes a quantized tensor subclass."""
+    return linear
 
 
-def backend_for(dtype: str | DType, device_types: set[str]) -> QuantBackend:
+def _ao_int8_quantize(w: torch.Tensor, device: torch.device) -> nn.Parameter:
+    import torch
+    from torch import nn
+
+    from .torchao_compat import int8_weight
+
+    with torch.no_grad():
+        return nn.Parameter(int8_weight(w.to(device)), requires_grad=False)
+
+
+BACKEND_ROWS: tuple[QuantBackend, ...] = (
+    QuantBackend("nf4", "bitsandbytes", ("cpu", "cuda"), _4bit_layer("nf4"), _4bit_quantize("nf4")),
+    QuantBackend("int4", "bitsandbytes", ("cpu", "cuda"), _4bit_layer("fp4"), _4bit_quantize("fp4"),
+                 note="bitsandbytes FP4 (torchao's int4 kernels need CUDA and mslk)"),
+    QuantBackend("int8", "bitsandbytes", ("cpu", "cuda"), _int8_layer, _int8_quantize),
+    QuantBackend("int8", "torchao", ("cpu", "cuda"), _keep_linear, _ao_int8_quantize),
+)
+# the first row of each dtype: the default package
+BACKENDS: dict[str, QuantBackend] = {}
+for _b in BACKEND_ROWS:
+    BACKENDS.setdefault(_b.dtype, _b)
+PACKAGES = tuple(dict.fromkeys(b.package for b in BACKEND_ROWS))
+
+
+def _installed(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
+
+
+def backend_for(dtype: str | DType, device_types: set[str], prefer: str | None = None) -> QuantBackend:
     """The backend that quantizes ``dtype`` on load, checked installed and able to run on every
-    device type in ``device_types``; one line (WorkloadError, exit 2) otherwise."""
+    device type in ``device_types``; one line (WorkloadError, exit 2) otherwise. ``prefer``: a
+    package (``"torchao"``, ``"bitsandbytes"``); else the dtype's first installed row."""
     dt = resolve_dtype(dtype) if isinstance(dtype, str) else dtype
-    b = BACKENDS.get(dt.name)
-    if b is None:
+    rows = [b for b in BACKEND_ROWS if b.dtype == dt.name]
+    if not rows:
         known = ", ".join(BACKENDS)
         raise WorkloadError(f"--dtype {dt.name} cannot be quantized on load of a float checkpoint "
                             f"(on-load quantization: {known}; GGUF files load their own {dt.name} blocks)")
-    if importlib.util.find_spec(b.package) is None:
-        raise WorkloadError(f"--dtype {dt.name} needs the {b.package} package: pip install 'vramancer[quant]'")
+    if prefer is not None:
+        if prefer not in PACKAGES:
+            raise WorkloadError(f"quantization backend {prefer!r}: known {', '.join(PACKAGES)}")
+        chosen = [b for b in rows if b.package == prefer]
+        if not chosen:
+            raise WorkloadError(f"--dtype {dt.name} is not quantized through {prefer} "
+                                f"(it is through {', '.join(b.package for b in rows)})")
+        rows = chosen
+    b = next((b for b in rows if _installed(b.package)), None)
+    if b is None:
+        needed = " or ".join(r.package for r in rows)
+        raise WorkloadError(f"--dtype {dt.name} needs the {needed} package: pip install 'vramancer[quant]'")
     missing = sorted(device_types - set(b.devices))
     if missing:
         raise WorkloadError(f"--dtype {dt.name}: {b.package} has no kernel for {', '.join(missing)} devices "
@@ -97,8 +146,9 @@ def backend_for(dtype: str | DType, device_types: set[str]) -> QuantBackend:
 
 
 def prepare_model(model: nn.Module, backend: QuantBackend, compute: torch.dtype) -> list[str]:
-    """Swap every ``nn.Linear`` of the meta-built ``model`` but its LM head for ``backend``'s layer;
-    returns the names of the weights to quantize on load."""
+    """Swap every ``nn.Linear`` of the meta-built ``model`` but its LM head for ``backend``'s layer
+    (torchao keeps the layer, its weight is replaced on load); returns the names of the weights to
+    quantize on load."""
     import torch
     from torch import nn
 
@@ -111,7 +161,8 @@ def prepare_model(model: nn.Module, backend: QuantBackend, compute: torch.dtype)
                 swaps.append((mod, child_name, backend.make_layer(child, compute)))
                 names.append(f"{name}.{child_name}.weight" if name else f"{child_name}.weight")
     for parent, child_name, layer in swaps:
-        if layer.bias is not None:   # biases stay float, at the compute dtype (the layers make them fp32)
+        # biases stay float, at the compute dtype (bitsandbytes' layers make them fp32)
+        if layer.bias is not None and layer.bias.dtype != compute:
             layer.bias = nn.Parameter(torch.empty_like(layer.bias, dtype=compute, device="meta"),
                                       requires_grad=False)
         setattr(parent, child_name, layer)
@@ -120,7 +171,12 @@ def prepare_model(model: nn.Module, backend: QuantBackend, compute: torch.dtype)
 
 def quantized_param_bytes(p: torch.Tensor) -> int:
     """Bytes a weight holds: its own storage plus, for bitsandbytes weights, the scales and code
-    table it carries (Params4bit.quant_state: absmax + code; Int8Params.SCB)."""
+    table it carries (Params4bit.quant_state: absmax + code; Int8Params.SCB); for a torchao tensor
+    subclass, the sum of its inner tensors (``qdata`` + ``scale`` + those set of the optional ones)."""
+    names = getattr(p, "tensor_data_names", None)
+    if names is not None:
+        inner = list(names) + list(getattr(p, "optional_tensor_data_names", None) or ())
+        return sum(t.numel() * t.element_size() for t in (getattr(p, k, None) for k in inner) if t is not None)
     n = p.numel() * p.element_size()
     qs = getattr(p, "quant_state", None)
     if qs is not None:
