@@ -1,6 +1,6 @@
 """MoE routed experts in host RAM (plan/experts.py): exact experts bytes in the profile, the
 planner choosing them over whole-layer offload for a catalog Mixtral, the plan's JSON, its
-llama.cpp export, and the runtime's one-line refusal (it does not run them yet)."""
+llama.cpp export, and the runtime's layout of them (tests/runtime/test_moe_experts.py runs them)."""
 from __future__ import annotations
 
 import pytest
@@ -86,9 +86,32 @@ def test_bad_experts_device_refused():
         Plan.from_dict(d)
 
 
-def test_runtime_refuses_experts_plan_in_one_line():
-    from vramancer.runtime.layout import layout_from_plan
+def test_runtime_layout_maps_experts_to_the_host():
+    """The runtime's layout puts every tensor of a moved experts module on the plan's host device, and
+    nothing else; a plan whose experts module the model lacks is refused in one line."""
+    from tests.models.tiny import config, config_dict, meta_model
+    from vramancer.devices.spec import parse_devices
+    from vramancer.models.arch import profile_from_config
+    from vramancer.plan.experts import experts_on_host
+    from vramancer.plan.plan import Workload
+    from vramancer.plan.planner import plan_profile
+    from vramancer.runtime.layout import layout_from_plan, stage_layout
 
-    p = plan("mixtral-8x7b", devices=DEVICES, dtype="q8_0")
-    with pytest.raises(BadInputError, match="routed experts"):
-        layout_from_plan(p, None)
+    cfg = config("mixtral", num_hidden_layers=4)
+    prof = profile_from_config(config_dict(cfg), "float32")
+    devs = parse_devices("rtx3090:300KiB,rtx3060:200KiB,cpu:8GiB")
+    w = Workload(context=64, batch=1, dtype="float32")
+    whole = plan_profile(prof, devs, w, reserve_bytes=0, moe_experts_on_host=False)
+    p = experts_on_host(prof, devs, w, 0, whole, plan_profile)
+    assert p is not None
+    model = meta_model(cfg)
+    lay = stage_layout(model, layout_from_plan(p, model), p)
+    moved = [b for b in p.blocks if b.experts_device]
+    want = {n for n, _ in model.named_parameters() for b in moved if n.startswith(b.experts_module + ".")}
+    assert want and set(lay.tensor_host) == want and set(lay.tensor_host.values()) == {"cpu"}
+    d = p.to_dict()
+    i = next(j for j, b in enumerate(d["blocks"]) if b.get("experts_device"))
+    d["blocks"][i]["modules"] = ["model.embed_tokens"]
+    d["blocks"][i]["experts_module"] = "model.layers.9.mlp.experts"
+    with pytest.raises(BadInputError, match="no such module"):
+        layout_from_plan(Plan.from_dict(d), model)

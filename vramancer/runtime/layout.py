@@ -29,6 +29,9 @@ class BlockLayout:
 
     modules: list[list[str]]
     layers: list[int | None]
+    # block -> (the model's module name of its routed experts, plan host device id): MoE experts the
+    # plan keeps in host RAM (runtime/experts.py)
+    host_experts: dict[int, tuple[str, str]] = field(default_factory=dict)
 
     @property
     def num_blocks(self) -> int:
@@ -51,12 +54,8 @@ class BlockLayout:
 def layout_from_plan(plan: Plan, model: nn.Module) -> BlockLayout:
     """The plan's blocks, checked against ``model``: every module the plan names must exist in it.
     Refuses (BadInputError, one line) a plan that names no modules for a block (planned from a
-    profile without module names) or modules the model does not have."""
+    profile without module names) or modules the model does not have, MoE experts included."""
     mods = [list(b.modules) for b in plan.blocks]
-    moe = [b.name for b in plan.blocks if b.experts_device is not None]
-    if moe:
-        raise BadInputError(f"the plan keeps the routed experts of {len(moe)} MoE layers in host RAM, which the "
-                            "split runtime does not run yet; plan with moe_experts_on_host=False")
     empty = [b.name for b, m in zip(plan.blocks, mods) if not m]
     if empty:
         raise BadInputError(f"the plan names no modules for blocks {empty[:4]}; plan again from the model folder "
@@ -68,7 +67,9 @@ def layout_from_plan(plan: Plan, model: nn.Module) -> BlockLayout:
             except AttributeError:
                 raise BadInputError(f"the plan names module {p!r}, which {type(model).__name__} does not have; "
                                     "was the plan made for another model?") from None
-    return BlockLayout(mods, [b.layer_index for b in plan.blocks])
+    from .experts import host_experts_modules
+
+    return BlockLayout(mods, [b.layer_index for b in plan.blocks], host_experts_modules(plan, model))
 
 
 @dataclass
@@ -80,9 +81,14 @@ class StageLayout:
     tensor_stage: dict[str, int] = field(default_factory=dict)     # every param / buffer name (ties included)
     tied_groups: list[list[str]] = field(default_factory=list)    # names sharing one Parameter
     unowned: list[str] = field(default_factory=list)               # tensors no block lists (went to block 0)
+    tensor_host: dict[str, str] = field(default_factory=dict)     # tensors of host experts -> plan host device
 
     def stage_of(self, name: str) -> int:
         return self.tensor_stage[name]
+
+    def host_of(self, name: str) -> str | None:
+        """The plan's host device holding tensor ``name`` (routed MoE experts in host RAM), else None."""
+        return self.tensor_host.get(name)
 
     def block_modules(self, stage: int) -> list[tuple[int, str]]:
         """(block, module prefix) pairs of ``stage``, in run order."""
@@ -110,6 +116,9 @@ def stage_layout(model: nn.Module, blocks: BlockLayout, plan: Plan) -> StageLayo
             b = 0
             lay.unowned.append(name)
         lay.tensor_stage[name] = stage_of_block[b]
+        ex = blocks.host_experts.get(b)
+        if ex is not None and (name == ex[0] or name.startswith(ex[0] + ".")):
+            lay.tensor_host[name] = ex[1]
         by_id.setdefault(id(t), []).append(name)
     lay.tied_groups = [names for names in by_id.values() if len(names) > 1]
     return lay

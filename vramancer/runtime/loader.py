@@ -401,6 +401,9 @@ class _Placer:
                     # streamed stages keep their parameters at home; buffers live where they run
                     device = self.compute[si] if (tier == "disk" or not is_param) else self.device[si]
                     pinned = tier == "host" and is_param and self.compute[si].type == "cuda"
+                    host = self.layout.host_of(first)
+                    if host is not None:   # MoE routed experts the plan keeps (and runs) in host RAM
+                        device, pinned = _torch_device(compute_torch_device(self.plan, host)), False
                     if made is None and self.quant is not None and first in self.quant.names:
                         # float on its stage's device, quantized there before the next tensor is read
                         want = torch.empty(meta[first].shape, dtype=self.quant.compute, device="meta")
@@ -523,6 +526,7 @@ class _Placer:
                 if li is not None:
                     layers.append((li, mod))
             rs = RuntimeStage(si, st, st.mode, self.device[si], self.compute[si], units, layers, config=text_config)
+            rs.host_experts = self._host_experts(si)
             if self.tier[si] != "device":
                 with torch.no_grad():
                     for prefix, mod in units:
@@ -566,6 +570,18 @@ class _Placer:
                                cleanup_offload_dir=self.made_offload_dir)
         runtime.offload_files = list(self.offload_files)
         return runtime
+
+    def _host_experts(self, si: int) -> list:
+        """The MoE experts modules of stage ``si``'s blocks that the plan keeps in host RAM."""
+        from .experts import HostExperts
+
+        out = []
+        for b, (name, host) in sorted(self.layout.blocks.host_experts.items()):
+            if self.layout.stage_of_block[b] == si:
+                out.append(HostExperts(b, name, self.model.get_submodule(name),
+                                       _torch_device(compute_torch_device(self.plan, host)), self.compute[si],
+                                       host, self.plan.blocks[b].experts_bytes))
+        return out
 
     def oom_error(self, err: BaseException) -> DeviceOutOfMemoryError:
         st = self.plan.stages[self.stage_now]

@@ -17,7 +17,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ..plan.plan import Plan
 
-__all__ = ["StageMemoryReport", "StreamBufferBytes", "MemoryReport", "CacheBytes", "StageBytes", "RuntimeBytes",
+__all__ = ["StageMemoryReport", "StreamBufferBytes", "ExpertsBytes", "experts_bytes",
+           "MemoryReport", "CacheBytes", "StageBytes", "RuntimeBytes",
            "cache_layer_bytes", "stage_bytes", "tensor_bytes", "short_bytes"]
 
 
@@ -128,6 +129,46 @@ class StreamBufferBytes:
 
 
 @dataclass(frozen=True)
+class ExpertsBytes:
+    """One MoE layer's routed experts in host RAM (runtime/experts.py): block ``block``, module
+    ``module``, on plan device ``device`` (torch device ``torch_device``): measured bytes next to
+    the plan's. ``misplaced``: its parameters not on ``torch_device`` (should be none)."""
+
+    block: int
+    module: str
+    device: str
+    torch_device: str
+    weights_bytes: int
+    planned_weights_bytes: int
+    misplaced: tuple[str, ...] = ()
+
+    @property
+    def over_plan(self) -> bool:
+        return self.weights_bytes > self.planned_weights_bytes
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["misplaced"] = list(self.misplaced)
+        d["over_plan"] = self.over_plan
+        return d
+
+
+def experts_bytes(stages: Sequence[Any]) -> list[ExpertsBytes]:
+    """Per MoE experts module kept in host RAM (``RuntimeStage.host_experts``), the bytes it holds."""
+    out = []
+    for st in stages:
+        for ex in getattr(st, "host_experts", ()):
+            n, bad = 0, []
+            for name, p in ex.module.named_parameters(prefix=ex.name):
+                n += tensor_bytes(p)
+                if p.device != ex.device:
+                    bad.append(name)
+            out.append(ExpertsBytes(ex.block, ex.name, ex.plan_device, str(ex.device), n, ex.planned_bytes,
+                                    tuple(bad)))
+    return out
+
+
+@dataclass(frozen=True)
 class RuntimeBytes:
     stages: list[StageBytes]
     stream_buffers: list[StreamBufferBytes]
@@ -140,7 +181,8 @@ def stage_bytes(plan: Plan, stages: Sequence[Any], engines: Sequence[Any], cache
     per stage; tied copies count on every stage that holds one."""
     out: list[StageBytes] = []
     for st in stages:
-        seen: set[int] = set()
+        # MoE experts in host RAM are not the stage's (see experts_bytes)
+        seen: set[int] = {id(t) for ex in getattr(st, "host_experts", ()) for t in ex.module.parameters()}
         weights = buffers = 0
         misplaced: list[str] = []
         if st.mode == "stream":
@@ -221,6 +263,7 @@ class MemoryReport:
     batch: int = 0
     notes: list[str] = field(default_factory=list)
     stream_buffers: list[StreamBufferBytes] = field(default_factory=list)
+    experts: list[ExpertsBytes] = field(default_factory=list)   # MoE experts in host RAM, per layer
 
     @property
     def weights_bytes(self) -> int:
@@ -237,7 +280,8 @@ class MemoryReport:
     def to_dict(self) -> dict:
         return {"kv_tokens": self.kv_tokens, "batch": self.batch, "weights_bytes": self.weights_bytes,
                 "kv_cache_bytes": self.kv_cache_bytes, "stages": [s.to_dict() for s in self.stages],
-                "stream_buffers": [b.to_dict() for b in self.stream_buffers], "notes": list(self.notes)}
+                "stream_buffers": [b.to_dict() for b in self.stream_buffers], "notes": list(self.notes),
+                **({"experts": [e.to_dict() for e in self.experts]} if self.experts else {})}
 
     def rows(self) -> list[list[str]]:
         """Table rows for people, matching ``HEADER``."""
@@ -265,6 +309,14 @@ class MemoryReport:
         widths = [max(len(r[i]) for r in rows) for i in range(len(self.HEADER))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines += self.buffer_lines()
+        if self.experts:
+            by_dev: dict[str, list[ExpertsBytes]] = {}
+            for e in self.experts:
+                by_dev.setdefault(e.device, []).append(e)
+            for dev, es in by_dev.items():
+                held = short_bytes(sum(e.weights_bytes for e in es))
+                lines.append(f"MoE experts of {len(es)} layers on {dev}: {held} "
+                             f"(plan {short_bytes(sum(e.planned_weights_bytes for e in es))})")
         if self.kv_tokens:
             lines.append(f"KV cache holds {self.kv_tokens} tokens x batch {self.batch}; plan sized for its context")
         return "\n".join(lines + self.notes)

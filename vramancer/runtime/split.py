@@ -21,7 +21,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .boundary import BoundaryHook, BoundaryStats, StageInputCache, move_tensors
-from .memory import CacheBytes, MemoryReport, RuntimeBytes, StageMemoryReport, cache_layer_bytes, stage_bytes
+from .memory import (
+    CacheBytes,
+    MemoryReport,
+    RuntimeBytes,
+    StageMemoryReport,
+    cache_layer_bytes,
+    experts_bytes,
+    stage_bytes,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -29,6 +37,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ..plan.plan import Plan, Stage
     from .checkpoint import Checkpoint
+    from .experts import HostExperts
     from .layout import StageLayout
     from .stream import StreamEngine, StreamUnit
 
@@ -70,6 +79,7 @@ class RuntimeStage:
     config: Any = None
     stats: BoundaryStats = field(default_factory=BoundaryStats)
     stream_units: list[StreamUnit] = field(default_factory=list)
+    host_experts: list[HostExperts] = field(default_factory=list)   # MoE experts of its layers run on the host
 
     @property
     def blocks(self) -> tuple[int, int]:
@@ -156,6 +166,9 @@ class SplitRuntime:
         self._kv = CacheBytes()          # the cache the last forward returned, measured
         self.attached = False
         self._multi_device = len({str(s.compute_device) for s in stages}) > 1
+        from .experts import ExpertsHooks
+
+        self.experts_hooks = ExpertsHooks([ex for s in stages for ex in s.host_experts])
 
     # -- hooks --------------------------------------------------------------------------------
     @property
@@ -203,6 +216,7 @@ class SplitRuntime:
                     lambda m, a, u=unit, e=eng: e.ensure(u)))
                 h.append(unit.module.register_forward_hook(
                     lambda m, a, o, u=unit, e=eng: e.release(u)))
+        self.experts_hooks.attach()
         self.attached = True
         return self
 
@@ -212,6 +226,7 @@ class SplitRuntime:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self.experts_hooks.detach()
         for c in self._caches:
             c.clear()
         self._sync()
@@ -280,7 +295,7 @@ class SplitRuntime:
                 buffers_bytes=sb.buffers_bytes, allocator_peak_bytes=peaks.get(str(st.compute_device)),
                 misplaced=list(sb.misplaced), kv_devices=list(sb.kv_devices), compute_device_id=sb.compute_device))
         return MemoryReport(out, kv_tokens=kv.tokens, batch=kv.batch, notes=list(self.notes),
-                            stream_buffers=held.stream_buffers)
+                            stream_buffers=held.stream_buffers, experts=experts_bytes(self.stages))
 
     def samplers(self, real: bool = True) -> list:
         """Telemetry samplers for this split model: its simulated devices through a
@@ -300,5 +315,6 @@ class SplitRuntime:
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{s.plan.device}[{s.blocks[0]}:{s.blocks[1]}]{'*' if s.mode == 'stream' else ''}"
+                          + (f"+{len(s.host_experts)} experts on host" if s.host_experts else "")
                           for s in self.stages)
         return f"SplitRuntime({parts})"

@@ -75,8 +75,7 @@ def make_plan(args: argparse.Namespace, model: str) -> Plan:
     from ...plan.commands import planner_kwargs, warn_context
     from ...plan.planner import plan as planner
 
-    # MoE experts in host RAM (plan/experts.py) are planned, not yet run by the split runtime
-    plan = planner(model, **planner_kwargs(args), moe_experts_on_host=False)
+    plan = planner(model, **planner_kwargs(args))
     warn_context(plan)   # run, chat, serve: a context beyond the model's trained maximum is a warning
     return plan
 

@@ -1,0 +1,187 @@
+"""MoE routed experts in host RAM, run by the split runtime (runtime/experts.py): tiny Mixtral,
+Qwen2-MoE and Qwen3-MoE over 2-3 simulated GPUs + cpu, with GPU budgets too small for whole MoE layers,
+planned by the planner's experts placement (plan/experts.py). Greedy ids equal the unsplit model's,
+each experts module lives (and runs) on the host, measured bytes equal the plan's exactly, the hooks
+come off at detach."""
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from safetensors.torch import save_file  # noqa: E402
+
+from vramancer.errors import BadInputError  # noqa: E402
+
+VOCAB = 96
+_COMMON = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+               intermediate_size=48, vocab_size=VOCAB, max_position_embeddings=128,
+               bos_token_id=1, eos_token_id=2, pad_token_id=0)
+MOE = {
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=48, decoder_sparse_step=2),
+    "qwen3_moe": dict(head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      decoder_sparse_step=1),
+}
+# GPU budgets (bytes in KiB) where whole MoE layers do not all fit on the GPUs but their attention does
+DEVICES = {
+    ("mixtral", 2): "rtx3090:300KiB,rtx3060:200KiB,cpu:8GiB",
+    ("mixtral", 3): "rtx3090:200KiB,rtx3060:180KiB,rtx4090:200KiB,cpu:8GiB",
+    ("qwen2_moe", 2): "rtx3090:300KiB,rtx3060:200KiB,cpu:8GiB",
+    ("qwen3_moe", 2): "rtx3090:200KiB,rtx3060:160KiB,cpu:8GiB",
+    ("qwen3_moe", 3): "rtx3090:160KiB,rtx3060:150KiB,rtx4090:160KiB,cpu:8GiB",
+}
+NEW_TOKENS = 16
+
+
+def build_moe(arch: str, seed: int = 0):
+    cfg = transformers.AutoConfig.for_model(arch, **_COMMON, **MOE[arch])
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():   # a larger spread than the init makes greedy choices decisive
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.2)
+    return model
+
+
+@pytest.fixture(scope="module")
+def moe_folders(tmp_path_factory):
+    """Each MoE model saved with save_pretrained (per-expert tensors, fused by transformers on load)."""
+    root = tmp_path_factory.mktemp("moe")
+    out = {}
+    for arch in MOE:
+        folder = root / arch
+        build_moe(arch).save_pretrained(folder, safe_serialization=True)
+        out[arch] = folder
+    return out
+
+
+def moe_plan(target, devices: str, context: int = 64):
+    """The planner's experts-in-host-RAM plan for ``devices`` (the placement the planner builds; on models
+    this small its per-block overheads make it prefer whole-layer offload, so it is asked directly)."""
+    from vramancer.devices.spec import parse_devices
+    from vramancer.models.resolve import profile
+    from vramancer.plan.experts import experts_on_host
+    from vramancer.plan.planner import plan, plan_profile
+
+    whole = plan(target, devices=devices, context=context, reserve_bytes=0, moe_experts_on_host=False)
+    assert whole.offloaded, "the budget must push whole MoE layers off the GPUs"
+    alt = experts_on_host(profile(target), parse_devices(devices), whole.workload, 0, whole, plan_profile)
+    assert alt is not None and any(b.experts_device for b in alt.blocks) and not alt.offloaded
+    return alt
+
+
+def _greedy(model, ids):
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                              min_new_tokens=NEW_TOKENS, do_sample=False)
+
+
+def _prompt(seed: int = 1):
+    return torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(seed))
+
+
+def _check_experts(model, plan):
+    rt = model.vramancer
+    moved = {b: blk for b, blk in enumerate(plan.blocks) if blk.experts_device is not None}
+    rep = rt.memory_report()
+    for st, row in zip(plan.stages, rep.stages, strict=True):
+        assert row.weights_bytes == st.weights_bytes, (row.stage, row.weights_bytes, st.weights_bytes)
+        assert row.misplaced == []
+    assert [e.block for e in rep.experts] == sorted(moved)
+    for e in rep.experts:
+        assert e.weights_bytes == e.planned_weights_bytes == moved[e.block].experts_bytes
+        assert e.device == moved[e.block].experts_device and e.torch_device == "cpu" and not e.misplaced
+        mod = model.get_submodule(e.module)
+        assert all(p.device.type == "cpu" for p in mod.parameters())
+    # per device: what the runtime holds equals what the plan says each device holds (weights)
+    held: dict[str, int] = {}
+    for row in rep.stages:
+        held[row.device] = held.get(row.device, 0) + row.weights_bytes
+    for e in rep.experts:
+        held[e.device] = held.get(e.device, 0) + e.weights_bytes
+    planned: dict[str, int] = {}
+    for st in plan.stages:
+        planned[st.device] = planned.get(st.device, 0) + st.weights_bytes
+    for blk in moved.values():
+        planned[blk.experts_device] = planned.get(blk.experts_device, 0) + blk.experts_bytes
+    assert held == planned
+    assert rep.to_dict()["experts"][0]["over_plan"] is False
+    assert "MoE experts of" in rep.table()
+    return rep
+
+
+@pytest.mark.parametrize("arch,n_gpus", sorted(DEVICES))
+def test_experts_on_host_greedy_equals_unsplit(moe_folders, arch, n_gpus):
+    from vramancer.runtime.loader import load
+
+    folder = moe_folders[arch]
+    plan = moe_plan(str(folder), DEVICES[(arch, n_gpus)])
+    ids = _prompt()
+    ref = _greedy(transformers.AutoModelForCausalLM.from_pretrained(folder).eval(), ids)
+    model = load(folder, plan=plan)
+    rt = model.vramancer
+    assert rt.experts_hooks.attached
+    assert len({s.device for s in plan.stages}) >= 2
+    out = _greedy(model, ids)
+    assert torch.equal(out, ref)
+    n_moved = sum(1 for b in plan.blocks if b.experts_device)
+    # every host experts module ran once per forward (prefill + NEW_TOKENS - 1 decode steps)
+    assert rt.experts_hooks.stats.forwards == n_moved * NEW_TOKENS
+    _check_experts(model, plan)
+    hooked = [model.get_submodule(e.name) for s in rt.stages for e in s.host_experts]
+    assert len(hooked) == n_moved and all(m._forward_pre_hooks and m._forward_hooks for m in hooked)
+    rt.detach()
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in hooked)
+
+
+def test_fused_checkpoint_and_plan_json(moe_folders, tmp_path):
+    """A checkpoint that stores the fused expert tensors under the model's own names, loaded from a plan
+    read back from JSON: same tokens as the per-expert checkpoint's unsplit model."""
+    from vramancer.plan.plan import Plan
+    from vramancer.runtime.loader import load
+
+    src = moe_folders["mixtral"]
+    ref_model = transformers.AutoModelForCausalLM.from_pretrained(src).eval()
+    fused = tmp_path / "fused"
+    fused.mkdir()
+    ref_model.config.save_pretrained(fused)
+    sd = {k: v.contiguous() for k, v in ref_model.state_dict().items() if k != "lm_head.weight"
+          or not ref_model.config.tie_word_embeddings}
+    assert any(k.endswith("mlp.experts.gate_up_proj") for k in sd)
+    save_file(sd, str(fused / "model.safetensors"), metadata={"format": "pt"})
+    plan = Plan.from_json(moe_plan(str(fused), DEVICES[("mixtral", 2)]).to_json())
+    model = load(fused, plan=plan)
+    ids = _prompt(seed=3)
+    assert torch.equal(_greedy(model, ids), _greedy(ref_model, ids))
+    _check_experts(model, plan)
+
+
+def test_module_split_in_place():
+    """An nn.Module split in place: its experts move to the host, its output stays the same."""
+    from vramancer.runtime.loader import load
+
+    ref = build_moe("qwen3_moe", seed=4)
+    ids = _prompt(seed=5)
+    want = _greedy(ref, ids)
+    model = build_moe("qwen3_moe", seed=4)
+    plan = moe_plan(model, DEVICES[("qwen3_moe", 3)])
+    load(model, plan=plan)
+    assert torch.equal(_greedy(model, ids), want)
+    _check_experts(model, plan)
+
+
+def test_plan_for_another_model_refused_in_one_line(moe_folders):
+    from vramancer.runtime.experts import experts_module_name
+
+    model = build_moe("qwen3_moe")
+    assert experts_module_name(model, "model.layers.1.mlp.experts", ["model.layers.1"]) == "model.layers.1.mlp.experts"
+    mix = build_moe("mixtral")   # checkpoint names (block_sparse_moe) through transformers' renaming
+    assert experts_module_name(mix, "model.layers.2.block_sparse_moe.experts",
+                               ["model.layers.2"]) == "model.layers.2.mlp.experts"
+    with pytest.raises(BadInputError, match="no such module") as e:
+        experts_module_name(model, "model.layers.1.mlp.experts", ["model.embed_tokens"])
+    assert "\n" not in str(e.value)

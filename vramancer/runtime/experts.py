@@ -1,0 +1,156 @@
+"""MoE routed experts kept in host RAM and computed there, while the rest of their layer (attention,
+norms, router, shared experts) runs on the layer's GPU: what the plan says with
+``PlanBlock.experts_device`` (plan/experts.py; llama.cpp's ``--n-cpu-moe``).
+
+The loader puts every tensor of such a block's experts module on the host's torch device; an
+``ExpertsHooks`` then wraps each of those modules with a forward pre-hook that moves its tensor
+inputs (hidden states of the routed tokens, top-k indices and weights) to the host, and a forward
+hook that moves its output back to the layer's device. Two hops per layer per forward, nothing
+else crosses: the experts' weights never leave host RAM.
+
+    hooks = ExpertsHooks(experts).attach()   # SplitRuntime.attach() does this
+    hooks.stats                              # forwards and bytes moved each way
+    hooks.detach()
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..errors import BadInputError
+from .boundary import BoundaryStats, move_tensors
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from torch import nn
+
+    from ..plan.plan import Plan
+
+__all__ = ["HostExperts", "ExpertsStats", "ExpertsHooks", "experts_module_name", "host_experts_modules"]
+
+
+@dataclass
+class HostExperts:
+    """One MoE layer's routed experts in host RAM: ``name`` (the model's module name) of block
+    ``block``, living and running on ``device`` (a host torch device; plan device ``plan_device``),
+    returning its output to ``return_device`` (the torch device its layer runs on); the plan gives
+    it ``planned_bytes`` of weights."""
+
+    block: int
+    name: str
+    module: nn.Module
+    device: torch.device
+    return_device: torch.device
+    plan_device: str
+    planned_bytes: int
+
+
+@dataclass
+class ExpertsStats:
+    """Forwards through host experts, and bytes of tensors moved to the host and back."""
+
+    forwards: int = 0
+    to_host_bytes: int = 0
+    back_bytes: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _renamed(name: str, model: nn.Module) -> str:
+    """``name`` through transformers' checkpoint -> model renamings (``block_sparse_moe`` -> ``mlp``)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+    except ImportError:  # pragma: no cover - older transformers: names are the model's
+        return name
+    out = "." + name + "."
+    for m in get_model_conversion_mapping(model):
+        if not isinstance(m, WeightRenaming):
+            continue
+        srcs, tgts = list(m.source_patterns), list(m.target_patterns)
+        if len(tgts) != len(srcs):
+            tgts = tgts[:1] * len(srcs)
+        for src, tgt in zip(srcs, tgts):
+            out = re.sub(src, tgt, out)
+    return out.strip(".")
+
+
+def experts_module_name(model: nn.Module, experts_module: str, block_modules: list[str]) -> str:
+    """The model's module name for a plan's ``experts_module`` (the profile may name it as the
+    checkpoint does: ``model.layers.3.block_sparse_moe.experts`` for ``model.layers.3.mlp.experts``).
+    BadInputError (one line) when no module of the block is it."""
+    for cand in dict.fromkeys((experts_module, _renamed(experts_module, model))):
+        try:
+            model.get_submodule(cand)
+        except AttributeError:
+            continue
+        if any(cand == p or cand.startswith(p + ".") for p in block_modules):
+            return cand
+    # the one module named "experts" inside the block (per-expert checkpoints fused by transformers)
+    found = [n for p in block_modules for n, _ in model.get_submodule(p).named_modules(prefix=p)
+             if n.rsplit(".", 1)[-1] == "experts"]
+    if len(found) == 1:
+        return found[0]
+    raise BadInputError(f"the plan keeps MoE experts {experts_module!r} in host RAM, but "
+                        f"{type(model).__name__} has no such module in {', '.join(block_modules)}; "
+                        "was the plan made for another model?")
+
+
+def host_experts_modules(plan: Plan, model: nn.Module) -> dict[int, tuple[str, str]]:
+    """{block index: (the model's experts module name, plan host device id)} for every block whose
+    routed experts the plan keeps in host RAM."""
+    out: dict[int, tuple[str, str]] = {}
+    for b, blk in enumerate(plan.blocks):
+        if blk.experts_device is None:
+            continue
+        out[b] = (experts_module_name(model, blk.experts_module or "", list(blk.modules)), blk.experts_device)
+    return out
+
+
+@dataclass
+class ExpertsHooks:
+    """The hooks that run host experts on the host: attach() installs them, detach() removes them."""
+
+    experts: list[HostExperts]
+    stats: ExpertsStats = field(default_factory=ExpertsStats)
+    _handles: list[Any] = field(default_factory=list)
+
+    def _pre(self, ex: HostExperts):
+        moved = BoundaryStats()
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict):
+            before = moved.copied_bytes
+            out = move_tensors(args, ex.device, stats=moved), move_tensors(kwargs, ex.device, stats=moved)
+            self.stats.forwards += 1
+            self.stats.to_host_bytes += moved.copied_bytes - before
+            return out
+        return hook
+
+    def _post(self, ex: HostExperts):
+        moved = BoundaryStats()
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any):
+            before = moved.copied_bytes
+            out = move_tensors(output, ex.return_device, stats=moved)
+            self.stats.back_bytes += moved.copied_bytes - before
+            return out
+        return hook
+
+    def attach(self) -> ExpertsHooks:
+        if self._handles:
+            return self
+        for ex in self.experts:
+            self._handles.append(ex.module.register_forward_pre_hook(self._pre(ex), with_kwargs=True))
+            self._handles.append(ex.module.register_forward_hook(self._post(ex), with_kwargs=True))
+        return self
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
