@@ -115,3 +115,23 @@ def test_runtime_layout_maps_experts_to_the_host():
     d["blocks"][i]["experts_module"] = "model.layers.9.mlp.experts"
     with pytest.raises(BadInputError, match="no such module"):
         layout_from_plan(Plan.from_dict(d), model)
+
+
+def test_plan_json_and_table_show_an_experts_entry():
+    from rich.console import Console
+
+    from vramancer.plan.commands import render_plan
+
+    p = plan("mixtral-8x7b", devices=DEVICES, dtype="q8_0")
+    moved = [i for i, b in enumerate(p.blocks) if b.experts_device]
+    assert moved == list(range(moved[0], moved[-1] + 1))
+    stages = sorted({p.block_stage_indices()[i] for i in moved})
+    assert p.to_dict()["experts"] == [{"kind": "experts", "device": "cpu", "blocks": [moved[0], moved[-1] + 1],
+                                       "compute_device": "cpu", "stages": stages,
+                                       "weights_bytes": sum(p.blocks[i].experts_bytes for i in moved)}]
+    assert Plan.from_json(p.to_json()).to_dict() == p.to_dict()   # derived, read back the same
+    assert "experts" not in plan("llama-3.1-8b", devices="rtx3060,cpu:64GiB").to_dict()
+    con = Console(record=True, width=200)
+    render_plan(p, con)
+    row = next(line for line in con.export_text().splitlines() if line.startswith("x "))
+    assert row.split()[1:4] == ["cpu", "experts", f"L{moved[0] - 1}-{moved[-1] - 1}"]

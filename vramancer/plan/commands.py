@@ -23,6 +23,9 @@ def add_planner_flags(p: argparse.ArgumentParser, devices_default: str = "auto")
     p.add_argument("--dtype", default=None,
                    help="weights dtype: bfloat16, float16, float32, int8, nf4, q8_0, q6_k, q4_k_m, ... "
                         "(default: the checkpoint's)")
+    p.add_argument("--kv-dtype", default=None,
+                   help="KV cache storage, like llama.cpp -ctk/-ctv: q8_0 (int8 + an fp16 scale per 32 values), "
+                        "fp8 (e4m3), bf16, f16, f32 (default: the compute dtype)")
     p.add_argument("--objective", choices=["latency", "throughput"], default="latency",
                    help="latency: one stream, fastest devices take more blocks; "
                         "throughput: many streams, balance the slowest stage")
@@ -48,7 +51,7 @@ def parse_split(text: str | None) -> list[float] | None:
 def planner_kwargs(args: argparse.Namespace) -> dict:
     return dict(devices=args.devices, context=args.context, batch=args.batch, dtype=args.dtype,
                 objective=args.objective, split=parse_split(args.split), reserve_bytes=args.reserve,
-                prefill_chunk=args.prefill_chunk, backing=args.backing)
+                prefill_chunk=args.prefill_chunk, backing=args.backing, kv_dtype=getattr(args, "kv_dtype", None))
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -116,7 +119,8 @@ def render_plan(plan, console, story=None) -> None:
     w = plan.workload
     short = shortfall_by_device(plan)
     used_on = plan.device_used_bytes()
-    console.print(f"[bold]{plan.model}[/]  context {w.context:,} · batch {w.batch} · {w.dtype} · {w.objective}")
+    kv = f" · KV {w.kv_dtype}" if w.kv_dtype else ""
+    console.print(f"[bold]{plan.model}[/]  context {w.context:,} · batch {w.batch} · {w.dtype}{kv} · {w.objective}")
     t = Table(box=None, header_style="bold", pad_edge=False)
     for col, just in (("#", "right"), ("device", "left"), ("blocks", "left"), ("weights", "right"),
                       ("KV", "right"), ("act", "right"), ("rsv", "right"), ("free", "right"),
@@ -135,6 +139,10 @@ def render_plan(plan, console, story=None) -> None:
         t.add_row(str(i), s.device, _block_label(*s.blocks, n), _short_bytes(s.weights_bytes),
                   _short_bytes(s.kv_cache_bytes), _short_bytes(s.activation_bytes), _short_bytes(s.reserve_bytes),
                   free_cell, used_cell)
+    for ex in plan.experts_ranges():   # MoE routed experts in host RAM (counted in the host's free)
+        of = "[dim]of #" + ", #".join(map(str, ex["stages"])) + "[/]"
+        t.add_row("x", ex["device"], "experts " + _block_label(*ex["blocks"], n).replace("embed+", ""),
+                  _short_bytes(ex["weights_bytes"]), "", "", "", "", of)
     # never cut a device name or a figure: wider than the terminal, the terminal wraps the rows
     natural, width = console.measure(t, options=console.options.update_width(10_000)).maximum, console.width
     console.width = max(width, natural)
@@ -334,8 +342,14 @@ def plan_or_partial(target, kwargs: dict):
     except DoesNotFitError:
         pass
     prof = make_profile(target, dtype=kwargs.get("dtype"))
+    if kwargs.get("kv_dtype") is not None:
+        from ..models.dtypes import resolve_kv_dtype
+        from ..models.layout import with_kv_dtype
+
+        prof = with_kv_dtype(prof, resolve_kv_dtype(kwargs["kv_dtype"]))
     devs = parse_devices(kwargs["devices"], backing=kwargs.get("backing", "cpu"))
     workload = Workload(context=kwargs.get("context") or default_context(prof), batch=kwargs.get("batch", 1),
                         dtype=prof.dtype, objective=kwargs.get("objective", "latency"),
-                        prefill_chunk=kwargs.get("prefill_chunk", 512))
+                        prefill_chunk=kwargs.get("prefill_chunk", 512),
+                        kv_dtype=prof.kv_dtype if kwargs.get("kv_dtype") is not None else None)
     return partial_plan(prof, devs, workload, reserve_bytes=kwargs.get("reserve_bytes"))

@@ -70,13 +70,16 @@ class ModelIdentity:
 @dataclass(frozen=True)
 class Workload:
     """context: tokens of KV cache per sequence; batch: sequences at once;
-    prefill_chunk: tokens per prefill forward (the activation workspace is sized for it)."""
+    prefill_chunk: tokens per prefill forward (the activation workspace is sized for it);
+    kv_dtype: how the KV cache is stored (--kv-dtype: q8_0, fp8, bfloat16, ...), None = the
+    compute dtype."""
 
     context: int = 4096
     batch: int = 1
     dtype: str = "bfloat16"
     objective: Objective = "latency"
     prefill_chunk: int = 512
+    kv_dtype: str | None = None
 
     @property
     def chunk_tokens(self) -> int:
@@ -318,6 +321,30 @@ class Plan:
         return {dev: used - free[dev] for dev, used in self.device_used_bytes().items()
                 if dev in free and used > free[dev]}
 
+    def experts_ranges(self) -> list[dict]:
+        """The MoE routed experts kept in host RAM, as stage-like entries of kind "experts": one per
+        run of consecutive blocks whose experts are on the same host device (blocks half-open, weights
+        the experts' bytes there, ``stages``: the stages whose layers they belong to). Derived from
+        ``blocks[*].experts_device`` (the plan JSON's "experts" list; not read back)."""
+        out: list[dict] = []
+        stage_of = self.block_stage_indices()
+        prev = -2
+        for b, blk in enumerate(self.blocks):
+            if blk.experts_device is None:
+                continue
+            last = out[-1] if out else None
+            if last is not None and prev == b - 1 and last["device"] == blk.experts_device:
+                last["blocks"][1] = b + 1
+                last["weights_bytes"] += blk.experts_bytes
+                if stage_of[b] not in last["stages"]:
+                    last["stages"].append(stage_of[b])
+            else:
+                out.append({"kind": "experts", "device": blk.experts_device, "blocks": [b, b + 1],
+                            "compute_device": blk.experts_device, "weights_bytes": blk.experts_bytes,
+                            "stages": [stage_of[b]]})
+            prev = b
+        return out
+
     def block_stage_indices(self) -> list[int]:
         """Stage index of each block."""
         out = [-1] * len(self.blocks)
@@ -341,6 +368,7 @@ class Plan:
                  "compute_device": s.compute_device, "weights_bytes": s.weights_bytes}
                 for s in self.offloaded
             ],
+            **({"experts": self.experts_ranges()} if any(b.experts_device for b in self.blocks) else {}),
             "blocks": [b.to_dict() for b in self.blocks],
             "max_context": self.max_context,
             "predicted": self.predicted.to_dict(),
@@ -508,7 +536,19 @@ def _read_workload(r: FieldReader) -> Workload:
         raise r.error(f"unknown dtype {dtype!r}", "dtype") from None
     return Workload(context=r.int("context", lo=1, hi=1 << 31), batch=r.int("batch", lo=1, hi=1 << 20),
                     dtype=dtype, objective=r.str("objective", ("latency", "throughput")),
-                    prefill_chunk=r.int("prefill_chunk", lo=1, hi=1 << 31))
+                    prefill_chunk=r.int("prefill_chunk", lo=1, hi=1 << 31), kv_dtype=_read_kv_dtype(r))
+
+
+def _read_kv_dtype(r: FieldReader) -> str | None:
+    from ..models.dtypes import resolve_kv_dtype
+
+    kv = r.raw("kv_dtype", None)
+    if kv is None:
+        return None
+    try:
+        return resolve_kv_dtype(kv if isinstance(kv, str) else repr(kv)).name
+    except BadInputError:
+        raise r.error(f"unknown KV-cache dtype {kv!r}", "kv_dtype") from None
 
 
 def _read_device(r: FieldReader) -> Device:
