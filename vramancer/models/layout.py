@@ -8,7 +8,8 @@ planner and runtime read. No torch import here.
 
 Formulas (all per token of one sequence; ``cb`` = bytes of the compute dtype):
     weights_bytes      sum of own tensors' bytes (see ``tensor_bytes``)
-    kv_bytes_per_token kv_elems_per_token x bytes of the KV dtype
+    kv_bytes_per_token kv_elems_per_token x bytes of the KV dtype (``DType.cache_bytes``: q8_0 is
+                       34 bytes per 32 values, fp8 one byte a value)
     act_bytes_per_token act_elems_per_token x cb
     attn_score_bytes   score_heads x cb (one (query x key) score per head, as the eager / SDPA-math
                        path materialises it; fused flash / memory-efficient kernels hold none)
@@ -35,6 +36,7 @@ __all__ = [
     "ArchLayout",
     "tensor_bytes",
     "assemble_profile",
+    "with_kv_dtype",
 ]
 
 # embed: an embedding table (looked up); head: the LM head matrix; expert: MoE expert weights
@@ -177,7 +179,7 @@ def assemble_profile(layout: ArchLayout, dtype: DType, *, name: str, source: str
             weights_bytes=sum(n for _, n in own),
             modules=list(b.modules),
             shared={t.name: n for t, n in shared},
-            kv_bytes_per_token=b.kv_elems_per_token * kv.compute_bytes,
+            kv_bytes_per_token=kv.cache_bytes(b.kv_elems_per_token),
             kv_window=b.kv_window,
             act_bytes_per_token=b.act_elems_per_token * cb,
             attn_score_bytes=b.score_heads * cb,
@@ -209,3 +211,39 @@ def assemble_profile(layout: ArchLayout, dtype: DType, *, name: str, source: str
         quantization=quantization,
         notes=list(layout.notes) + list(notes or []),
     )
+
+
+def _kv_head_dim(config: dict | None) -> int | None:
+    """The head size the KV cache stores (``head_dim``, else hidden / heads), None if unknown."""
+    if not config:
+        return None
+    cfg = config.get("text_config") or config
+    hd = cfg.get("head_dim")
+    if isinstance(hd, int) and hd > 0:
+        return hd
+    hidden, heads = cfg.get("hidden_size"), cfg.get("num_attention_heads")
+    if isinstance(hidden, int) and isinstance(heads, int) and heads > 0:
+        return hidden // heads
+    return None
+
+
+def with_kv_dtype(profile: ModelProfile, kv: DType) -> ModelProfile:
+    """``profile`` with its KV cache stored as ``kv`` (``--kv-dtype``): every block's
+    ``kv_bytes_per_token`` recomputed from its element count (its bytes in the profile's own KV
+    dtype). A q8_0 cache needs whole 32-value blocks per head: refused (WorkloadError) for a head
+    size that is not a multiple of 32, as llama.cpp does."""
+    from ..errors import WorkloadError
+    from .dtypes import Q8_0_BLOCK, resolve_dtype
+
+    old = resolve_dtype(profile.kv_dtype)
+    if old.name == kv.name:
+        return profile
+    if kv.name == "q8_0":
+        hd = _kv_head_dim(profile.config)
+        if hd is not None and hd % Q8_0_BLOCK:
+            raise WorkloadError(f"--kv-dtype q8_0 stores blocks of {Q8_0_BLOCK} values per head; "
+                                f"{profile.name}'s head size is {hd} (use --kv-dtype fp8 or bf16)")
+    per_elem = old.cache_bytes(Q8_0_BLOCK)   # bytes of 32 values in the old format
+    blocks = [replace(b, kv_bytes_per_token=kv.cache_bytes(b.kv_bytes_per_token * Q8_0_BLOCK // per_elem))
+              for b in profile.blocks]
+    return replace(profile, blocks=blocks, kv_dtype=kv.name)

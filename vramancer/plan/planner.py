@@ -631,6 +631,11 @@ def _suggestions(pl: _Planner, profile: ModelProfile, devices: list[Device], wor
                     from ..models.resolve import profile as make_profile
 
                     other = make_profile(profile.path or profile.name, dtype=name)
+                    if workload.kv_dtype is not None:   # the same --kv-dtype
+                        from ..models.dtypes import resolve_kv_dtype
+                        from ..models.layout import with_kv_dtype
+
+                        other = with_kv_dtype(other, resolve_kv_dtype(workload.kv_dtype))
                 except Exception:  # noqa: BLE001 - a suggestion must never break the plan
                     break
                 p = _Planner(other, gpus, workload, pl.reserve)
@@ -643,9 +648,11 @@ def _suggestions(pl: _Planner, profile: ModelProfile, devices: list[Device], wor
 
 def plan(model: Any, devices: Any = "auto", context: int | None = None, batch: int = 1, dtype: str | None = None,
          objective: str = "latency", split: list[float] | None = None, reserve_bytes: int | str | None = None,
-         prefill_chunk: int = 512, backing: str = "cpu", moe_experts_on_host: bool = True) -> Plan:
+         prefill_chunk: int = 512, backing: str = "cpu", moe_experts_on_host: bool = True,
+         kv_dtype: str | None = None) -> Plan:
     """See vramancer.plan. Raises WorkloadError / DeviceSpecError / UnknownModelError (exit 2) and
-    DoesNotFitError (exit 3). ``context`` None: ``default_context`` of the model."""
+    DoesNotFitError (exit 3). ``context`` None: ``default_context`` of the model. ``kv_dtype``: how
+    the KV cache is stored (``--kv-dtype`` q8_0, fp8, bf16, ...; None: the compute dtype)."""
     from ..devices.spec import parse_devices
 
     check_workload(1 if context is None else context, batch, objective, prefill_chunk)
@@ -661,10 +668,16 @@ def plan(model: Any, devices: Any = "auto", context: int | None = None, batch: i
         from ..models.resolve import profile as make_profile
 
         prof = make_profile(model, dtype=dtype)
+    if kv_dtype is not None:
+        from ..models.dtypes import resolve_kv_dtype
+        from ..models.layout import with_kv_dtype
+
+        kv_dtype = resolve_kv_dtype(kv_dtype).name
+        prof = with_kv_dtype(prof, resolve_kv_dtype(kv_dtype))
     devs = parse_devices(devices, backing=backing)
     if context is None:
         context = default_context(prof)
     workload = Workload(context=context, batch=batch, dtype=prof.dtype, objective=objective,  # type: ignore[arg-type]
-                        prefill_chunk=prefill_chunk)
+                        prefill_chunk=prefill_chunk, kv_dtype=kv_dtype)
     return plan_profile(prof, devs, workload, reserve_bytes=reserve_bytes, split=split,
                         moe_experts_on_host=moe_experts_on_host)

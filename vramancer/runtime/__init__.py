@@ -18,3 +18,10 @@ and compute device, the stream buffers; it never profiles the model itself.
 
 Nothing here is imported by ``import vramancer``; torch and transformers load when used.
 """
+import logging as _logging
+
+# transformers imports torchao (vramancer[quant]) whenever it is installed; on a CPU-only torch the
+# torchao wheel logs a failure for each of its CUDA-only extensions, and torch a deprecation for its
+# enums: noise on every run, about kernels the runtime does not use (errors still show)
+_logging.getLogger("torchao").setLevel(_logging.ERROR)
+_logging.getLogger("torch.utils._pytree").setLevel(_logging.ERROR)

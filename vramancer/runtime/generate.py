@@ -114,6 +114,12 @@ def generate_ids(model: nn.Module, inputs: dict, max_new_tokens: int, temperatur
     if pad_token_id is not None:
         gen["pad_token_id"] = pad_token_id
     gen.update(kwargs)
+    if rt is not None and "past_key_values" not in gen and "cache" not in gen:
+        from .kvcache import kv_cache_for
+
+        cache = kv_cache_for(model)   # the plan's --kv-dtype (None: transformers' own cache)
+        if cache is not None:
+            gen["cache"] = cache
     try:
         with torch.no_grad():
             return model.generate(**inputs, **gen)

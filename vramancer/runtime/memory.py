@@ -77,7 +77,7 @@ def cache_layer_bytes(cache: Any) -> CacheBytes:
     for layer in _cache_layers(cache):
         n = 0
         dev = None
-        for name in ("keys", "values"):
+        for name in ("keys", "values", "key_scales", "value_scales"):   # scales: --kv-dtype q8_0 (kvcache.py)
             t = getattr(layer, name, None)
             if isinstance(t, torch.Tensor):
                 n += tensor_bytes(t)

@@ -41,7 +41,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 # the planner's flags: with --plan FILE the plan already fixed them
 PLAN_FLAGS = {"devices": "--devices", "context": "--context", "batch": "--batch", "dtype": "--dtype",
               "objective": "--objective", "split": "--split", "reserve": "--reserve",
-              "prefill_chunk": "--prefill-chunk", "backing": "--backing"}
+              "prefill_chunk": "--prefill-chunk", "backing": "--backing", "kv_dtype": "--kv-dtype"}
 
 
 def check_plan_conflicts(args: argparse.Namespace) -> None:
