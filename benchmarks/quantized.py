@@ -252,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                                         args.vocab)
         _log(f"3. quality: {args.kl_seqs} x {args.kl_len} tokens")
         results["kl"] = kl_rows(model, {q: files[q] for q in kl_types}, args.kl_seqs, args.kl_len, args.vocab)
+        results["kv"] = __import__("benchmarks.kv_cache").kv_cache.kv_dtype_rows(folder, new=args.new)  # 4. --kv-dtype
 
     _log("")
     _log(f"{'type':6s} {'numpy Mval/s':>13s} {'torch Mval/s':>13s} {'ratio':>7s}  exact")
