@@ -13,8 +13,10 @@ Every pair is two processes: this one sends and times, a child started as
 
 One-way figures are GB/s (higher is better, ratio = ours / anchor); round trips are microseconds
 (lower is better, ratio = ours / anchor). Each figure is the median over --repeat runs of
---iters-big / --iters-small operations, after one discarded warm-up run. Loops are bounded; every
-child has a timeout. Receivers write into preallocated buffers in every variant.
+--iters-big / --iters-small operations, after one discarded warm-up run. Every pair is connected
+first, then the runs take turns (ours, anchor, anchor, ...; repeat), so that other processes'
+load falls on ours and the anchors alike. Loops are bounded; every child has a timeout. Receivers
+write into preallocated buffers in every variant.
 Run:  python benchmarks/link.py [--repeat 5] [--json FILE]
 A benchmark, not a test: it exits 0 and prints a table with a pass column per goal.
 """
@@ -29,8 +31,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):  # run as a script from a checkout
@@ -183,19 +186,25 @@ def _finish(child: subprocess.Popen) -> None:
         raise
 
 
-def _runs(args, n: int, one_run) -> list[float]:
-    """Seconds per operation of each run (the first, a warm-up, discarded)."""
-    out = []
-    for r in range(args.repeat + 1):
-        t0 = time.perf_counter()
-        one_run(n)
-        dt = (time.perf_counter() - t0) / n
-        if r:
-            out.append(dt)
-    return out
+@dataclass
+class _Pair:
+    """One connected pair (this process and its peer child): timed operations and a clean-up."""
+
+    one_way: Any = None            # one_way(n): n frames of --big-bytes, then the peer's ack
+    round_trip: Any = None         # round_trip(n): n round trips of --small-bytes
+    close: Any = None
+    child: subprocess.Popen | None = None
+    one_way_s: list[float] = field(default_factory=list)      # seconds per frame, each run
+    round_trip_s: list[float] = field(default_factory=list)
+
+    def finish(self) -> None:
+        if self.close is not None:
+            self.close()
+        if self.child is not None:
+            _finish(self.child)
 
 
-def _plain(args, big: int, small: int, tls_keys: Path | None = None) -> tuple[list[float], list[float]]:
+def _plain(args, big: int, small: int, tls_keys: Path | None = None) -> _Pair:
     server = socket.create_server(("127.0.0.1", 0))
     child = _spawn("ssl" if tls_keys else "plain", args, big, small, server.getsockname()[1], keys=tls_keys)
     server.settimeout(CHILD_TIMEOUT_S)
@@ -218,15 +227,14 @@ def _plain(args, big: int, small: int, tls_keys: Path | None = None) -> tuple[li
             sock.sendall(msg)
             _recv_exact(sock, back)
 
-    ow = _runs(args, args.iters_big, one_way) if big else []
-    rt = _runs(args, args.iters_small, round_trip) if small else []
-    sock.close()
-    server.close()
-    _finish(child)
-    return ow, rt
+    def close():
+        sock.close()
+        server.close()
+
+    return _Pair(one_way, round_trip, close, child)
 
 
-def _link(args, kind: str, big: int, small: int, keys: Path | None = None) -> tuple[list[float], list[float]]:
+def _link(args, kind: str, big: int, small: int, keys: Path | None = None) -> _Pair:
     _BIG[0] = big
     t = _link_transport(kind, keys, True)
     if kind == "shm":
@@ -252,15 +260,14 @@ def _link(args, kind: str, big: int, small: int, keys: Path | None = None) -> tu
             conn.send([msg])
             conn.recv(into=[back])
 
-    ow = _runs(args, args.iters_big, one_way) if big else []
-    rt = _runs(args, args.iters_small, round_trip) if small else []
-    _finish(child)
-    conn.close()
-    listener.close()
-    return ow, rt
+    def close():
+        conn.close()
+        listener.close()
+
+    return _Pair(one_way, round_trip, close, child)
 
 
-def _gloo(args, big: int, small: int) -> tuple[list[float], list[float]]:
+def _gloo(args, big: int, small: int) -> _Pair:
     import torch
     import torch.distributed as dist
 
@@ -284,14 +291,21 @@ def _gloo(args, big: int, small: int) -> tuple[list[float], list[float]]:
             dist.send(msg, 1)
             dist.recv(back, 1)
 
-    try:
-        ow = _runs(args, args.iters_big, one_way) if big else []
-        rt = _runs(args, args.iters_small, round_trip) if small else []
-    finally:
-        dist.destroy_process_group()
-    _finish(child)
-    return ow, rt
+    return _Pair(one_way, round_trip, dist.destroy_process_group, child)
 
+
+def _interleave(args, pairs: list[_Pair], what: str) -> None:
+    """Run ``what`` ("one_way" or "round_trip") on every pair in turn, --repeat + 1 times (the first
+    round a warm-up): each pair's runs are spread over the same stretch of time, so a change in the
+    machine's load (other processes) touches ours and the anchors alike."""
+    n = args.iters_big if what == "one_way" else args.iters_small
+    for r in range(args.repeat + 1):
+        for pair in pairs:
+            t0 = time.perf_counter()
+            getattr(pair, what)(n)
+            dt = (time.perf_counter() - t0) / n
+            if r:
+                getattr(pair, what + "_s").append(dt)
 
 def _make_keys(root: Path) -> Path:
     from vramancer.link.keys import create_identity
@@ -311,28 +325,40 @@ def measure(args: argparse.Namespace) -> list[Row]:
     big, small = args.big_bytes, args.small_bytes
     gbps = lambda secs: big / statistics.median(secs) / 1e9  # noqa: E731
     usec = lambda secs: statistics.median(secs) * 1e6  # noqa: E731
-    tcp_ow, tcp_rt = _link(args, "tcp", big, small)
-    plain_ow, plain_rt = _plain(args, big, small)
-    rows = [_row(f"TCP one-way {big >> 10} KiB", "GB/s", gbps(tcp_ow), "python socket", gbps(plain_ow), ">=", 0.9)]
-    has_torch = True
     try:
         import torch.distributed  # noqa: F401
+        has_torch = True
     except ImportError:
         has_torch = False
-    if has_torch:
-        gloo_ow, gloo_rt = _gloo(args, big, small)
-        rows.append(_row(f"TCP one-way {big >> 10} KiB", "GB/s", gbps(tcp_ow), "torch gloo", gbps(gloo_ow), ">=", 1.0))
-    rows.append(_row(f"round trip {small >> 10 or small} {'KiB' if small >= 1024 else 'B'}", "us", usec(tcp_rt),
-                     "python socket", usec(plain_rt), "<=", 1.2))
-    if has_torch:
-        rows.append(_row(rows[-1].metric, "us", usec(tcp_rt), "torch gloo", usec(gloo_rt), "<=", 0.5))
     with tempfile.TemporaryDirectory(prefix="vrm-link-keys-") as tmp:
         keys = _make_keys(Path(tmp))
-        tls_ow, _ = _link(args, "tls", big, 0, keys)
-        ssl_ow, _ = _plain(args, big, 0, tls_keys=keys)
-    rows.append(_row(f"TLS one-way {big >> 10} KiB", "GB/s", gbps(tls_ow), "python ssl", gbps(ssl_ow), ">=", 0.9))
-    shm_ow, _ = _link(args, "shm", big, 0)
-    rows.append(_row(f"shm one-way {big >> 10} KiB", "GB/s", gbps(shm_ow), "Link TCP", gbps(tcp_ow), ">=", 2.0))
+        pairs: dict[str, _Pair] = {}
+        try:
+            # every pair connected first (children wait, blocked, for their turn), then timed in turns
+            pairs["tcp"] = _link(args, "tcp", big, small)
+            pairs["plain"] = _plain(args, big, small)
+            if has_torch:
+                pairs["gloo"] = _gloo(args, big, small)
+            pairs["tls"] = _link(args, "tls", big, 0, keys)
+            pairs["ssl"] = _plain(args, big, 0, tls_keys=keys)
+            pairs["shm"] = _link(args, "shm", big, 0)
+            _interleave(args, list(pairs.values()), "one_way")
+            _interleave(args, [p for k, p in pairs.items() if k in ("tcp", "plain", "gloo")], "round_trip")
+        finally:
+            for pair in pairs.values():
+                pair.finish()
+    ow = {k: p.one_way_s for k, p in pairs.items()}
+    rt = {k: p.round_trip_s for k, p in pairs.items()}
+    one_way = f"TCP one-way {big >> 10} KiB"
+    rows = [_row(one_way, "GB/s", gbps(ow["tcp"]), "python socket", gbps(ow["plain"]), ">=", 0.9)]
+    if has_torch:
+        rows.append(_row(rows[0].metric, "GB/s", gbps(ow["tcp"]), "torch gloo", gbps(ow["gloo"]), ">=", 1.0))
+    rows.append(_row(f"round trip {small >> 10 or small} {'KiB' if small >= 1024 else 'B'}", "us", usec(rt["tcp"]),
+                     "python socket", usec(rt["plain"]), "<=", 1.2))
+    if has_torch:
+        rows.append(_row(rows[-1].metric, "us", usec(rt["tcp"]), "torch gloo", usec(rt["gloo"]), "<=", 0.5))
+    rows.append(_row(f"TLS one-way {big >> 10} KiB", "GB/s", gbps(ow["tls"]), "python ssl", gbps(ow["ssl"]), ">=", 0.9))
+    rows.append(_row(f"shm one-way {big >> 10} KiB", "GB/s", gbps(ow["shm"]), "Link TCP", gbps(ow["tcp"]), ">=", 2.0))
     return rows
 
 

@@ -139,7 +139,7 @@ def test_reordered_frames_are_refused_but_streams_are_independent():
     other = w.header(FrameType.TENSORS, [], stream_id=5)
     a.sock.sendall(f2 + other + f1)
     assert b.recv().seq == 2
-    assert (b.recv().stream_id, b.reader._last[5]) == (5, 1)
+    assert (b.recv().stream_id, b.reader.last_seq[5]) == (5, 1)
     with pytest.raises(FrameError, match="sequence 1 not after 2"):
         b.recv()
 
@@ -162,3 +162,58 @@ def test_unsendable_objects_are_refused():
         a.send([[1, 2, 3]])
     with pytest.raises(FrameError, match="cannot travel"):
         a.send([np.array(["x"])])
+
+
+def _raw(w: FrameWriter, descs, payload: bytes, stream_id: int = 0, patch: dict | None = None) -> bytes:
+    """A frame as bytes; ``patch``: header fields (struct offsets) to overwrite after packing."""
+    import struct
+
+    head = bytearray(w.header(FrameType.TENSORS, descs, stream_id))
+    for offset, (fmt, value) in (patch or {}).items():
+        struct.pack_into(fmt, head, offset, value)
+    return bytes(head) + payload
+
+
+@pytest.mark.parametrize("field,offset,fmt,value,reason", [
+    ("payload bytes", 28, "<Q", 8193, "tensors hold 8192 bytes, header says 8193"),
+    ("tensor count", 20, "<H", 2, "descriptor bytes 20 impossible for 2 tensors"),
+    ("flags", 6, "<H", 1, "unknown flags"),
+    ("sequence", 12, "<Q", 2, "sequence 2 not after 2"),
+    ("frame size", 28, "<Q", 1 << 40, "over the limit"),
+])
+def test_a_known_layout_is_checked_as_fully_as_a_new_one(field, offset, fmt, value, reason, caplog):
+    """The receive fast path (a stream and descriptor block seen before) refuses exactly what the
+    general path refuses: the frames below differ from two accepted ones in one header field."""
+    from vramancer.link.frame import TensorDesc
+
+    a, b = pair()
+    w = FrameWriter()
+    desc = TensorDesc(2, (8192,), 8192)
+    payload = bytes(range(256)) * 32
+    a.sock.sendall(_raw(w, [desc], payload) + _raw(w, [desc], payload))
+    dest = np.empty(8192, dtype=np.uint8)
+    assert b.recv(into=[dest]).seq == 1 and b.recv(into=[dest]).seq == 2 and dest.tobytes() == payload
+    a.sock.sendall(_raw(w, [desc], payload, patch={offset: (fmt, value)}))
+    with caplog.at_level(logging.WARNING, logger="vramancer.link"):
+        with pytest.raises(FrameError, match=reason):
+            b.recv(into=[dest])
+    assert b.closed and "closing connection" in caplog.text
+
+
+def test_repeated_layouts_reuse_the_encoded_header_but_not_its_numbers():
+    """Frames of one layout: each has its own sequence number and stream, exact byte counts, and
+    a caller's destination of the wrong dtype or shape is refused on the fast path too."""
+    a, b = pair()
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    sizes = [a.send([x * i], stream_id=i % 2) for i in range(6)]
+    assert sizes == [HEADER_BYTES + DESC_FIXED_BYTES + 16 + 24] * 6
+    got = [b.recv() for _ in range(6)]
+    assert [(f.stream_id, f.seq) for f in got] == [(0, 1), (1, 1), (0, 2), (1, 2), (0, 3), (1, 3)]
+    assert all(np.array_equal(f.tensors[0], x * i) for i, f in enumerate(got))
+    a.send([x, np.zeros(3, dtype=np.int64)])                       # a second layout, then the first again
+    a.send([x])
+    two = b.recv()
+    assert [t.dtype for t in two.tensors] == [np.float32, np.int64]
+    with pytest.raises(FrameError, match="destination is float64"):
+        b.recv(into=[np.empty((2, 3), dtype=np.float64)])
+    assert a.bytes_sent == b.bytes_received + 24                   # the refused frame's payload was not read

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
+import numpy as np
+
 from .errors import FrameError
 
 __all__ = [
@@ -52,6 +54,7 @@ MAGIC = b"VRML"
 VERSION = 1
 HEADER = struct.Struct("<4sBBHIQHHIQ")
 HEADER_BYTES = HEADER.size  # 36
+_unpack_header = HEADER.unpack_from
 DESC_FIXED = struct.Struct("<BBHQ")
 DESC_FIXED_BYTES = DESC_FIXED.size  # 12
 
@@ -146,11 +149,18 @@ class FrameWriter:
     def __init__(self) -> None:
         self._next: dict[int, int] = {}
 
-    def header(self, frame_type: FrameType, descs: Sequence[TensorDesc], stream_id: int = 0) -> bytes:
-        if not 0 <= stream_id < 1 << 32:
-            raise FrameError(f"stream id {stream_id} is not a u32")
-        seq = self._next.get(stream_id, 1)
+    def next_seq(self, stream_id: int) -> int:
+        """The sequence number of the next frame on ``stream_id`` (taken: the following call gets +1)."""
+        seq = self._next.get(stream_id)
+        if seq is None:
+            if not 0 <= stream_id < 1 << 32:
+                raise FrameError(f"stream id {stream_id} is not a u32")
+            seq = 1
         self._next[stream_id] = seq + 1
+        return seq
+
+    def header(self, frame_type: FrameType, descs: Sequence[TensorDesc], stream_id: int = 0) -> bytes:
+        seq = self.next_seq(stream_id)
         desc_blob = b"".join([d.encode() for d in descs])
         payload = 0
         for d in descs:
@@ -159,12 +169,38 @@ class FrameWriter:
                            payload) + desc_blob
 
 
+_CACHED_BLOCKS = 64
+_CACHED_BLOCK_BYTES = 1024
+
+
 class FrameReader:
-    """Validates headers and descriptors against ``limits`` and the per-stream sequence."""
+    """Validates headers and descriptors against ``limits`` and the per-stream sequence.
+    ``last_seq``: stream id -> the last sequence number accepted. Descriptor blocks (up to 1 KiB)
+    that passed validation are kept (64 at most): the same block is not parsed again."""
 
     def __init__(self, limits: Limits | None = None) -> None:
         self.limits = limits or Limits()
-        self._last: dict[int, int] = {}
+        self.last_seq: dict[int, int] = {}
+        self._blocks: dict[bytes, tuple[tuple[TensorDesc, ...], int]] = {}
+
+    def known_frame(self, buf: memoryview, lo: int, hi: int) -> tuple[list[TensorDesc], int, int, int] | None:
+        """The common case, checked where it lies: ``buf[lo:hi]`` starts with a whole TENSORS header
+        and descriptor block, on a stream seen before, with the next sequence number, within the
+        limits, and a descriptor block this reader validated before (same bytes, same tensor count
+        and payload bytes). Returns (descriptors, stream id, sequence, offset of the payload), or None:
+        then ``parse_header`` / ``parse_descriptors`` decide (and name the reason of a refusal)."""
+        magic, version, ftype, flags, stream_id, seq, count, reserved, desc_bytes, payload_bytes = \
+            _unpack_header(buf, lo)
+        last = self.last_seq.get(stream_id)
+        end = lo + HEADER_BYTES + desc_bytes
+        if ftype != 1 or magic != MAGIC or version != VERSION or flags or reserved or last is None \
+                or seq <= last or end > hi or desc_bytes > _CACHED_BLOCK_BYTES \
+                or HEADER_BYTES + desc_bytes + payload_bytes > self.limits.max_frame_bytes:
+            return None
+        hit = self._blocks.get(bytes(buf[lo + HEADER_BYTES:end]))
+        if hit is None or len(hit[0]) != count or hit[1] != payload_bytes:
+            return None
+        return list(hit[0]), stream_id, seq, end
 
     def parse_header(self, buf: bytes | bytearray | memoryview) -> FrameHeader:
         if len(buf) != HEADER_BYTES:
@@ -192,8 +228,8 @@ class FrameReader:
         total = HEADER_BYTES + desc_bytes + payload_bytes
         if total > lim.max_frame_bytes:
             raise FrameError(f"frame of {total} bytes over the limit of {lim.max_frame_bytes}")
-        last = self._last.get(stream_id)
-        if last is None and len(self._last) >= lim.max_streams:
+        last = self.last_seq.get(stream_id)
+        if last is None and len(self.last_seq) >= lim.max_streams:
             raise FrameError(f"more than {lim.max_streams} streams")
         if seq <= (last or 0):
             raise FrameError(f"stream {stream_id}: sequence {seq} not after {last or 0} (replayed or reordered)")
@@ -237,11 +273,15 @@ class FrameReader:
             raise FrameError(f"{len(mv) - pos} stray bytes after the descriptors")
         if payload != head.payload_bytes:
             raise FrameError(f"tensors hold {payload} bytes, header says {head.payload_bytes}")
+        if len(mv) <= _CACHED_BLOCK_BYTES:
+            if len(self._blocks) >= _CACHED_BLOCKS:
+                self._blocks.clear()
+            self._blocks[bytes(mv)] = (tuple(out), payload)
         return out
 
     def accept(self, head: FrameHeader) -> None:
         """Record ``head``'s sequence number: called once the whole frame has arrived intact."""
-        self._last[head.stream_id] = head.seq
+        self.last_seq[head.stream_id] = head.seq
 
 
 # A buffer factory makes the destination of one tensor: (the object handed to the caller,
@@ -319,17 +359,23 @@ def as_payload(obj: Any) -> tuple[TensorDesc, memoryview, Any]:
     return TensorDesc(dtype.code, tuple(arr.shape), arr.nbytes), memoryview(arr.reshape(-1).view(np.uint8)), arr
 
 
+_NUMPY_CODES: dict[Any, int] = {np.dtype(d.numpy): d.code for d in DTYPES.values() if d.numpy is not None}
+
+
 def dest_view(obj: Any, desc: TensorDesc) -> memoryview:
     """A writable byte view of a caller-given destination for ``desc``: a numpy array or torch tensor
     of the same dtype and shape, or any writable buffer of exactly ``desc.byte_length`` bytes."""
+    if type(obj) is np.ndarray:
+        flags = obj.flags
+        if obj.shape == desc.shape and _NUMPY_CODES.get(obj.dtype) == desc.dtype_code and flags.c_contiguous \
+                and flags.writeable:
+            return memoryview(obj).cast("B") if obj.size else memoryview(obj.reshape(-1).view(np.uint8))
     if _is_torch(obj):
         name = str(obj.dtype).removeprefix("torch.")
         if _dtype_of(obj.dtype) is not desc.dtype or tuple(obj.shape) != desc.shape or not obj.is_contiguous() \
                 or obj.device.type != "cpu":
             raise FrameError(f"destination is {name} {list(obj.shape)}, frame has {desc.dtype.name} {list(desc.shape)}")
         return _torch_bytes(obj)
-    import numpy as np
-
     if isinstance(obj, np.ndarray):
         if _dtype_of(obj.dtype) is not desc.dtype or obj.shape != desc.shape or not obj.flags.c_contiguous \
                 or not obj.flags.writeable:

@@ -20,9 +20,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from .errors import FrameError, LinkError
 from .frame import (
+    HEADER,
     HEADER_BYTES,
+    MAGIC,
+    VERSION,
     BufferFactory,
     FrameHeader,
     FrameReader,
@@ -60,9 +65,13 @@ TRANSPORTS: dict[str, tuple[str, str]] = {
 _IOV_MAX = 512
 _COALESCE_BYTES = 64 * 1024  # TLS: frames this small go out as one record
 _STAGE_BYTES = 64 * 1024     # receive read-ahead: header, descriptors and small payloads in one syscall
+_CACHED_LAYOUTS = 64         # send: encoded header + descriptors kept per connection, by dtypes and shapes
+_CACHED_DESC_BYTES = 1024    # receive: descriptor blocks up to this size are matched against validated ones
+_ndarray = np.ndarray
+_TENSORS = FrameType.TENSORS
 
 
-@dataclass
+@dataclass(slots=True)
 class Frame:
     frame_type: FrameType
     stream_id: int
@@ -160,84 +169,184 @@ def make_transport(name: str, **options: Any) -> Transport:
 
 
 class StreamConnection(Connection):
-    """Frames over a connected stream socket (plain or ssl-wrapped)."""
+    """Frames over a connected stream socket (plain or ssl-wrapped).
+
+    Sending: one ``sendmsg`` of [header + descriptors, each tensor's own buffer] (TLS: one record
+    for small frames). The header and descriptor bytes of each tensor layout (dtypes and shapes)
+    are encoded once and kept per connection; a frame only packs its stream, sequence and sizes.
+
+    Receiving: a staging buffer holds whatever the socket has (a whole small frame, or the next
+    one, in one ``recv_into``); header and descriptors are validated where they lie, descriptors
+    through the reader's cache of blocks it has already validated. Payloads go to their destination
+    from the staging buffer, or with ``recv_into`` straight into it when large.
+    """
 
     def __init__(self, sock: socket.socket, limits: Limits | None = None, name: str = "tcp") -> None:
         super().__init__(limits)
         self.sock = sock
         self.name = name
-        self._head = bytearray(HEADER_BYTES)
-        self._stage_mv = memoryview(bytearray(_STAGE_BYTES))
+        lim = self.reader.limits
+        # header + every descriptor block the limits allow fits in the staging buffer
+        self._cap = max(_STAGE_BYTES, HEADER_BYTES + lim.max_desc_bytes(lim.max_tensors))
+        self._stage = bytearray(self._cap)
+        self._stage_mv = memoryview(self._stage)
         self._lo = self._hi = 0
         self._mid_frame = False
         self._scatter = hasattr(sock, "sendmsg") and not _is_ssl(sock)
+        self._layouts: dict[Any, tuple[bytearray, int, int, int]] = {}
 
     # -- sending ---------------------------------------------------------------------------------
     def send(self, tensors: Sequence[Any], stream_id: int = 0) -> int:
-        payloads = [as_payload(t) for t in tensors]
-        head = self.writer.header(FrameType.TENSORS, [p[0] for p in payloads], stream_id)
-        views = [memoryview(head)] + [p[1] for p in payloads if p[1].nbytes]
-        return self._write(views)
-
-    def send_control(self, frame_type: FrameType, stream_id: int = 0) -> None:
-        self._write([memoryview(self.writer.header(frame_type, [], stream_id))])
-
-    def _write(self, views: list[memoryview]) -> int:
         if self.closed:
             raise LinkError(f"link {self.name}: connection is closed")
-        total = sum(v.nbytes for v in views)
+        keep = None
+        if len(tensors) == 1 and type(tensors[0]) is _ndarray and tensors[0].flags.c_contiguous:
+            t = tensors[0]                                   # numpy: the array is its own buffer
+            key: Any = (t.dtype, t.shape)
+            bufs: list[Any] = [None, t]
+        else:
+            parts = []
+            bufs = [None]
+            keep = []
+            for t in tensors:
+                if type(t) is _ndarray and t.flags.c_contiguous:
+                    parts.append((t.dtype, t.shape))
+                    bufs.append(t)
+                else:
+                    desc, mv, kept = as_payload(t)
+                    parts.append(desc)
+                    bufs.append(mv)
+                    keep.append(kept)
+            key = tuple(parts)
+        layout = self._layouts.get(key)
+        if layout is None:
+            layout = self._layout(key, tensors)
+        head, count, desc_bytes, payload_bytes = layout
+        HEADER.pack_into(head, 0, MAGIC, VERSION, 1, 0, stream_id, self.writer.next_seq(stream_id), count, 0,
+                         desc_bytes, payload_bytes)
+        bufs[0] = head
+        total = HEADER_BYTES + desc_bytes + payload_bytes
+        if self._scatter and len(bufs) <= _IOV_MAX:
+            try:
+                n = self.sock.sendmsg(bufs)
+                if n != total:
+                    self._sendmsg_rest(bufs, n)
+            except (OSError, ValueError) as e:
+                self.close()
+                raise LinkError(f"link {self.name}: send failed: {e}") from None
+            self.bytes_sent += total
+        else:
+            self._write(bufs, total)
+        del keep
+        return total
+
+    def _layout(self, key: Any, tensors: Sequence[Any]) -> tuple[bytearray, int, int, int]:
+        parts = key if len(tensors) != 1 or isinstance(key[0], TensorDesc) else (key,)
+        descs = [k if isinstance(k, TensorDesc) else as_payload(t)[0] for k, t in zip(parts, tensors)]
+        blob = b"".join([d.encode() for d in descs])
+        head = bytearray(HEADER_BYTES + len(blob))
+        head[HEADER_BYTES:] = blob
+        layout = (head, len(descs), len(blob), sum(d.byte_length for d in descs))
+        if len(self._layouts) >= _CACHED_LAYOUTS:
+            self._layouts.clear()
+        self._layouts[key] = layout
+        return layout
+
+    def send_control(self, frame_type: FrameType, stream_id: int = 0) -> None:
+        head = self.writer.header(frame_type, [], stream_id)
+        self._write([head], len(head))
+
+    def _write(self, bufs: list[Any], total: int) -> None:
+        if self.closed:
+            raise LinkError(f"link {self.name}: connection is closed")
         try:
             if self._scatter:
-                self._sendmsg_all(views)
+                n = self.sock.sendmsg(bufs) if len(bufs) <= _IOV_MAX else 0
+                if n != total:
+                    self._sendmsg_rest(bufs, n)
             elif total <= _COALESCE_BYTES:
-                self.sock.sendall(b"".join(views))
+                self.sock.sendall(b"".join(bufs))
             else:
-                for v in views:
-                    self.sock.sendall(v)
+                for b in bufs:
+                    mv = memoryview(b)
+                    if mv.nbytes:
+                        self.sock.sendall(mv)
         except (OSError, ValueError) as e:
             self.close()
             raise LinkError(f"link {self.name}: send failed: {e}") from None
         self.bytes_sent += total
-        return total
 
-    def _sendmsg_all(self, views: list[memoryview]) -> None:
-        pending = [v for v in views if v.nbytes]
-        while pending:
-            n = self.sock.sendmsg(pending[:_IOV_MAX])
-            while n:
-                if n >= pending[0].nbytes:
-                    n -= pending[0].nbytes
+    def _sendmsg_rest(self, bufs: list[Any], sent: int) -> None:
+        """Finish a partly sent ``sendmsg`` (``sent`` bytes went out)."""
+        pending = [v for v in (memoryview(b).cast("B") if memoryview(b).nbytes else None for b in bufs) if v]
+        while True:
+            while sent:
+                if sent >= pending[0].nbytes:
+                    sent -= pending[0].nbytes
                     pending.pop(0)
                 else:
-                    pending[0] = pending[0][n:]
-                    n = 0
+                    pending[0] = pending[0][sent:]
+                    sent = 0
+            if not pending:
+                return
+            sent = self.sock.sendmsg(pending[:_IOV_MAX])
 
     # -- receiving -------------------------------------------------------------------------------
+    def _fill(self, n: int) -> int:
+        """At least ``n`` (<= the staging size) bytes staged from ``_lo``; returns ``_lo``."""
+        lo, hi = self._lo, self._hi
+        if lo == hi:
+            lo = hi = 0
+        elif self._cap - lo < n:
+            self._stage[:hi - lo] = self._stage[lo:hi]
+            lo, hi = 0, hi - lo
+        try:
+            while hi - lo < n:
+                k = self.sock.recv_into(self._stage_mv[hi:], self._cap - hi)
+                if k == 0:
+                    raise LinkError(f"link {self.name}: peer closed the connection mid-frame"
+                                    if self._mid_frame or hi > lo else f"link {self.name}: peer closed the connection")
+                hi += k
+        except LinkError:
+            self.close()
+            raise
+        except (OSError, ValueError) as e:
+            self.close()
+            raise LinkError(f"link {self.name}: receive failed: {e}") from None
+        finally:
+            self._lo, self._hi = lo, hi
+        return lo
+
     def _read_into(self, mv: memoryview) -> None:
         """Fill ``mv``: first from bytes already staged, then small remainders through the staging
         buffer (one syscall can bring a whole small frame, or the next one), large ones straight
         into ``mv`` with recv_into."""
         n_total = mv.nbytes
-        got = 0
+        lo = self._lo
+        staged = self._hi - lo
+        if staged >= n_total:
+            mv[:] = self._stage_mv[lo:lo + n_total]
+            self._lo = lo + n_total
+            self.bytes_received += n_total
+            return
+        if staged:
+            mv[:staged] = self._stage_mv[lo:self._hi]
+        self._lo = self._hi = 0
+        got = staged
         try:
             while got < n_total:
-                staged = self._hi - self._lo
-                if staged:
-                    k = min(staged, n_total - got)
-                    mv[got:got + k] = self._stage_mv[self._lo:self._lo + k]
-                    self._lo += k
-                    got += k
-                    continue
                 want = n_total - got
                 if want >= _STAGE_BYTES // 2:
                     n = self.sock.recv_into(mv[got:], want)
                     got += n
                 else:
-                    n = self.sock.recv_into(self._stage_mv, _STAGE_BYTES)
-                    self._lo, self._hi = 0, n
+                    n = self.sock.recv_into(self._stage_mv, self._cap)
+                    k = min(n, want)
+                    mv[got:got + k] = self._stage_mv[:k]
+                    got += k
+                    self._lo, self._hi = k, n
                 if n == 0:
-                    raise LinkError(f"link {self.name}: peer closed the connection mid-frame"
-                                    if got or self._mid_frame else f"link {self.name}: peer closed the connection")
+                    raise LinkError(f"link {self.name}: peer closed the connection mid-frame")
         except LinkError:
             self.close()
             raise
@@ -247,40 +356,78 @@ class StreamConnection(Connection):
         self.bytes_received += n_total
 
     def read_header(self) -> tuple[FrameHeader, list[TensorDesc]]:
+        """The next frame's header and descriptors, validated (the payload is left to read)."""
         if self.closed:
             raise LinkError(f"link {self.name}: connection is closed")
         self._mid_frame = False
-        self._read_into(memoryview(self._head))
+        lo = self._fill(HEADER_BYTES)
         self._mid_frame = True
         try:
-            head = self.reader.parse_header(self._head)
+            head = self.reader.parse_header(self._stage_mv[lo:lo + HEADER_BYTES])
         except FrameError as e:
             raise self._refuse(str(e)) from None
-        desc_buf = bytearray(head.desc_bytes)  # bounded by Limits.max_desc_bytes(max_tensors)
-        if head.desc_bytes:
-            self._read_into(memoryview(desc_buf))
+        self._lo = lo + HEADER_BYTES
+        self.bytes_received += HEADER_BYTES
+        n = head.desc_bytes
+        if n <= self._cap:
+            lo = self._fill(n)
+            blob: Any = bytes(self._stage_mv[lo:lo + n])
+            self._lo = lo + n
+            self.bytes_received += n
+        else:  # limits larger than this connection's staging buffer (bounded by those limits)
+            blob = bytearray(n)
+            self._read_into(memoryview(blob))
         try:
-            descs = self.reader.parse_descriptors(head, desc_buf)
+            descs = self.reader.parse_descriptors(head, blob)
         except FrameError as e:
             raise self._refuse(str(e)) from None
         return head, descs
 
     def recv(self, into: Sequence[Any] | None = None, factory: BufferFactory | None = None) -> Frame:
-        head, descs = self.read_header()
-        if head.frame_type != FrameType.TENSORS:
-            self.reader.accept(head)
-            if head.frame_type == FrameType.CLOSE:
-                self.close()
-            return Frame(head.frame_type, head.stream_id, head.seq)
+        if self.closed:
+            raise LinkError(f"link {self.name}: connection is closed")
+        lo = self._lo
+        if self._hi - lo < HEADER_BYTES:
+            self._mid_frame = False
+            lo = self._fill(HEADER_BYTES)
+        reader = self.reader
+        known = reader.known_frame(self._stage_mv, lo, self._hi)
+        if known is None:                                  # the general path: every check, by name
+            head, descs = self.read_header()
+            if head.frame_type != FrameType.TENSORS:
+                reader.accept(head)
+                if head.frame_type == FrameType.CLOSE:
+                    self.close()
+                return Frame(head.frame_type, head.stream_id, head.seq)
+            stream_id, seq = head.stream_id, head.seq
+        else:
+            descs, stream_id, seq, end = known
+            self._mid_frame = True
+            self.bytes_received += end - lo
+            self._lo = end
         try:
-            objs, views = self._destinations(descs, into, factory)
+            if into is not None and len(into) == len(descs):
+                if len(descs) == 1:
+                    objs = [into[0]]
+                    views = [dest_view(objs[0], descs[0])]
+                else:
+                    objs = list(into)
+                    views = [dest_view(obj, d) for obj, d in zip(objs, descs)]
+            else:
+                objs, views = self._destinations(descs, into, factory)
         except FrameError as e:
             raise self._refuse(str(e)) from None
         for mv in views:
-            if mv.nbytes:
+            n = mv.nbytes
+            lo = self._lo
+            if self._hi - lo >= n:                           # staged already (small frames)
+                mv[:] = self._stage_mv[lo:lo + n]
+                self._lo = lo + n
+                self.bytes_received += n
+            elif n:
                 self._read_into(mv)
-        self.reader.accept(head)
-        return Frame(head.frame_type, head.stream_id, head.seq, descs, objs)
+        reader.last_seq[stream_id] = seq
+        return Frame(_TENSORS, stream_id, seq, descs, objs)
 
     def close(self) -> None:
         if self.closed:
