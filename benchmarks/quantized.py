@@ -278,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in results["kl"]:
         _log(f"{r['type']:6s} {r['mean_kl']:21.6f} {r['max_kl']:9.4f} {r['top1_agree']:12.1%}")
     _log("Q2_K, Q3_K: no encoder here (dequantized exactly, see 1; not rated)")
+    results["moe"] = __import__("runpy").run_path(str(Path(__file__).with_name("moe.py")))["run"](["--layers", str(max(3, args.layers)), "--hidden", str(args.hidden), "--vocab", str(args.vocab), "--new", str(max(3, args.new)), "--repeat", str(args.repeat)] + (["--threads", str(args.threads)] if args.threads else []))  # noqa: E501 - 4. MoE experts on the CPU vs whole layers offloaded (benchmarks/moe.py)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

@@ -1,0 +1,299 @@
+"""MoE routed experts in host RAM vs whole layers offloaded, on the same memory budget.
+
+The model: one random Qwen2-MoE-style decoder (``--layers`` x ``--hidden``, ``--experts`` routed
+experts of ``--moe-inter``, top ``--top-k``, one shared expert), float32, saved as safetensors.
+The devices: one simulated GPU (``--gpu``, a catalog card) whose memory is set so that the model
+misses it by ``--short`` of its routed experts' bytes, and host RAM (``cpu:16GiB``). The planner
+plans it twice on exactly these devices:
+
+  whole    whole layers offloaded to host RAM (``moe_experts_on_host=False``), each offloaded stage
+           in the mode the planner chooses (executed on the host, or streamed through the GPU);
+  experts  every layer on the GPU but the routed experts of the first N MoE layers, which stay in
+           host RAM and run there (plan/experts.py, llama.cpp's ``--n-cpu-moe N``).
+
+Predicted: the planner's decode tokens/s of each plan on the named devices, and their ratio.
+
+Measured, here: both plans loaded by the split runtime and run (greedy ids checked equal to the
+unsplit model's). On a machine without a GPU the simulated GPU runs on the same CPU as the host, so
+the wall-clock tokens/s of the two plans time the same arithmetic on one CPU (printed; a ratio near
+1 is what it should show). What the placements change is the host's share of each decode step: the
+seconds spent in what the plan runs on the host (whole: the offloaded layers, from their stream copy
+to their output; experts: the experts modules, inputs moved in and output out), timed by forward
+hooks around exactly those modules. The "measured" tokens/s of each plan is that measured host time
+plus the planner's predicted time for the rest of the step (the GPU's share and the hops), which this
+machine cannot measure; their ratio is the goal's figure (>= 1.5x). The planner's predicted host
+share is printed next to the measured one.
+
+Timings: median of ``--repeat`` decode runs of ``--new`` tokens after a ``--prompt``-token prefill.
+Run:  python benchmarks/moe.py [--repeat 3] [--threads N] [--json FILE]   (benchmarks/quantized.py runs it too)
+A benchmark, not a test: it always exits 0 and prints "GOAL MET" / "GOAL NOT MET".
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):  # run as a script from a checkout
+    sys.path.insert(0, str(ROOT))
+
+__all__ = ["main", "run", "make_model", "make_plans", "measure", "GOAL"]
+
+GOAL = 1.5
+HOST = "cpu:16GiB"
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def make_model(layers: int, hidden: int, experts: int, top_k: int, moe_inter: int, vocab: int, seed: int = 0):
+    import torch
+    import transformers
+
+    heads = max(1, hidden // 64)
+    cfg = transformers.Qwen2MoeConfig(
+        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 4), intermediate_size=2 * hidden, moe_intermediate_size=moe_inter,
+        shared_expert_intermediate_size=hidden, num_experts=experts, num_experts_per_tok=top_k,
+        decoder_sparse_step=1, vocab_size=vocab, max_position_embeddings=4096,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():   # a larger spread than the init: decisive greedy choices (the ids are compared)
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.5 / hidden ** 0.5)
+    return model
+
+
+def make_plans(folder: str, gpu: str, short: float, context: int) -> dict[str, Any]:
+    """{"devices": spec, "whole": Plan, "experts": Plan, "chosen": "whole" | "experts"}."""
+    from vramancer.devices.spec import parse_devices
+    from vramancer.models.resolve import profile
+    from vramancer.plan.experts import experts_on_host
+    from vramancer.plan.planner import plan, plan_profile
+
+    prof = profile(folder)
+    roomy = plan(folder, devices=f"{gpu}:1TiB,{HOST}", context=context, reserve_bytes=0)
+    need = sum(s.total_bytes for s in roomy.stages)
+    experts = sum(b.experts_bytes for b in prof.blocks)
+    devices = f"{gpu}:{need - int(short * experts)}B,{HOST}"
+    whole = plan(folder, devices=devices, context=context, reserve_bytes=0, moe_experts_on_host=False)
+    chosen = plan(folder, devices=devices, context=context, reserve_bytes=0)
+    moe = experts_on_host(prof, parse_devices(devices), whole.workload, 0, whole, plan_profile)
+    if moe is None:
+        raise SystemExit(f"no experts placement fits {devices}: use a smaller --short")
+    return {"devices": devices, "whole": whole, "experts": moe,
+            "chosen": "experts" if any(b.experts_device for b in chosen.blocks) else "whole"}
+
+
+def _host_modules(model, kind: str) -> list:
+    rt = model.vramancer
+    if kind == "experts":
+        return [e.module for st in rt.stages for e in st.host_experts]
+    return [mod for st in rt.stages if st.plan.kind != "gpu" for _, mod in st.units]
+
+
+class _HostTimer:
+    """Seconds spent inside a set of modules (outermost first pre-hook to last forward hook)."""
+
+    def __init__(self, modules: list) -> None:
+        self.seconds = 0.0
+        self._t0 = 0.0
+        self._handles = []
+        for m in modules:
+            self._handles.append(m.register_forward_pre_hook(self._pre, prepend=True))
+            self._handles.append(m.register_forward_hook(self._post))
+
+    def _pre(self, module, args) -> None:
+        self._t0 = time.perf_counter()
+
+    def _post(self, module, args, output) -> None:
+        self.seconds += time.perf_counter() - self._t0
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def _cache_of(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def _decode(model, ids, new: int, timer: _HostTimer | None = None) -> tuple[list[int], float, float]:
+    """Greedy: prefill ``ids``, then ``new`` - 1 one-token steps. (ids, decode seconds per token,
+    host seconds per decode token)."""
+    import torch
+
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        cache = _cache_of(out)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        toks = [int(nxt)]
+        if timer is not None:
+            timer.seconds = 0.0
+        t0 = time.perf_counter()
+        for _ in range(new - 1):
+            out = model(nxt, cache=cache, use_cache=True)
+            cache = _cache_of(out)
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            toks.append(int(nxt))
+        dt = time.perf_counter() - t0
+    steps = max(1, new - 1)
+    return toks, dt / steps, (timer.seconds / steps if timer is not None else 0.0)
+
+
+def predicted_host_seconds(plan, folder: str) -> float:
+    """The planner's seconds per decode step for what ``plan`` runs on the host."""
+    from vramancer.models.resolve import profile
+    from vramancer.plan.cost import CostModel
+    from vramancer.plan.experts import _experts_only
+
+    if not any(b.experts_device for b in plan.blocks):
+        return sum(s.decode_seconds for s in plan.offloaded)
+    prof = profile(folder)
+    w = plan.workload
+    cost = CostModel(prof, w.context, w.batch, w.prefill_chunk)
+    host = {d.id: d for d in plan.devices}
+    return sum(cost.execute_seconds(_experts_only(prof.blocks[i]), host[b.experts_device])[0]
+               for i, b in enumerate(plan.blocks) if b.experts_device)
+
+
+def _bytes_by_device(model, plan) -> tuple[dict[str, int], dict[str, int]]:
+    """(weights held per plan device, measured; the plan's), MoE experts in host RAM included."""
+    rep = model.vramancer.memory_report()
+    held: dict[str, int] = {}
+    for s in rep.stages:
+        held[s.device] = held.get(s.device, 0) + s.weights_bytes
+    for e in rep.experts:
+        held[e.device] = held.get(e.device, 0) + e.weights_bytes
+    planned: dict[str, int] = {}
+    for s in plan.stages:
+        planned[s.device] = planned.get(s.device, 0) + s.weights_bytes
+    for b in plan.blocks:
+        if b.experts_device:
+            planned[b.experts_device] = planned.get(b.experts_device, 0) + b.experts_bytes
+    return held, planned
+
+
+def measure(folder: str, plans: dict[str, Any], prompt: int, new: int, repeat: int, vocab: int) -> dict[str, Any]:
+    """Both plans loaded, their decode runs interleaved (a busy machine slows both alike)."""
+    import torch
+    import transformers
+
+    from vramancer.runtime.loader import load
+
+    ids = torch.randint(3, vocab, (1, prompt), generator=torch.Generator().manual_seed(7))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    want, _, _ = _decode(ref, ids, new)
+    del ref
+    kinds = ("whole", "experts")
+    models = {k: load(folder, plan=plans[k]) for k in kinds}
+    timers = {k: _HostTimer(_host_modules(models[k], k)) for k in kinds}
+    runs: dict[str, list] = {k: [] for k in kinds}
+    for _ in range(repeat):
+        for k in kinds:
+            runs[k].append(_decode(models[k], ids, new, timers[k]))
+    rows: dict[str, Any] = {}
+    for kind in kinds:
+        plan, model = plans[kind], models[kind]
+        timers[kind].remove()
+        held, planned = _bytes_by_device(model, plan)
+        step = statistics.median(r[1] for r in runs[kind])
+        host = statistics.median(r[2] for r in runs[kind])
+        pred_step = plan.predicted.decode_ms_per_step / 1e3
+        pred_host = predicted_host_seconds(plan, folder)
+        rows[kind] = dict(
+            plan=kind, stages=[f"{s.device}[{s.blocks[0]}:{s.blocks[1]}]{'*' if s.mode == 'stream' else ''}"
+                               for s in plan.stages],
+            host_layers=sum(s.num_blocks for s in plan.offloaded),
+            host_experts_layers=sum(1 for b in plan.blocks if b.experts_device),
+            weights_bytes_by_device=held, planned_weights_bytes_by_device=planned,
+            tokens_equal=all(r[0] == want for r in runs[kind]),
+            predicted_decode_tps=plan.predicted.decode_tokens_per_s,
+            predicted_host_s=pred_host, measured_host_s=host,
+            measured_tps=1.0 / max(1e-12, host + max(0.0, pred_step - pred_host)),
+            wall_tps=1.0 / step)
+        model.vramancer.free()
+    return rows
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse ``argv``, measure, print the table; the figures as a dict (what --json writes)."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--moe-inter", type=int, default=256)
+    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--gpu", default="rtx3060", help="the simulated card (its memory is set here)")
+    ap.add_argument("--short", type=float, default=0.4,
+                    help="the GPU misses the model by this fraction of its routed experts' bytes")
+    ap.add_argument("--prompt", type=int, default=512, help="prompt tokens (the KV cache decode reads)")
+    ap.add_argument("--new", type=int, default=32, help="tokens per decode measurement")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--json", default=None, help="also write the figures to this file")
+    args = ap.parse_args(argv)
+
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    with tempfile.TemporaryDirectory() as tmp:
+        model = make_model(args.layers, args.hidden, args.experts, args.top_k, args.moe_inter, args.vocab)
+        n_params = sum(p.numel() for p in model.parameters())
+        folder = str(Path(tmp) / "moe")
+        model.save_pretrained(folder, safe_serialization=True)
+        del model
+        plans = make_plans(folder, args.gpu, args.short, args.prompt + args.new)
+        _log(f"MoE {args.layers} layers x {args.hidden}, {args.experts} experts (top {args.top_k}) of "
+             f"{args.moe_inter} + a shared expert, {n_params / 1e6:.1f}M parameters, float32; devices "
+             f"{plans['devices']}; prompt {args.prompt}, {args.new} new tokens, median of {args.repeat}, "
+             f"{torch.get_num_threads()} torch threads")
+        _log(f"the planner's own choice on these devices: {plans['chosen']}")
+        rows = measure(folder, plans, args.prompt, args.new, args.repeat, args.vocab)
+    w, e = rows["whole"], rows["experts"]
+    _log("")
+    _log(f"{'plan':8s} {'on host':>16s} {'pred tok/s':>11s} {'host ms/tok pred':>17s} {'meas':>7s} "
+         f"{'meas tok/s':>11s} {'wall tok/s':>11s}  tokens  bytes==plan")
+    for r in (w, e):
+        where = (f"{r['host_layers']} layers" if r["plan"] == "whole" else f"{r['host_experts_layers']} experts")
+        _log(f"{r['plan']:8s} {where:>16s} {r['predicted_decode_tps']:11.1f} {r['predicted_host_s'] * 1e3:17.2f} "
+             f"{r['measured_host_s'] * 1e3:7.2f} {r['measured_tps']:11.1f} {r['wall_tps']:11.1f}  "
+             f"{'equal' if r['tokens_equal'] else 'DIFFER'}  "
+             f"{'yes' if r['weights_bytes_by_device'] == r['planned_weights_bytes_by_device'] else 'NO'}")
+    pred_ratio = e["predicted_decode_tps"] / max(1e-12, w["predicted_decode_tps"])
+    meas_ratio = e["measured_tps"] / max(1e-12, w["measured_tps"])
+    wall_ratio = e["wall_tps"] / max(1e-12, w["wall_tps"])
+    _log(f"experts / whole, decode tokens/s: predicted {pred_ratio:.2f}x; measured (host measured + GPU "
+         f"predicted) {meas_ratio:.2f}x; wall clock here, all on one CPU: {wall_ratio:.2f}x")
+    _log(f"experts in host RAM vs whole layers offloaded, goal >= {GOAL}x (measured): "
+         + ("GOAL MET" if meas_ratio >= GOAL else "GOAL NOT MET"))
+    results = {"devices": plans["devices"], "chosen": plans["chosen"], "rows": [w, e],
+               "predicted_ratio": pred_ratio, "measured_ratio": meas_ratio, "wall_ratio": wall_ratio,
+               "torch_threads": torch.get_num_threads()}
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    run(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
