@@ -76,6 +76,24 @@ def test_torch_round_trip_every_dtype(name):
     assert gote.shape == (0, 4)
 
 
+def test_torch_tensors_into_torch_destinations_frame_after_frame():
+    """Torch tensors go out from their own bytes and land in caller tensors (every dtype, 0-d, a
+    tensor that requires grad), frame after frame on one layout; a wrong destination is refused."""
+    a, b = pair()
+    srcs = [torch.arange(12, dtype=torch.int64).reshape(3, 4).to(getattr(torch, n)) for n in TORCH_DTYPES]
+    srcs += [torch.tensor(2.5), torch.ones(3, requires_grad=True)]
+    dests = [torch.empty_like(t).detach() for t in srcs]
+    for i in range(3):
+        sent = [t * (i + 1) if t.dtype != torch.bool else t for t in srcs[:-1]] + [srcs[-1]]
+        assert a.send(sent) == _frame_bytes(*sent)
+        frame = b.recv(into=dests)
+        assert frame.seq == i + 1 and all(g is d for g, d in zip(frame.tensors, dests))
+        assert all(torch.equal(d, t.detach()) for d, t in zip(dests, sent))
+    a.send(srcs[:1])
+    with pytest.raises(FrameError, match="destination is int32"):
+        b.recv(into=[torch.empty(3, 4, dtype=torch.int32)])
+
+
 def test_non_contiguous_and_many_tensors_in_one_frame():
     a, b = pair()
     base = torch.arange(24, dtype=torch.float32).reshape(4, 6)

@@ -137,3 +137,27 @@ def test_mutated_valid_frames(data):
        tail=st.binary(max_size=300))
 def test_fuzzed_header_fields(count, desc_bytes, payload, seq, tail):
     _check(_header(count=count, desc_bytes=desc_bytes, payload=payload, seq=seq) + tail)
+
+
+@settings(max_examples=300)
+@given(st.data())
+def test_mutated_frames_of_a_known_layout(data):
+    """Frames 2 and 3 repeat frame 1's layout, so they reach the receive fast path (a known stream,
+    a descriptor block validated before); mutations there are caught as on the general path."""
+    shapes = data.draw(st.lists(st.tuples(st.integers(0, 6), st.integers(0, 6)), min_size=0, max_size=4))
+    first = _valid(tuple(shapes), seq=1)
+    rest = bytearray(_valid(tuple(shapes), seq=2) + _valid(tuple(shapes), seq=3))
+    for _ in range(data.draw(st.integers(0, 4))):
+        i = data.draw(st.integers(0, len(rest) - 1))
+        rest[i] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(rest)))
+    _check(first + bytes(rest[:cut]))
+
+
+def test_frames_of_a_known_layout_arrive_whole():
+    shapes = ((4, 8), (2, 2))
+    conn, counting = _feed(b"".join(_valid(shapes, seq=s) for s in (1, 2, 3)))
+    assert [conn.recv(factory=counting).seq for _ in range(3)] == [1, 2, 3]
+    assert counting.bytes_allocated == 3 * (128 + 16)
+    with pytest.raises(LinkError, match="peer closed the connection$"):
+        conn.recv(factory=counting)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import struct
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
@@ -48,6 +49,8 @@ __all__ = [
     "torch_buffers",
     "as_payload",
     "dest_view",
+    "torch_array",
+    "torch_code",
 ]
 
 MAGIC = b"VRML"
@@ -317,6 +320,43 @@ def _torch_bytes(t: Any) -> memoryview:
     return memoryview(flat.numpy()).cast("B")
 
 
+class _TorchInfo:
+    """torch.Tensor, torch dtype -> Link dtype code, and the signed stand-ins numpy needs."""
+
+    def __init__(self) -> None:
+        import torch
+
+        self.tensor = torch.Tensor
+        self.codes = {getattr(torch, d.name): d.code for d in DTYPES.values()}
+        self.alias = {torch.bfloat16: torch.int16, torch.uint16: torch.int16, torch.uint32: torch.int32,
+                      torch.uint64: torch.int64}
+
+
+_TORCH: list[_TorchInfo] = []
+
+
+def torch_array(t: Any) -> np.ndarray | None:
+    """A numpy array over the very bytes of ``t`` when it is a CPU, contiguous torch tensor of a
+    Link dtype (bfloat16 and unsigned types seen as signed ints of their size), else None.
+    Never imports torch: a process that has not imported it has no tensors."""
+    if not _TORCH:
+        if "torch" not in sys.modules:
+            return None
+        _TORCH.append(_TorchInfo())
+    info = _TORCH[0]
+    if type(t) is not info.tensor or not t.is_cpu or t.dtype not in info.codes or not t.is_contiguous():
+        return None
+    if t.requires_grad:
+        t = t.detach()
+    alias = info.alias.get(t.dtype)
+    return (t.view(alias) if alias is not None else t).numpy()
+
+
+def torch_code(t: Any) -> int | None:
+    """The Link dtype code of torch tensor ``t`` (call after ``torch_array`` returned an array)."""
+    return _TORCH[0].codes.get(t.dtype)
+
+
 @functools.lru_cache(maxsize=64)
 def _dtype_of(dtype: Any) -> DType | None:
     """The Link dtype of a numpy dtype or torch dtype (cached: numpy's dtype.name is slow)."""
@@ -370,6 +410,10 @@ def dest_view(obj: Any, desc: TensorDesc) -> memoryview:
         if obj.shape == desc.shape and _NUMPY_CODES.get(obj.dtype) == desc.dtype_code and flags.c_contiguous \
                 and flags.writeable:
             return memoryview(obj).cast("B") if obj.size else memoryview(obj.reshape(-1).view(np.uint8))
+    else:
+        arr = torch_array(obj)
+        if arr is not None and obj.shape == desc.shape and torch_code(obj) == desc.dtype_code:
+            return memoryview(arr).cast("B") if arr.size else memoryview(arr.reshape(-1).view(np.uint8))
     if _is_torch(obj):
         name = str(obj.dtype).removeprefix("torch.")
         if _dtype_of(obj.dtype) is not desc.dtype or tuple(obj.shape) != desc.shape or not obj.is_contiguous() \

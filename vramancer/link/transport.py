@@ -38,6 +38,7 @@ from .frame import (
     as_payload,
     dest_view,
     numpy_buffers,
+    torch_array,
 )
 
 __all__ = [
@@ -193,30 +194,36 @@ class StreamConnection(Connection):
         self._lo = self._hi = 0
         self._mid_frame = False
         self._scatter = hasattr(sock, "sendmsg") and not _is_ssl(sock)
-        self._layouts: dict[Any, tuple[bytearray, int, int, int]] = {}
+        self._layouts: dict[tuple, tuple[bytearray, int, int, int]] = {}
 
     # -- sending ---------------------------------------------------------------------------------
     def send(self, tensors: Sequence[Any], stream_id: int = 0) -> int:
         if self.closed:
             raise LinkError(f"link {self.name}: connection is closed")
-        keep = None
+        # a layout key per tensor: (dtype, shape) of a numpy array or CPU torch tensor sent from its own
+        # bytes (C-contiguous), else the descriptor of as_payload's contiguous host copy
         if len(tensors) == 1 and type(tensors[0]) is _ndarray and tensors[0].flags.c_contiguous:
-            t = tensors[0]                                   # numpy: the array is its own buffer
-            key: Any = (t.dtype, t.shape)
+            t = tensors[0]
+            key: tuple = ((t.dtype, t.shape),)
             bufs: list[Any] = [None, t]
         else:
             parts = []
             bufs = [None]
-            keep = []
             for t in tensors:
-                if type(t) is _ndarray and t.flags.c_contiguous:
-                    parts.append((t.dtype, t.shape))
-                    bufs.append(t)
+                if type(t) is _ndarray:
+                    if t.flags.c_contiguous:
+                        parts.append((t.dtype, t.shape))
+                        bufs.append(t)
+                        continue
                 else:
-                    desc, mv, kept = as_payload(t)
-                    parts.append(desc)
-                    bufs.append(mv)
-                    keep.append(kept)
+                    arr = torch_array(t)
+                    if arr is not None:
+                        parts.append((t.dtype, t.shape))
+                        bufs.append(arr)
+                        continue
+                desc, mv, _ = as_payload(t)
+                parts.append(desc)
+                bufs.append(mv)
             key = tuple(parts)
         layout = self._layouts.get(key)
         if layout is None:
@@ -237,12 +244,10 @@ class StreamConnection(Connection):
             self.bytes_sent += total
         else:
             self._write(bufs, total)
-        del keep
         return total
 
-    def _layout(self, key: Any, tensors: Sequence[Any]) -> tuple[bytearray, int, int, int]:
-        parts = key if len(tensors) != 1 or isinstance(key[0], TensorDesc) else (key,)
-        descs = [k if isinstance(k, TensorDesc) else as_payload(t)[0] for k, t in zip(parts, tensors)]
+    def _layout(self, key: tuple, tensors: Sequence[Any]) -> tuple[bytearray, int, int, int]:
+        descs = [k if isinstance(k, TensorDesc) else as_payload(t)[0] for k, t in zip(key, tensors)]
         blob = b"".join([d.encode() for d in descs])
         head = bytearray(HEADER_BYTES + len(blob))
         head[HEADER_BYTES:] = blob
