@@ -79,6 +79,26 @@ def test_leading_dims_and_types_by_number(name):
     _bits_equal(dequantize(torch.from_numpy(raw3[1, 1:].copy()), name), ref_dequantize(raw3, QT[name])[1, 1:])
 
 
+@pytest.mark.parametrize("name", [n for n in GGUF_TYPES if GGUF_TYPES[n].quantized])
+def test_one_block_at_any_offset_and_into_out(name):
+    """One block (a gathered embedding row) at every byte offset of a larger buffer, and the
+    ``out=`` path into a given tensor, equal the reference too."""
+    rng = np.random.default_rng(4)
+    t = GGUF_TYPES[name]
+    raw = _random_blocks(name, rows=1, blocks_per_row=9, rng=rng)
+    want = ref_dequantize(raw, QT[name])
+    buf = torch.from_numpy(raw.copy()).reshape(-1)
+    for i in range(9):
+        at = i * t.block_bytes                        # offsets 0, 18, 34, ...: rarely 8-byte aligned
+        _bits_equal(dequantize(buf[at:at + t.block_bytes].view(1, -1), name), want[:, i * t.block_values:
+                                                                                    (i + 1) * t.block_values])
+    out = torch.full((1, 9 * t.block_values), float("nan"))
+    assert dequantize(buf.view(1, -1), name, out=out) is out
+    _bits_equal(out, want)
+    with pytest.raises(ValueError, match="out must be"):
+        dequantize(buf.view(1, -1), name, out=torch.empty(1, 9 * t.block_values, dtype=torch.float16))
+
+
 def test_unsupported_type_named():
     with pytest.raises(BadInputError, match="IQ2_XXS"):
         gguf_type(QT.IQ2_XXS)

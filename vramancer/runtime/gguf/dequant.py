@@ -89,7 +89,15 @@ def row_bytes(qtype: str | int | GGUFType, values: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
-# helpers over blocks: ``b`` is uint8 [n_blocks, block_bytes]
+# helpers over blocks: ``b`` is uint8 [n_blocks, block_bytes], ``o`` the float32 output [n_blocks,
+# block_values]. The small integers are unpacked into a uint8 scratch with bit operations on int64
+# words (8 bytes per operation: a shift then a mask per byte lane, no carry between lanes), converted
+# into ``o`` in one pass, then scaled in place there: each float32 operation is numpy's, in its order.
+def _rep(byte: int) -> int:
+    """``byte`` in every lane of an int64 word."""
+    return int.from_bytes(bytes([byte]) * 8, "little", signed=True)
+
+
 def _f16(b: torch.Tensor, at: int) -> torch.Tensor:
     """The float16 at byte ``at`` of each block, as float32 [n, 1]."""
     import torch
@@ -97,99 +105,135 @@ def _f16(b: torch.Tensor, at: int) -> torch.Tensor:
     return b[:, at:at + 2].contiguous().view(torch.float16).to(torch.float32)
 
 
-def _shifts(values: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    """``values`` (0, step, 2 step, ...) as a uint8 tensor made on ``like``'s device (an arange: no
-    host-to-device copy, so no stream synchronisation on a GPU)."""
+def _words(x: torch.Tensor) -> torch.Tensor:
+    """uint8 [n, k] (k a multiple of 8) as int64 words [n, k // 8]: a view where the layout allows."""
     import torch
 
-    step = values[1] - values[0] if len(values) > 1 else 1
-    out = torch.arange(values[0], values[0] + step * len(values), step, dtype=torch.uint8, device=like.device)
+    if not (x.stride(-1) == 1 and x.storage_offset() % 8 == 0 and all(st % 8 == 0 for st in x.stride()[:-1])):
+        x = x.clone(memory_format=torch.contiguous_format)        # a fresh, aligned copy
+    return x.view(torch.int64)
+
+
+def _unpack(x: torch.Tensor, group: int, shifts: tuple[int, ...], mask: int, out: torch.Tensor) -> torch.Tensor:
+    """Each run of ``group`` bytes of ``x`` [n, k] as len(shifts) runs of ``group`` values, written
+    to ``out`` (uint8, [n, k // group * len(shifts) * group]): run i is (byte >> shifts[i]) & mask,
+    a negative shift meaning a left shift. Returns ``out``."""
+    import torch
+
+    n = x.shape[0]
+    words = group // 8
+    x64 = _words(x).view(n, -1, 1, words)
+    o64 = out.view(torch.int64).view(n, -1, len(shifts), words)
+    for i, sh in enumerate(shifts):
+        dst = o64[:, :, i:i + 1]
+        if sh > 0:
+            torch.bitwise_right_shift(x64, sh, out=dst)
+        elif sh < 0:
+            torch.bitwise_left_shift(x64, -sh, out=dst)
+        else:
+            dst.copy_(x64)
+    o64.bitwise_and_(_rep(mask))
     return out
 
 
-def _split_bits(x: torch.Tensor, group: int, shifts: tuple[int, ...], mask: int) -> torch.Tensor:
-    """Each run of ``group`` bytes of ``x`` [n, k] unpacked to len(shifts) runs of ``group`` values
-    ((byte >> shift) & mask, one run per shift in order): [n, k // group, len(shifts), group]."""
-    n = x.shape[0]
-    s = _shifts(shifts, x).view(1, 1, len(shifts), 1)
-    return (x.reshape(n, -1, 1, group) >> s).bitwise_and_(mask)
-
-
-def _bits(x: torch.Tensor, group: int) -> torch.Tensor:
-    """Bit i of each byte of each run of ``group`` bytes: [n, k // group, 8, group] of 0/1."""
-    return _split_bits(x, group, tuple(range(8)), 1)
-
-
-def _float(q: torch.Tensor) -> torch.Tensor:
-    """The one float32 tensor a block function allocates; the scaling is then done in place on it
-    (each multiply and subtract its own rounding, as numpy does)."""
+def _scratch(b: torch.Tensor, values: int) -> torch.Tensor:
     import torch
 
-    return q.to(torch.float32)
+    return torch.empty((b.shape[0], values), dtype=torch.uint8, device=b.device)
 
 
-def _q8_0(b: torch.Tensor) -> torch.Tensor:
+_BIT_LUT: dict[str, torch.Tensor] = {}
+
+
+def _bits_of_bytes(qh: torch.Tensor) -> torch.Tensor:
+    """Bit j of byte i of ``qh`` [n, k] at value 8 i + j, shifted to bit 4: uint8 [n, 8 k]
+    (Q5_0 / Q5_1's 32 high bits, a little-endian uint32), by a 256-entry table."""
     import torch
 
-    return _float(b[:, 2:].view(torch.int8)).mul_(_f16(b, 0))
+    key = str(qh.device)
+    lut = _BIT_LUT.get(key)
+    if lut is None:
+        bits = (torch.arange(256, dtype=torch.int32).view(256, 1) >> torch.arange(8, dtype=torch.int32)) & 1
+        lut = _BIT_LUT[key] = (bits << 4).to(torch.uint8).to(qh.device)
+    return lut.index_select(0, qh.reshape(-1).to(torch.int64)).view(qh.shape[0], -1)
 
 
-def _q4_0(b: torch.Tensor) -> torch.Tensor:
+def _or(s: torch.Tensor, t: torch.Tensor) -> None:
+    """s |= t, 8 bytes at a time."""
     import torch
 
-    n = b.shape[0]
-    q = _split_bits(b[:, 2:], 16, (0, 4), 0x0F).reshape(n, 32).to(torch.int8).sub_(8)
-    return _float(q).mul_(_f16(b, 0))
+    s.view(torch.int64).bitwise_or_(t.view(torch.int64))
 
 
-def _q4_1(b: torch.Tensor) -> torch.Tensor:
-    n = b.shape[0]
-    q = _float(_split_bits(b[:, 4:], 16, (0, 4), 0x0F).reshape(n, 32))
-    return q.mul_(_f16(b, 0)).add_(_f16(b, 2))
+def _q8_0(b: torch.Tensor, o: torch.Tensor) -> None:
+    import torch
+
+    o.copy_(b[:, 2:].view(torch.int8)).mul_(_f16(b, 0))
+
+
+def _q4_0(b: torch.Tensor, o: torch.Tensor) -> None:
+    import torch
+
+    s = _unpack(b[:, 2:], 16, (0, 4), 0x0F, _scratch(b, 32)).sub_(8)
+    o.copy_(s.view(torch.int8)).mul_(_f16(b, 0))
+
+
+def _q4_1(b: torch.Tensor, o: torch.Tensor) -> None:
+    s = _unpack(b[:, 4:], 16, (0, 4), 0x0F, _scratch(b, 32))
+    o.copy_(s).mul_(_f16(b, 0)).add_(_f16(b, 2))
 
 
 def _q5(b: torch.Tensor, at: int) -> torch.Tensor:
     """The 5-bit values of a Q5_0 / Q5_1 block whose qh starts at byte ``at``: uint8 [n, 32]."""
-    n = b.shape[0]
-    hi = _bits(b[:, at:at + 4], 1).reshape(n, 32)        # bit j of byte i (a little-endian u32) -> value 8i+j
-    lo = _split_bits(b[:, at + 4:], 16, (0, 4), 0x0F).reshape(n, 32)
-    return lo.bitwise_or_(hi.bitwise_left_shift_(4))
+    s = _unpack(b[:, at + 4:], 16, (0, 4), 0x0F, _scratch(b, 32))
+    _or(s, _bits_of_bytes(b[:, at:at + 4]))
+    return s
 
 
-def _q5_0(b: torch.Tensor) -> torch.Tensor:
+def _q5_0(b: torch.Tensor, o: torch.Tensor) -> None:
     import torch
 
-    q = _q5(b, 2).to(torch.int8).sub_(16)
-    return _float(q).mul_(_f16(b, 0))
+    o.copy_(_q5(b, 2).sub_(16).view(torch.int8)).mul_(_f16(b, 0))
 
 
-def _q5_1(b: torch.Tensor) -> torch.Tensor:
-    return _float(_q5(b, 4)).mul_(_f16(b, 0)).add_(_f16(b, 2))
+def _q5_1(b: torch.Tensor, o: torch.Tensor) -> None:
+    o.copy_(_q5(b, 4)).mul_(_f16(b, 0)).add_(_f16(b, 2))
 
 
-def _q2_k(b: torch.Tensor) -> torch.Tensor:
+def _q2_k(b: torch.Tensor, o: torch.Tensor) -> None:
     n = b.shape[0]
     scales = b[:, :16]
     d, dmin = _f16(b, 80), _f16(b, 82)
-    dl = (d * _float(scales & 0x0F)).reshape(n, 16, 1)
-    ml = (dmin * _float(scales >> 4)).reshape(n, 16, 1)
-    q = _float(_split_bits(b[:, 16:80], 32, (0, 2, 4, 6), 0x03).reshape(n, 16, 16))
-    return q.mul_(dl).sub_(ml).reshape(n, QK_K)
+    dl = (d * (scales & 0x0F).float()).reshape(n, 16, 1)
+    ml = (dmin * (scales >> 4).float()).reshape(n, 16, 1)
+    s = _unpack(b[:, 16:80], 32, (0, 2, 4, 6), 0x03, _scratch(b, QK_K))
+    o.copy_(s).view(n, 16, 16).mul_(dl).sub_(ml)
 
 
-def _q3_k(b: torch.Tensor) -> torch.Tensor:
+def _split_bits(x: torch.Tensor, group: int, shifts: tuple[int, ...], mask: int) -> torch.Tensor:
+    """Each run of ``group`` bytes of the small ``x`` [n, k] unpacked to len(shifts) runs of
+    ``group`` values ((byte >> shift) & mask): [n, k // group, len(shifts), group] (scales)."""
+    import torch
+
+    n = x.shape[0]
+    s = torch.tensor(shifts, dtype=torch.uint8).to(x.device).view(1, 1, len(shifts), 1)
+    return (x.reshape(n, -1, 1, group) >> s).bitwise_and_(mask)
+
+
+def _q3_k(b: torch.Tensor, o: torch.Tensor) -> None:
     import torch
 
     n = b.shape[0]
     sc = b[:, 96:108]
     lo = _split_bits(sc[:, :8], 8, (0, 4), 0x0F).reshape(n, 16)
     hi = _split_bits(sc[:, 8:12], 4, (0, 2, 4, 6), 0x03).reshape(n, 16)
-    scales = _float((lo | (hi << 4)).to(torch.int8) - 32)
+    scales = ((lo | (hi << 4)).to(torch.int8) - 32).float()
     dl = (_f16(b, 108) * scales).reshape(n, 16, 1)
-    ql = _split_bits(b[:, 32:96], 32, (0, 2, 4, 6), 0x03).reshape(n, 16, 16).to(torch.int8)
-    qh = _bits(b[:, :32], 32).reshape(n, 16, 16).bitwise_xor_(1)    # a set bit means no offset
-    q = _float(ql.sub_(qh.bitwise_left_shift_(2).view(torch.int8)))
-    return q.mul_(dl).reshape(n, QK_K)
+    s = _unpack(b[:, 32:96], 32, (0, 2, 4, 6), 0x03, _scratch(b, QK_K))
+    # a clear hmask bit means an offset of -4: 4 * (1 - bit j) for value group j
+    t = _unpack(_words(b[:, :32]).bitwise_not(), 32, (-2, -1, 0, 1, 2, 3, 4, 5), 0x04, _scratch(b, QK_K))
+    s.sub_(t)
+    o.copy_(s.view(torch.int8)).view(n, 16, 16).mul_(dl)
 
 
 def _k_scale_min(sc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,48 +252,47 @@ def _k_dm(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(d * scale, dmin * min) of a Q4_K / Q5_K block, [n, 8, 1] each."""
     n = b.shape[0]
     scale, mn = _k_scale_min(b[:, 4:16])
-    d = (_f16(b, 0) * _float(scale)).reshape(n, 8, 1)
-    dm = (_f16(b, 2) * _float(mn)).reshape(n, 8, 1)
+    d = (_f16(b, 0) * scale.float()).reshape(n, 8, 1)
+    dm = (_f16(b, 2) * mn.float()).reshape(n, 8, 1)
     return d, dm
 
 
-def _q4_k(b: torch.Tensor) -> torch.Tensor:
+def _q4_k(b: torch.Tensor, o: torch.Tensor) -> None:
     n = b.shape[0]
     d, dm = _k_dm(b)
-    q = _float(_split_bits(b[:, 16:], 32, (0, 4), 0x0F).reshape(n, 8, 32))
-    return q.mul_(d).sub_(dm).reshape(n, QK_K)
+    s = _unpack(b[:, 16:], 32, (0, 4), 0x0F, _scratch(b, QK_K))
+    o.copy_(s).view(n, 8, 32).mul_(d).sub_(dm)
 
 
-def _q5_k(b: torch.Tensor) -> torch.Tensor:
+def _q5_k(b: torch.Tensor, o: torch.Tensor) -> None:
     n = b.shape[0]
     d, dm = _k_dm(b)
-    ql = _split_bits(b[:, 48:], 32, (0, 4), 0x0F).reshape(n, 8, 32)
-    qh = _bits(b[:, 16:48], 32).reshape(n, 8, 32)
-    q = _float(ql.bitwise_or_(qh.bitwise_left_shift_(4)))
-    return q.mul_(d).sub_(dm).reshape(n, QK_K)
+    s = _unpack(b[:, 48:], 32, (0, 4), 0x0F, _scratch(b, QK_K))
+    _or(s, _unpack(b[:, 16:48], 32, (-4, -3, -2, -1, 0, 1, 2, 3), 0x10, _scratch(b, QK_K)))
+    o.copy_(s).view(n, 8, 32).mul_(d).sub_(dm)
 
 
-def _q6_k(b: torch.Tensor) -> torch.Tensor:
+def _q6_k(b: torch.Tensor, o: torch.Tensor) -> None:
     import torch
 
     n = b.shape[0]
-    ql = _split_bits(b[:, :128], 64, (0, 4), 0x0F).reshape(n, 8, 32)
-    qh = _split_bits(b[:, 128:192], 32, (0, 2, 4, 6), 0x03).reshape(n, 8, 32)
-    q = _float(ql.bitwise_or_(qh.bitwise_left_shift_(4)).view(torch.int8).sub_(32).reshape(n, 16, 16))
-    scales = _float(b[:, 192:208].view(torch.int8))
-    d = (_f16(b, 208) * scales).reshape(n, 16, 1)
-    return q.mul_(d).reshape(n, QK_K)
+    s = _unpack(b[:, :128], 64, (0, 4), 0x0F, _scratch(b, QK_K))
+    _or(s, _unpack(b[:, 128:192], 32, (-4, -2, 0, 2), 0x30, _scratch(b, QK_K)))
+    s.sub_(32)
+    d = (_f16(b, 208) * b[:, 192:208].view(torch.int8).float()).reshape(n, 16, 1)
+    o.copy_(s.view(torch.int8)).view(n, 16, 16).mul_(d)
 
 
-_BLOCK_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+_BLOCK_FNS: dict[str, Callable[[torch.Tensor, torch.Tensor], None]] = {
     "Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1,
     "Q2_K": _q2_k, "Q3_K": _q3_k, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k,
 }
 
 
-def dequantize(raw: torch.Tensor, qtype: str | int | GGUFType) -> torch.Tensor:
+def dequantize(raw: torch.Tensor, qtype: str | int | GGUFType, out: torch.Tensor | None = None) -> torch.Tensor:
     """float32 ``[..., values_per_row]`` from the GGUF bytes ``raw`` (uint8 ``[..., bytes_per_row]``,
-    rows of whole blocks), on ``raw``'s device; bit for bit gguf-py's numpy dequantization."""
+    rows of whole blocks), on ``raw``'s device; bit for bit gguf-py's numpy dequantization.
+    ``out``: a contiguous float32 tensor of that shape to write into (and return) instead of a new one."""
     import torch
 
     t = gguf_type(qtype)
@@ -260,10 +303,15 @@ def dequantize(raw: torch.Tensor, qtype: str | int | GGUFType) -> torch.Tensor:
                             f"{t.name} blocks of {t.block_bytes} bytes")
     lead = tuple(raw.shape[:-1])
     values = raw.shape[-1] // t.block_bytes * t.block_values
-    if t.name in ("F32", "F16", "BF16"):
+    if out is None:
+        out = torch.empty((*lead, values), dtype=torch.float32, device=raw.device)
+    elif (tuple(out.shape) != (*lead, values) or out.dtype != torch.float32 or not out.is_contiguous()
+          or out.device != raw.device):
+        raise ValueError(f"out must be a contiguous float32 {[*lead, values]} on {raw.device}, "
+                         f"not {out.dtype} {list(out.shape)} on {out.device}")
+    if not t.quantized:
         dt = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[t.name]
-        out = raw.contiguous().view(dt)
-        return out.to(torch.float32) if dt != torch.float32 else out.clone()
-    blocks = raw.contiguous().reshape(-1, t.block_bytes)
-    out = _BLOCK_FNS[t.name](blocks)
-    return out.reshape(*lead, values)
+        return out.copy_(raw.contiguous().view(dt).reshape(out.shape))
+    if out.numel():
+        _BLOCK_FNS[t.name](raw.contiguous().reshape(-1, t.block_bytes), out.view(-1, t.block_values))
+    return out

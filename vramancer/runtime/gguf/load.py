@@ -127,11 +127,23 @@ def gguf_model_config(path: str | Path) -> Any:
     if arch not in GGUF_SUPPORTED_ARCHITECTURES:
         raise BadInputError(f"{path.name}: GGUF architecture {arch} is not supported "
                             f"(supported: {', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))})")
+    experts = int(fields.get(f"{arch}.expert_count") or 0)
+    if arch == "llama" and experts:
+        # llama.cpp writes Mixtral as "llama" with stacked ffn_*_exps tensors, which transformers
+        # would build as a dense Llama: refuse it rather than fail on the tensor names
+        raise BadInputError(f"{path.name}: a GGUF llama with {experts} experts (Mixtral) is not supported yet")
     try:
-        return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise BadInputError(f"{path.name}: transformers cannot read a {arch} config from it "
                             f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    # llama.cpp writes the head size as attention.key_length (convert_hf_to_gguf.py, whenever the
+    # config has head_dim); transformers does not read it for every architecture (Qwen3 keeps its
+    # default of 128), so a model whose heads are not hidden / n_head would be built wrong
+    key_length = fields.get(f"{arch}.attention.key_length")
+    if key_length is not None and getattr(config, "head_dim", None) not in (None, int(key_length)):
+        config.head_dim = int(key_length)
+    return config
 
 
 def load_gguf_tokenizer(path: str | Path) -> Any:

@@ -1,0 +1,180 @@
+"""GGUF files made by llama.cpp's own tools (tests/fixtures/gguf: convert_hf_to_gguf.py and
+llama-quantize, see its README) run through the split runtime and `vramancer run`:
+F32 logits equal the float model's the file was converted from; every quantized file (Q8_0 from the
+converter, legacy and K-quants from llama-quantize) gives the logits and greedy tokens of the float
+model made by dequantizing the file with gguf-py's numpy reference; measured bytes per stage equal the
+plan's and the file's; tokenizer and chat template come from the metadata; an architecture or a tensor
+type we do not run is one line, exit 2."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+gguf = pytest.importorskip("gguf")
+
+from vramancer.cli import main as cli  # noqa: E402
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "gguf"
+RECORD = json.loads((FIXTURES / "sources.json").read_text())
+_spec = importlib.util.spec_from_file_location("gguf_fixtures_make", FIXTURES / "make.py")
+make = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(make)
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3"]
+# (source, file kind) of every quantized fixture we run
+QUANTIZED = ([(a, "Q8_0") for a in ARCHS] + [("llama", k) for k in ("F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1")]
+             + [("llama256", k) for k in ("Q4_K_M", "Q5_K_M", "Q6_K", "Q3_K_M", "Q2_K")])
+PROMPT = torch.tensor([[1, 17, 40, 99, 150, 7]])
+NEW_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def sources():
+    """The float models, rebuilt, each checked to be the one its files were converted from."""
+    cache: dict[str, object] = {}
+
+    def get(name: str):
+        if name not in cache:
+            model = make.source_model(name)
+            assert make.weights_sha256(model) == RECORD["sources"][name]["weights_sha256"], \
+                f"make.source_model({name!r}) no longer rebuilds the fixtures' model: regenerate them (README)"
+            cache[name] = model
+        return cache[name]
+
+    return get
+
+
+def _path(name: str, kind: str) -> Path:
+    return make.fixture(name, kind)
+
+
+def _load(path: Path, n_stages: int = 2):
+    from vramancer.runtime.loader import load
+
+    return load(str(path), devices=",".join(["rtx3060"] * n_stages), split=[1] * n_stages, context=64,
+                backing="cpu", dtype="float32")
+
+
+def _dequantized(source, path: Path):
+    """``source`` with every weight replaced by gguf-py's numpy dequantization of the file's tensor,
+    put through transformers' tensor processor of the architecture (Llama's q/k un-permutation, Gemma2's
+    norms - 1): the float model the file stands for, made without our code."""
+    import copy
+
+    import numpy as np
+    from gguf.quants import dequantize
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+
+    model = copy.deepcopy(source)
+    cfg = model.config
+    reader = gguf.GGUFReader(str(path))
+    arch = str(reader.fields["general.architecture"].contents())
+    arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+    names = gguf.get_tensor_name_map(arch_id, cfg.num_hidden_layers)
+    tensors = {str(t.name): t for t in reader.tensors}
+    proc = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config={"num_attention_heads": cfg.num_attention_heads,
+                                                                "num_key_value_heads": cfg.num_key_value_heads})
+    with torch.no_grad():
+        for name, p in model.named_parameters():          # tied weights once
+            base, _, suffix = name.rpartition(".")
+            gname = f"{names.get_name(base)}.{suffix}"
+            t = tensors[gname]
+            values = proc.process(dequantize(t.data, t.tensor_type), gname).weights
+            p.copy_(torch.from_numpy(np.array(values, dtype=np.float32)).reshape(p.shape))
+    return model
+
+
+def _greedy(model, ids) -> list[int]:
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                         min_new_tokens=NEW_TOKENS, do_sample=False)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def _check_bytes(model, path: Path) -> None:
+    """Measured weights per stage == the plan's; their sum == the file's tensor bytes (a tied table
+    counted once per stage that holds a user of it)."""
+    rep = model.vramancer.memory_report()
+    assert [s.weights_bytes for s in rep.stages] == [s.weights_bytes for s in model.vramancer.plan.stages]
+    file_bytes = {str(t.name): int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors}
+    tied = 0
+    if "output.weight" not in file_bytes:
+        tied = file_bytes["token_embd.weight"] * (len({rep.stages[0].stage, rep.stages[-1].stage}) - 1)
+    assert rep.weights_bytes == sum(file_bytes.values()) + tied
+    assert all(not s.misplaced for s in rep.stages)
+
+
+def test_fixtures_are_llama_cpp_files():
+    """Every fixture the record lists is here, made by the recorded commands, under 3 MB in all; the
+    quantized ones hold the block types their names say."""
+    files = [f for s in RECORD["sources"].values() for f in s["files"]]
+    assert sorted(files) == sorted(p.name for p in FIXTURES.glob("*.gguf"))
+    assert sum((FIXTURES / f).stat().st_size for f in files) < 3_000_000
+    assert len(RECORD["llama.cpp"]) == 40
+    types = {str(t.name): t.tensor_type.name for t in gguf.GGUFReader(str(_path("llama256", "Q4_K_M"))).tensors}
+    assert types["blk.0.attn_q.weight"] == "Q4_K" and "Q6_K" in types.values()
+    for kind, want in (("Q5_K_M", "Q5_K"), ("Q6_K", "Q6_K"), ("Q3_K_M", "Q3_K"), ("Q2_K", "Q2_K")):
+        types = {t.tensor_type.name for t in gguf.GGUFReader(str(_path("llama256", kind))).tensors}
+        assert want in types, (kind, types)
+    for kind in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL"):
+        types = {str(t.name): t.tensor_type.name for t in gguf.GGUFReader(str(_path("llama", kind))).tensors}
+        assert types["blk.0.ffn_up.weight"] == kind
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_f32_logits_equal_the_float_model(sources, arch):
+    path = _path(arch, "F32")
+    model = _load(path)
+    with torch.no_grad():
+        assert torch.equal(model(PROMPT).logits, sources(arch)(PROMPT).logits)
+    _check_bytes(model, path)
+    model.vramancer.detach()
+
+
+@pytest.mark.parametrize("name, kind", QUANTIZED, ids=[f"{n}-{k}" for n, k in QUANTIZED])
+def test_quantized_equals_the_dequantized_float_model(sources, name, kind):
+    path = _path(name, kind)
+    ref = _dequantized(sources(name), path)
+    model = _load(path, 1 if name == "llama256" else 2)
+    with torch.no_grad():
+        assert torch.equal(model(PROMPT).logits, ref(PROMPT).logits)
+    assert _greedy(model, PROMPT) == _greedy(ref, PROMPT)
+    _check_bytes(model, path)
+    model.vramancer.detach()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_vramancer_run_with_the_files_tokenizer_and_chat_template(sources, capsys, arch):
+    from vramancer.runtime.gguf.load import load_gguf_tokenizer
+
+    path = _path(arch, "Q8_0")
+    rc = cli(["run", str(path), "--prompt", "A model that does not fit", "--chat", "--max-new-tokens", "6",
+              "--devices", "rtx3060,rtx3060", "--split", "1,1", "--context", "64", "--json"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    gen = json.loads(captured.out)["generation"]
+    tok = load_gguf_tokenizer(path)
+    assert tok.chat_template == make.CHAT_TEMPLATE
+    ids = tok.apply_chat_template([{"role": "user", "content": "A model that does not fit"}],
+                                  add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    assert gen["prompt_tokens"] == len(ids)
+    ref = _dequantized(sources(arch), path)
+    with torch.no_grad():
+        out = ref.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                           max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+    want = out[0, len(ids):].tolist()
+    assert gen["token_ids"] == want
+
+
+@pytest.mark.parametrize("file, named", [("olmo-Q8_0.gguf", "olmo"), ("mixtral-Q8_0.gguf", "experts (Mixtral)"),
+                                         ("llama-IQ4_NL.gguf", "IQ4_NL")])
+def test_what_we_do_not_run_is_one_line_exit_2(capsys, file, named):
+    rc = cli(["run", str(FIXTURES / file), "--prompt", "x", "--max-new-tokens", "2", "--devices", "rtx3060"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    lines = [ln for ln in err.splitlines() if ln.startswith("vramancer: error:")]
+    assert len(lines) == 1 and named in lines[0] and "Traceback" not in err
