@@ -2,22 +2,25 @@
 random-weight Llamas run with transformers on this machine's CPU, next to what ``vramancer plan``
 predicts for device "cpu", and their ratio (measured / predicted; goal 0.7-1.3 for every row).
 
-1. The host figures the prediction uses are measured in this process just before each model, by
-   ``vramancer.runtime.calibrate.measure_host_speed()`` (GEMV bandwidth, prefill matmul FLOP/s, fixed
-   cost per block, per generation step and per request: see vramancer/devices/host_speed.py). No per-model
-   figure is fitted: every model below is predicted from those four numbers and its own profile.
+1. The host figures the prediction uses are measured by ``vramancer.runtime.calibrate.measure_host_speed()``
+   (GEMV bandwidth, prefill matmul FLOP/s, fixed cost per block, per generation step and per request
+   with one thread, the thread hand-off per parallel op of a decode step and of a prefill chunk: see
+   vramancer/devices/host_speed.py). No per-model figure is fitted: every model below is predicted
+   from those figures and its own profile.
 2. Each model (float32, built from a transformers config with random weights) generates the way
    ``vramancer run`` does (``generate_text``: greedy, KV cache, a streamer noting each step): decode
    tokens/s after the first new token, prefill tokens/s of a ``--prompt``-token prompt (call to first
-   token). Medians of ``--repeat`` runs.
+   token).
 3. The prediction: ``plan_profile`` of the model's profile on device "cpu", with context = prompt +
    new tokens and prefill chunk = the prompt (the workload that was measured).
+4. The machine may be shared: each of the ``--repeat`` measured runs comes right after its own
+   calibration (the same load on both sides), and the medians of the measured and of the predicted
+   figures over the rounds are compared.
 
 Run:  python benchmarks/cost_model.py [--repeat 3] [--prompt 128] [--new 24] [--threads N] [--save] [--json FILE]
-``--save`` keeps the measured host figures (under the cache folder) so later plans on this machine
-use them. A benchmark, not a test: it exits 0 and prints "GOAL MET" / "GOAL NOT MET". The machine
-is shared: other processes running at the same time slow the measured side only; rerun when a
-ratio is off.
+``--save`` keeps the last measured host figures (under the cache folder) so later plans on this
+machine use them. A benchmark, not a test: it exits 0 and prints "GOAL MET" / "GOAL NOT MET". Other
+processes that start or stop during a round still move one side only; rerun when a ratio is off.
 """
 from __future__ import annotations
 
@@ -67,24 +70,17 @@ class Row:
         return self.measured_prefill_tps / self.predicted_prefill_tps
 
 
-def _measure(model, tok, prompt: int, new: int, repeat: int) -> tuple[float, float]:
-    import torch
+def _generate_once(model, tok, inputs: dict, prompt: int, new: int) -> tuple[float, float]:
+    """(decode tokens/s, prefill tokens/s) of one generation, timed as ``generate_text`` times a run."""
+    import time
 
     from vramancer.runtime.generate import _timing_streamer, generate_ids
 
-    torch.manual_seed(0)
-    inputs = {"input_ids": torch.randint(10, len(tok), (1, prompt))}
-    dec, pre = [], []
-    for i in range(repeat + 1):
-        streamer = _timing_streamer(tok, None)
-        start = __import__("time").perf_counter()
-        generate_ids(model, inputs, new, streamer=streamer, min_new_tokens=new, pad_token_id=tok.pad_token_id)
-        t = streamer.times[1:]
-        if i == 0:
-            continue  # warm-up
-        pre.append(prompt / (t[0] - start))
-        dec.append((len(t) - 1) / (t[-1] - t[0]))
-    return statistics.median(dec), statistics.median(pre)
+    streamer = _timing_streamer(tok, None)
+    start = time.perf_counter()
+    generate_ids(model, inputs, new, streamer=streamer, min_new_tokens=new, pad_token_id=tok.pad_token_id)
+    t = streamer.times[1:]
+    return (len(t) - 1) / (t[-1] - t[0]), prompt / (t[0] - start)
 
 
 def _predict(model, prompt: int, new: int) -> tuple[float, float]:
@@ -105,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=24)
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated names from: " + ", ".join(MODELS))
-    ap.add_argument("--save", action="store_true", help="keep the measured host figures for later plans")
+    ap.add_argument("--save", action="store_true", help="keep the last measured host figures for later plans")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     ap.add_argument("--json", default=None, help="also write the rows as JSON to this file")
     args = ap.parse_args(argv)
@@ -127,14 +123,18 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["VRAMANCER_CACHE_DIR"] = tmp.name
     def calibrate():
         speed = measure_host_speed()
-        where = save_host_speed(speed)
-        print(f"host ({speed.fingerprint}, load {os.getloadavg()[0]:.1f}): GEMV "
-              f"{speed.bandwidth_bytes_per_s / 1e9:.1f} GB/s, GEMM {speed.gemm_flops_per_s / 1e9:.1f} GFLOP/s, "
-              f"{speed.block_overhead_s * 1e3:.2f} ms per block, {speed.step_overhead_s * 1e3:.2f} ms per step, "
-              f"{speed.request_overhead_s * 1e3:.1f} ms to a first token, "
-              f"{speed.parallel_op_s * 1e3:.2f} ms per parallel op"
-              + (f"  (kept in {where})" if args.save else ""), flush=True)
+        save_host_speed(speed)   # the prediction below reads it back, as a plan does
         return speed
+
+    def describe(speeds) -> str:
+        med = {k: statistics.median(getattr(sp, k) for sp in speeds) for k in (
+            "bandwidth_bytes_per_s", "gemm_flops_per_s", "block_overhead_s", "step_overhead_s",
+            "request_overhead_s", "decode_parallel_op_s", "parallel_op_s")}
+        return (f"host ({speeds[0].fingerprint}, load {os.getloadavg()[0]:.1f}; medians of {len(speeds)}): GEMV "
+                f"{med['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, GEMM {med['gemm_flops_per_s'] / 1e9:.1f} GFLOP/s, "
+                f"{med['block_overhead_s'] * 1e3:.2f} ms per block, {med['step_overhead_s'] * 1e3:.2f} ms per step, "
+                f"{med['request_overhead_s'] * 1e3:.1f} ms to a first token, hand-off per parallel op "
+                f"{med['decode_parallel_op_s'] * 1e3:.2f} ms decode / {med['parallel_op_s'] * 1e3:.2f} ms prefill")
 
     tok = build_demo_tokenizer()
     rows: list[Row] = []
@@ -145,14 +145,27 @@ def main(argv: list[str] | None = None) -> int:
         model = LlamaForCausalLM(cfg).eval()
         if cfg.vocab_size < len(tok):
             raise SystemExit(f"{name}: vocab {cfg.vocab_size} < tokenizer {len(tok)}")
-        speed = calibrate()   # just before the model: the same load on a shared machine
-        md, mp = _measure(model, tok, args.prompt, args.new, args.repeat)
-        pd, pp = _predict(model, args.prompt, args.new)
-        row = Row(name, sum(p.numel() for p in model.parameters()) / 1e6, md, pd, mp, pp)
+        torch.manual_seed(0)
+        inputs = {"input_ids": torch.randint(10, len(tok), (1, args.prompt))}
+        _generate_once(model, tok, inputs, args.prompt, args.new)   # warm-up
+        speeds, md, mp, pd, pp = [], [], [], [], []
+        for _ in range(args.repeat):
+            speeds.append(calibrate())   # just before the run it predicts: the same load on a shared machine
+            d, p = _predict(model, args.prompt, args.new)
+            pd.append(d)
+            pp.append(p)
+            d, p = _generate_once(model, tok, inputs, args.prompt, args.new)
+            md.append(d)
+            mp.append(p)
+        print(describe(speeds), flush=True)
+        row = Row(name, sum(p.numel() for p in model.parameters()) / 1e6, statistics.median(md),
+                  statistics.median(pd), statistics.median(mp), statistics.median(pp))
         rows.append(row)
-        hosts.append(speed.to_dict())
-        print(f"{name:15s} {row.params_m:6.1f}M  decode {md:7.1f} measured / {pd:7.1f} predicted = "
-              f"{row.decode_ratio:4.2f}   prefill {mp:8.1f} / {pp:8.1f} = {row.prefill_ratio:4.2f}", flush=True)
+        hosts.append(speeds[-1].to_dict())
+        print(f"{name:15s} {row.params_m:6.1f}M  decode {row.measured_decode_tps:7.1f} measured / "
+              f"{row.predicted_decode_tps:7.1f} predicted = {row.decode_ratio:4.2f}   prefill "
+              f"{row.measured_prefill_tps:8.1f} / {row.predicted_prefill_tps:8.1f} = {row.prefill_ratio:4.2f}",
+              flush=True)
         del model
     ratios = [r for row in rows for r in (row.decode_ratio, row.prefill_ratio)]
     ok = all(GOAL[0] <= r <= GOAL[1] for r in ratios)
@@ -162,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps({"rows": [
             {**asdict(r), "decode_ratio": r.decode_ratio, "prefill_ratio": r.prefill_ratio, "host": h}
             for r, h in zip(rows, hosts)]}, indent=2))
+    if args.save:
+        from vramancer.devices.host_speed import host_speed_path
+
+        print(f"host figures kept in {host_speed_path()}")
     if tmp is not None:
         tmp.cleanup()
     return 0

@@ -56,8 +56,10 @@ def test_cpu_block_time_is_the_formula_on_the_host_figures(llama_folder):
         ctx = 128  # a decode step sees half the context on average
         want_dec = max((b.read_bytes_per_token + b.kv_bytes_per_token * ctx) / 10e9,
                        (b.flops_per_token + b.attn_flops_per_token_per_ctx * ctx) / 40e9) + 0.5e-3
+        # the LM head of a generation computes the last position's logits only: one token of a chunk
+        tokens = 1 if b.logits_bytes_per_token > 0 else 64
         want_pre = max(b.weights_bytes / 10e9,
-                       64 * (b.flops_per_token + b.attn_flops_per_token_per_ctx * 128) / 40e9) + 0.5e-3
+                       tokens * (b.flops_per_token + b.attn_flops_per_token_per_ctx * 128) / 40e9) + 0.5e-3
         assert dec == pytest.approx(want_dec, rel=1e-12)
         assert pre == pytest.approx(want_pre, rel=1e-12)
     assert cm.step_seconds() == (2e-3, 7e-3)      # a prefill chunk is priced as a request's first forward
@@ -83,6 +85,61 @@ def test_prefill_past_the_grain_size_pays_a_hand_off_per_parallel_op(llama_folde
             else:
                 want = extra_layer if b.kv_bytes_per_token > 0 else extra_other
             assert p1 - p0 == pytest.approx(want, abs=1e-12)
+
+
+def test_decode_pays_a_hand_off_per_matmul_and_attention_when_threaded(llama_folder):
+    from vramancer.plan.cost import DECODE_PARALLEL_OPS_PER_LAYER, DECODE_PARALLEL_OPS_PER_OTHER_BLOCK
+
+    prof = make_profile(str(llama_folder))
+    cpu = replace(host_device(), bandwidth_bytes_per_s=SPEED.bandwidth_bytes_per_s, tflops=SPEED.tflops)
+    assert (DECODE_PARALLEL_OPS_PER_LAYER, DECODE_PARALLEL_OPS_PER_OTHER_BLOCK) == (8, 1)   # 7 matmuls + attention
+    base = CostModel(prof, 256, 1, 128, host=SPEED)
+    cm = CostModel(prof, 256, 1, 128, host=replace(SPEED, decode_parallel_op_s=2e-4))
+    kinds = []
+    for b in prof.blocks:
+        (d0, p0), (d1, p1) = base.execute_seconds(b, cpu), cm.execute_seconds(b, cpu)
+        assert p1 == p0                                    # a 128-token chunk is priced by parallel_op_s
+        if b.flops_per_token <= 0:
+            kinds.append("embedding")
+            assert d1 == d0
+        elif b.kv_bytes_per_token > 0:
+            kinds.append("layer")
+            assert d1 - d0 == pytest.approx(8 * 2e-4, abs=1e-15)
+        else:
+            kinds.append("head")
+            assert d1 - d0 == pytest.approx(2e-4, abs=1e-15)
+    assert kinds == ["embedding"] + ["layer"] * 4 + ["head"]
+    # one thread: no hand-off at all, in the defaults too
+    assert default_host_speed(1).decode_parallel_op_s == default_host_speed(1).parallel_op_s == 0.0
+    assert default_host_speed(2).decode_parallel_op_s > 0 and default_host_speed(2).parallel_op_s > 0
+
+
+def test_head_prefill_is_one_token_of_the_lm_head_per_sequence(llama_folder):
+    prof = make_profile(str(llama_folder))
+    head, layer = prof.blocks[-1], prof.blocks[1]
+    assert head.logits_bytes_per_token > 0 and head.flops_per_token > 0
+    one, four = CostModel(prof, 256, 1, 128, host=SPEED), CostModel(prof, 256, 4, 128, host=SPEED)
+    assert one._prefill_flops(head) == head.flops_per_token
+    assert four._prefill_flops(head) == 4 * head.flops_per_token
+    assert one._prefill_flops(layer) == 128 * (layer.flops_per_token + layer.attn_flops_per_token_per_ctx * 128)
+
+
+def test_figures_kept_by_an_older_schema_are_not_used(cache):
+    default = host_speed()
+    entry = replace(SPEED, fingerprint=default.fingerprint).to_dict()
+    host_speed_path().write_text(json.dumps({"schema": 1, "hosts": {default.fingerprint: {**entry, "schema": 1}}}))
+    from vramancer.devices import host_speed as hs
+
+    hs._read.cache_clear()
+    assert host_speed() == default          # measured without the one-thread fixed costs: measure again
+
+
+def test_overhead_line_fit():
+    # the fixed costs are the line through the tiny decoders' step times (measured in the benchmark's smoke test)
+    from vramancer.runtime.calibrate import _line
+
+    assert _line([1.0, 4.0, 9.0], [3.0, 6.0, 11.0]) == pytest.approx((2.0, 1.0))
+    assert _line([1.0, 4.0, 9.0], [0.5, 2.0, 4.5]) == pytest.approx((0.0, 0.5))
 
 
 def test_plan_on_cpu_predicts_blocks_plus_step_with_kept_figures(cache, llama_folder):

@@ -16,6 +16,14 @@ criteria, the streamer). So these are measured, not looked up:
     parallel_op_s          the hand-off between threads each op of a prefill pays once its tensors
                            pass torch's grain size: a width-256 decoder layer's 128-token forward (1
                            layer vs 5), less its matmuls and the block's fixed cost, per op
+    decode_parallel_op_s   the same hand-off for the ops a decode step still splits over threads (the
+                           matmuls MKL threads and the attention kernel): a tiny decoder's decode step
+                           per layer with the threads torch uses less with one thread, per op
+
+The fixed costs per block, step and request are measured with one thread (dispatch: what no thread
+count changes); what more threads add is the hand-offs, priced per op by the last two figures (0
+with one thread). On a machine whose other cores are busy a hand-off waits for a core: a few
+microseconds on idle cores, milliseconds on busy ones, so measure under the load the runs will see.
 
 ``vramancer.runtime.calibrate.measure_host_speed()`` measures them (a few seconds, with the threads
 torch uses); ``save_host_speed`` keeps them under the cache folder for this CPU and thread count
@@ -36,7 +44,7 @@ from pathlib import Path
 __all__ = ["HostSpeed", "default_host_speed", "host_speed", "save_host_speed", "host_speed_path",
            "host_fingerprint"]
 
-HOST_SPEED_SCHEMA = 1
+HOST_SPEED_SCHEMA = 2   # 2: fixed costs measured with one thread, decode_parallel_op_s
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,7 @@ class HostSpeed:
     step_overhead_s: float
     request_overhead_s: float = 0.0
     parallel_op_s: float = 0.0
+    decode_parallel_op_s: float = 0.0
     threads: int = 0
     fingerprint: str = ""
     source: str = "default"   # "default" or "measured"
@@ -68,15 +77,16 @@ class HostSpeed:
 # above, lightly loaded. Bandwidth and FLOP/s are per torch thread (1 and 2 threads: GEMV 7.7 and
 # 18.6 GB/s, matmul 25 and 54 GFLOP/s) and scale with threads; the bandwidth stops at what a
 # desktop's dual-channel DRAM gives a GEMV (~40 GB/s of DDR5's 90 peak). The fixed costs are those
-# of 2 threads there (~0.6 ms per block with 1 thread, 3-5 ms with 2 sharing 2 busy cores: each
-# parallel op waits for the other thread); a machine with idle cores does better: measure it.
+# of one thread there; the hand-offs (only with 2 threads or more) those of 2 threads on 2 lightly
+# busy cores (each parallel op waits for the other thread); idle cores do better: measure it.
 DEFAULT_BANDWIDTH_PER_THREAD = 6.0e9
 DEFAULT_DRAM_BANDWIDTH = 40e9
 DEFAULT_GEMM_FLOPS_PER_THREAD = 25e9
-DEFAULT_BLOCK_OVERHEAD_S = 4e-3
+DEFAULT_BLOCK_OVERHEAD_S = 0.6e-3
 DEFAULT_STEP_OVERHEAD_S = 1.5e-3
 DEFAULT_REQUEST_OVERHEAD_S = 20e-3
 DEFAULT_PARALLEL_OP_S = 0.3e-3
+DEFAULT_DECODE_PARALLEL_OP_S = 0.3e-3
 
 
 def default_host_speed(threads: int) -> HostSpeed:
@@ -85,7 +95,9 @@ def default_host_speed(threads: int) -> HostSpeed:
     return HostSpeed(bandwidth_bytes_per_s=min(DEFAULT_DRAM_BANDWIDTH, DEFAULT_BANDWIDTH_PER_THREAD * t),
                      gemm_flops_per_s=DEFAULT_GEMM_FLOPS_PER_THREAD * t,
                      block_overhead_s=DEFAULT_BLOCK_OVERHEAD_S, step_overhead_s=DEFAULT_STEP_OVERHEAD_S,
-                     request_overhead_s=DEFAULT_REQUEST_OVERHEAD_S, parallel_op_s=DEFAULT_PARALLEL_OP_S,
+                     request_overhead_s=DEFAULT_REQUEST_OVERHEAD_S,
+                     parallel_op_s=DEFAULT_PARALLEL_OP_S if t > 1 else 0.0,
+                     decode_parallel_op_s=DEFAULT_DECODE_PARALLEL_OP_S if t > 1 else 0.0,
                      threads=t, fingerprint=host_fingerprint(t), source="default")
 
 

@@ -335,7 +335,7 @@ def plan_or_partial(target, kwargs: dict):
     from ..models.resolve import profile as make_profile
     from .advice import partial_plan
     from .plan import Workload
-    from .planner import default_context, plan
+    from .planner import default_context, plan, planning
 
     try:
         return plan(target, **kwargs)
@@ -352,4 +352,4 @@ def plan_or_partial(target, kwargs: dict):
                         dtype=prof.dtype, objective=kwargs.get("objective", "latency"),
                         prefill_chunk=kwargs.get("prefill_chunk", 512),
                         kv_dtype=prof.kv_dtype if kwargs.get("kv_dtype") is not None else None)
-    return partial_plan(prof, devs, workload, reserve_bytes=kwargs.get("reserve_bytes"))
+    return partial_plan(planning(), prof, devs, workload, reserve_bytes=kwargs.get("reserve_bytes"))

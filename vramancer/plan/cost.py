@@ -17,9 +17,14 @@ A hop between stages moves ``tokens x hidden x bytes`` over the host link plus a
 Host RAM (and the CPU that runs disk-tier blocks) uses measured figures, not vendor peaks (see
 vramancer/devices/host_speed.py): the bandwidth a decode GEMV reaches and the FLOP/s of a prefill
 matmul, taken as they are (no efficiency factor), plus a fixed cost per block per forward (eager op
-dispatch: what dominates small models on a CPU), plus, for tensors past torch's grain size (a
-prefill chunk), a thread hand-off per parallel op (what dominates when other work holds the cores).
-Every plan also pays the host's fixed cost per
+dispatch, measured with one thread: what dominates small models on a CPU), plus a thread hand-off
+per op torch splits over its threads (none with one thread; what dominates when other work holds
+the cores): in a decode step the matmuls MKL threads and the attention kernel
+(``DECODE_PARALLEL_OPS_PER_LAYER``, at ``decode_parallel_op_s``), in a prefill chunk whose tensors
+pass torch's grain size every op of the layer (``PARALLEL_OPS_PER_LAYER``, at ``parallel_op_s``).
+The LM head of a generation computes the logits of each sequence's last position only
+(``generate``'s ``logits_to_keep``), so a prefill chunk's head block does one token's matmul, not
+the chunk's. Every plan also pays the host's fixed cost per
 generation step and per request (``step_seconds``: the ``generate`` loop around the forward, and its
 setup before the first token), whatever runs the blocks.
 """
@@ -33,7 +38,7 @@ from ..models.profile import BlockProfile, ModelProfile
 
 __all__ = ["CostModel", "DECODE_BANDWIDTH_EFFICIENCY", "COMPUTE_EFFICIENCY", "LINK_EFFICIENCY",
            "GPU_BLOCK_OVERHEAD_S", "HOP_LATENCY_S", "TORCH_GRAIN_SIZE", "PARALLEL_OPS_PER_LAYER",
-           "PARALLEL_OPS_PER_OTHER_BLOCK"]
+           "PARALLEL_OPS_PER_OTHER_BLOCK", "DECODE_PARALLEL_OPS_PER_LAYER", "DECODE_PARALLEL_OPS_PER_OTHER_BLOCK"]
 
 DECODE_BANDWIDTH_EFFICIENCY = 0.75
 COMPUTE_EFFICIENCY = 0.55
@@ -47,6 +52,11 @@ TORCH_GRAIN_SIZE = 32768
 # attention; the embedding and head blocks: a norm and the LM head
 PARALLEL_OPS_PER_LAYER = 28
 PARALLEL_OPS_PER_OTHER_BLOCK = 8
+# ops a decode step (one token: elementwise ops stay below the grain size, on one thread) still
+# splits over threads: a layer's 7 matmuls (q, k, v, o, gate, up, down: MKL threads a GEMV from a few
+# thousand weights) and its attention kernel (parallel over heads); the head block: the LM head
+DECODE_PARALLEL_OPS_PER_LAYER = 8
+DECODE_PARALLEL_OPS_PER_OTHER_BLOCK = 1
 
 
 @dataclass
@@ -86,6 +96,8 @@ class CostModel:
         return self.batch * (b.flops_per_token + b.attn_flops_per_token_per_ctx * ctx)
 
     def _prefill_flops(self, b: BlockProfile) -> float:
+        if b.logits_bytes_per_token > 0:   # the LM head: the last position of each sequence only
+            return self.batch * b.flops_per_token
         # a chunk ending at ``context`` attends on average to half the context before it
         ctx = self.context / 2 if b.kv_window is None else min(self.context / 2, b.kv_window)
         return self.chunk_tokens * (b.flops_per_token + b.attn_flops_per_token_per_ctx * ctx)
@@ -94,13 +106,17 @@ class CostModel:
         return GPU_BLOCK_OVERHEAD_S if dev.kind == "gpu" else self.host.block_overhead_s
 
     def _parallel_ops_seconds(self, b: BlockProfile, tokens: int) -> float:
-        """CPU only: the ops of a block that torch splits over its threads once a tensor passes its
-        grain size (``tokens x hidden`` elements) each pay a thread hand-off, ``parallel_op_s``: a
-        few microseconds on idle cores, milliseconds when other work holds them."""
-        hidden = self.profile.hidden_size or 0
-        if tokens * hidden < TORCH_GRAIN_SIZE or b.flops_per_token <= 0:
+        """CPU only: the ops of a block that torch splits over its threads each pay a thread
+        hand-off: a few microseconds on idle cores, milliseconds when other work holds them. Below
+        torch's grain size (``tokens x hidden`` elements: a decode step) only the matmuls and the
+        attention kernel go parallel (``decode_parallel_op_s`` each); past it (a prefill chunk)
+        every op of the block does (``parallel_op_s`` each)."""
+        if b.flops_per_token <= 0:   # the embedding: a lookup
             return 0.0
         is_layer = b.kv_bytes_per_token > 0 or b.attn_flops_per_token_per_ctx > 0
+        if tokens * (self.profile.hidden_size or 0) < TORCH_GRAIN_SIZE:
+            ops = DECODE_PARALLEL_OPS_PER_LAYER if is_layer else DECODE_PARALLEL_OPS_PER_OTHER_BLOCK
+            return ops * self.host.decode_parallel_op_s
         return (PARALLEL_OPS_PER_LAYER if is_layer else PARALLEL_OPS_PER_OTHER_BLOCK) * self.host.parallel_op_s
 
     def step_seconds(self) -> tuple[float, float]:

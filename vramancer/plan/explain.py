@@ -17,7 +17,7 @@ from ..models.profile import ModelProfile
 from ..units import GiB
 from .advice import shortfall_by_device
 from .plan import Plan, Prediction, Workload
-from .planner import plan_placement, plan_profile
+from .planner import plan_placement, plan_profile, planning
 
 __all__ = ["pipeline_path", "pipeline_why", "repeated_devices", "BackingPrediction", "backing_prediction",
            "run_predictions", "run_workload", "RunPredictions", "unused_devices", "PlanStory", "plan_story"]
@@ -177,7 +177,7 @@ def plan_story(plan: Plan, profile: ModelProfile, reserve_bytes=None, devices_sp
 
     advice: tuple = ()
     if not plan.fits:
-        advice = tuple(advise(profile, list(plan.devices), plan.workload, reserve_bytes=reserve_bytes,
+        advice = tuple(advise(planning(), profile, list(plan.devices), plan.workload, reserve_bytes=reserve_bytes,
                               split=plan.manual_split, devices_spec=devices_spec, backing=backing))
     return PlanStory(advice=advice, unused=tuple(unused_devices(plan, profile, reserve_bytes)),
                      backing=backing_prediction(plan, profile))

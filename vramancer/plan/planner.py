@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from ..devices.device import Device
 from ..errors import BadInputError, DoesNotFitError, WorkloadError
 from ..models.profile import ModelProfile
 from ..units import format_bytes, parse_bytes
+from .advice import Planning, advise
 from .cost import CostModel
 from .exports import device_map, engine_device_names, llama_cpp_flags, vllm_layer_partition
 from .memory import BlockTable, default_reserve_bytes
@@ -351,7 +352,8 @@ def plan_profile(profile: ModelProfile, devices: list[Device], workload: Workloa
         if alt is not None and request_seconds(alt) < request_seconds(best):
             return alt
     if best.offloaded and suggest and any(d.kind == "gpu" for d in devices):  # no GPU: nothing to fit
-        best.suggestions = _suggestions(pl, profile, devices, workload, reserve_bytes, best.shortfall_bytes)
+        best.suggestions = _suggestions(pl, profile, devices, workload, reserve_bytes, best.shortfall_bytes,
+                                        current=best)
     return best
 
 
@@ -522,7 +524,8 @@ def _assemble(pl: _Planner, profile: ModelProfile, devices: list[Device], worklo
                 f"({format_bytes(plan.shortfall_bytes)}) go to "
                 + ", ".join(f"{s.device} ({s.mode})" for s in off))
         if suggest and any(d.kind == "gpu" for d in devices):
-            plan.suggestions = _suggestions(pl, profile, devices, workload, reserve_bytes, plan.shortfall_bytes)
+            plan.suggestions = _suggestions(pl, profile, devices, workload, reserve_bytes, plan.shortfall_bytes,
+                                            current=plan)
     return plan
 
 
@@ -601,49 +604,20 @@ def default_context(profile: ModelProfile) -> int:
     return min(DEFAULT_CONTEXT, trained) if trained else DEFAULT_CONTEXT
 
 
+def planning() -> Planning:
+    """The planner's entry points, for plan/advice.py (which plans with them and does not import this module)."""
+    return Planning(plan_profile=plan_profile, plan_placement=plan_placement, placement_exists=placement_exists,
+                    smaller_dtypes=tuple(SMALLER_DTYPES))
+
+
 def _suggestions(pl: _Planner, profile: ModelProfile, devices: list[Device], workload: Workload,
-                 reserve_bytes: int | str | None, shortfall: int, anywhere: bool = False) -> list[str]:
-    """What would make the model fit on the GPUs (``anywhere``: on the devices given at all):
-    a shorter context, a smaller dtype, more GPU memory."""
-    out: list[str] = []
-    gpus = devices if anywhere else [d for d in devices if d.kind == "gpu"]
-    where = "on these devices" if anywhere else "on the GPUs"
-    if gpus:
-        lo, hi = 0, workload.context
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            w = replace(workload, context=mid)
-            p = _Planner(profile, gpus, w, pl.reserve)
-            if p.search(gpu_only=not anywhere, max_orders=6) is not None:
-                lo = mid
-            else:
-                hi = mid
-        if lo >= min(256, workload.context // 2):
-            out.append(f"--context {lo} fits {where}")
-        if profile.config is not None and profile.source in ("catalog", "hf-folder", "hf-cache", "config"):
-            from ..models.dtypes import resolve_dtype
-
-            current_bits = resolve_dtype(profile.dtype).bits_per_weight
-            for name in SMALLER_DTYPES:
-                if resolve_dtype(name).bits_per_weight >= current_bits:
-                    continue
-                try:
-                    from ..models.resolve import profile as make_profile
-
-                    other = make_profile(profile.path or profile.name, dtype=name)
-                    if workload.kv_dtype is not None:   # the same --kv-dtype
-                        from ..models.dtypes import resolve_kv_dtype
-                        from ..models.layout import with_kv_dtype
-
-                        other = with_kv_dtype(other, resolve_kv_dtype(workload.kv_dtype))
-                except Exception:  # noqa: BLE001 - a suggestion must never break the plan
-                    break
-                p = _Planner(other, gpus, workload, pl.reserve)
-                if p.search(gpu_only=not anywhere, max_orders=6) is not None:
-                    out.append(f"--dtype {name} fits {where} at context {workload.context}")
-                    break
-    out.append(f"about {format_bytes(shortfall + 768 * 2**20, 0)} more GPU memory (another GPU in --devices)")
-    return out
+                 reserve_bytes: int | str | None, shortfall: int, anywhere: bool = False,
+                 current: Plan | None = None) -> list[str]:
+    """What would make the model fit, as lines: plan/advice.py's ``advise``, the one place advice is
+    made (each piece planned with it, with its figures). ``anywhere``: no placement on ``devices`` at
+    all (``shortfall`` bytes short); else the plan made, ``current``, runs partly off the GPUs."""
+    return [a.text for a in advise(planning(), profile, devices, workload, reserve_bytes=reserve_bytes,
+                                   current=current, fits_nowhere=anywhere, shortfall_bytes=shortfall)]
 
 
 def plan(model: Any, devices: Any = "auto", context: int | None = None, batch: int = 1, dtype: str | None = None,

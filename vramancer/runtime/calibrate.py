@@ -6,7 +6,8 @@
 Each figure comes from the operation the cost model uses it for: the GEMV of a decode step over a
 matrix larger than the caches (bandwidth), a prefill-shaped fp32 matmul (FLOP/s), and generation
 with a real transformers Llama at tiny width (1 and 9 layers, so weights cost nothing and what is
-left is fixed cost) timed the way ``generate_text`` times a run (a streamer noting each step).
+left is fixed cost) timed the way ``generate_text`` times a run (a streamer noting each step): with
+one thread for the fixed costs, with the threads torch uses for what their hand-offs add.
 """
 from __future__ import annotations
 
@@ -81,18 +82,19 @@ def _tiny_llama(layers: int, vocab: int, hidden: int = 64):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=256, tie_word_embeddings=False)
+                      num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=512, tie_word_embeddings=False)
     torch.manual_seed(0)
     return LlamaForCausalLM(cfg).eval()
 
 
-def _generation_seconds(model, tokenizer, new_tokens: int = 12) -> tuple[float, float]:
+def _generation_seconds(model, tokenizer, new_tokens: int = 12, prompt_tokens: int = 32) -> tuple[float, float]:
     """(seconds per decode step, seconds from the call to the first token) of one greedy generation."""
     import torch
 
     from .generate import _timing_streamer, generate_ids
 
-    inputs = {"input_ids": torch.randint(10, len(tokenizer), (1, 8), generator=torch.Generator().manual_seed(0))}
+    inputs = {"input_ids": torch.randint(10, len(tokenizer), (1, prompt_tokens),
+                                         generator=torch.Generator().manual_seed(0))}
     streamer = _timing_streamer(tokenizer, None)
     start = time.perf_counter()
     generate_ids(model, inputs, new_tokens, streamer=streamer, min_new_tokens=new_tokens,
@@ -101,35 +103,83 @@ def _generation_seconds(model, tokenizer, new_tokens: int = 12) -> tuple[float, 
     return (t[-1] - t[0]) / (len(t) - 1), t[0] - start
 
 
-def measure_overheads(rounds: int = 5) -> tuple[float, float, float]:
-    """(block_overhead_s, step_overhead_s, request_overhead_s): fixed costs of transformers
-    generation on this CPU. At tiny width the weights cost nothing: what a step takes is fixed cost.
-    A 1-layer and a 9-layer model run in alternation (a shared machine's load hits both alike); the
-    medians of the per-round figures count."""
+def _with_threads(n: int, fn: Callable[[], object]):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
+def _line(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares (intercept, slope) of ys over xs."""
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return my - slope * mx, slope
+
+
+# layer counts of the tiny decoders the fixed costs are measured on (embedding + layers + head blocks)
+OVERHEAD_LAYERS = (1, 4, 9)
+OVERHEAD_WIDTH = 128   # every matmul of a layer (128 x 64 and up) is one MKL threads in a decode step
+
+
+def measure_overheads(rounds: int = 5, threads: int | None = None) -> tuple[float, float, float, float]:
+    """(block_overhead_s, step_overhead_s, request_overhead_s, decode_parallel_op_s): fixed costs of
+    transformers generation on this CPU. At tiny width (128) the weights cost nothing: what a step
+    takes is fixed cost. Llamas with 1, 4 and 9 layers generate in alternation (a shared machine's
+    load hits each alike), with one thread: the line through the medians of their decode steps gives
+    the cost per block (slope) and per step (intercept less the embedding and head blocks); the times
+    to the first token less their blocks, the cost per request. Then the 1- and 9-layer models decode
+    with ``threads``: what a layer's step takes beyond its one-thread time is the hand-off of the
+    DECODE_PARALLEL_OPS_PER_LAYER ops a decode step splits over threads."""
+    import torch
+
+    from ..plan.cost import DECODE_PARALLEL_OPS_PER_LAYER
     from .demo_model import build_demo_tokenizer
 
+    threads = threads or torch.get_num_threads()
     tok = build_demo_tokenizer()
-    small, large = _tiny_llama(1, len(tok)), _tiny_llama(9, len(tok))
-    _generation_seconds(small, tok), _generation_seconds(large, tok)   # warm-up
-    blocks, steps, requests = [], [], []
+    models = {n: _tiny_llama(n, len(tok), hidden=OVERHEAD_WIDTH) for n in OVERHEAD_LAYERS}
+    steps: dict[int, list[float]] = {n: [] for n in models}
+    firsts: dict[int, list[float]] = {n: [] for n in models}
+    threaded: dict[int, list[float]] = {n: [] for n in (OVERHEAD_LAYERS[0], OVERHEAD_LAYERS[-1])}
+
+    def one_thread_round() -> None:
+        for n, m in models.items():
+            step, first = _generation_seconds(m, tok)
+            steps[n].append(step)
+            firsts[n].append(first)
+
+    _with_threads(1, lambda: [_generation_seconds(m, tok) for m in models.values()])   # warm-up
     for _ in range(rounds):
-        t1, first1 = _generation_seconds(small, tok)
-        t9, _ = _generation_seconds(large, tok)
-        block = max(1e-6, (t9 - t1) / 8)
-        blocks.append(block)
-        steps.append(max(0.0, t1 - 3 * block))         # 1 layer + the embedding and head blocks
-        requests.append(max(0.0, first1 - 3 * block))   # the call to the first token: setup and the prompt's step
-    step = statistics.median(steps)
-    return statistics.median(blocks), step, max(step, statistics.median(requests))
+        _with_threads(1, one_thread_round)
+        if threads > 1:
+            for n in threaded:
+                threaded[n].append(_with_threads(threads, lambda m=models[n]: _generation_seconds(m, tok))[0])
+    xs = [float(n) for n in models]
+    intercept, block = _line(xs, [statistics.median(steps[n]) for n in models])
+    block = max(block, 1e-6)
+    step = max(0.0, intercept - 2 * block)            # the intercept holds the embedding and head blocks
+    request = max(step, statistics.median([statistics.median(firsts[n]) - (n + 2) * block for n in models]))
+    decode_op = 0.0
+    if threads > 1:
+        lo, hi = OVERHEAD_LAYERS[0], OVERHEAD_LAYERS[-1]
+        per_layer_threaded = (statistics.median(threaded[hi]) - statistics.median(threaded[lo])) / (hi - lo)
+        decode_op = max(0.0, per_layer_threaded - block) / DECODE_PARALLEL_OPS_PER_LAYER
+    return block, step, request, decode_op
 
 
 def measure_host_speed() -> HostSpeed:
     import torch
 
     threads = torch.get_num_threads()
-    block, step, request = measure_overheads()
+    block, step, request, decode_op = measure_overheads(threads=threads)
     gemm = measure_gemm_flops()
     return HostSpeed(bandwidth_bytes_per_s=measure_bandwidth(), gemm_flops_per_s=gemm,
                      block_overhead_s=block, step_overhead_s=step, request_overhead_s=request,
-                     parallel_op_s=measure_parallel_op(block, gemm), threads=threads,
+                     parallel_op_s=measure_parallel_op(block, gemm) if threads > 1 else 0.0,
+                     decode_parallel_op_s=decode_op, threads=threads,
                      fingerprint=host_fingerprint(threads), source="measured")
