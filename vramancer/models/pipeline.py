@@ -41,7 +41,7 @@ from .profile import ModelProfile
 
 __all__ = ["ComponentProfile", "PipelineProfile", "ImageWorkload", "Role", "pipeline_profile", "catalog_pipeline",
            "CATALOG_PIPELINES",
-           "is_pipeline", "single_file_layout", "SINGLE_FILE_LAYOUTS", "BODY_LISTS"]
+           "is_pipeline", "single_file_layout", "SINGLE_FILE_LAYOUTS", "BODY_LISTS", "module_denoiser_profile"]
 
 Role = Literal["text_encoder", "denoiser", "vae", "other"]
 Phase = Literal["encode", "denoise", "decode"]
@@ -395,6 +395,34 @@ def _denoiser_profile(name: str, comp: ComponentProfile, tensors: list[HeaderTen
     return ModelProfile(name=f"{name}/{comp.name}", arch=arch, kind="diffusion", dtype=dt.name, blocks=blocks,
                         source="local", hidden_size=hidden, num_layers=max(0, len(blocks) - 2), vocab_size=0,
                         max_position_embeddings=None, kv_dtype=dt.compute, layers_prefix="", config=cfg)
+
+
+def module_denoiser_profile(module, name: str, *, arch: str = "module", text_tokens: int = 0,
+                            eager_attention: bool = False) -> ModelProfile:
+    """The block profile of a denoiser held as an ``nn.Module`` under its original names (ComfyUI's
+    ``UNetModel`` / ``Flux`` ...: ``input_blocks.N``, ``middle_block``, ``double_blocks.N``), its
+    parameters and buffers grouped into blocks as a checkpoint's tensors are (each tensor counted once,
+    at the bytes it holds now). ``hidden`` (the width the activation formulas use) is its widest norm."""
+    tensors: list[HeaderTensor] = []
+    seen: set[int] = set()
+    codes = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+    named = list(module.named_parameters(remove_duplicate=False)) + list(module.named_buffers(remove_duplicate=False))
+    for tname, t in named:
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        dt = str(t.dtype).removeprefix("torch.")
+        tensors.append(HeaderTensor(tname, tuple(t.shape), codes.get(dt, dt), t.numel() * t.element_size(), ""))
+    if not tensors:
+        raise BadInputError(f"{name}: the denoiser holds no weights")
+    dtype = checkpoint_dtype(tensors) or "float32"
+    hidden = max((t.shape[0] for t in tensors if len(t.shape) == 1), default=0)
+    comp = ComponentProfile(name="denoiser", class_name=type(module).__name__, role="denoiser",
+                            weights_bytes=sum(t.nbytes for t in tensors), params=sum(t.numel for t in tensors),
+                            dtype=dtype, hidden=hidden)
+    prof = _denoiser_profile(name, comp, tensors, text_tokens, eager_attention, arch=arch)
+    prof.name = name
+    return prof
 
 
 def _denoiser_hidden(cfg: dict) -> int:
