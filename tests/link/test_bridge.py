@@ -408,3 +408,22 @@ def test_a_stage_lands_on_the_gpu_through_one_pinned_chunk(folder, reference):
     listener.close()
     assert all(t.device.type == "cuda" for t in got.values())
     _identical({n: t.cpu() for n, t in got.items()}, reference, names)
+
+
+def test_one_server_serves_two_workers_at_once(folder, reference):
+    names = sorted(reference)
+    distinct = _distinct(reference, names)
+    server = _server(folder)
+    listener = TcpTransport().listen(("127.0.0.1", 0))
+    conns = [TcpTransport().connect(listener.address) for _ in range(2)]
+    accepted = [listener.accept(30) for _ in range(2)]
+    serving = [in_thread(server.serve, c) for c in accepted]
+    fetching = [in_thread(fetch_tensors, c, names) for c in conns]
+    results = [f.result() for f in fetching]
+    for s in serving:
+        s.result()
+    listener.close()
+    for got in results:
+        _identical(got, reference, names)
+    assert server.stats.chunk_bytes_sent == 2 * sum(_nbytes(reference[n]) for n in distinct)
+    assert server.stats.requests == 2 * (1 + len(distinct) + 1)          # index, one get per tensor, bye

@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -210,7 +211,8 @@ def _broken(conn: Connection, reason: str) -> BridgeError:
 # ---------------------------------------------------------------------------------------------- server
 class BridgeServer:
     """Serves ``tensors`` (BridgeTensor or HeaderTensor-like entries) over Link connections; with
-    ``names``, only those. Digests are computed the first time a tensor is asked for and kept."""
+    ``names``, only those. Digests are computed the first time a tensor is asked for and kept.
+    One server may serve several connections at once, one thread each (``stats`` adds them up)."""
 
     def __init__(self, tensors: Iterable[Any], names: Iterable[str] | None = None, *,
                  chunk_bytes: int = CHUNK_BYTES, limits: BridgeLimits | None = None) -> None:
@@ -231,6 +233,7 @@ class BridgeServer:
                 raise BridgeError(f"bridge: tensor {t.name!r} has dtype {t.dtype!r}, which the bridge does not carry")
         self.tensors: dict[str, Any] = entries
         self._digests: dict[str, bytes] = {}
+        self._lock = threading.Lock()
         self.stats = ServeStats()
 
     # -- content ---------------------------------------------------------------------------------
@@ -256,8 +259,14 @@ class BridgeServer:
             for i in range(_n_chunks(t.nbytes, self.chunk_bytes)):
                 lo, hi = _span(i, t.nbytes, self.chunk_bytes)
                 parts.append(hashlib.sha256(self.read_chunk(t, lo, hi, buf)).digest())
-            d = self._digests[name] = b"".join(parts)
+            with self._lock:
+                d = self._digests.setdefault(name, b"".join(parts))
         return d
+
+    def _count(self, **add: int) -> None:
+        with self._lock:
+            for k, v in add.items():
+                setattr(self.stats, k, getattr(self.stats, k) + v)
 
     # -- protocol --------------------------------------------------------------------------------
     def serve(self, conn: Connection) -> ServeStats:
@@ -271,7 +280,7 @@ class BridgeServer:
         try:
             while not conn.closed:
                 message, _ = _recv(conn, _Expect(lim.max_message_bytes))
-                self.stats.requests += 1
+                self._count(requests=1)
                 op = message["op"]
                 if op == "index":
                     self._index(conn, message)
@@ -283,8 +292,7 @@ class BridgeServer:
                             lo, hi = _span(i, t.nbytes, self.chunk_bytes)
                             data = np.frombuffer(self.read_chunk(t, lo, hi, buf), dtype=np.uint8)
                             _send(conn, {"op": "chunk", "name": name, "index": i}, data)
-                            self.stats.chunks_sent += 1
-                            self.stats.chunk_bytes_sent += hi - lo
+                            self._count(chunks_sent=1, chunk_bytes_sent=hi - lo)
                 elif op == "bye":
                     break
                 else:
@@ -294,7 +302,7 @@ class BridgeServer:
         return self.stats
 
     def _refuse(self, conn: Connection, reason: str) -> None:
-        self.stats.errors += 1
+        self._count(errors=1)
         with contextlib.suppress(LinkError):
             _send(conn, {"op": "error", "message": reason, "fatal": True})
         raise _broken(conn, reason)
@@ -311,7 +319,7 @@ class BridgeServer:
             self._refuse(conn, f"index request needs a list of at most {lim.max_names} tensor names")
         unknown = [n for n in names if n not in self.tensors]
         if unknown:
-            self.stats.errors += 1
+            self._count(errors=1)
             more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
             _send(conn, {"op": "error", "message": f"no tensor {unknown[0][:200]!r} on this node{more}"})
             return
