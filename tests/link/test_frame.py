@@ -15,6 +15,7 @@ from vramancer.link.frame import (
     FrameType,
     FrameWriter,
     Limits,
+    TensorDesc,
     numpy_buffers,
     torch_buffers,
 )
@@ -202,8 +203,6 @@ def _raw(w: FrameWriter, descs, payload: bytes, stream_id: int = 0, patch: dict 
 def test_a_known_layout_is_checked_as_fully_as_a_new_one(field, offset, fmt, value, reason, caplog):
     """The receive fast path (a stream and descriptor block seen before) refuses exactly what the
     general path refuses: the frames below differ from two accepted ones in one header field."""
-    from vramancer.link.frame import TensorDesc
-
     a, b = pair()
     w = FrameWriter()
     desc = TensorDesc(2, (8192,), 8192)
@@ -235,3 +234,45 @@ def test_repeated_layouts_reuse_the_encoded_header_but_not_its_numbers():
     with pytest.raises(FrameError, match="destination is float64"):
         b.recv(into=[np.empty((2, 3), dtype=np.float64)])
     assert a.bytes_sent == b.bytes_received + 24                   # the refused frame's payload was not read
+
+
+def test_frames_arriving_in_odd_pieces_are_reassembled_exactly():
+    """Frames of mixed sizes (a few bytes to past the staging buffer), written in random pieces
+    with pauses, so headers, descriptors and payloads straddle reads and the staging buffer's end."""
+    import random
+    import socket
+    import time
+
+    from vramancer.link.transport import StreamConnection
+
+    rng = np.random.default_rng(7)
+    sizes = [0, 1, 35, 36, 37, 4000, 8192, 40_000, 70_000, 200_000, 3, 65_536, 65_500, 12]
+    arrays = [rng.integers(0, 255, size=n, dtype=np.uint8) for n in sizes]
+    arrays += [rng.standard_normal((k, 7)).astype(np.float32) for k in (1, 300, 3000)]
+    w = FrameWriter()
+    blob = b""
+    for i, x in enumerate(arrays):
+        blob += w.header(FrameType.TENSORS, [TensorDesc(2 if x.dtype == np.uint8 else 8, x.shape, x.nbytes)],
+                         stream_id=i % 3) + x.tobytes()
+    a, b = socket.socketpair()
+    conn = StreamConnection(b)
+
+    def write():
+        pos, r = 0, random.Random(1)
+        while pos < len(blob):
+            n = r.choice([1, 2, 7, 36, 50, 1000, 30_000, 100_000])
+            a.sendall(blob[pos:pos + n])
+            pos += n
+            if r.random() < 0.2:
+                time.sleep(0.001)
+
+    writer = in_thread(write)
+    for i, x in enumerate(arrays):
+        dest = np.empty_like(x) if i % 2 else None
+        frame = conn.recv(into=[dest]) if dest is not None else conn.recv()
+        assert frame.stream_id == i % 3 and frame.tensors[0].tobytes() == x.tobytes(), i
+    writer.result()
+    assert conn.bytes_received == len(blob)
+    a.close()
+    with pytest.raises(LinkError, match="peer closed the connection$"):
+        conn.recv()
