@@ -19,10 +19,11 @@ import subprocess
 import sys
 import tarfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ComfyEnv", "REPO_ROOT", "build_comfy_env", "find_tarball"]
+__all__ = ["ComfyEnv", "REPO_ROOT", "build_comfy_env", "cache_lock", "find_tarball"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TORCH_PINS = ("torch==2.14.1", "torchvision==0.29.1")
@@ -100,8 +101,28 @@ def _link_checkout(python: Path) -> None:
         pth.write_text(wanted)
 
 
+@contextmanager
+def cache_lock(name: str):
+    """An exclusive lock on ``<cache>/<name>.lock``: pytest-xdist workers build one thing once."""
+    import fcntl
+
+    root = _cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    with (root / f"{name}.lock").open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def build_comfy_env(tarball: Path, log_path: Path | None = None) -> ComfyEnv:
     """Unpack ComfyUI and build its venv unless a finished build for this tarball is cached."""
+    with cache_lock("comfyui-env"):
+        return _build_comfy_env(tarball, log_path)
+
+
+def _build_comfy_env(tarball: Path, log_path: Path | None) -> ComfyEnv:
     deps = hashlib.sha256("\n".join([*TORCH_PINS, *_vramancer_requirements()]).encode()).hexdigest()[:8]
     root = _cache_root() / f"comfyui-{_sha256(tarball)[:16]}-{deps}"
     comfy_dir, venv = root / "ComfyUI", root / "venv"

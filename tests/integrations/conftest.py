@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from .comfyui_env import REPO_ROOT, ComfyEnv, build_comfy_env, find_tarball
+from .comfyui_env import REPO_ROOT, ComfyEnv, build_comfy_env, cache_lock, find_tarball
 
 SERVER_START_TIMEOUT_S = 180
 PROMPT_TIMEOUT_S = 300
@@ -85,9 +85,10 @@ def comfy_models(comfy_env: ComfyEnv) -> Path:
     """The tiny SD1.5 checkpoint and its LoRA, built once per builder version."""
     key = hashlib.sha256(_FIXTURE_SCRIPT.read_bytes()).hexdigest()[:12]
     out = comfy_env.comfy_dir.parent / f"models-{key}"
-    if not (out / "tiny-sd15.safetensors").is_file() or not (out / "tiny-sd15-lora.safetensors").is_file():
-        subprocess.run([str(comfy_env.python), str(_FIXTURE_SCRIPT), str(comfy_env.comfy_dir), str(out)],
-                       check=True, timeout=600)
+    with cache_lock("comfyui-models"):
+        if not (out / "tiny-sd15.safetensors").is_file() or not (out / "tiny-sd15-lora.safetensors").is_file():
+            subprocess.run([str(comfy_env.python), str(_FIXTURE_SCRIPT), str(comfy_env.comfy_dir), str(out)],
+                           check=True, timeout=600)
     return out
 
 
