@@ -83,6 +83,8 @@ def main(args: argparse.Namespace) -> int:
 
     hf_logging.disable_progress_bar()  # this process is the CLI: no per-shard bars between our lines
     console = Console(highlight=False)
+    if not console.is_terminal:   # pipes and logs: tables at full width, no line broken in two
+        console = Console(highlight=False, width=max(console.width, 110), soft_wrap=True)
     quiet = args.json
     folder = build_demo_model(args.cache_dir or cache_dir())
     spec, backing = demo_devices(args.devices, args.backing)
