@@ -47,12 +47,16 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _median_time(fn, repeat: int) -> float:
+_CLOCK = time.perf_counter     # --clock thread: time.thread_time (CPU time of this thread)
+
+
+def _median_time(fn, repeat: int, clock=None) -> float:
+    clock = clock or _CLOCK
     times = []
     for _ in range(repeat):
-        start = time.perf_counter()
+        start = clock()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return statistics.median(times)
 
 
@@ -111,7 +115,7 @@ def dequant_rows(rows: int, cols: int, repeat: int, types: list[str]) -> list[di
                 dequantize(r, n)
                 torch.cuda.synchronize()
 
-            row["torch_cuda_s"] = _median_time(on_gpu, repeat)
+            row["torch_cuda_s"] = _median_time(on_gpu, repeat, time.perf_counter)   # the GPU's time: wall
             row["ratio_cuda"] = t_ref / row["torch_cuda_s"]
         out.append(row)
         _log(f"  {name:5s} numpy {rows * cols / t_ref / 1e6:8.1f} Mval/s   torch cpu {rows * cols / t_cpu / 1e6:8.1f} "
@@ -219,8 +223,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kl-len", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: torch's; 1 compares like for like with numpy's one)")
+    ap.add_argument("--clock", choices=["wall", "thread"], default="wall",
+                    help="dequantization timings: wall clock, or this thread's CPU time (with --threads 1, "
+                         "steadier on a machine other work shares)")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     args = ap.parse_args(argv)
+    global _CLOCK
+    _CLOCK = time.thread_time if args.clock == "thread" else time.perf_counter
 
     import torch
 
@@ -232,10 +241,11 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    results: dict[str, Any] = {"torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
+    results: dict[str, Any] = {"torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
+                               "clock": args.clock}
     types = [t for t in args.types.split(",") if t]
     _log(f"1. dequantization, {args.rows} x {args.cols} values, median of {args.repeat}; "
-         f"{torch.get_num_threads()} torch threads")
+         f"{torch.get_num_threads()} torch threads; {args.clock} clock")
     results["dequant"] = dequant_rows(args.rows, args.cols, args.repeat, types)
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -93,9 +93,9 @@ def row_bytes(qtype: str | int | GGUFType, values: int) -> int:
 # block_values]. The small integers are unpacked into a uint8 scratch with bit operations on int64
 # words (8 bytes per operation: a shift then a mask per byte lane, no carry between lanes), converted
 # into ``o`` in one pass, then scaled in place there: each float32 operation is numpy's, in its order.
-def _rep(byte: int) -> int:
-    """``byte`` in every lane of an int64 word."""
-    return int.from_bytes(bytes([byte]) * 8, "little", signed=True)
+def _rep(byte: int, lanes: int = 8) -> int:
+    """``byte`` in every lane of a signed word of ``lanes`` bytes (int64 by default)."""
+    return int.from_bytes(bytes([byte]) * lanes, "little", signed=True)
 
 
 def _f16(b: torch.Tensor, at: int) -> torch.Tensor:
@@ -105,13 +105,16 @@ def _f16(b: torch.Tensor, at: int) -> torch.Tensor:
     return b[:, at:at + 2].contiguous().view(torch.float16).to(torch.float32)
 
 
-def _words(x: torch.Tensor) -> torch.Tensor:
-    """uint8 [n, k] (k a multiple of 8) as int64 words [n, k // 8]: a view where the layout allows."""
+def _words(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """uint8 [n, k] as words of ``dtype`` (int64 by default; k a multiple of their size) [n, k // size]:
+    a view where the layout allows, else a view of an aligned copy."""
     import torch
 
-    if not (x.stride(-1) == 1 and x.storage_offset() % 8 == 0 and all(st % 8 == 0 for st in x.stride()[:-1])):
+    dtype = dtype or torch.int64
+    size = torch.empty((), dtype=dtype).element_size()
+    if not (x.stride(-1) == 1 and x.storage_offset() % size == 0 and all(st % size == 0 for st in x.stride()[:-1])):
         x = x.clone(memory_format=torch.contiguous_format)        # a fresh, aligned copy
-    return x.view(torch.int64)
+    return x.view(dtype)
 
 
 def _unpack(x: torch.Tensor, group: int, shifts: tuple[int, ...], mask: int, out: torch.Tensor) -> torch.Tensor:
@@ -202,7 +205,7 @@ def _q5_1(b: torch.Tensor, o: torch.Tensor) -> None:
 
 def _q2_k(b: torch.Tensor, o: torch.Tensor) -> None:
     n = b.shape[0]
-    scales = b[:, :16]
+    scales = b[:, :16].contiguous()
     d, dmin = _f16(b, 80), _f16(b, 82)
     dl = (d * (scales & 0x0F).float()).reshape(n, 16, 1)
     ml = (dmin * (scales >> 4).float()).reshape(n, 16, 1)
@@ -224,7 +227,7 @@ def _q3_k(b: torch.Tensor, o: torch.Tensor) -> None:
     import torch
 
     n = b.shape[0]
-    sc = b[:, 96:108]
+    sc = b[:, 96:108].contiguous()
     lo = _split_bits(sc[:, :8], 8, (0, 4), 0x0F).reshape(n, 16)
     hi = _split_bits(sc[:, 8:12], 4, (0, 2, 4, 6), 0x03).reshape(n, 16)
     scales = ((lo | (hi << 4)).to(torch.int8) - 32).float()
@@ -237,15 +240,15 @@ def _q3_k(b: torch.Tensor, o: torch.Tensor) -> None:
 
 
 def _k_scale_min(sc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The 8 six-bit scales and 8 six-bit mins of a Q4_K / Q5_K block's 12 scale bytes."""
+    """The 8 six-bit scales and 8 six-bit mins (uint8 [n, 8] each) of a Q4_K / Q5_K block's 12
+    scale bytes, computed on its three little-endian int32 words (4 byte lanes each)."""
     import torch
 
-    n = sc.shape[0]
-    s = sc.reshape(n, 3, 4)
-    d, m, md = s[:, 0], s[:, 1], s[:, 2]
-    scale = torch.cat([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], dim=-1)
-    mn = torch.cat([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], dim=-1)
-    return scale, mn
+    w = _words(sc, torch.int32)                 # [n, 3]: d, m, md lanes
+    d, m, md = w[:, 0], w[:, 1], w[:, 2]
+    scale = torch.stack([d & _rep(0x3F, 4), (md & _rep(0x0F, 4)) | ((d >> 2) & _rep(0x30, 4))], dim=1)
+    mn = torch.stack([m & _rep(0x3F, 4), ((md >> 4) & _rep(0x0F, 4)) | ((m >> 2) & _rep(0x30, 4))], dim=1)
+    return scale.view(torch.uint8), mn.view(torch.uint8)
 
 
 def _k_dm(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -279,7 +282,7 @@ def _q6_k(b: torch.Tensor, o: torch.Tensor) -> None:
     s = _unpack(b[:, :128], 64, (0, 4), 0x0F, _scratch(b, QK_K))
     _or(s, _unpack(b[:, 128:192], 32, (-4, -2, 0, 2), 0x30, _scratch(b, QK_K)))
     s.sub_(32)
-    d = (_f16(b, 208) * b[:, 192:208].view(torch.int8).float()).reshape(n, 16, 1)
+    d = (_f16(b, 208) * b[:, 192:208].contiguous().view(torch.int8).float()).reshape(n, 16, 1)
     o.copy_(s.view(torch.int8)).view(n, 16, 16).mul_(d)
 
 
