@@ -22,6 +22,7 @@ from ..errors import BadInputError, MalformedCheckpointError, UnknownModelError,
 from .arch import config_dtype, config_errors, config_quantization, layout_from_config
 from .dtypes import resolve_dtype
 from .layout import ArchLayout, BlockLayout, TensorSpec, assemble_profile
+from .prequant import held_tensors
 from .profile import ModelProfile
 
 __all__ = [
@@ -494,6 +495,7 @@ def profile_from_tensors(config: dict, tensors: list[HeaderTensor], dtype: str |
     """Profile of a checkpoint given its config and its tensors as headers describe them, wherever
     the headers came from (local files, or ranges read from a Hub repo's files)."""
     notes = list(notes or [])
+    tensors = held_tensors(tensors, config)   # pre-quantized: the bytes loading keeps
     dname, exact, quant = _choose_dtype(dtype, tensors, config, notes)
     layout = _checkpoint_layout(config, origin, tensors, exact)
     return assemble_profile(layout, resolve_dtype(dname), name=name, source=source, path=path,
@@ -527,6 +529,7 @@ def profile_from_safetensors_file(path: str | Path, dtype: str | None = None, *,
         c = read_config(beside)
         config = c if c.get("model_type") else None
     notes: list[str] = []
+    tensors = held_tensors(tensors, config)
     dname, exact, quant = _choose_dtype(dtype, tensors, config, notes)
     layout = _checkpoint_layout(config, str(beside), tensors, exact)
     return assemble_profile(layout, resolve_dtype(dname), name=name or str(path), source="safetensors",

@@ -33,7 +33,7 @@ import logging
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -160,6 +160,8 @@ class _Quant:
     backend: Any
     compute: Any
     names: frozenset[str]
+    # a pre-quantized checkpoint (runtime/quant/prequantized.py): weight name -> builder(checkpoint, device)
+    built: dict[str, Callable[[Any, Any], Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -196,9 +198,11 @@ def _listing(names: list[str]) -> str:
     return ", ".join(names[:_LIST_MAX]) + more
 
 
-def _checkpoint_sources(model: nn.Module, ckpt: Checkpoint) -> dict[str, _Source]:
+def _checkpoint_sources(model: nn.Module, ckpt: Checkpoint, given: dict[str, _Source] | None = None,
+                        hidden: frozenset[str] = frozenset()) -> dict[str, _Source]:
     """Model state name -> source, with transformers' conversion mapping; raises
-    CheckpointMismatchError listing missing, unexpected and mis-shaped tensors."""
+    CheckpointMismatchError listing missing, unexpected and mis-shaped tensors. ``given``: sources
+    decided already (pre-quantized weights), ``hidden``: checkpoint keys they read."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
 
@@ -211,7 +215,8 @@ def _checkpoint_sources(model: nn.Module, ckpt: Checkpoint) -> dict[str, _Source
     direct: dict[str, str] = {}
     pending: dict[str, Any] = {}
     unexpected: list[str] = []
-    for key in sorted(ckpt.keys(), key=dot_natural_key):
+    stored = ckpt.keys()
+    for key in sorted((k for k in stored if k not in hidden), key=dot_natural_key):
         renamed, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_sd)
         if renamed not in meta_sd and key in meta_sd:
             renamed, pattern = key, None
@@ -238,6 +243,7 @@ def _checkpoint_sources(model: nn.Module, ckpt: Checkpoint) -> dict[str, _Source
         produced = [first] + [first.replace(conv.target_patterns[0], t) for t in conv.target_patterns[1:]]
         for name in produced:
             sources.setdefault(name, _Source(convert=run))
+    sources.update(given or {})
     # tied names share one source
     groups: dict[int, list[str]] = {}
     for name, t in model.state_dict(keep_vars=True).items():
@@ -404,7 +410,9 @@ class _Placer:
                     host = self.layout.host_of(first)
                     if host is not None:   # MoE routed experts the plan keeps (and runs) in host RAM
                         device, pinned = _torch_device(compute_torch_device(self.plan, host)), False
-                    if made is None and self.quant is not None and first in self.quant.names:
+                    if made is None and self.quant is not None and first in self.quant.built:
+                        t = self.quant.built[first](self.ckpt, device)   # a pre-quantized weight, as stored
+                    elif made is None and self.quant is not None and first in self.quant.names:
                         # float on its stage's device, quantized there before the next tensor is read
                         want = torch.empty(meta[first].shape, dtype=self.quant.compute, device="meta")
                         t = self.quant.backend.quantize(self._materialize(first, src, want, device, False), device)
@@ -698,7 +706,12 @@ def load_folder(folder: str | os.PathLike, plan: Plan, dtype: str | None = None,
         raise UnknownModelError(f"{folder}: unreadable config.json ({e})") from None
     dt_name = dtype or plan.workload.dtype
     quant = None
-    if resolve_dtype(dt_name).quantized:   # a float checkpoint quantized on load (runtime/quant/)
+    prequant = _prequantized(folder, plan)
+    if prequant is not None:   # bitsandbytes weights as stored (runtime/quant/prequantized.py)
+        model = build_empty_model(config, prequant.float_dtype)
+        prequant.swap_layers(model)
+        quant = _Quant(None, prequant.float_dtype, frozenset(), built=prequant.weights)
+    elif resolve_dtype(dt_name).quantized:   # a float checkpoint quantized on load (runtime/quant/)
         from .quant import backend_for, prepare_model
 
         if any(st.mode == "stream" for st in plan.stages):
@@ -719,11 +732,38 @@ def load_folder(folder: str | os.PathLike, plan: Plan, dtype: str | None = None,
         model.generation_config = GenerationConfig.from_pretrained(folder)
     ckpt = Checkpoint(folder)
     try:
-        sources = _checkpoint_sources(model, ckpt)
+        if prequant is not None:
+            sources = _checkpoint_sources(model, ckpt, {n: _Source() for n in prequant.weights}, prequant.keys)
+        else:
+            sources = _checkpoint_sources(model, ckpt)
     except BaseException:
         ckpt.close()
         raise
     return _place(model, plan, sources, ckpt, offload_dir, free_on_error=True, progress=progress, quant=quant)
+
+
+def _prequantized(folder: Path, plan: Plan) -> Any:
+    """The bitsandbytes weights of a pre-quantized checkpoint (``quantization_config``), None for a
+    float one; one line where its kernels' package or device is missing, or the plan streams."""
+    from ..models.checkpoint import read_config
+    from .quant.prequantized import check_prequantized, prequantized_method, scan_prequantized
+
+    config = read_config(folder / "config.json")
+    method = prequantized_method(config)
+    if method is None:
+        return None
+    check_prequantized(method, {_torch_device(compute_torch_device(plan, st.compute_device)).type
+                                for st in plan.stages})
+    if any(st.mode != "execute" for st in plan.stages):
+        raise WorkloadError(f"a {method}-quantized checkpoint: every stage must stay resident "
+                            "(this plan streams some from host RAM or disk)")
+    from .checkpoint import Checkpoint
+
+    ckpt = Checkpoint(folder)
+    try:
+        return scan_prequantized(ckpt, config)
+    finally:
+        ckpt.close()
 
 
 def load_module(module: nn.Module, devices: Any = "auto", plan: Plan | None = None,

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 __all__ = ["QuantBackend", "BACKEND_ROWS", "BACKENDS", "PACKAGES", "backend_for", "prepare_model",
-           "quantized_param_bytes"]
+           "quantized_param_bytes", "keep_cpu_layout", "int8_layer"]
 
 
 @dataclass(frozen=True)
@@ -50,13 +50,22 @@ class QuantBackend:
     note: str = ""
 
 
+def keep_cpu_layout(layer: nn.Module) -> nn.Module:
+    """A bitsandbytes 4-bit layer that keeps its weight as stored, in eval mode: on CPUs with
+    AVX512-BF16, bitsandbytes repacks an eval-mode layer's weight at its first forward (absmax
+    transposed to bf16, double quantization undone), which would change the bytes it holds from
+    the plan's (and fails for layers narrower than a block)."""
+    layer.support_avx512bf16_for_cpu = False
+    return layer.eval()
+
+
 def _4bit_layer(quant_type: str) -> Callable[[Any, Any], Any]:
     def make(linear: nn.Linear, compute: torch.dtype) -> nn.Module:
         import bitsandbytes as bnb
 
-        return bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                 compute_dtype=compute, compress_statistics=False, quant_type=quant_type,
-                                 device="meta")
+        return keep_cpu_layout(bnb.nn.Linear4bit(linear.in_features, linear.out_features,
+                                                 bias=linear.bias is not None, compute_dtype=compute,
+                                                 compress_statistics=False, quant_type=quant_type, device="meta"))
     return make
 
 
@@ -70,11 +79,30 @@ def _4bit_quantize(quant_type: str) -> Callable[[Any, Any], Any]:
     return quantize
 
 
-def _int8_layer(linear: nn.Linear, compute: torch.dtype) -> nn.Module:
-    import bitsandbytes as bnb
+_INT8_CLASS: list[type] = []
 
-    return bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                               has_fp16_weights=False, threshold=0.0, device="meta")
+
+def int8_layer(in_features: int, out_features: int, bias: bool, threshold: float) -> nn.Module:
+    """bitsandbytes' ``Linear8bitLt`` (eval mode, int8 weights) whose weight keeps its row scales:
+    at its first forward bitsandbytes moves ``weight.SCB`` into the layer's matmul state and sets
+    it None on the weight, so a count of the weight's bytes would lose the scales it still holds;
+    here the weight keeps a reference to the same tensor."""
+    if not _INT8_CLASS:
+        import bitsandbytes as bnb
+
+        class Linear8bit(bnb.nn.Linear8bitLt):
+            def init_8bit_state(self) -> None:
+                scb = self.weight.SCB
+                super().init_8bit_state()
+                self.weight.SCB = scb
+
+        _INT8_CLASS.append(Linear8bit)
+    return _INT8_CLASS[0](in_features, out_features, bias=bias, has_fp16_weights=False, threshold=threshold,
+                          device="meta").eval()
+
+
+def _int8_layer(linear: nn.Linear, compute: torch.dtype) -> nn.Module:
+    return int8_layer(linear.in_features, linear.out_features, linear.bias is not None, 0.0)
 
 
 def _int8_quantize(w: torch.Tensor, device: torch.device) -> nn.Parameter:
