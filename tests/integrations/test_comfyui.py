@@ -113,3 +113,22 @@ def test_split_model_reloads_after_unload(comfy_server):
     assert _placements(entry) == before + 1, "ComfyUI's reload did not place the blocks again (ON_LOAD)"
     ref = _image(comfy_server, comfy_server.run(_workflow("reload-unsplit", split=False, seed=29)))
     assert np.array_equal(_image(comfy_server, entry), ref)
+
+
+def test_bad_devices_fail_the_split_node_in_one_line(comfy_server):
+    wf = _workflow("bad-devices", split=True, seed=31)
+    wf["10"]["inputs"]["devices"] = "rtx3060,notagpu"
+    pid = comfy_server.post("/prompt", {"prompt": wf, "client_id": "vramancer-tests"})["prompt_id"]
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        entry = comfy_server.get(f"/history/{pid}").get(pid)
+        if entry and entry.get("status", {}).get("completed") is not None:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("the prompt never finished")
+    assert entry["status"]["status_str"] == "error"
+    errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    assert len(errors) == 1 and errors[0]["node_type"] == "VRAMancerSplitModel"
+    message = errors[0]["exception_message"].strip()
+    assert "notagpu" in message and "\n" not in message, message
