@@ -214,3 +214,19 @@ def test_cli_plan_and_run_with_kv_dtype(folders, capsys, tmp_path):
     rc = cli(["plan", str(folders["llama"]), "--kv-dtype", "int2"])
     err = capsys.readouterr().err
     assert rc == 2 and err.strip().count("\n") == 0 and "--kv-dtype int2" in err
+
+
+def test_serve_refuses_kv_dtype_in_one_line(folders, capsys, monkeypatch):
+    """serve's batch cache (serve/kv.py) pads and joins plain tensors: --kv-dtype is refused, before
+    anything is loaded (never served at a format the plan did not budget)."""
+    from vramancer.cli import main as cli
+    from vramancer.serve import server
+
+    def never(*a, **k):
+        raise AssertionError("served")
+
+    monkeypatch.setattr(server, "serve_forever", never)
+    rc = cli(["serve", str(folders["llama"]), "--port", "0", "--devices", "rtx3090,rtx3060", "--split", "1,1",
+              "--context", "32", "--kv-dtype", "q8_0", "-q"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0 and "--kv-dtype q8_0: serve keeps its batch KV cache" in err
