@@ -11,12 +11,14 @@ Every pair is two processes: this one sends and times, a child started as
                                                 (same TLS 1.3 contexts, same certificates)
     Link shm one-way                         vs Link TCP                                    goal >= 2x
 
-One-way figures are GB/s (higher is better, ratio = ours / anchor); round trips are microseconds
-(lower is better, ratio = ours / anchor). Each figure is the median over --repeat runs of
---iters-big / --iters-small operations, after one discarded warm-up run. Every pair is connected
-first, then the runs take turns (ours, anchor, anchor, ...; repeat), so that other processes'
-load falls on ours and the anchors alike. Loops are bounded; every child has a timeout. Receivers
-write into preallocated buffers in every variant.
+One-way figures are GB/s (higher is better, ratio = ours / anchor); round trips are
+microseconds (lower is better, ratio = ours / anchor). Each figure is the median over --repeat
+runs of --iters-big / --iters-small operations, after one discarded warm-up run. Every pair is
+connected first, then the runs take turns (ours, anchor, anchor, ...; repeat), so that other
+processes' load falls on ours and the anchors alike. The last column, cpu_us/op, is this (timing)
+process's CPU time per operation, ours vs the anchor (all its threads: gloo works in its own):
+where the time goes when wall-clock figures are scheduling-bound, as on a loaded machine. Loops
+are bounded; every child has a timeout. Receivers write into preallocated buffers in every variant.
 Run:  python benchmarks/link.py [--repeat 5] [--json FILE]
 A benchmark, not a test: it exits 0 and prints a table with a pass column per goal.
 """
@@ -56,6 +58,8 @@ class Row:
     ratio: float
     goal: str
     passed: bool
+    ours_cpu_us: float = 0.0       # CPU time of this (timing) process per operation, all its threads
+    anchor_cpu_us: float = 0.0
 
 
 # ---------------------------------------------------------------------------------------------- peers
@@ -196,6 +200,8 @@ class _Pair:
     child: subprocess.Popen | None = None
     one_way_s: list[float] = field(default_factory=list)      # seconds per frame, each run
     round_trip_s: list[float] = field(default_factory=list)
+    one_way_cpu_s: list[float] = field(default_factory=list)  # this process's CPU seconds per frame
+    round_trip_cpu_s: list[float] = field(default_factory=list)
 
     def finish(self) -> None:
         if self.close is not None:
@@ -301,11 +307,12 @@ def _interleave(args, pairs: list[_Pair], what: str) -> None:
     n = args.iters_big if what == "one_way" else args.iters_small
     for r in range(args.repeat + 1):
         for pair in pairs:
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             getattr(pair, what)(n)
-            dt = (time.perf_counter() - t0) / n
+            dt, dc = (time.perf_counter() - t0) / n, (time.process_time() - c0) / n
             if r:
                 getattr(pair, what + "_s").append(dt)
+                getattr(pair, what + "_cpu_s").append(dc)
 
 def _make_keys(root: Path) -> Path:
     from vramancer.link.keys import create_identity
@@ -315,10 +322,10 @@ def _make_keys(root: Path) -> Path:
     return root
 
 
-def _row(metric, unit, ours, anchor_name, anchor, goal_op, goal) -> Row:
+def _row(metric, unit, ours, anchor_name, anchor, goal_op, goal, ours_cpu=0.0, anchor_cpu=0.0) -> Row:
     ratio = ours / anchor if anchor else float("inf")
     passed = ratio >= goal if goal_op == ">=" else ratio <= goal
-    return Row(metric, unit, ours, anchor_name, anchor, ratio, f"{goal_op} {goal:g}x", passed)
+    return Row(metric, unit, ours, anchor_name, anchor, ratio, f"{goal_op} {goal:g}x", passed, ours_cpu, anchor_cpu)
 
 
 def measure(args: argparse.Namespace) -> list[Row]:
@@ -349,25 +356,35 @@ def measure(args: argparse.Namespace) -> list[Row]:
                 pair.finish()
     ow = {k: p.one_way_s for k, p in pairs.items()}
     rt = {k: p.round_trip_s for k, p in pairs.items()}
+    ow_cpu = {k: usec(p.one_way_cpu_s) for k, p in pairs.items()}
+    rt_cpu = {k: usec(p.round_trip_cpu_s) for k, p in pairs.items() if p.round_trip_cpu_s}
     one_way = f"TCP one-way {big >> 10} KiB"
-    rows = [_row(one_way, "GB/s", gbps(ow["tcp"]), "python socket", gbps(ow["plain"]), ">=", 0.9)]
+    rows = [_row(one_way, "GB/s", gbps(ow["tcp"]), "python socket", gbps(ow["plain"]), ">=", 0.9,
+                 ow_cpu["tcp"], ow_cpu["plain"])]
     if has_torch:
-        rows.append(_row(rows[0].metric, "GB/s", gbps(ow["tcp"]), "torch gloo", gbps(ow["gloo"]), ">=", 1.0))
-    rows.append(_row(f"round trip {small >> 10 or small} {'KiB' if small >= 1024 else 'B'}", "us", usec(rt["tcp"]),
-                     "python socket", usec(rt["plain"]), "<=", 1.2))
+        rows.append(_row(one_way, "GB/s", gbps(ow["tcp"]), "torch gloo", gbps(ow["gloo"]), ">=", 1.0,
+                         ow_cpu["tcp"], ow_cpu["gloo"]))
+    round_trip = f"round trip {small >> 10 or small} {'KiB' if small >= 1024 else 'B'}"
+    rows.append(_row(round_trip, "us", usec(rt["tcp"]), "python socket", usec(rt["plain"]), "<=", 1.2,
+                     rt_cpu["tcp"], rt_cpu["plain"]))
     if has_torch:
-        rows.append(_row(rows[-1].metric, "us", usec(rt["tcp"]), "torch gloo", usec(rt["gloo"]), "<=", 0.5))
-    rows.append(_row(f"TLS one-way {big >> 10} KiB", "GB/s", gbps(ow["tls"]), "python ssl", gbps(ow["ssl"]), ">=", 0.9))
-    rows.append(_row(f"shm one-way {big >> 10} KiB", "GB/s", gbps(ow["shm"]), "Link TCP", gbps(ow["tcp"]), ">=", 2.0))
+        rows.append(_row(round_trip, "us", usec(rt["tcp"]), "torch gloo", usec(rt["gloo"]), "<=", 0.5,
+                         rt_cpu["tcp"], rt_cpu["gloo"]))
+    rows.append(_row(f"TLS one-way {big >> 10} KiB", "GB/s", gbps(ow["tls"]), "python ssl", gbps(ow["ssl"]), ">=", 0.9,
+                     ow_cpu["tls"], ow_cpu["ssl"]))
+    rows.append(_row(f"shm one-way {big >> 10} KiB", "GB/s", gbps(ow["shm"]), "Link TCP", gbps(ow["tcp"]), ">=", 2.0,
+                     ow_cpu["shm"], ow_cpu["tcp"]))
     return rows
 
 
 def _table(rows: list[Row]) -> str:
-    head = f"{'metric':<22} {'ours':>10} {'anchor':>22} {'ratio':>7} {'goal':>8}  pass"
+    head = (f"{'metric':<22} {'ours':>10} {'anchor':>22} {'ratio':>7} {'goal':>8}  pass  "
+            f"{'cpu_us/op':>20}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r.metric:<22} {r.ours:>7.3g} {r.unit:<2} {r.anchor_name + ' ' + format(r.anchor, '.3g'):>22} "
-                     f"{r.ratio:>6.2f}x {r.goal:>8}  {'PASS' if r.passed else 'FAIL'}")
+                     f"{r.ratio:>6.2f}x {r.goal:>8}  {'PASS' if r.passed else 'FAIL'}  "
+                     f"{format(r.ours_cpu_us, '.3g') + ' vs ' + format(r.anchor_cpu_us, '.3g'):>20}")
     return "\n".join(lines)
 
 

@@ -32,7 +32,8 @@ def test_tiny_run(bench, tmp_path, capsys):
         assert r["ours"] > 0 and r["anchor"] > 0 and math.isclose(r["ratio"], r["ours"] / r["anchor"])
         assert r["passed"] == (r["ratio"] >= float(r["goal"].split()[1][:-1]) if r["goal"].startswith(">=")
                                else r["ratio"] <= float(r["goal"].split()[1][:-1]))
-    assert text.splitlines()[0].split() == ["metric", "ours", "anchor", "ratio", "goal", "pass"]
+    assert text.splitlines()[0].split() == ["metric", "ours", "anchor", "ratio", "goal", "pass", "cpu_us/op"]
+    assert all(r["ours_cpu_us"] > 0 and r["anchor_cpu_us"] >= 0 for r in rows)
     assert len(text.splitlines()) == 2 + len(rows)
 
 

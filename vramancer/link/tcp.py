@@ -46,8 +46,13 @@ def check_plaintext(host: str, trusted_network: bool, what: str = "plaintext TCP
             f"or pass trusted_network=True (--trusted-network) on a network you trust")
 
 
-def tune_socket(sock: socket.socket) -> None:
+def tune_socket(sock: socket.socket, buffers: bool = True) -> None:
+    """TCP_NODELAY, and with ``buffers`` 4 MiB socket buffers (plaintext: fewer wake-ups per large
+    frame). TLS leaves the buffers to the kernel: a large send buffer cost ~10% more CPU per
+    encrypted byte (records leave the cache before the kernel copies them)."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if not buffers:
+        return
     for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
         try:
             sock.setsockopt(socket.SOL_SOCKET, opt, _BUF_BYTES)
@@ -55,14 +60,14 @@ def tune_socket(sock: socket.socket) -> None:
             pass
 
 
-def dial(address: tuple[str, int], timeout: float | None) -> socket.socket:
+def dial(address: tuple[str, int], timeout: float | None, buffers: bool = True) -> socket.socket:
     host, port = address
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
     except OSError as e:
         raise LinkError(f"cannot connect to {host}:{port}: {e}") from None
     sock.settimeout(None)
-    tune_socket(sock)
+    tune_socket(sock, buffers)
     return sock
 
 

@@ -155,7 +155,7 @@ class TlsListener(Listener):
             raw, peer = self.sock.accept()
         except OSError as e:
             raise LinkError(f"accept failed: {e}") from None
-        tune_socket(raw)
+        tune_socket(raw, buffers=False)
         kind, token, ssock, fp = self.transport._serve_tls(raw, f"{peer[0]}:{peer[1]}")
         if kind == _REKEY:
             self._rekeys[token] = (ssock, fp)
@@ -240,7 +240,7 @@ class TlsTransport(Transport):
     # -- dialing ---------------------------------------------------------------------------------
     def _dial_tls(self, address: tuple[str, int], kind: int, token: bytes, expect: str | None = None,
                   timeout: float | None = _HANDSHAKE_TIMEOUT_S) -> tuple[ssl.SSLSocket, str, bytes]:
-        raw = dial(address, timeout)
+        raw = dial(address, timeout, buffers=False)
         where = f"{address[0]}:{address[1]}"
         try:
             raw.settimeout(_HANDSHAKE_TIMEOUT_S)
