@@ -325,6 +325,8 @@ def test_malformed_requests_are_refused(folder):
     for bad, reason in [({"op": "get", "name": "model.norm.weight", "chunks": [[0, 10 ** 9]]}, "chunk ranges"),
                         ({"op": "get", "name": "nope", "chunks": [[0, 1]]}, "unknown tensor"),
                         ({"op": "index", "names": "model.norm.weight"}, "list of at most"),
+                        ({"op": "get", "name": "model.embed_tokens.weight", "chunks": [[0, 2], [0, 2]]},
+                         "more than the tensor's"),
                         ({"op": "launch"}, "unknown op")]:
         _, error, _ = _raw_request(_server(folder), [message(bad)])
         assert isinstance(error, BridgeError) and reason in str(error), (bad, error)

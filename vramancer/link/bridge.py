@@ -343,6 +343,8 @@ class BridgeServer:
             for r in ranges)
         if not ok:
             self._refuse(conn, f"get {name[:200]!r}: chunk ranges must be [start, end) pairs within 0..{n}")
+        if sum(b - a for a, b in ranges) > n:       # each chunk at most once: no amplification
+            self._refuse(conn, f"get {name[:200]!r}: chunk ranges ask for more than the tensor's {n} chunks")
         return name, [(a, b) for a, b in ranges]
 
 
