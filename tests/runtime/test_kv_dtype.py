@@ -211,6 +211,7 @@ def test_cli_plan_and_run_with_kv_dtype(folders, capsys, tmp_path):
     out = json.loads(capsys.readouterr().out)
     assert rc == 0 and out["workload"]["kv_dtype"] == "q8_0"
     assert sum(s["kv_cache_bytes"] for s in out["stages"]) == 4 * 68 * 64
+    assert out["exports"]["llama_cpp"].endswith("-c 64 -ctk q8_0 -ctv q8_0")   # llama.cpp's own KV flags
     rc = cli(["plan", str(folders["llama"]), "--kv-dtype", "int2"])
     err = capsys.readouterr().err
     assert rc == 2 and err.strip().count("\n") == 0 and "--kv-dtype int2" in err

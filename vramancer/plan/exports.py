@@ -50,9 +50,10 @@ def _layers_per_gpu(profile: ModelProfile, stages: list[tuple[str, int, int]], d
 
 
 def llama_cpp_flags(profile: ModelProfile, stages: list[tuple[str, int, int]], devices: list[Device],
-                    context: int, batch: int = 1) -> str:
+                    context: int, batch: int = 1, kv_dtype: str | None = None) -> str:
     """``--tensor-split`` proportions in GPU enumeration order, ``-ngl`` (layers on GPUs, +1 for the
-    output layer when the head is on a GPU), ``-c`` the context (llama.cpp's total over its slots)."""
+    output layer when the head is on a GPU), ``-c`` the context (llama.cpp's total over its slots),
+    ``-ctk/-ctv`` the ``--kv-dtype`` when llama.cpp has it (fp8: it has no such cache type)."""
     counts = _layers_per_gpu(profile, stages, devices)
     gpus = [d for d in devices if d.kind == "gpu"]
     head_on_gpu = any(dev in counts and start <= profile.num_blocks - 1 < end for dev, start, end in stages)
@@ -64,6 +65,9 @@ def llama_cpp_flags(profile: ModelProfile, stages: list[tuple[str, int, int]], d
     parts.append(f"-c {context * batch}")
     if batch > 1:
         parts.append(f"-np {batch}")
+    cache = {"q8_0": "q8_0", "bfloat16": "bf16", "float16": "f16", "float32": "f32"}.get(kv_dtype or "")
+    if cache:
+        parts.append(f"-ctk {cache} -ctv {cache}")
     return " ".join(parts)
 
 

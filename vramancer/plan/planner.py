@@ -505,7 +505,8 @@ def _assemble(pl: _Planner, profile: ModelProfile, devices: list[Device], worklo
         exports={}, devices=list(devices), notes=notes, manual_split=list(split) if split else None,
     )
     if profile.kind == "causal-lm":
-        plan.exports = {"llama_cpp": llama_cpp_flags(profile, stage_ranges, devices, workload.context, batch)}
+        plan.exports = {"llama_cpp": llama_cpp_flags(profile, stage_ranges, devices, workload.context, batch,
+                                                   kv_dtype=workload.kv_dtype)}
         if all(devices[d].kind == "gpu" for d, _, _ in ranges):  # vLLM's pipeline stages are GPUs only
             plan.exports["vllm_pp_layer_partition"] = vllm_layer_partition(profile, stage_ranges, devices)
     if overflow:
