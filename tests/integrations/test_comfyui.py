@@ -132,3 +132,15 @@ def test_bad_devices_fail_the_split_node_in_one_line(comfy_server):
     assert len(errors) == 1 and errors[0]["node_type"] == "VRAMancerSplitModel"
     message = errors[0]["exception_message"].strip()
     assert "notagpu" in message and "\n" not in message, message
+
+
+def test_streamed_stage_runs_through_comfyui_weight_casting(comfy_server):
+    # a 100 MiB card and the host: the middle blocks stay in host RAM and are cast onto the card's
+    # device layer by layer (ComfyUI's comfy_cast_weights), the rest runs on the card
+    wf = _workflow("streamed", split=True, seed=41)
+    wf["10"]["inputs"].update(devices="rtx3060:100MiB,cpu", split="", reserve="0")
+    entry = comfy_server.run(wf)
+    plan = entry["outputs"]["10"]["text"][0]
+    assert "streamed to" in plan, plan
+    ref = comfy_server.run(_workflow("streamed-ref", split=False, seed=41))
+    assert np.array_equal(_image(comfy_server, entry), _image(comfy_server, ref))
