@@ -14,8 +14,8 @@ predicts for device "cpu", and their ratio (measured / predicted; goal 0.7-1.3 f
 3. The prediction: ``plan_profile`` of the model's profile on device "cpu", with context = prompt +
    new tokens and prefill chunk = the prompt (the workload that was measured).
 4. The machine may be shared: each of the ``--repeat`` measured runs comes right after its own
-   calibration (the same load on both sides), and the medians of the measured and of the predicted
-   figures over the rounds are compared.
+   calibration (the same load on both sides); a row shows the medians of the measured and of the
+   predicted figures over the rounds, and the median of the rounds' ratios (a paired comparison).
 
 Run:  python benchmarks/cost_model.py [--repeat 3] [--prompt 128] [--new 24] [--threads N] [--save] [--json FILE]
 ``--save`` keeps the last measured host figures (under the cache folder) so later plans on this
@@ -54,20 +54,17 @@ MODELS = {
 
 @dataclass
 class Row:
+    """One model: the medians over the rounds of what was measured and predicted, and the median of
+    the rounds' own ratios (each round's run against the prediction from its own calibration)."""
+
     model: str
     params_m: float
     measured_decode_tps: float
     predicted_decode_tps: float
     measured_prefill_tps: float
     predicted_prefill_tps: float
-
-    @property
-    def decode_ratio(self) -> float:
-        return self.measured_decode_tps / self.predicted_decode_tps
-
-    @property
-    def prefill_ratio(self) -> float:
-        return self.measured_prefill_tps / self.predicted_prefill_tps
+    decode_ratio: float
+    prefill_ratio: float
 
 
 def _generate_once(model, tok, inputs: dict, prompt: int, new: int) -> tuple[float, float]:
@@ -159,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             mp.append(p)
         print(describe(speeds), flush=True)
         row = Row(name, sum(p.numel() for p in model.parameters()) / 1e6, statistics.median(md),
-                  statistics.median(pd), statistics.median(mp), statistics.median(pp))
+                  statistics.median(pd), statistics.median(mp), statistics.median(pp),
+                  statistics.median(m / p for m, p in zip(md, pd)), statistics.median(m / p for m, p in zip(mp, pp)))
         rows.append(row)
         hosts.append(speeds[-1].to_dict())
         print(f"{name:15s} {row.params_m:6.1f}M  decode {row.measured_decode_tps:7.1f} measured / "
@@ -173,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
           f"(goal {GOAL[0]}..{GOAL[1]})")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": [
-            {**asdict(r), "decode_ratio": r.decode_ratio, "prefill_ratio": r.prefill_ratio, "host": h}
+            {**asdict(r), "host": h}
             for r, h in zip(rows, hosts)]}, indent=2))
     if args.save:
         from vramancer.devices.host_speed import host_speed_path

@@ -34,7 +34,9 @@ def test_tiny_run(bench, tmp_path, capsys, monkeypatch):
     (row,) = json.loads(out_json.read_text())["rows"]
     for k in ("measured_decode_tps", "predicted_decode_tps", "measured_prefill_tps", "predicted_prefill_tps"):
         assert row[k] > 0 and math.isfinite(row[k])
+    # one round: its ratio is the row's
     assert row["decode_ratio"] == pytest.approx(row["measured_decode_tps"] / row["predicted_decode_tps"])
+    assert row["prefill_ratio"] == pytest.approx(row["measured_prefill_tps"] / row["predicted_prefill_tps"])
     host = row["host"]
     assert host["threads"] == 1 and host["source"] == "measured"
     assert host["block_overhead_s"] > 0 and host["bandwidth_bytes_per_s"] > 0 and host["gemm_flops_per_s"] > 0
