@@ -127,11 +127,6 @@ def gguf_model_config(path: str | Path) -> Any:
     if arch not in GGUF_SUPPORTED_ARCHITECTURES:
         raise BadInputError(f"{path.name}: GGUF architecture {arch} is not supported "
                             f"(supported: {', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))})")
-    experts = int(fields.get(f"{arch}.expert_count") or 0)
-    if arch == "llama" and experts:
-        # llama.cpp writes Mixtral as "llama" with stacked ffn_*_exps tensors, which transformers
-        # would build as a dense Llama: refuse it rather than fail on the tensor names
-        raise BadInputError(f"{path.name}: a GGUF llama with {experts} experts (Mixtral) is not supported yet")
     try:
         config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -140,6 +135,15 @@ def gguf_model_config(path: str | Path) -> Any:
     # llama.cpp writes the head size as attention.key_length (convert_hf_to_gguf.py, whenever the
     # config has head_dim); transformers does not read it for every architecture (Qwen3 keeps its
     # default of 128), so a model whose heads are not hidden / n_head would be built wrong
+    experts = int(fields.get(f"{arch}.expert_count") or 0)
+    if arch == "llama" and experts:
+        # llama.cpp writes Mixtral as "llama" with stacked ffn_{gate,up,down}_exps tensors, from which
+        # transformers would build a dense Llama: the same config as a Mixtral with its experts
+        from transformers import MixtralConfig
+
+        d = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures")}
+        d.update(num_local_experts=experts, num_experts_per_tok=int(fields.get(f"{arch}.expert_used_count") or 2))
+        config = MixtralConfig(**d)
     key_length = fields.get(f"{arch}.attention.key_length")
     if key_length is not None and getattr(config, "head_dim", None) not in (None, int(key_length)):
         config.head_dim = int(key_length)
@@ -225,6 +229,50 @@ class _Read:
         return {n: out for n in self.names}
 
 
+_GATE_UP = __import__("re").compile(r"blk\.\d+\.ffn_(?P<w>gate|up)_exps\.weight")
+
+
+def _stacked_experts(base: type) -> type:
+    """``base`` (an architecture's TensorProcessor) that also maps llama.cpp's stacked experts
+    (ffn_{gate,up,down}_exps, ffn_gate_inp) to transformers' fused MoE parameters, as its Qwen2-MoE
+    processor does."""
+    from transformers.modeling_gguf_pytorch_utils import Qwen2MoeTensorProcessor as Moe
+
+    return type(f"{base.__name__}WithExperts", (base,), {
+        "HF_EXPERT_RENAME_PATTERN": Moe.HF_EXPERT_RENAME_PATTERN, "HF_MOE_W13_PATTERN": Moe.HF_MOE_W13_PATTERN,
+        "preprocess_name": Moe.preprocess_name, "perform_fallback_tensor_mapping": Moe.perform_fallback_tensor_mapping})
+
+
+@dataclass(frozen=True)
+class _StackedTensor:
+    """transformers' ``experts.gate_up_proj`` [experts, 2 * rows, cols] from llama.cpp's ffn_gate_exps
+    and ffn_up_exps [experts, rows, cols]: each expert's gate rows then its up rows (rows are whole
+    blocks, so the stored bytes stack the same way)."""
+
+    name: str
+    qtype: GGUFType
+    shape: tuple[int, ...]
+    gate: GGUFTensor
+    up: GGUFTensor
+
+    @property
+    def nbytes(self) -> int:
+        return self.gate.nbytes + self.up.nbytes
+
+    def read(self, rows: np.ndarray | None = None) -> torch.Tensor:
+        import torch
+
+        return torch.cat([self.gate.read(), self.up.read()], dim=1)
+
+
+def _stack_gate_up(gate: GGUFTensor, up: GGUFTensor) -> _StackedTensor:
+    if gate.qtype != up.qtype or gate.shape != up.shape or len(gate.shape) != 3:
+        raise BadInputError(f"{gate.name} ({gate.qtype.name} {list(gate.shape)}) and {up.name} ({up.qtype.name} "
+                            f"{list(up.shape)}) differ: they cannot be stacked into one experts tensor")
+    e, rows, cols = gate.shape
+    return _StackedTensor(f"{gate.name}+{up.name}", gate.qtype, (e, 2 * rows, cols), gate, up)
+
+
 def keep_quantized(model: nn.Module, gf: GGUFFile, dtype: torch.dtype) -> dict[str, Callable[[], dict]]:
     """Swap every weight of ``model`` (on meta) the file holds for its stored GGUF tensor
     (modules.keep_gguf), read back as ``dtype``. Returns, by model state name, the reader of each
@@ -240,7 +288,10 @@ def keep_quantized(model: nn.Module, gf: GGUFFile, dtype: torch.dtype) -> dict[s
     from .modules import keep_gguf, stored_dtype
 
     parsed = load_gguf_checkpoint(str(gf.parts[0]), return_tensors=False)
-    processor = TENSOR_PROCESSORS.get(gf.arch, TensorProcessor)(config=parsed.get("config", {}))
+    processor_class = TENSOR_PROCESSORS.get(gf.arch, TensorProcessor)
+    if gf.arch == "llama" and getattr(model.config, "model_type", "") == "mixtral":
+        processor_class = _stacked_experts(processor_class)
+    processor = processor_class(config=parsed.get("config", {}))
     try:
         name_map = get_gguf_hf_weights_map(model, processor, model_type=gf.arch)
     except NotImplementedError:
@@ -253,8 +304,15 @@ def keep_quantized(model: nn.Module, gf: GGUFFile, dtype: torch.dtype) -> dict[s
     sources: dict[str, Any] = {}
     done: set[str] = set()
     unexpected, mismatched = [], []
+    merged: dict[str, dict[str, GGUFTensor]] = {}
     for gname, t in gf.tensors.items():
-        hf = name_map.get(gname)
+        hf = name_map.get(gname) or name_map.get(gname.removesuffix(".weight"))   # stacked experts: no suffix
+        m = _GATE_UP.fullmatch(gname)
+        if m and hf in params and hf.endswith("gate_up_proj"):
+            merged.setdefault(hf, {})[m["w"]] = t         # gate and up rows stacked into one parameter
+            if len(merged[hf]) < 2:
+                continue
+            t = _stack_gate_up(merged[hf]["gate"], merged[hf]["up"])
         if hf is None or hf not in params:
             unexpected.append(gname)
             continue
