@@ -7,6 +7,7 @@ Prefer CLI flags; these exist for secrets and for paths shared by many commands.
                          $HF_HOME/hub, HF_HOME defaulting to $XDG_CACHE_HOME/huggingface or ~/.cache/huggingface)
     HF_ENDPOINT          the Hub `pull` / `plan HF_ID` talk to (default: https://huggingface.co)
     VRAMANCER_CONFIG     the config file (default: $XDG_CONFIG_HOME/vramancer/config.toml or ~/.config/...)
+    VRAMANCER_NODE_DEVICES  the devices a cluster node offers (`cluster start|join --devices`; default: auto)
 """
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ ENV: dict[str, tuple[Callable[[], object], Callable[[str], object]]] = {
     "HF_HUB_CACHE": (_default_hf_cache, lambda v: str(Path(v).expanduser())),
     "HF_ENDPOINT": (lambda: "https://huggingface.co", lambda v: v.rstrip("/")),
     "VRAMANCER_CONFIG": (_default_config, str),
+    "VRAMANCER_NODE_DEVICES": (lambda: "auto", str),
 }
 
 

@@ -1,0 +1,449 @@
+"""Stage workers on the nodes of a cluster, and the driver that runs generation through them.
+
+    connect("10.0.0.1:6379")                                  # control.connect: token auth
+    view = discover()                                         # nodes, devices, measured links
+    plan = plan_cluster("./model", view, driver="node1")
+    with ClusterPipeline(plan, view, "./model") as pipe:      # one StageWorker actor per stage
+        tokens = pipe.generate([1, 15043, 29892], max_new_tokens=32)   # greedy
+        pipe.stats()                                          # where the time went, per stage
+
+Control goes over Ray; tensors never do. Each ``StageWorker`` is a Ray actor pinned to its stage's
+node (``NodeAffinitySchedulingStrategy``, not soft) and, for a CUDA stage, given one GPU slot with
+the plan's device index kept (Ray's CUDA_VISIBLE_DEVICES rewrite is turned off for it). It loads its
+block range (``stage.StageModel``) from the node's own copy of the checkpoint when the folder is
+there, else receives exactly its tensors from the driver over the cloud bridge (``fetch_tensors``:
+chunked, sha256-verified, cached under the node's cache folder, resumable), then listens on the
+node's address and dials the next stage (the last one dials the driver).
+
+Every hop is a Link TLS connection: mutual TLS 1.3 pinned to the one fingerprint expected at that
+end (each node's identity key as its agent reported it over the token-authenticated control
+plane; a key the node revoked is refused). Per token the driver sends ``[ctrl, token ids]`` to the
+first stage; each stage runs its blocks and sends ``[ctrl, hidden states]`` on; the last stage
+sends ``[ctrl, logits of the last position]`` back, and the driver picks the token (greedy). ``ctrl``
+is an int64 vector (op, start): op 1 runs a forward whose inputs start at token ``start`` of the
+sequence (0: a new sequence, caches reset).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import BadInputError, VramancerError
+from .nodes import ClusterView, cluster_trust, node_of, pinned
+
+__all__ = ["StageWorker", "ClusterPipeline", "StageTiming", "PipelineStats", "OP_FORWARD"]
+
+log = logging.getLogger("vramancer.cluster")
+
+OP_FORWARD = 1
+_CTRL_LEN = 2
+
+
+@dataclass
+class StageTiming:
+    """Seconds one stage spent, summed over the forwards it ran: waiting for its input (includes
+    the previous stages' work), computing, and sending its output."""
+
+    stage: int
+    node: str
+    device: str
+    forwards: int = 0
+    wait_s: float = 0.0
+    compute_s: float = 0.0
+    send_s: float = 0.0
+    load_s: float = 0.0
+    loaded_from: str = ""
+    bytes_received: int = 0
+    bytes_sent: int = 0
+
+
+@dataclass
+class PipelineStats:
+    tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    stages: list[StageTiming] = field(default_factory=list)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return (self.tokens - 1) / self.decode_s if self.tokens > 1 and self.decode_s > 0 else 0.0
+
+
+class StageWorker:
+    """The body of a stage actor (also usable in-process, as the tests' single-process check does)."""
+
+    def __init__(self) -> None:
+        self.model = None
+        self.listener = None
+        self.prev = None
+        self.next = None
+        self.thread: threading.Thread | None = None
+        self.timing: dict[str, Any] = {}
+        self.error = ""
+
+    def setup(self, spec_json: str) -> str:
+        """Load the stage and listen for the previous hop. ``spec_json``: plan (JSON), index, config
+        (dict), folder, bridge (host, port, fingerprint) or null, names (bridge tensors), host, cache_dir.
+        Returns JSON: host, port, fingerprint, load_s, loaded_from."""
+        import torch
+
+        from ..link.keys import load_identity
+        from ..plan.plan import Plan
+        from .stage import StageModel, read_stage_tensors
+
+        spec = json.loads(spec_json)
+        t0 = time.perf_counter()
+        plan = Plan.from_json(spec["plan"])
+        index = int(spec["index"])
+        st = plan.stages[index]
+        device = st.torch_device
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise BadInputError(f"stage {index} is planned on {device}, which this node's torch cannot see")
+        self.identity = load_identity()
+        folder = spec.get("folder")
+        if folder and (Path(folder) / "config.json").is_file():
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(folder)
+            tensors = read_stage_tensors(folder, spec["names"])
+            loaded_from = f"local copy {folder}"
+        elif spec.get("bridge"):
+            from transformers import AutoConfig
+
+            from ..link.bridge import fetch_tensors
+            from ..link.tls import TlsTransport
+
+            cfg = dict(spec["config"])
+            config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+            b = spec["bridge"]
+            tr = TlsTransport(self.identity, cluster_trust([b["fingerprint"]]))
+            tensors = fetch_tensors(lambda: tr.connect((b["host"], int(b["port"]))), spec["names"],
+                                    cache_dir=spec.get("cache_dir"), device="cpu")
+            loaded_from = f"cloud bridge {b['host']}:{b['port']}"
+        else:
+            raise BadInputError(f"stage {index}: no checkpoint at {folder} on this node, and no cloud bridge")
+        self.model = StageModel.from_tensors(config, plan, index, tensors, device)
+        del tensors
+        self.index = index
+        from ..link.tls import TlsTransport
+
+        self.transport = TlsTransport(self.identity, cluster_trust([]))
+        self.listener = self.transport.listen((spec["host"], 0))
+        self.timing = {"load_s": time.perf_counter() - t0, "loaded_from": loaded_from, "forwards": 0,
+                       "wait_s": 0.0, "compute_s": 0.0, "send_s": 0.0}
+        return json.dumps({"host": self.listener.address[0], "port": int(self.listener.address[1]),
+                           "fingerprint": self.identity.fingerprint, **self.timing})
+
+    def wire(self, prev_fp: str, next_host: str, next_port: int, next_fp: str) -> str:
+        """Trust exactly ``prev_fp`` on the listener, dial the next hop pinned to ``next_fp``, and run
+        the stage loop in a thread. Returns JSON {} once dialed."""
+        from ..link.tls import TlsTransport
+
+        self.transport.trust = cluster_trust([prev_fp])
+        self._ready = threading.Event()
+        # accept the previous hop while dialing the next one: every stage dials at once
+        self.thread = threading.Thread(target=self._loop, name=f"vramancer-stage{self.index}", daemon=True)
+        self.thread.start()
+        try:
+            out = TlsTransport(self.identity, cluster_trust([next_fp]))
+            self.next = out.connect((next_host, int(next_port)))
+        finally:
+            self._ready.set()
+        return "{}"
+
+    def _loop(self) -> None:
+        import torch
+
+        from ..link.errors import LinkError
+        from ..link.frame import FrameType, torch_buffers
+
+        try:
+            self.prev = self.listener.accept(timeout=120)
+            self._ready.wait()
+            if self.next is None:
+                raise BadInputError(f"stage {self.index}: the next hop could not be reached")
+            tm = self.timing
+            while True:
+                t0 = time.perf_counter()
+                f = self.prev.recv(factory=torch_buffers)
+                t1 = time.perf_counter()
+                if f.frame_type != FrameType.TENSORS:
+                    break
+                ctrl, x = f.tensors
+                if ctrl.numel() != _CTRL_LEN or int(ctrl[0]) != OP_FORWARD:
+                    raise BadInputError(f"stage {self.index}: unknown control {ctrl.tolist()}")
+                y = self.model.forward(x, int(ctrl[1]))
+                if y.device.type == "cuda":
+                    torch.cuda.synchronize(y.device)
+                t2 = time.perf_counter()
+                if tm["forwards"]:        # the first wait includes wiring the pipeline
+                    tm["wait_s"] += t1 - t0
+                tm["forwards"] += 1       # counted before the send: the driver may ask as soon as it lands
+                tm["compute_s"] += t2 - t1
+                self.next.send([ctrl, y])
+                tm["send_s"] += time.perf_counter() - t2
+        except (LinkError, VramancerError) as e:
+            self.error = str(e)
+            log.warning("stage %s stopped: %s", getattr(self, "index", "?"), e)
+        except Exception as e:  # noqa: BLE001 - a stage's failure is reported to the driver, one line
+            self.error = f"{type(e).__name__}: {e}"
+            log.warning("stage %s failed: %s", getattr(self, "index", "?"), self.error)
+        finally:
+            if self.next is not None and not self.next.closed:
+                try:
+                    self.next.send_control(FrameType.CLOSE)
+                except LinkError:
+                    pass
+                self.next.close()
+
+    def stats(self) -> str:
+        t = dict(self.timing)
+        t["error"] = self.error
+        t["bytes_received"] = self.prev.bytes_received if self.prev is not None else 0
+        t["bytes_sent"] = self.next.bytes_sent if self.next is not None else 0
+        return json.dumps(t)
+
+    def close(self) -> None:
+        for c in (self.prev, self.next, self.listener):
+            if c is not None:
+                try:
+                    c.close()
+                except Exception:  # noqa: BLE001 - closing what may already be closed
+                    pass
+        if self.thread is not None:
+            self.thread.join(timeout=10)
+        if self.model is not None:
+            self.model.close()
+            self.model = None
+
+
+class ClusterPipeline:
+    """Stage actors for ``plan`` over ``view``'s nodes and the driver's two Link ends.
+
+    ``folder``: the checkpoint on the driver's machine (and, when a node has the same path, its local
+    copy). ``bridge``: serve stages to nodes without a copy over the cloud bridge (default on).
+    ``link_host``: where the driver's Link endpoints bind (default: this node's address in Ray)."""
+
+    def __init__(self, plan: Any, view: ClusterView, folder: str | Path, *, bridge: bool = True,
+                 link_host: str | None = None, cache_dir: str | None = None, timeout_s: float = 300.0) -> None:
+        import ray
+
+        from ..link.keys import load_identity
+        from ..link.tls import TlsTransport
+        from ..models.checkpoint import read_config
+        from .stage import stage_tensor_names
+
+        self.plan = plan
+        self.view = view
+        self.folder = Path(folder)
+        self.timeout_s = timeout_s
+        self.identity = load_identity()
+        self.link_host = link_host or ray.util.get_node_ip_address()
+        self.actors: list[Any] = []
+        self._bridge = None
+        self._bridge_threads: list[threading.Thread] = []
+        self.first = self.last = None
+        self._closed = False
+        self.timing = PipelineStats()
+        try:
+            nodes = [self._node(st.device) for st in plan.stages]
+            for n in nodes:
+                if not n.fingerprint:
+                    raise BadInputError(f"{n.name} has no Link identity: run `vramancer keys init` there")
+            fps = [n.fingerprint for n in nodes]
+            config = read_config(self.folder / "config.json")
+            bridge_spec = self._start_bridge(fps) if bridge else None
+            worker_cls = ray.remote(num_cpus=0)(StageWorker)
+            specs = []
+            for i, (st, n) in enumerate(zip(plan.stages, nodes)):
+                opts: dict[str, Any] = {"scheduling_strategy": pinned(n.ray_id)}
+                if st.torch_device.startswith("cuda"):
+                    opts["num_gpus"] = 1
+                    opts["runtime_env"] = {"env_vars": {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}
+                self.actors.append(worker_cls.options(**opts).remote())
+                specs.append(json.dumps({
+                    "plan": plan.to_json(indent=None), "index": i, "config": config, "folder": str(self.folder),
+                    "names": stage_tensor_names(self.folder, plan, i), "bridge": bridge_spec,
+                    "host": n.link_host or n.address, "cache_dir": cache_dir}))
+            ends = [json.loads(r) for r in self._get([a.setup.remote(s) for a, s in zip(self.actors, specs)])]
+            self.loads = ends
+            for e, n in zip(ends, nodes):
+                if e["fingerprint"] != n.fingerprint:
+                    raise BadInputError(f"{n.name}: the stage's key {e['fingerprint']} is not the node's "
+                                        f"{n.fingerprint}")
+            # the driver's ends: it dials stage 0, the last stage dials the driver's listener
+            self._tls_in = TlsTransport(self.identity, cluster_trust([fps[-1]]))
+            listener = self._tls_in.listen((self.link_host, 0))
+            try:
+                wires = []
+                for i, a in enumerate(self.actors):
+                    prev_fp = self.identity.fingerprint if i == 0 else fps[i - 1]
+                    if i + 1 < len(self.actors):
+                        nh, npt, nfp = ends[i + 1]["host"], ends[i + 1]["port"], fps[i + 1]
+                    else:
+                        nh, npt, nfp = listener.address[0], listener.address[1], self.identity.fingerprint
+                    wires.append(a.wire.remote(prev_fp, nh, int(npt), nfp))
+                accepted: list[Any] = []
+
+                def accept_last() -> None:
+                    try:
+                        accepted.append(listener.accept(timeout=self.timeout_s))
+                    except VramancerError as e:
+                        accepted.append(e)
+
+                waiter = threading.Thread(target=accept_last, daemon=True)
+                waiter.start()
+                self._tls_out = TlsTransport(self.identity, cluster_trust([fps[0]]))
+                self.first = self._tls_out.connect((ends[0]["host"], int(ends[0]["port"])))
+                self._get(wires)
+                waiter.join(self.timeout_s)
+                if not accepted or isinstance(accepted[0], BaseException):
+                    why = accepted[0] if accepted else "timeout"
+                    raise VramancerError(f"the last stage did not connect back: {why}")
+                self.last = accepted[0]
+            finally:
+                listener.close()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- set-up -----------------------------------------------------------------------------------
+    def _node(self, device_id: str):
+        name = node_of(device_id)
+        try:
+            return self.view.node(name)
+        except KeyError:
+            raise BadInputError(f"the plan puts a stage on {device_id}: no node {name!r} in the cluster") from None
+
+    def _get(self, refs: list[Any]) -> list[Any]:
+        import ray
+
+        try:
+            return ray.get(refs, timeout=self.timeout_s)
+        except ray.exceptions.RayTaskError as e:
+            cause = e.cause if getattr(e, "cause", None) is not None else e
+            raise BadInputError(f"a stage worker failed: {str(cause).splitlines()[-1][:400]}") from None
+        except ray.exceptions.GetTimeoutError:
+            raise VramancerError(f"the stage workers did not answer in {self.timeout_s:.0f} s") from None
+
+    def _start_bridge(self, fps: list[str]) -> dict:
+        """The cloud bridge: the driver's checkpoint served over Link TLS to the stage nodes."""
+        from ..hub.bridge import checkpoint_bridge
+        from ..link.errors import LinkError
+        from ..link.tls import TlsTransport
+
+        server = checkpoint_bridge(self.folder)
+        tr = TlsTransport(self.identity, cluster_trust(fps))
+        self._bridge = tr.listen((self.link_host, 0))
+
+        def serve() -> None:
+            while not self._closed:
+                try:
+                    conn = self._bridge.accept(timeout=None)
+                except LinkError:
+                    if self._closed:
+                        return
+                    continue
+                t = threading.Thread(target=_serve_quietly, args=(server, conn), daemon=True)
+                t.start()
+                self._bridge_threads.append(t)
+
+        threading.Thread(target=serve, name="vramancer-bridge", daemon=True).start()
+        host, port = self._bridge.address[:2]
+        return {"host": host, "port": int(port), "fingerprint": self.identity.fingerprint}
+
+    # -- running ----------------------------------------------------------------------------------
+    def forward(self, ids: list[int], start: int) -> Any:
+        """Logits [1, V] (float32) of the last of ``ids``, which sit at positions start.. of the sequence."""
+        import torch
+
+        from ..link.frame import FrameType, torch_buffers
+
+        ctrl = torch.tensor([OP_FORWARD, start], dtype=torch.int64)
+        self.first.send([ctrl, torch.tensor([ids], dtype=torch.int64)])
+        f = self.last.recv(factory=torch_buffers)
+        if f.frame_type != FrameType.TENSORS or len(f.tensors) != 2:
+            raise VramancerError(f"the pipeline stopped: {self._stage_errors() or 'the last stage closed its link'}")
+        return f.tensors[1]
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, eos_ids: set[int] | None = None) -> list[int]:
+        """Greedy decoding: the new token ids (at most ``max_new_tokens``; stops after an EOS id)."""
+        if not prompt_ids:
+            raise BadInputError("an empty prompt")
+        out: list[int] = []
+        t0 = time.perf_counter()
+        logits = self.forward(list(prompt_ids), 0)
+        self.timing.prefill_s += time.perf_counter() - t0
+        pos = len(prompt_ids)
+        t1 = time.perf_counter()
+        while True:
+            tok = int(logits[0].argmax())
+            out.append(tok)
+            if len(out) >= max_new_tokens or (eos_ids and tok in eos_ids):
+                break
+            logits = self.forward([tok], pos)
+            pos += 1
+        self.timing.decode_s += time.perf_counter() - t1
+        self.timing.tokens += len(out)
+        return out
+
+    def _stage_errors(self) -> str:
+        try:
+            errs = [json.loads(s)["error"] for s in self._get([a.stats.remote() for a in self.actors])]
+        except VramancerError:
+            return ""
+        return "; ".join(f"stage {i}: {e}" for i, e in enumerate(errs) if e)
+
+    def stats(self) -> PipelineStats:
+        """Driver figures and each stage's own (wait / compute / send seconds, bytes on its links)."""
+        rows = [json.loads(s) for s in self._get([a.stats.remote() for a in self.actors])]
+        stages = []
+        for i, (st, r) in enumerate(zip(self.plan.stages, rows)):
+            stages.append(StageTiming(i, node_of(st.device), st.device, r["forwards"], r["wait_s"], r["compute_s"],
+                                      r["send_s"], r["load_s"], r["loaded_from"], r["bytes_received"],
+                                      r["bytes_sent"]))
+        return PipelineStats(self.timing.tokens, self.timing.prefill_s, self.timing.decode_s, stages)
+
+    def close(self) -> None:
+        import ray
+
+        if self._closed:
+            return
+        self._closed = True
+        from ..link.frame import FrameType
+
+        if self.first is not None:
+            try:
+                self.first.send_control(FrameType.CLOSE)
+            except VramancerError:
+                pass
+        for a in self.actors:
+            try:
+                ray.get(a.close.remote(), timeout=15)
+            except Exception:  # noqa: BLE001 - the actor is killed next whatever happened
+                pass
+            ray.kill(a)
+        self.actors = []
+        for c in (self.first, self.last, self._bridge):
+            if c is not None:
+                c.close()
+
+    def __enter__(self) -> ClusterPipeline:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _serve_quietly(server: Any, conn: Any) -> None:
+    from ..link.errors import LinkError
+
+    try:
+        server.serve(conn)
+    except LinkError as e:
+        log.warning("cloud bridge: %s", e)

@@ -1,0 +1,213 @@
+"""Plan over every device of every node of a cluster.
+
+Devices are the nodes' own (``NodeInfo.devices``) under cluster ids ``node2/cuda:0``. A hop between
+two nodes costs what the Link measured (``discover``): half a round trip plus the hidden state's
+bytes over the measured bandwidth, per decode step (one token) and per prefill chunk; a hop inside
+a node costs what the planner's cost model says (``CostModel.hop_seconds``). The driver (the node
+running ``plan`` / ``run``) sends token ids to the first stage and gets the last position's logits
+back, so a first or last stage elsewhere costs those hops too.
+
+The search keeps each node's devices together in the pipeline order, so activations cross the
+network at most once per node boundary; it tries node orders (every one for up to
+``MAX_NODE_ORDERS`` permutations, the driver's node first otherwise), partitions the blocks over
+each order with the planner's own partitioner (``plan.partition``: memory, offload tiers), prices
+each result with the measured hops, and keeps the cheapest (fewest blocks off the GPUs first, then
+seconds per token). The Plan is then assembled by the planner (``plan_placement``) and its predicted
+speeds include the network.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import replace
+from typing import Any
+
+from ..devices.device import Device
+from ..errors import DoesNotFitError, WorkloadError
+from .nodes import ClusterView, node_of
+
+__all__ = ["cluster_devices", "network_hop_seconds", "plan_cluster", "MAX_NODE_ORDERS", "network_summary"]
+
+MAX_NODE_ORDERS = 24
+_DEFAULT_RTT_S = 1e-3           # a node pair the probes could not measure: a LAN's figures
+_DEFAULT_BANDWIDTH = 117e6      # 1 GbE
+
+
+def cluster_devices(view: ClusterView) -> list[Device]:
+    """Every device of every node, with cluster ids (``node2/cuda:0``), nodes in order."""
+    out = []
+    for n in view.nodes:
+        for d in n.devices:
+            out.append(replace(d, id=f"{n.name}/{d.id}"))
+    return out
+
+
+def _measure(view: ClusterView, a: str, b: str) -> tuple[float, float]:
+    lk = view.link(a, b) or view.link(b, a)
+    if lk is None:
+        return _DEFAULT_RTT_S, _DEFAULT_BANDWIDTH
+    return lk.rtt_s, lk.bandwidth_bytes_per_s
+
+
+def network_hop_seconds(view: ClusterView, a: str, b: str, nbytes: int) -> float:
+    """Seconds for ``nbytes`` to go one way from node ``a`` to node ``b``: half the measured round
+    trip plus the bytes over the measured bandwidth (0 within a node)."""
+    if a == b or not a or not b:
+        return 0.0
+    rtt, bw = _measure(view, a, b)
+    return rtt / 2 + nbytes / bw
+
+
+class _Pricing:
+    def __init__(self, profile: Any, devices: list[Device], workload: Any, view: ClusterView, driver: str) -> None:
+        from ..plan.cost import CostModel
+        from ..plan.memory import BlockTable
+
+        self.profile = profile
+        self.devices = devices
+        self.view = view
+        self.driver = driver
+        self.cost = CostModel(profile, workload.context, workload.batch, workload.prefill_chunk)
+        self.table = BlockTable(profile, workload.context, workload.batch, workload.prefill_chunk)
+        self.batch = workload.batch
+        self.chunk_tokens = self.table.chunk_tokens
+        dt_bytes = 2 if "16" in str(workload.dtype) else 4
+        self.token_bytes = (profile.hidden_size or 4096) * dt_bytes
+        self.logits_bytes = int(getattr(profile, "vocab_size", 0) or 32000) * 4
+        self.seconds = [[self.cost.execute_seconds(b, d)[0] for b in profile.blocks] for d in devices]
+        self.prefill = [[self.cost.execute_seconds(b, d)[1] for b in profile.blocks] for d in devices]
+
+    def hop(self, a: int, b: int) -> tuple[float, float]:
+        """(decode, prefill) seconds of the hidden state from a stage on device a to one on device b."""
+        da, db = self.devices[a], self.devices[b]
+        na, nb = node_of(da.id), node_of(db.id)
+        if na != nb:
+            return (network_hop_seconds(self.view, na, nb, self.batch * self.token_bytes),
+                    network_hop_seconds(self.view, na, nb, self.chunk_tokens * self.token_bytes))
+        return self.cost.hop_seconds(da, db)
+
+    def network(self, ranges: list[tuple[int, int, int]]) -> tuple[float, float, int]:
+        """(decode, prefill) network seconds of a placement, and its node boundaries crossed."""
+        dec = pre = 0.0
+        crossings = 0
+        nodes = [node_of(self.devices[d].id) for d, _, _ in ranges]
+        for x, y in zip(nodes, nodes[1:]):
+            if x != y:
+                crossings += 1
+                dec += network_hop_seconds(self.view, x, y, self.batch * self.token_bytes)
+                pre += network_hop_seconds(self.view, x, y, self.chunk_tokens * self.token_bytes)
+        if nodes and self.driver:
+            ids = network_hop_seconds(self.view, self.driver, nodes[0], 8 * self.batch)
+            logits = network_hop_seconds(self.view, nodes[-1], self.driver, self.logits_bytes * self.batch)
+            dec += ids + logits
+            pre += ids + logits
+            crossings += (nodes[0] != self.driver) + (nodes[-1] != self.driver)
+        return dec, pre, crossings
+
+    def total(self, ranges: list[tuple[int, int, int]]) -> float:
+        t = sum(sum(self.seconds[d][s:e]) for d, s, e in ranges)
+        for (a, _, _), (b, _, _) in zip(ranges, ranges[1:]):
+            if node_of(self.devices[a].id) == node_of(self.devices[b].id) and a != b:
+                t += self.cost.hop_seconds(self.devices[a], self.devices[b])[0]
+        return t + self.network(ranges)[0]
+
+
+def _node_orders(nodes: list[str], driver: str) -> list[list[str]]:
+    perms = itertools.permutations(nodes)
+    orders = [list(p) for p in itertools.islice(perms, MAX_NODE_ORDERS)]
+    if driver in nodes:   # beyond the limit, the orders starting on the driver's node come first
+        first = [o for o in orders if o[0] == driver]
+        orders = first + [o for o in orders if o[0] != driver]
+    return orders
+
+
+def _within_node(devices: list[Device], idx: list[int]) -> list[int]:
+    from ..plan.partition import candidate_orders
+
+    sub = [devices[i] for i in idx]
+    return [idx[j] for j in candidate_orders(sub, 1)[0]]
+
+
+def plan_cluster(model: Any, view: ClusterView, *, context: int | None = None, batch: int = 1,
+                 dtype: str | None = None, objective: str = "latency", reserve_bytes: int | str | None = None,
+                 prefill_chunk: int = 512, driver: str = "") -> Any:
+    """The Plan of ``model`` over every device of ``view``'s nodes (see the module docstring).
+    ``driver``: the node the driver runs on (its hops to the first and from the last stage count)."""
+    from ..models.profile import ModelProfile
+    from ..models.resolve import profile as make_profile
+    from ..plan.memory import default_reserve_bytes
+    from ..plan.partition import partition, time_quantum
+    from ..plan.plan import Workload
+    from ..plan.planner import check_reserve, check_workload, default_context, plan_placement
+
+    check_workload(1 if context is None else context, batch, objective, prefill_chunk)
+    prof = model if isinstance(model, ModelProfile) else make_profile(model, dtype=dtype)
+    devices = cluster_devices(view)
+    if not devices:
+        raise WorkloadError("the cluster's nodes report no devices (see `vramancer cluster status`)")
+    if context is None:
+        context = default_context(prof)
+    workload = Workload(context=context, batch=batch, dtype=prof.dtype, objective=objective,  # type: ignore[arg-type]
+                        prefill_chunk=prefill_chunk)
+    check_workload(context, batch, objective, prefill_chunk)
+    r = None if reserve_bytes is None else check_reserve(reserve_bytes)
+    reserve = [r if (r is not None and d.kind == "gpu") else default_reserve_bytes(d) for d in devices]
+    capacity = [max(0, d.free_bytes - res) for d, res in zip(devices, reserve)]
+    pricing = _Pricing(prof, devices, workload, view, driver)
+    quantum = time_quantum(pricing.seconds)
+    by_node: dict[str, list[int]] = {}
+    for i, d in enumerate(devices):
+        by_node.setdefault(node_of(d.id), []).append(i)
+    best: tuple[Any, list[tuple[int, int, int]]] | None = None
+    for node_order in _node_orders(list(by_node), driver):
+        order: list[int] = []
+        hops: list[float] = [0.0] * len(devices)
+        prev_node = None
+        for name in node_order:
+            idx = _within_node(devices, by_node[name])
+            for k, i in enumerate(idx):
+                if k == 0 and prev_node is not None:
+                    hops[i] = network_hop_seconds(view, prev_node, name, batch * pricing.token_bytes)
+                else:
+                    hops[i] = pricing.cost.hop_seconds(devices[order[-1]] if order else devices[i], devices[i])[0]
+                order.append(i)
+            prev_node = name
+        p = partition(pricing.table, devices, order, capacity, pricing.seconds, hops, objective, quantum=quantum)
+        if p is None:
+            continue
+        key = (p.cost[0], pricing.total(p.ranges))
+        if best is None or key < best[0]:
+            best = (key, p.ranges)
+    if best is None:
+        need = sum(pricing.table.weights) + sum(pricing.table.kv)
+        short = max(need - sum(capacity), 1)
+
+        raise DoesNotFitError(f"{prof.name} does not fit on the cluster's {len(devices)} devices "
+                              f"({', '.join(d.id for d in devices)}) at context {context}",
+                              shortfall_bytes=short)
+    ranges = best[1]
+    block_devices = [devices[d].id for d, s, e in ranges for _ in range(s, e)]
+    plan = plan_placement(prof, devices, workload, block_devices, reserve_bytes=reserve_bytes)
+    net_dec, net_pre, crossings = pricing.network(ranges)
+    p = plan.predicted
+    step_s = p.decode_ms_per_step / 1000 + net_dec
+    if objective == "throughput" and len(plan.stages) > 1:
+        decode_tps = batch / max(batch / max(p.decode_tokens_per_s, 1e-9), net_dec)
+    else:
+        decode_tps = batch / step_s if step_s > 0 else p.decode_tokens_per_s
+    pre_s = pricing.chunk_tokens / max(p.prefill_tokens_per_s, 1e-9) + net_pre
+    plan.predicted = replace(p, decode_tokens_per_s=round(decode_tps, 3),
+                             prefill_tokens_per_s=round(pricing.chunk_tokens / pre_s, 3),
+                             decode_ms_per_step=round(step_s * 1000, 3))
+    plan.notes.append(network_summary(view, plan, driver, net_dec, crossings))
+    return plan
+
+
+def network_summary(view: ClusterView, plan: Any, driver: str, net_dec: float, crossings: int) -> str:
+    nodes = []
+    for st in plan.stages:
+        n = node_of(st.device)
+        if not nodes or nodes[-1] != n:
+            nodes.append(n)
+    path = " -> ".join(([f"driver({driver})"] if driver else []) + nodes + ([f"driver({driver})"] if driver else []))
+    return (f"cluster: {path}; the network is crossed {crossings} times per token, "
+            f"{net_dec * 1000:.2f} ms of each decode step (measured links)")
