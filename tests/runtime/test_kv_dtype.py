@@ -5,6 +5,7 @@ bf16 keeps greedy output, q8_0 blocks are llama.cpp's."""
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 
@@ -217,17 +218,54 @@ def test_cli_plan_and_run_with_kv_dtype(folders, capsys, tmp_path):
     assert rc == 2 and err.strip().count("\n") == 0 and "--kv-dtype int2" in err
 
 
-def test_serve_refuses_kv_dtype_in_one_line(folders, capsys, monkeypatch):
-    """serve's batch cache (serve/kv.py) pads and joins plain tensors: --kv-dtype is refused, before
-    anything is loaded (never served at a format the plan did not budget)."""
-    from vramancer.cli import main as cli
-    from vramancer.serve import server
+@pytest.fixture(scope="module")
+def chat_split(tmp_path_factory):
+    """A tiny Llama with the demo's tokenizer, head size 32, saved as a folder."""
+    from tests.models.tiny import chat_llama
 
-    def never(*a, **k):
-        raise AssertionError("served")
+    model, tok = chat_llama(hidden_size=128, intermediate_size=128, num_hidden_layers=2)
+    folder = tmp_path_factory.mktemp("kv-chat") / "llama"
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    return folder, tok
 
-    monkeypatch.setattr(server, "serve_forever", never)
-    rc = cli(["serve", str(folders["llama"]), "--port", "0", "--devices", "rtx3090,rtx3060", "--split", "1,1",
-              "--context", "32", "--kv-dtype", "q8_0", "-q"])
-    err = capsys.readouterr().err.strip()
-    assert rc == 2 and err.count("\n") == 0 and "--kv-dtype q8_0: serve keeps its batch KV cache" in err
+
+@pytest.mark.parametrize("kv", ["q8_0", "fp8"])
+def test_serve_engine_stores_the_planned_format(chat_split, kv):
+    """The continuous-batching engine (serve/) keeps its batch cache packed: KV bytes per token as
+    planned, a batch of padded rows gives each request what it gets alone, and alone what
+    ``generate`` gives with the same cache format."""
+    from vramancer.plan.planner import plan
+    from vramancer.runtime.generate import generate_ids
+    from vramancer.runtime.loader import load
+    from vramancer.serve.engine import Engine
+    from vramancer.serve.sampling import SamplingParams
+
+    folder, tok = chat_split
+    p = plan(str(folder), devices="rtx3090,rtx3060", split=[1, 1], context=64, batch=4, kv_dtype=kv)
+    model = load(str(folder), plan=p)
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in
+               ("Hello there", "The quick brown fox jumps over the lazy dog", "A", "VRAM is memory")]
+    greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    eng = Engine(model, tok, context_tokens=64, max_batch=4, prefill_chunk_tokens=8)
+    try:
+        assert eng.kv_bytes_per_token == sum(b.kv_bytes_per_token for b in p.blocks)
+        assert [st.kv_bytes_per_token for st in eng.stages] == [68 * 2 if kv == "q8_0" else 64 * 2] * 2
+        eng.start()
+
+        def run(batch):
+            done = [threading.Event() for _ in batch]
+            seqs = [eng.submit(q, greedy, lambda e, ev=ev: ev.set() if e.kind == "finish" else None)
+                    for q, ev in zip(batch, done)]
+            assert all(ev.wait(60) for ev in done)
+            return [s.output_ids for s in seqs]
+
+        alone = [run([q])[0] for q in prompts]
+        assert run(prompts) == alone
+        assert eng.stats().peak_running == len(prompts)
+    finally:
+        eng.stop()
+    for q, ids in zip(prompts[:2], alone[:2]):
+        out = generate_ids(model, {"input_ids": torch.tensor([q])}, greedy.max_tokens, pad_token_id=0)
+        assert out[0, len(q):].tolist() == ids
+    model.vramancer.detach()

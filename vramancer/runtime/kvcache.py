@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 __all__ = ["KVFormat", "kv_format", "new_kv_cache", "kv_cache_for", "quantize_q8_0", "dequantize_q8_0",
-           "check_head_dim", "FP8_MAX"]
+           "check_head_dim", "FP8_MAX", "layer_tensors", "cache_with_tensors"]
 
 FP8_MAX = 448.0   # largest finite float8_e4m3fn
 
@@ -296,3 +296,38 @@ def kv_cache_for(model: Any) -> Any:
     if kv is None:
         return None
     return new_kv_cache(getattr(model, "config", None), kv)
+
+
+def layer_tensors(layer: Any) -> tuple[Any, ...]:
+    """A cache layer's stored tensors, batch first and tokens at dim -2: (keys, values) and, for a
+    q8_0 layer, its (key_scales, value_scales); Nones for a layer never written."""
+    parts = (getattr(layer, "keys", None), getattr(layer, "values", None))
+    if getattr(layer, "key_scales", None) is not None:
+        parts += (layer.key_scales, layer.value_scales)
+    return parts
+
+
+def cache_with_tensors(template: Any, layers: Any) -> Any:
+    """A cache of ``template``'s kind holding ``layers`` (an iterable of ``layer_tensors`` tuples,
+    consumed one layer at a time): a packed cache (``new_kv_cache``) in the template's format and
+    compute dtype, else transformers' ``DynamicCache`` of (keys, values)."""
+    from transformers import DynamicCache
+
+    packed = [la for la in getattr(template, "layers", []) if hasattr(la, "fmt")]
+    if not packed:
+        return DynamicCache(ddp_cache_data=((t[0], t[1]) for t in layers))
+    fmt = packed[0].fmt
+    compute = next((la.compute_dtype for la in packed if la.compute_dtype is not None), None)
+    full, _ = _layer_classes()
+    cache = new_kv_cache(None, fmt.name)
+    out = []
+    for parts in layers:
+        layer = full(fmt)
+        if parts[0] is not None:
+            layer.keys, layer.values = parts[0], parts[1]
+            if fmt.scales:
+                layer.key_scales, layer.value_scales = parts[2], parts[3]
+            layer.device, layer.compute_dtype, layer.is_initialized = parts[0].device, compute, True
+        out.append(layer)
+    cache.layers = out
+    return cache

@@ -112,11 +112,6 @@ def main(args: argparse.Namespace) -> int:
 
     missing_runtime()
     plan = make_plan(args, args.model)
-    if plan.workload.kv_dtype is not None:   # the batch cache (serve/kv.py) pads and joins plain tensors
-        from ..errors import WorkloadError
-
-        raise WorkloadError(f"--kv-dtype {plan.workload.kv_dtype}: serve keeps its batch KV cache at the compute "
-                            "dtype for now (run and chat store it as planned); plan without --kv-dtype")
     from ..runtime.progress import LoadProgress
 
     quiet = getattr(args, "quiet", False)

@@ -206,6 +206,9 @@ class Engine:
         self._input_device = model.get_input_embeddings().weight.device
         self._eos_ids = self._find_eos_ids()
         self.vocab_size = int(model.get_input_embeddings().weight.shape[0])
+        # the plan's --kv-dtype: every cache the engine makes stores it (serve/kv.py new_cache)
+        kv_plan = plan if plan is not None else getattr(getattr(model, "vramancer", None), "plan", None)
+        self._kv_dtype = getattr(getattr(kv_plan, "workload", None), "kv_dtype", None)
 
         with torch.inference_mode():
             self.layer_kv_bytes_per_token = self._measure_kv_bytes_per_token()
@@ -276,7 +279,7 @@ class Engine:
         """Bytes one token adds to each layer's cache, from a one-token forward."""
         import torch
 
-        cache = new_cache()
+        cache = new_cache(self._kv_dtype)
         one = torch.ones(1, 1, dtype=torch.long)
         self._forward(torch.zeros(1, 1, dtype=torch.long), one, torch.zeros(1, 1, dtype=torch.long), cache)
         return cache_layer_bytes(cache)
@@ -398,7 +401,7 @@ class Engine:
         while self._queue and self.fits(active + [self._queue[0]]):
             seq = self._queue.popleft()
             seq.state = "prefill"
-            seq.cache = new_cache()
+            seq.cache = new_cache(self._kv_dtype)
             self._prefilling.append(seq)
             active.append(seq)
         for seq in self._queue:

@@ -42,26 +42,32 @@ class StageKV:
         return rows * width_tokens * self.kv_bytes_per_token
 
 
-def new_cache():
+def new_cache(kv_dtype: str | None = None):
     """An empty DynamicCache whose layers keep every token. Sliding-window layers too: their
     window is applied by the attention mask, which in a right-aligned batch is exact (column
     distance = position distance), whereas a cache that drops old columns would drop a
-    different number of real tokens in each padded row."""
+    different number of real tokens in each padded row. ``kv_dtype`` (the plan's --kv-dtype):
+    layers that keep keys and values packed in it (runtime/kvcache.py)."""
+    if kv_dtype is not None:
+        from ..runtime.kvcache import new_kv_cache
+
+        return new_kv_cache(None, kv_dtype)
     from transformers import DynamicCache
 
     return DynamicCache()
 
 
-def _pairs(cache: Any) -> list[tuple[Any, Any]]:
-    """(keys [B, H, T, D] | None, values | None) per layer."""
-    return [(item[0], item[1]) for item in cache]
+def _pairs(cache: Any) -> list[tuple[Any, ...]]:
+    """Per layer its stored tensors, [B, H, T, ...] (None for a layer never written): keys and
+    values, and a q8_0 cache's scales (runtime/kvcache.layer_tensors)."""
+    from ..runtime.kvcache import layer_tensors
+
+    return [layer_tensors(layer) for layer in cache.layers]
 
 
 def cache_layer_bytes(cache: Any) -> list[int]:
-    """Bytes held by each layer's keys and values."""
-    return [(k.numel() * k.element_size() if k is not None else 0)
-            + (v.numel() * v.element_size() if v is not None else 0)
-            for k, v in _pairs(cache)]
+    """Bytes held by each layer's keys and values (and scales)."""
+    return [sum(t.numel() * t.element_size() for t in parts if t is not None) for parts in _pairs(cache)]
 
 
 def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:
@@ -75,11 +81,11 @@ def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:
     return torch.cat([pad, t], dim=-2)
 
 
-def _rebuild(layers: Iterator[tuple[Any, ...]]):
-    """A DynamicCache holding the given per-layer tensors (consumed one layer at a time)."""
-    from transformers import DynamicCache
+def _rebuild(layers: Iterator[tuple[Any, ...]], template: Any):
+    """A cache of ``template``'s kind holding the given per-layer tensors (consumed one layer at a time)."""
+    from ..runtime.kvcache import cache_with_tensors
 
-    return DynamicCache(ddp_cache_data=layers)
+    return cache_with_tensors(template, layers)
 
 
 class BatchKV:
@@ -112,18 +118,18 @@ class BatchKV:
 
         def layers() -> Iterator[tuple[Any, ...]]:
             for i in range(len(old)):
-                (k, v), (rk, rv) = old[i], new[i]
+                mine, theirs = old[i], new[i]
                 old[i] = new[i] = None  # free each old layer as soon as its replacement exists
-                if k is None or rk is None:
+                if mine[0] is None or theirs[0] is None:
                     yield (None, None)
                     continue
-                w = max(k.shape[-2], rk.shape[-2])
-                k2 = torch.cat([_pad_left(k, w), _pad_left(rk.to(k.device), w)], dim=0)
-                v2 = torch.cat([_pad_left(v, w), _pad_left(rv.to(v.device), w)], dim=0)
-                del k, v, rk, rv
-                yield (k2, v2)
+                w = max(mine[0].shape[-2], theirs[0].shape[-2])
+                joined = tuple(torch.cat([_pad_left(a, w), _pad_left(b.to(a.device), w)], dim=0)
+                               for a, b in zip(mine, theirs, strict=True))
+                del mine, theirs
+                yield joined
 
-        self.cache = _rebuild(layers())
+        self.cache = _rebuild(layers(), row_cache)
         width = max(self.width, row_len)
         pad_old = torch.zeros(self.rows, width - self.width, dtype=torch.long)
         row = torch.cat([torch.zeros(width - row_len, dtype=torch.long),
@@ -158,21 +164,21 @@ class BatchKV:
         lengths = [self.lengths[r] for r in rows]
         trim = self.width - max(lengths)  # leading columns with no real token left
         old = _pairs(self.cache)
-        self.cache = None
+        template, self.cache = self.cache, None
 
         def layers() -> Iterator[tuple[Any, ...]]:
             for i in range(len(old)):
-                k, v = old[i]
+                parts = old[i]
                 old[i] = None
-                if k is None:
+                if parts[0] is None:
                     yield (None, None)
                     continue
-                idx = index.to(k.device)
-                k2, v2 = k[:, :, trim:][idx], v[:, :, trim:][idx]  # one copy: rows and columns kept
-                del k, v
-                yield (k2, v2)
+                idx = index.to(parts[0].device)
+                kept = tuple(t[:, :, trim:][idx] for t in parts)  # one copy: rows and columns kept
+                del parts
+                yield kept
 
-        self.cache = _rebuild(layers())
+        self.cache = _rebuild(layers(), template)
         self.mask = mask[:, trim:].contiguous()
         self.lengths = lengths
 
