@@ -99,6 +99,22 @@ def test_one_block_at_any_offset_and_into_out(name):
         dequantize(buf.view(1, -1), name, out=torch.empty(1, 9 * t.block_values, dtype=torch.float16))
 
 
+@pytest.mark.parametrize("name", ["Q4_K", "Q6_K", "Q5_0", "F16"])
+def test_large_tensor_equals_reference(name):
+    """A tensor past 4 MiB of output (allocated through numpy for huge pages on the CPU) equals the
+    reference too, and is an ordinary writable float32 tensor."""
+    rng = np.random.default_rng(5)
+    t = GGUF_TYPES[name]
+    if t.quantized:
+        raw = _random_blocks(name, rows=256, blocks_per_row=4096 // t.block_values, rng=rng)
+    else:
+        raw = rng.standard_normal((256, 4096)).astype(np.float16).view(np.uint8)
+    ours = dequantize(torch.from_numpy(raw.copy()), name)
+    assert ours.numel() * 4 >= 4 << 20 and ours.is_contiguous()
+    _bits_equal(ours, ref_dequantize(raw, QT[name]))
+    ours.mul_(0.0)
+
+
 def test_unsupported_type_named():
     with pytest.raises(BadInputError, match="IQ2_XXS"):
         gguf_type(QT.IQ2_XXS)
