@@ -176,3 +176,34 @@ def test_report_keeps_the_last_run():
         pass
     text = t.report()
     assert text.startswith("VRAMancer report, run 2") and "encode" not in text and "2.0 KiB" in text
+
+
+def test_controlnet_residuals_go_where_their_hidden_states_are():
+    """UNet: apply_control pops each list from its end; the skip of output block j comes from input
+    block n-1-j. Stage 1 is on the meta device here, so every move is visible without a GPU."""
+    import torch
+    from torch import nn
+
+    from vramancer.integrations.comfyui.split import SplitState, StageRun, _is_control
+
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    stages = [StageRun(0, "a", cpu, cpu, "execute", ["time_embed", "input_blocks.0", "input_blocks.1"]),
+              StageRun(1, "b", meta, meta, "execute", ["input_blocks.2", "middle_block.0", "middle_block.1",
+                                                        "output_blocks.0", "output_blocks.1", "output_blocks.2"])]
+    state = SplitState(None, stages, 0, "")
+    dm = nn.Module()
+    dm.input_blocks = nn.ModuleList([nn.Identity() for _ in range(3)])
+    c = {name: [torch.zeros(1) for _ in range(3)] for name in ("input", "output")}
+    c["middle"] = [torch.zeros(1)]
+    assert _is_control(c) and not _is_control({"transformer_index": 0}) and not _is_control({})
+    out = state.control_on_devices(dm, c)
+    assert [t.device for t in out["input"]] == [meta, cpu, cpu]     # the last one is popped first (block 0)
+    assert [t.device for t in out["output"]] == [cpu, cpu, meta]    # output block 0's skip: input block 2
+    assert [t.device for t in out["middle"]] == [meta]
+    assert all(t.device == cpu for v in c.values() for t in v)       # the caller's dict is left as it was
+    flux = nn.Module()
+    flux.double_blocks = nn.ModuleList([nn.Identity()])
+    state = SplitState(None, [StageRun(0, "a", cpu, cpu, "execute", ["double_blocks.0"]),
+                              StageRun(1, "b", meta, meta, "execute", ["single_blocks.0"])], 0, "")
+    out = state.control_on_devices(flux, {"input": [torch.zeros(1)], "output": [torch.zeros(1)]})
+    assert out["input"][0].device == cpu and out["output"][0].device == meta

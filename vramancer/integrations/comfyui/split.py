@@ -105,6 +105,12 @@ def _move(obj: Any, device: torch.device, memo: dict[int, tuple[Any, Any]], stat
     return obj
 
 
+def _is_control(obj: Any) -> bool:
+    """ComfyUI's ControlNet residuals: {"input": [...], "middle": [...], "output": [...]}."""
+    return isinstance(obj, dict) and bool(obj) and set(obj) <= {"input", "middle", "output"} \
+        and all(isinstance(v, list) for v in obj.values())
+
+
 class SplitState:
     """The split of one denoiser: its plan, its stages, the text shown on the node. Shared by every
     clone of the patcher it was made for (the attachment returns itself on clone)."""
@@ -231,6 +237,45 @@ class SplitState:
         memo = self._memos[st.index]
         return _move(h, st.compute_device, memo, st.stats), _move(hsp, st.compute_device, memo, st.stats)
 
+    def _device_of(self, prefix: str) -> torch.device | None:
+        st = self.stage_of(prefix)
+        return None if st is None else st.compute_device
+
+    def control_on_devices(self, dm: nn.Module, control: dict) -> dict:
+        """A ControlNet's residuals, each on the device of the hidden states it is added to (the model's
+        forward adds them outside any layer). UNet: ``apply_control`` pops each list from its end, input
+        after input block i, middle after the middle block, output onto the skip tensor of output block j
+        (made by input block n-1-j); Flux: ``input[i]`` into double block i, ``output[i]`` into single
+        block i."""
+        import torch
+
+        if hasattr(dm, "input_blocks"):
+            n_in = len(dm.input_blocks)
+            middle = sorted((p for p in self._stage_of_prefix if p.split(".")[0] == "middle_block"),
+                            key=lambda p: int(p.split(".")[1]) if "." in p else 0)
+            places = {"input": lambda call: self._device_of(f"input_blocks.{call}"),
+                      "output": lambda call: self._device_of(f"input_blocks.{n_in - 1 - call}"),
+                      "middle": lambda call: self._device_of(middle[-1]) if middle else None}
+            popped = True
+        elif hasattr(dm, "double_blocks"):
+            places = {"input": lambda i: self._device_of(f"double_blocks.{i}"),
+                      "output": lambda i: self._device_of(f"single_blocks.{i}")}
+            popped = False
+        else:
+            return control
+        out = dict(control)
+        for name, place in places.items():
+            values = control.get(name)
+            if not isinstance(values, list):
+                continue
+            moved = list(values)
+            for k, t in enumerate(values):
+                dev = place(len(values) - 1 - k if popped else k)
+                if isinstance(t, torch.Tensor) and dev is not None and t.device != dev:
+                    moved[k] = t.to(dev)
+            out[name] = moved
+        return out
+
     def wrapper(self, executor: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         import torch
 
@@ -251,8 +296,10 @@ class SplitState:
                 memo0 = self._memos[0]
                 stats0 = self.stages[0].stats
                 xin = _move(x, first, memo0, stats0)
-                args = tuple(_move(a, first, memo0, stats0) for a in args)
-                kwargs = {k: _move(v, first, memo0, stats0) for k, v in kwargs.items()}
+                args = tuple(self.control_on_devices(dm, a) if _is_control(a) else _move(a, first, memo0, stats0)
+                             for a in args)
+                kwargs = {k: self.control_on_devices(dm, v) if _is_control(v) else _move(v, first, memo0, stats0)
+                          for k, v in kwargs.items()}
                 devices = {str(st.compute_device) for st in self.stages} | {str(st.device) for st in self.stages}
                 with TRACKER.phase("denoise", [torch.device(d) for d in sorted(devices)],
                                    held=lambda: self.held_bytes(dm), planned=self.planned_bytes()):
