@@ -25,13 +25,14 @@ MOE = {
     "qwen3_moe": dict(head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                       decoder_sparse_step=1),
 }
-# GPU budgets (bytes in KiB) where whole MoE layers do not all fit on the GPUs but their attention does
+# GPU budgets where whole MoE layers do not all fit on the GPUs but their attention does (and the
+# prefill copy of one layer's experts)
 DEVICES = {
-    ("mixtral", 2): "rtx3090:300KiB,rtx3060:200KiB,cpu:8GiB",
-    ("mixtral", 3): "rtx3090:200KiB,rtx3060:180KiB,rtx4090:200KiB,cpu:8GiB",
-    ("qwen2_moe", 2): "rtx3090:300KiB,rtx3060:200KiB,cpu:8GiB",
-    ("qwen3_moe", 2): "rtx3090:200KiB,rtx3060:160KiB,cpu:8GiB",
-    ("qwen3_moe", 3): "rtx3090:160KiB,rtx3060:150KiB,rtx4090:160KiB,cpu:8GiB",
+    ("mixtral", 2): "rtx3090:380KiB,rtx3060:280KiB,cpu:8GiB",
+    ("mixtral", 3): "rtx3090:240KiB,rtx3060:230KiB,rtx4090:240KiB,cpu:8GiB",
+    ("qwen2_moe", 2): "rtx3090:300KiB,rtx3060:230KiB,cpu:8GiB",
+    ("qwen3_moe", 2): "rtx3090:260KiB,rtx3060:220KiB,cpu:8GiB",
+    ("qwen3_moe", 3): "rtx3090:210KiB,rtx3060:200KiB,rtx4090:210KiB,cpu:8GiB",
 }
 NEW_TOKENS = 16
 
@@ -80,8 +81,8 @@ def _greedy(model, ids):
                               min_new_tokens=NEW_TOKENS, do_sample=False)
 
 
-def _prompt(seed: int = 1):
-    return torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(seed))
+def _prompt(seed: int = 1, tokens: int = 6):
+    return torch.randint(3, VOCAB, (1, tokens), generator=torch.Generator().manual_seed(seed))
 
 
 def _check_experts(model, plan):
@@ -120,7 +121,8 @@ def test_experts_on_host_greedy_equals_unsplit(moe_folders, arch, n_gpus):
 
     folder = moe_folders[arch]
     plan = moe_plan(str(folder), DEVICES[(arch, n_gpus)])
-    ids = _prompt()
+    # 3 GPUs: a 40-token prompt, whose prefill runs the experts on the layer's GPU (weights copied there)
+    ids = _prompt(tokens=40 if n_gpus == 3 else 6)
     ref = _greedy(transformers.AutoModelForCausalLM.from_pretrained(folder).eval(), ids)
     model = load(folder, plan=plan)
     rt = model.vramancer
@@ -130,7 +132,10 @@ def test_experts_on_host_greedy_equals_unsplit(moe_folders, arch, n_gpus):
     assert torch.equal(out, ref)
     n_moved = sum(1 for b in plan.blocks if b.experts_device)
     # every host experts module ran once per forward (prefill + NEW_TOKENS - 1 decode steps)
-    assert rt.experts_hooks.stats.forwards == n_moved * NEW_TOKENS
+    stats = rt.experts_hooks.stats
+    assert stats.forwards == n_moved * NEW_TOKENS
+    assert stats.copied_forwards == (n_moved if n_gpus == 3 else 0)
+    assert stats.copied_bytes == (sum(b.experts_bytes for b in plan.blocks) if n_gpus == 3 else 0)
     _check_experts(model, plan)
     hooked = [model.get_submodule(e.name) for s in rt.stages for e in s.host_experts]
     assert len(hooked) == n_moved and all(m._forward_pre_hooks and m._forward_hooks for m in hooked)

@@ -7,8 +7,11 @@ too. The planner keeps this placement when it serves a representative request so
 (``planner.request_seconds``).
 
 Planned by placing a "slim" profile (those layers without their routed experts) on the devices
-with host RAM reduced by the experts' bytes, then adding the experts' CPU time and the hops to
-the slim plan's stages and prediction. N is the fewest layers whose experts must leave the GPUs
+with host RAM reduced by the experts' bytes, then adding the experts' time and the hops to the
+slim plan's stages and prediction. Decode computes the experts on the CPU; a prefill forward (at
+least ``PHASE_PREFILL_TOKENS`` tokens, as llama.cpp does for large batches) copies one layer's experts
+to its GPU and computes them there, so every GPU keeps room for the largest experts module moved
+(counted in its stage's ``activation_bytes``). N is the fewest layers whose experts must leave the GPUs
 for every block to fit on them (more experts on the GPUs is never slower)."""
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from dataclasses import replace
 from ..devices.device import Device
 from ..models.profile import BlockProfile, ModelProfile
 from ..units import format_bytes
-from .cost import CostModel
+from .cost import LINK_EFFICIENCY, CostModel
 from .plan import Plan, Prediction, Workload
 
 __all__ = ["experts_blocks", "experts_on_host", "llama_cpp_moe_flags"]
@@ -60,7 +63,10 @@ def _try(profile: ModelProfile, devices: list[Device], workload: Workload, reser
     experts = sum(profile.blocks[i].experts_bytes for i in moved)
     if experts > devices[host].free_bytes:
         return None
-    devs = list(devices)
+    one = max(profile.blocks[i].experts_bytes for i in moved)   # a prefill's copy of one layer's experts
+    devs = [replace(d, free_bytes=d.free_bytes - one) if d.kind == "gpu" else d for d in devices]
+    if any(d.free_bytes < 0 for d in devs):
+        return None
     devs[host] = replace(devices[host], free_bytes=devices[host].free_bytes - experts)
     try:
         sub = plan_fn(_slim(profile, moved), devs, workload, reserve_bytes=reserve_bytes, suggest=False,
@@ -101,17 +107,28 @@ def _finish(profile: ModelProfile, devices: list[Device], workload: Workload, su
     by_id = {d.id: d for d in devices}
     stage_of = sub.block_stage_indices()
     extra_dec = extra_pre = 0.0
+    copy_room: dict[str, int] = {}
     for i in moved:
         st = sub.stages[stage_of[i]]
-        dec, pre = cost.execute_seconds(_experts_only(profile.blocks[i]), host_dev)
-        hd, hp = cost.hop_seconds(by_id[st.device], host_dev)
+        gpu = by_id[st.device]
+        ex = _experts_only(profile.blocks[i])
+        dec = cost.execute_seconds(ex, host_dev)[0]       # decode: on the CPU, two hidden-state hops
+        hd, _ = cost.hop_seconds(gpu, host_dev)
+        link = min(host_dev.link_bandwidth_bytes_per_s, gpu.link_bandwidth_bytes_per_s) * LINK_EFFICIENCY
+        pre = ex.weights_bytes / link + cost.execute_seconds(ex, gpu)[1]   # prefill: copied to the GPU, run there
         st.decode_seconds += dec + 2 * hd
-        st.prefill_seconds += pre + 2 * hp
+        st.prefill_seconds += pre
         extra_dec += dec + 2 * hd
-        extra_pre += pre + 2 * hp
+        extra_pre += pre
+        copy_room[st.device] = max(copy_room.get(st.device, 0), ex.weights_bytes)
         b = profile.blocks[i]
         sub.blocks[i] = replace(sub.blocks[i], experts_device=host_dev.id, experts_bytes=b.experts_bytes,
                                 experts_module=b.experts_module)
+    for st in sub.stages:   # planned with room kept on the GPUs for the prefill copy: their real capacity
+        st.capacity_bytes = by_id[st.device].free_bytes if st.device in by_id else st.capacity_bytes
+    for dev_id, nbytes in copy_room.items():   # the prefill copy: workspace of the device's first stage
+        first = next(s for s in sub.stages if s.device == dev_id)
+        first.activation_bytes += nbytes
     p = sub.predicted
     chunk = workload.chunk_tokens
     total_dec = p.decode_ms_per_step / 1e3 + extra_dec
@@ -135,7 +152,8 @@ def _finish(profile: ModelProfile, devices: list[Device], workload: Workload, su
     off = sum(s.num_blocks for s in baseline.offloaded)
     sub.notes.append(
         f"MoE: the routed experts of layers {first}-{last} ({format_bytes(experts)}) stay in host RAM "
-        f"({host_dev.id}) and run on the CPU; attention, router and shared experts of every layer run on "
+        f"({host_dev.id}) and run on the CPU for decode (copied to the GPU for a prefill); attention, router "
+        f"and shared experts of every layer run on "
         f"the GPUs (instead of {off} whole blocks off the GPUs: "
         f"{baseline.predicted.decode_tokens_per_s:g} tokens/s decode, "
         f"{baseline.predicted.prefill_tokens_per_s:g} tokens/s prefill)")

@@ -15,12 +15,17 @@ from ..devices.device import Device
 from ..errors import BadInputError
 from ._fields import FieldReader
 
-__all__ = ["PLAN_SCHEMA", "Workload", "Stage", "Plan", "PlanBlock", "Prediction", "StreamBuffer",
-           "ModelIdentity", "HOST_COMPUTE", "config_sha256", "ComponentPlacement", "PhasePeak", "ImagePrediction"]
+__all__ = ["PHASE_PREFILL_TOKENS", "PLAN_SCHEMA", "Workload", "Stage", "Plan", "PlanBlock", "Prediction",
+           "StreamBuffer", "ModelIdentity", "HOST_COMPUTE", "config_sha256", "ComponentPlacement", "PhasePeak",
+           "ImagePrediction"]
 
 PLAN_SCHEMA = 2
 Objective = Literal["latency", "throughput"]
-Mode = Literal["execute", "stream"]
+Mode = Literal["execute", "stream", "phase"]
+# a "phase" stage's forwards of at least this many tokens (batch x sequence: prefill) stream its weights
+# to its GPU; smaller ones (decode) run on the host where the weights live (llama.cpp's rule for
+# offloaded layers: batches of 32 tokens or more go to the GPU)
+PHASE_PREFILL_TOKENS = 32
 # the compute device of a disk stage in a plan that lists no host device (``--devices disk``)
 HOST_COMPUTE = "cpu"
 # config.json keys that do not change the model: where it was saved from, by which version, in
@@ -216,7 +221,10 @@ class Stage:
     ``mode`` is how it really runs: "execute" runs the blocks on ``device``; "stream" keeps the
     weights on ``device`` (host RAM or disk) and runs them on ``compute_device``, copying each block
     into the device's stream buffer just before it runs. The disk tier always streams (to a GPU, or
-    to the host). ``compute_device`` is ``device`` itself for an executed stage. ``activation_bytes``
+    to the host). "phase" (host RAM only) runs each forward where it is fastest: a forward of at least
+    ``PHASE_PREFILL_TOKENS`` tokens (prefill) streams the weights to ``compute_device`` (a GPU) and runs
+    there, a smaller one (decode) runs on ``device`` itself; its KV cache stays on ``device``.
+    ``compute_device`` is ``device`` itself for an executed stage. ``activation_bytes``
     is the stage's workspace; a stream buffer is the plan's (``Plan.stream_buffers``), not a stage's."""
 
     device: str
@@ -251,7 +259,7 @@ class Stage:
 
     @property
     def streams(self) -> bool:
-        return self.mode == "stream"
+        return self.mode in ("stream", "phase")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -457,8 +465,10 @@ class Plan:
                 raise bad(f"{where}.kind: {s.kind!r}, but device {s.device} is a {dev.kind}")
             if s.torch_device != dev.torch_device:
                 raise bad(f"{where}.torch_device: {s.torch_device!r}, but device {s.device} is {dev.torch_device!r}")
-            if s.mode not in ("execute", "stream"):
-                raise bad(f"{where}.mode: {s.mode!r} is not execute or stream")
+            if s.mode not in ("execute", "stream", "phase"):
+                raise bad(f"{where}.mode: {s.mode!r} is not execute, stream or phase")
+            if s.mode == "phase" and s.kind != "cpu":
+                raise bad(f"{where}.mode: only a host RAM (cpu) stage runs per phase")
             if s.mode == "execute":
                 if s.kind == "disk":
                     raise bad(f"{where}.mode: a disk stage always streams")
@@ -494,7 +504,7 @@ class Plan:
                 layers.add(blk.layer_index)
         streaming: dict[str, list[int]] = {}
         for i, s in enumerate(self.stages):
-            if s.mode == "stream":
+            if s.mode in ("stream", "phase"):
                 streaming.setdefault(s.compute_device or "", []).append(i)
         seen: set[str] = set()
         for j, buf in enumerate(self.stream_buffers):
@@ -577,7 +587,7 @@ def _read_stage(r: FieldReader, n_blocks: int) -> Stage:
     return Stage(device=r.str("device", nonempty=True), kind=r.str("kind", ("gpu", "cpu", "disk")),
                  blocks=(lo, hi), weights_bytes=r.int("weights_bytes"), kv_cache_bytes=r.int("kv_cache_bytes"),
                  activation_bytes=r.int("activation_bytes"), reserve_bytes=r.int("reserve_bytes"),
-                 capacity_bytes=r.int("capacity_bytes"), mode=r.str("mode", ("execute", "stream")),
+                 capacity_bytes=r.int("capacity_bytes"), mode=r.str("mode", ("execute", "stream", "phase")),
                  compute_device=r.str("compute_device", nonempty=True), torch_device=r.str("torch_device"),
                  decode_seconds=r.float("decode_seconds", default=0.0),
                  prefill_seconds=r.float("prefill_seconds", default=0.0))

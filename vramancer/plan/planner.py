@@ -323,28 +323,42 @@ def plan_profile(profile: ModelProfile, devices: list[Device], workload: Workloa
                      offload_mode="execute")
     if best.offloaded and pl.stream_gpu is not None:
         # Streaming offloaded blocks to a GPU needs a double buffer there: plan again with that room
-        # kept on the streaming GPU, and keep the streamed plan when it serves a request sooner
-        # without leaving more blocks off the GPUs.
+        # kept on the streaming GPU. Of executing the offloaded blocks where they are, streaming them
+        # to the GPU, and running them per phase (plan/phase.py: decode on the host, prefill streamed),
+        # keep what serves the representative request soonest, even when the buffer pushes a few
+        # more blocks off the GPUs.
         streamed_bytes = _streamed_block_bytes(pl.table)
         staging = max(stream_buffer_bytes(streamed_bytes, s.blocks) for s in best.offloaded)
         pl_stream = _Planner(profile, devices, workload, reserve, offload_mode="stream", staging_bytes=staging,
                              keep_free=keep_free)
         placement_s = pl_stream.search()
         if placement_s is not None:
+            from .phase import phase_note, phased
+
             streamed = _assemble(pl_stream, profile, devices, workload, placement_s.ranges, list(notes), None,
                                  reserve_bytes, False, offload_mode="stream")
             n_off = sum(s.num_blocks for s in best.offloaded)
             gpus = {d.id for d in devices if d.kind == "gpu"}
-            if all(s.compute_device in gpus for s in streamed.offloaded) and \
-                    sum(s.num_blocks for s in streamed.offloaded) <= n_off and \
-                    request_seconds(streamed) < request_seconds(best):
-                best = streamed
-            elif request_seconds(streamed) < request_seconds(best):
-                gain = request_seconds(best) / request_seconds(streamed)
-                best.notes.append(
-                    f"streaming the offloaded blocks through a GPU would serve a request {gain:.1f}x sooner "
-                    f"(prefill on the GPU) but its {format_bytes(staging)} double buffer would push "
-                    f"{sum(s.num_blocks for s in streamed.offloaded) - n_off} more blocks off the GPUs")
+            executed = best
+            if all(s.compute_device in gpus for s in streamed.offloaded):
+                ph = phased(streamed, profile, devices, workload)
+                for cand in (streamed, ph):
+                    if cand is not None and request_seconds(cand) < request_seconds(best):
+                        best = cand
+            if best is not executed:
+                gain = request_seconds(executed) / request_seconds(best)
+                more = sum(s.num_blocks for s in best.offloaded) - n_off
+                if best is streamed:
+                    best.notes.append(
+                        f"the offloaded blocks stream through a GPU: a request is served {gain:.1f}x sooner than "
+                        f"executing them where they are ({executed.predicted.decode_tokens_per_s:g} tokens/s "
+                        f"decode, {executed.predicted.prefill_tokens_per_s:g} prefill)"
+                        + (f", though its {format_bytes(staging)} double buffer pushes {more} more blocks off "
+                           "the GPUs" if more > 0 else ""))
+                else:
+                    best.notes.append(phase_note(best, executed, "executing them where they are", gain)
+                                      + (f"; its {format_bytes(staging)} double buffer pushes {more} more blocks "
+                                         "off the GPUs" if more > 0 else ""))
     if best.offloaded and moe_experts_on_host:
         from .experts import experts_on_host
 

@@ -3,10 +3,13 @@ norms, router, shared experts) runs on the layer's GPU: what the plan says with
 ``PlanBlock.experts_device`` (plan/experts.py; llama.cpp's ``--n-cpu-moe``).
 
 The loader puts every tensor of such a block's experts module on the host's torch device; an
-``ExpertsHooks`` then wraps each of those modules with a forward pre-hook that moves its tensor
-inputs (hidden states of the routed tokens, top-k indices and weights) to the host, and a forward
-hook that moves its output back to the layer's device. Two hops per layer per forward, nothing
-else crosses: the experts' weights never leave host RAM.
+``ExpertsHooks`` then wraps each of those modules. A decode forward (fewer than
+``PHASE_PREFILL_TOKENS`` routed tokens) runs on the host: a pre-hook moves its tensor inputs (hidden
+states of the routed tokens, top-k indices and weights) there, a forward hook moves its output back
+to the layer's device; two hops of a few tokens, the weights stay put. A prefill forward (as many
+tokens or more; compute-bound) copies the module's weights to the layer's device, runs there, and
+drops the copy after (llama.cpp does the same for large batches); the plan keeps room for one such
+copy on each GPU.
 
     hooks = ExpertsHooks(experts).attach()   # SplitRuntime.attach() does this
     hooks.stats                              # forwards and bytes moved each way
@@ -48,11 +51,15 @@ class HostExperts:
 
 @dataclass
 class ExpertsStats:
-    """Forwards through host experts, and bytes of tensors moved to the host and back."""
+    """Forwards through host experts (on the host; ``copied_forwards`` of them prefills run on the
+    layer's device with the weights copied there), and bytes moved: inputs to the host, outputs back,
+    weights copied."""
 
     forwards: int = 0
+    copied_forwards: int = 0
     to_host_bytes: int = 0
     back_bytes: int = 0
+    copied_bytes: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -114,16 +121,25 @@ class ExpertsHooks:
     """The hooks that run host experts on the host: attach() installs them, detach() removes them."""
 
     experts: list[HostExperts]
+    prefill_tokens: int = 32       # plan.PHASE_PREFILL_TOKENS: forwards of this many tokens run on the GPU
     stats: ExpertsStats = field(default_factory=ExpertsStats)
     _handles: list[Any] = field(default_factory=list)
+    _homes: list[Any] = field(default_factory=list)   # (owner, attr, host parameter) while a copy runs
 
     def _pre(self, ex: HostExperts):
         moved = BoundaryStats()
 
         def hook(module: nn.Module, args: tuple, kwargs: dict):
+            from .stream import forward_tokens
+
+            self.stats.forwards += 1
+            h = kwargs.get("hidden_states", args[0] if args else None)
+            rows = int(h.shape[0]) if h is not None and h.dim() == 2 else forward_tokens(args, kwargs)
+            if rows >= self.prefill_tokens:
+                self._copy_in(ex)
+                return None
             before = moved.copied_bytes
             out = move_tensors(args, ex.device, stats=moved), move_tensors(kwargs, ex.device, stats=moved)
-            self.stats.forwards += 1
             self.stats.to_host_bytes += moved.copied_bytes - before
             return out
         return hook
@@ -132,11 +148,35 @@ class ExpertsHooks:
         moved = BoundaryStats()
 
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any):
+            if self._homes:
+                self._copy_out()
+                return output
             before = moved.copied_bytes
             out = move_tensors(output, ex.return_device, stats=moved)
             self.stats.back_bytes += moved.copied_bytes - before
             return out
         return hook
+
+    def _copy_in(self, ex: HostExperts) -> None:
+        """The module's parameters copied to its layer's device for this forward (homes kept)."""
+        import torch
+        from torch import nn
+
+        with torch.no_grad():
+            for name, p in list(ex.module.named_parameters()):
+                owner = ex.module.get_submodule(name.rpartition(".")[0]) if "." in name else ex.module
+                attr = name.rpartition(".")[2]
+                copy = torch.empty_like(p, device=ex.return_device)
+                copy.copy_(p, non_blocking=ex.return_device.type == "cuda")
+                self._homes.append((owner, attr, p))
+                setattr(owner, attr, nn.Parameter(copy, requires_grad=False))
+                self.stats.copied_bytes += p.numel() * p.element_size()
+        self.stats.copied_forwards += 1
+
+    def _copy_out(self) -> None:
+        for owner, attr, p in self._homes:
+            setattr(owner, attr, p)
+        self._homes.clear()
 
     def attach(self) -> ExpertsHooks:
         if self._handles:

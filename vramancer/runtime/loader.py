@@ -298,7 +298,7 @@ class _Placer:
         self.tier: list[str] = []          # "device" | "host" | "disk"
         for st in plan.stages:             # how each stage runs is the plan's (validated) word
             compute = _torch_device(compute_torch_device(plan, st.compute_device))
-            if st.mode == "stream":
+            if st.mode in ("stream", "phase"):     # phase: streamed for prefill, run at home for decode
                 tier = "disk" if st.kind == "disk" else "host"
                 home = torch.device("cpu")
             else:
@@ -714,7 +714,7 @@ def load_folder(folder: str | os.PathLike, plan: Plan, dtype: str | None = None,
     elif resolve_dtype(dt_name).quantized:   # a float checkpoint quantized on load (runtime/quant/)
         from .quant import backend_for, prepare_model
 
-        if any(st.mode == "stream" for st in plan.stages):
+        if any(st.mode != "execute" for st in plan.stages):
             raise WorkloadError(f"--dtype {dt_name}: quantized on load, every stage must stay resident "
                                 "(this plan streams some from host RAM or disk)")
         backend = backend_for(dt_name, {_torch_device(compute_torch_device(plan, st.compute_device)).type

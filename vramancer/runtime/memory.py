@@ -185,7 +185,7 @@ def stage_bytes(plan: Plan, stages: Sequence[Any], engines: Sequence[Any], cache
         seen: set[int] = {id(t) for ex in getattr(st, "host_experts", ()) for t in ex.module.parameters()}
         weights = buffers = 0
         misplaced: list[str] = []
-        if st.mode == "stream":
+        if st.mode in ("stream", "phase"):
             keys: set[str] = set()
             for u in st.stream_units:
                 for p in u.params:
@@ -193,7 +193,7 @@ def stage_bytes(plan: Plan, stages: Sequence[Any], engines: Sequence[Any], cache
                         keys.add(p.key)
                         weights += p.nbytes
         for prefix, mod in st.units:
-            if st.mode != "stream":
+            if st.mode not in ("stream", "phase"):
                 for name, p in mod.named_parameters(prefix=prefix):
                     if id(p) in seen:
                         continue

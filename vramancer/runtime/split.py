@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .checkpoint import Checkpoint
     from .experts import HostExperts
     from .layout import StageLayout
-    from .stream import StreamEngine, StreamUnit
+    from .stream import PhaseHook, StreamEngine, StreamUnit
 
 __all__ = ["RuntimeStage", "SplitRuntime", "free_module", "add_boundary_hooks"]
 
@@ -66,8 +66,8 @@ def free_module(model: nn.Module) -> None:
 class RuntimeStage:
     """One pipeline stage as loaded. ``plan``: its stage in the plan; ``mode``: the plan's;
     ``device``: the torch device where its weights live; ``compute_device``: the torch device where it
-    runs (the same unless ``mode == "stream"``). ``units``: its modules in run order (name, module);
-    ``layers``: its repeated layers as (layer index, module)."""
+    runs (the same unless ``mode`` is "stream", or "phase": prefill there, decode on ``device``).
+    ``units``: its modules in run order (name, module); ``layers``: its repeated layers as (layer index, module)."""
 
     index: int
     plan: Stage
@@ -167,8 +167,13 @@ class SplitRuntime:
         self.attached = False
         self._multi_device = len({str(s.compute_device) for s in stages}) > 1
         from .experts import ExpertsHooks
+        from .stream import PhaseStats
 
-        self.experts_hooks = ExpertsHooks([ex for s in stages for ex in s.host_experts])
+        self.phase_stats = PhaseStats()    # forwards of "phase" stages on the GPU / on the host
+        from ..plan.plan import PHASE_PREFILL_TOKENS
+
+        self.experts_hooks = ExpertsHooks([ex for s in stages for ex in s.host_experts],
+                                          prefill_tokens=PHASE_PREFILL_TOKENS)
 
     # -- hooks --------------------------------------------------------------------------------
     @property
@@ -212,6 +217,9 @@ class SplitRuntime:
         add_boundary_hooks(self.stages, self._caches, h, entered=self._entered)
         for eng in self.engines:
             for unit in eng.units:
+                if self.stages[unit.stage].mode == "phase":   # prefill streamed here, decode on the host
+                    self._phase_hook(unit, eng).attach(h)
+                    continue
                 h.append(unit.module.register_forward_pre_hook(
                     lambda m, a, u=unit, e=eng: e.ensure(u)))
                 h.append(unit.module.register_forward_hook(
@@ -219,6 +227,14 @@ class SplitRuntime:
         self.experts_hooks.attach()
         self.attached = True
         return self
+
+    def _phase_hook(self, unit: StreamUnit, engine: StreamEngine) -> PhaseHook:
+        from ..plan.plan import PHASE_PREFILL_TOKENS
+        from .stream import PhaseHook
+
+        st = self.stages[unit.stage]
+        layer = next((i for i, m in st.layers if m is unit.module), None)
+        return PhaseHook(unit, engine, st.device, layer, PHASE_PREFILL_TOKENS, self.phase_stats)
 
     def detach(self) -> None:
         """Remove every hook; close the stream engines and checkpoint files. The weights stay where
@@ -314,7 +330,8 @@ class SplitRuntime:
         return [dict(stage=s.index, **s.stats.to_dict()) for s in self.stages]
 
     def __repr__(self) -> str:
-        parts = ", ".join(f"{s.plan.device}[{s.blocks[0]}:{s.blocks[1]}]{'*' if s.mode == 'stream' else ''}"
+        parts = ", ".join(f"{s.plan.device}[{s.blocks[0]}:{s.blocks[1]}]"
+                          + {"stream": "*", "phase": "~"}.get(s.mode, "")
                           + (f"+{len(s.host_experts)} experts on host" if s.host_experts else "")
                           for s in self.stages)
         return f"SplitRuntime({parts})"

@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .checkpoint import Checkpoint
 
-__all__ = ["StreamParam", "StreamUnit", "StreamEngine"]
+__all__ = ["StreamParam", "StreamUnit", "StreamEngine", "PhaseHook", "PhaseStats", "forward_tokens"]
 
 
 @dataclass
@@ -227,3 +227,96 @@ class StreamEngine:
             s.params.clear()
             s.unit = None
         self.slots = []
+
+
+# ------------------------------------------------------------------------------------------------
+# "phase" stages (plan/phase.py): prefill streamed to the GPU, decode on the host
+def forward_tokens(args: tuple, kwargs: dict) -> int:
+    """Tokens in a layer's forward: batch x sequence of its hidden states ([batch, tokens, hidden])."""
+    import torch
+
+    h = kwargs.get("hidden_states", args[0] if args else None)
+    if not isinstance(h, torch.Tensor) or h.dim() < 2:
+        return 0
+    return int(h.shape[0] * h.shape[1]) if h.dim() >= 3 else int(h.shape[0])
+
+
+def _layer_cache(kwargs: dict, layer: int | None) -> Any:
+    cache = next((kwargs[k] for k in ("cache", "past_key_values", "past_key_value") if kwargs.get(k) is not None),
+                 None)
+    layers = getattr(cache, "layers", None)
+    if layer is None or not layers or layer >= len(layers):
+        return None
+    return layers[layer]
+
+
+def _move_layer_cache(entry: Any, device: torch.device) -> int:
+    """Move one cache layer's tensors (keys, values) to ``device``; bytes moved."""
+    import torch
+
+    moved = 0
+    if entry is None:
+        return 0
+    for name in ("keys", "values"):
+        t = getattr(entry, name, None)
+        if isinstance(t, torch.Tensor) and t.device != device:
+            setattr(entry, name, t.to(device))
+            moved += t.numel() * t.element_size()
+    if getattr(entry, "device", None) is not None:
+        entry.device = device
+    return moved
+
+
+@dataclass
+class PhaseStats:
+    """Forwards of a phase stage's units: run on the GPU (prefill, weights streamed) or on the host
+    (decode), and KV-cache bytes moved between them."""
+
+    gpu_forwards: int = 0
+    host_forwards: int = 0
+    kv_moved_bytes: int = 0
+
+    def to_dict(self) -> dict:
+        return {"gpu_forwards": self.gpu_forwards, "host_forwards": self.host_forwards,
+                "kv_moved_bytes": self.kv_moved_bytes}
+
+
+class PhaseHook:
+    """The hooks of one unit of a "phase" stage. A forward of at least ``prefill_tokens`` tokens runs
+    on the GPU: the engine streams the unit's weights into a slot (``ensure`` / ``release``), and the
+    unit's KV-cache layer comes to the GPU for it and goes back to the host after. A smaller one runs
+    on the host, where the weights live: its inputs move there (the cache stays there); its output
+    stays there too, the next stage's boundary moves it on."""
+
+    def __init__(self, unit: StreamUnit, engine: StreamEngine, host: torch.device, layer: int | None,
+                 prefill_tokens: int, stats: PhaseStats):
+        self.unit = unit
+        self.engine = engine
+        self.host = host
+        self.layer = layer
+        self.prefill_tokens = prefill_tokens
+        self.stats = stats
+        self._on_gpu = False
+
+    def pre(self, module: nn.Module, args: tuple, kwargs: dict):
+        from .boundary import move_tensors
+
+        self._on_gpu = forward_tokens(args, kwargs) >= self.prefill_tokens
+        if self._on_gpu:
+            self.engine.ensure(self.unit)
+            self.stats.gpu_forwards += 1
+            self.stats.kv_moved_bytes += _move_layer_cache(_layer_cache(kwargs, self.layer), self.engine.device)
+            return args, kwargs
+        self.stats.host_forwards += 1
+        return move_tensors(args, self.host), move_tensors(kwargs, self.host)
+
+    def post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any):
+        if self._on_gpu:
+            self.engine.release(self.unit)
+            self.stats.kv_moved_bytes += _move_layer_cache(_layer_cache(kwargs, self.layer), self.host)
+        return output
+
+    def attach(self, handles: list[Any]) -> None:
+        m = self.unit.module
+        handles.append(m.register_forward_pre_hook(self.pre, with_kwargs=True))
+        handles.append(m.register_forward_hook(self.post, with_kwargs=True))

@@ -35,7 +35,7 @@ def default_lanes(model: Any) -> int:
     """Lanes worth running: one per distinct CUDA device among the stages (1 when not split,
     on the CPU, or when a stage streams its weights)."""
     rt = getattr(model, "vramancer", None)
-    if rt is None or len(rt.stages) < 2 or any(s.mode == "stream" for s in rt.stages):
+    if rt is None or len(rt.stages) < 2 or any(s.mode != "execute" for s in rt.stages):
         return 1
     cuda = {str(s.compute_device) for s in rt.stages if s.compute_device.type == "cuda"}
     return max(1, len(cuda))
@@ -53,7 +53,7 @@ class StagePipeline:
         rt = getattr(model, "vramancer", None)
         if rt is None or len(rt.stages) < 2:
             raise BadInputError("pipeline lanes need a model split into two or more stages")
-        if any(s.mode == "stream" for s in rt.stages):
+        if any(s.mode != "execute" for s in rt.stages):
             raise BadInputError("pipeline lanes cannot run stages that stream offloaded weights")
         self.lanes = int(lanes)
         self._locks = [threading.Lock() for _ in rt.stages]
