@@ -199,3 +199,22 @@ def test_only_tls_1_3_is_spoken(nodes):
     ctx = srv._context(True, "x", nodes.identity("a").cert_der)
     assert ctx.minimum_version == ctx.maximum_version == ssl.TLSVersion.TLSv1_3
     listener.close()
+
+
+def test_a_session_older_than_rekey_after_seconds_rekeys_at_the_next_send(nodes):
+    import time
+
+    srv, cli, listener = _pair(nodes, rekey_after_seconds=0.3)
+    accepted = in_thread(listener.accept, 20)
+    conn = cli.connect(listener.address)
+    peer = accepted.result()
+    got = in_thread(lambda: [peer.recv().tensors[0].tolist() for _ in range(3)])
+    conn.send([np.array([1], dtype=np.int32)])
+    conn.send([np.array([2], dtype=np.int32)])                  # well within 0.3 s: same keys
+    assert conn.rekeys == 0
+    time.sleep(0.35)
+    conn.send([np.array([3], dtype=np.int32)])                  # older than 0.3 s: a fresh handshake first
+    assert got.result() == [[1], [2], [3]]
+    assert conn.rekeys == 1 and peer.rekeys == 1 and conn.session_reused
+    assert peer.reader.last_seq[0] == 4        # one sequence across the swap (the REKEY frame was 3)
+    conn.close(), peer.close(), listener.close()
