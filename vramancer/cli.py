@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pull": ("vramancer.hub.commands.pull", "download a Hub model's safetensors (all, or one plan stage's shards)"),
     "convert": ("vramancer.hub.commands.convert", "convert .bin / GGUF / dtype / plan shards to a safetensors folder"),
     "keys": ("vramancer.link.commands", "this node's Link identity key and the peer fingerprints it trusts"),
+    "cluster": ("vramancer.cluster.commands", "several machines: start / join / status / stop a Ray cluster"),
     "comfyui": ("vramancer.integrations.comfyui.commands", "install VRAMancer's nodes into a ComfyUI folder"),
     "completion": ("vramancer.completion", "print a shell completion script (bash, zsh or fish)"),
 }

@@ -25,9 +25,9 @@ def make_identity(root: Path) -> str:
     return create_identity(root / "keys").fingerprint
 
 
-@pytest.fixture(scope="session")
-def tiny_folder(tmp_path_factory) -> Path:
-    """A Llama with 6 layers (8 blocks), random weights spread wide enough for decisive greedy picks."""
+def make_tiny_model(folder: Path) -> Path:
+    """A Llama with 6 layers (8 blocks) saved in ``folder``, random weights spread wide enough for
+    decisive greedy picks."""
     cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=6,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                                    pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -37,9 +37,13 @@ def tiny_folder(tmp_path_factory) -> Path:
         for p in model.parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, 0.2)
-    folder = tmp_path_factory.mktemp("cluster-model") / "llama"
     model.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("cluster-model") / "llama")
 
 
 @pytest.fixture(scope="module")

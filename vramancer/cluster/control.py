@@ -28,7 +28,7 @@ from ..errors import BadInputError, VramancerError
 
 __all__ = ["ClusterError", "ClusterState", "cluster_dir", "default_token_file", "new_token", "write_token",
            "read_token", "start_head", "join_cluster", "stop_started", "connect", "ray_available",
-           "auth_env", "use_token", "local_address_towards", "DEFAULT_PORT"]
+           "auth_env", "use_token", "check_host", "check_address", "local_address_towards", "DEFAULT_PORT"]
 
 DEFAULT_PORT = 6379
 _START_TIMEOUT_S = 120.0
@@ -163,10 +163,7 @@ def start_head(host: str, port: int = DEFAULT_PORT, token_file: Path | None = No
     """Start a Ray head bound to ``host``:``port`` with token auth; returns (state, token)."""
     _need_ray()
     _check_not_running()
-    from .._net import is_loopback
-
-    if is_loopback(host):
-        raise BadInputError(_LOOPBACK)
+    check_host(host)
     token = new_token()
     token_path = Path(token_file).expanduser() if token_file else default_token_file()
     write_token(token_path, token)
@@ -198,6 +195,17 @@ def join_cluster(address: str, token: str, host: str | None = None, devices: str
     st = ClusterState("worker", address, temp_dir, str(token_path))
     st.save()
     return st
+
+
+def check_host(host: str) -> str:
+    """An address Ray can bind for other machines: not empty, not loopback, not every interface."""
+    from .._net import is_loopback
+
+    if not host or host in ("0.0.0.0", "::") or any(c.isspace() for c in host):
+        raise BadInputError(f"--host must be this machine's address on the network, not {host!r}")
+    if is_loopback(host):
+        raise BadInputError(_LOOPBACK)
+    return host
 
 
 def check_address(address: str) -> tuple[str, int]:

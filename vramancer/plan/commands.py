@@ -61,6 +61,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the Plan JSON")
     p.add_argument("-o", "--output", default=None, help="also write the Plan JSON to this file")
     p.add_argument("--list-models", action="store_true", help="list the built-in model catalog")
+    from ..cluster.commands import add_cluster_flags
+
+    add_cluster_flags(p)
     from .pipeline import add_image_flags
 
     add_image_flags(p)
@@ -279,6 +282,10 @@ def main(args: argparse.Namespace) -> int:
         from .._io import check_writable
 
         check_writable(args.output, "-o")
+    if getattr(args, "cluster", None):   # every device of every node of a Ray cluster (vramancer/cluster/)
+        from ..cluster.commands import plan_on_cluster
+
+        return plan_on_cluster(args, console)
     from ..models.pipeline import is_pipeline
 
     try:

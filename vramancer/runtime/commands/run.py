@@ -36,6 +36,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     add_image_flags(p)   # image pipelines (a folder with model_index.json or a single-file checkpoint)
     p.add_argument("-o", "--output", default=None, metavar="PNG",
                    help="image pipelines: where the first image is written (default out.png)")
+    from ...cluster.commands import add_cluster_flags
+
+    add_cluster_flags(p)
 
 
 # the planner's flags: with --plan FILE the plan already fixed them
@@ -146,6 +149,10 @@ def _main(args: argparse.Namespace) -> int:
     console = Console(highlight=False)
     if not console.is_terminal:   # pipes and logs: tables at full width, no line broken in two
         console = Console(highlight=False, width=max(console.width, 110), soft_wrap=True)
+    if getattr(args, "cluster", None):   # stages on the nodes of a Ray cluster (vramancer/cluster/)
+        from ...cluster.commands import run_on_cluster
+
+        return run_on_cluster(args, console)
     plan = make_plan(args, args.model)
     profile = profile_or_none(args.model, args.dtype)
     if not args.json and not quiet:
