@@ -53,23 +53,37 @@ def test_discover_reports_every_node(view, ray_cluster):
 
 
 @pytest.mark.parametrize("n_nodes", [2, 3])
-def test_greedy_over_nodes_equals_one_process(view, tiny_folder, n_nodes):
+def test_greedy_over_nodes_equals_one_process(view, tiny_folder, tmp_path, n_nodes):
+    """Over 2 nodes every stage comes from the driver over the cloud bridge (as to nodes without a copy of
+    the checkpoint): exactly its tensors' bytes; over 3 nodes each stage reads the node's local copy."""
     from dataclasses import replace
 
     from vramancer.cluster.nodes import ClusterView, node_of
     from vramancer.cluster.pipeline import ClusterPipeline
     from vramancer.cluster.planning import plan_cluster
+    from vramancer.cluster.stage import stage_tensor_names
     from vramancer.devices.spec import parse_devices
+    from vramancer.hub.bridge import checkpoint_tensors
 
     nodes = view.nodes
     if n_nodes == 2:   # two larger devices: the model fits on two nodes, not on one
         nodes = [replace(n, devices=parse_devices(spec)) for n, spec in zip(nodes, TWO_NODE_DEVICES)]
     sub = ClusterView(view.address, nodes[:n_nodes], view.links)
     plan = plan_cluster(str(tiny_folder), sub, context=64, reserve_bytes=0, driver="node1")
-    nodes = [node_of(s.device) for s in plan.stages]
-    assert len(set(nodes)) == n_nodes
-    with ClusterPipeline(plan, sub, tiny_folder) as pipe:
+    assert len({node_of(s.device) for s in plan.stages}) == n_nodes
+    bridge = n_nodes == 2
+    with ClusterPipeline(plan, sub, tiny_folder, local_copies=not bridge, cache_dir=str(tmp_path / "cache")) as pipe:
         got = pipe.generate(PROMPT, NEW_TOKENS)
         stats = pipe.stats()
     assert got == single_process_tokens(tiny_folder, plan)
     assert [s.forwards for s in stats.stages] == [NEW_TOKENS] * len(plan.stages)
+    if bridge:
+        headers = checkpoint_tensors(tiny_folder)
+        want = [sum(headers[n].nbytes for n in stage_tensor_names(tiny_folder, plan, i))
+                for i in range(len(plan.stages))]
+        assert all(s.loaded_from.startswith("cloud bridge") for s in stats.stages)
+        assert [s.bridge["bytes"] for s in stats.stages] == want
+        # identical tensors (the norms' ones) travel once per fetch
+        assert all(0 < s.bridge["network_bytes"] <= w for s, w in zip(stats.stages, want))
+    else:
+        assert all(s.loaded_from == f"local copy {tiny_folder}" for s in stats.stages)

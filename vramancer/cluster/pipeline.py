@@ -60,6 +60,7 @@ class StageTiming:
     loaded_from: str = ""
     bytes_received: int = 0
     bytes_sent: int = 0
+    bridge: dict = field(default_factory=dict)   # tensors, bytes, network_bytes, cache_bytes (bridge loads)
 
 
 @dataclass
@@ -84,6 +85,7 @@ class StageWorker:
         self.next = None
         self.thread: threading.Thread | None = None
         self.timing: dict[str, Any] = {}
+        self.bridge_stats: dict[str, int] = {}
         self.error = ""
 
     def setup(self, spec_json: str) -> str:
@@ -115,16 +117,21 @@ class StageWorker:
         elif spec.get("bridge"):
             from transformers import AutoConfig
 
-            from ..link.bridge import fetch_tensors
+            from ..link.bridge import FetchStats, fetch_tensors
             from ..link.tls import TlsTransport
 
             cfg = dict(spec["config"])
             config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
             b = spec["bridge"]
             tr = TlsTransport(self.identity, cluster_trust([b["fingerprint"]]))
+            stats = FetchStats()
             tensors = fetch_tensors(lambda: tr.connect((b["host"], int(b["port"]))), spec["names"],
-                                    cache_dir=spec.get("cache_dir"), device="cpu")
+                                    cache_dir=spec.get("cache_dir"), device="cpu", stats=stats)
             loaded_from = f"cloud bridge {b['host']}:{b['port']}"
+            self.bridge_stats = {"tensors": len(tensors), "bytes": sum(t.numel() * t.element_size()
+                                                                       for t in tensors.values()),
+                                 "network_bytes": stats.chunk_bytes_from_network,
+                                 "cache_bytes": stats.chunk_bytes_from_cache}
         else:
             raise BadInputError(f"stage {index}: no checkpoint at {folder} on this node, and no cloud bridge")
         self.model = StageModel.from_tensors(config, plan, index, tensors, device)
@@ -204,6 +211,7 @@ class StageWorker:
     def stats(self) -> str:
         t = dict(self.timing)
         t["error"] = self.error
+        t["bridge"] = self.bridge_stats
         t["bytes_received"] = self.prev.bytes_received if self.prev is not None else 0
         t["bytes_sent"] = self.next.bytes_sent if self.next is not None else 0
         return json.dumps(t)
@@ -226,11 +234,13 @@ class ClusterPipeline:
     """Stage actors for ``plan`` over ``view``'s nodes and the driver's two Link ends.
 
     ``folder``: the checkpoint on the driver's machine (and, when a node has the same path, its local
-    copy). ``bridge``: serve stages to nodes without a copy over the cloud bridge (default on).
+    copy). ``bridge``: serve stages to nodes without a copy over the cloud bridge (default on);
+    ``local_copies`` False: every stage comes over the bridge, copies or not.
     ``link_host``: where the driver's Link endpoints bind (default: this node's address in Ray)."""
 
     def __init__(self, plan: Any, view: ClusterView, folder: str | Path, *, bridge: bool = True,
-                 link_host: str | None = None, cache_dir: str | None = None, timeout_s: float = 300.0) -> None:
+                 local_copies: bool = True, link_host: str | None = None, cache_dir: str | None = None,
+                 timeout_s: float = 300.0) -> None:
         import ray
 
         from ..link.keys import load_identity
@@ -267,7 +277,8 @@ class ClusterPipeline:
                     opts["runtime_env"] = {"env_vars": {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}
                 self.actors.append(worker_cls.options(**opts).remote())
                 specs.append(json.dumps({
-                    "plan": plan.to_json(indent=None), "index": i, "config": config, "folder": str(self.folder),
+                    "plan": plan.to_json(indent=None), "index": i, "config": config,
+                    "folder": str(self.folder) if local_copies else None,
                     "names": stage_tensor_names(self.folder, plan, i), "bridge": bridge_spec,
                     "host": n.link_host or n.address, "cache_dir": cache_dir}))
             ends = [json.loads(r) for r in self._get([a.setup.remote(s) for a, s in zip(self.actors, specs)])]
@@ -406,7 +417,7 @@ class ClusterPipeline:
         for i, (st, r) in enumerate(zip(self.plan.stages, rows)):
             stages.append(StageTiming(i, node_of(st.device), st.device, r["forwards"], r["wait_s"], r["compute_s"],
                                       r["send_s"], r["load_s"], r["loaded_from"], r["bytes_received"],
-                                      r["bytes_sent"]))
+                                      r["bytes_sent"], r["bridge"]))
         return PipelineStats(self.timing.tokens, self.timing.prefill_s, self.timing.decode_s, stages)
 
     def close(self) -> None:
