@@ -1,9 +1,10 @@
 """The speed model: seconds per block per device, for one decode step and one prefill chunk.
 
-Decode is memory-bound: a step reads the block's weights (active experts only for MoE) and its KV
-cache once; prefill is compute-bound: a chunk does ``flops_per_token x tokens`` of matmuls. Each
-block's time is the larger of its read time and its compute time, plus a fixed per-block launch
-overhead. Efficiencies are the fractions of the vendors' peaks that good kernels reach:
+Decode is memory-bound: a step reads the block's weights (active experts only for MoE) and passes
+over its KV cache ``KV_PASSES_PER_STEP`` times (the append copies it, attention reads it); prefill
+is compute-bound: a chunk does ``flops_per_token x tokens`` of matmuls. Each block's time is the
+larger of its read time and its compute time, plus a fixed per-block launch overhead. Efficiencies
+are the fractions of the vendors' peaks that good kernels reach:
 
     DECODE_BANDWIDTH_EFFICIENCY  0.75   (GEMV reaches 70-85% of peak DRAM bandwidth)
     COMPUTE_EFFICIENCY           0.55   (cuBLAS GEMM on mid-size LLM matmuls, bf16)
@@ -38,7 +39,8 @@ from ..models.profile import BlockProfile, ModelProfile
 
 __all__ = ["CostModel", "DECODE_BANDWIDTH_EFFICIENCY", "COMPUTE_EFFICIENCY", "LINK_EFFICIENCY",
            "GPU_BLOCK_OVERHEAD_S", "HOP_LATENCY_S", "TORCH_GRAIN_SIZE", "PARALLEL_OPS_PER_LAYER",
-           "PARALLEL_OPS_PER_OTHER_BLOCK", "DECODE_PARALLEL_OPS_PER_LAYER", "DECODE_PARALLEL_OPS_PER_OTHER_BLOCK"]
+           "PARALLEL_OPS_PER_OTHER_BLOCK", "DECODE_PARALLEL_OPS_PER_LAYER", "DECODE_PARALLEL_OPS_PER_OTHER_BLOCK",
+           "KV_PASSES_PER_STEP"]
 
 DECODE_BANDWIDTH_EFFICIENCY = 0.75
 COMPUTE_EFFICIENCY = 0.55
@@ -57,6 +59,9 @@ PARALLEL_OPS_PER_OTHER_BLOCK = 8
 # thousand weights) and its attention kernel (parallel over heads); the head block: the LM head
 DECODE_PARALLEL_OPS_PER_LAYER = 8
 DECODE_PARALLEL_OPS_PER_OTHER_BLOCK = 1
+# passes over a layer's KV cache per decode step: transformers' DynamicCache (what the runtime uses)
+# appends a token with torch.cat, reading the cache and writing a new one, then attention reads it
+KV_PASSES_PER_STEP = 3
 
 
 @dataclass
@@ -89,7 +94,7 @@ class CostModel:
 
     def _decode_bytes(self, b: BlockProfile) -> float:
         ctx = self.decode_ctx if b.kv_window is None else min(self.decode_ctx, b.kv_window)
-        return b.read_bytes_per_token + b.kv_bytes_per_token * ctx * self.batch
+        return b.read_bytes_per_token + KV_PASSES_PER_STEP * b.kv_bytes_per_token * ctx * self.batch
 
     def _decode_flops(self, b: BlockProfile) -> float:
         ctx = self.decode_ctx if b.kv_window is None else min(self.decode_ctx, b.kv_window)
