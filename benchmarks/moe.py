@@ -6,12 +6,16 @@ The devices: one simulated GPU (``--gpu``, a catalog card) whose memory is set s
 misses it by ``--short`` of its routed experts' bytes, and host RAM (``cpu:16GiB``). The planner
 plans it twice on exactly these devices:
 
-  whole    whole layers offloaded to host RAM (``moe_experts_on_host=False``), each offloaded stage
-           in the mode the planner chooses (executed on the host, or streamed through the GPU);
+  whole    whole layers offloaded to host RAM and executed there: the planner's execute-mode
+           placement (the one it starts from before weighing streaming; ``moe_experts_on_host=False``);
   experts  every layer on the GPU but the routed experts of the first N MoE layers, which stay in
            host RAM and run there (plan/experts.py, llama.cpp's ``--n-cpu-moe N``).
 
-Predicted: the planner's decode tokens/s of each plan on the named devices, and their ratio.
+Predicted: the planner's decode tokens/s of each plan on the named devices, and their ratio. The
+planner's own whole-layer choice on these devices (it may stream the offloaded layers through the GPU,
+or run them per phase) is printed too, predicted only: a stream's copies over PCIe and its compute
+on a GPU cannot be measured on a machine without one. (On a model this small a layer crosses PCIe in
+a fraction of a millisecond, so streaming looks cheap; a Mixtral layer takes ~70 ms.)
 
 Measured, here: both plans loaded by the split runtime and run (greedy ids checked equal to the
 unsplit model's). On a machine without a GPU the simulated GPU runs on the same CPU as the host, so
@@ -74,23 +78,29 @@ def make_model(layers: int, hidden: int, experts: int, top_k: int, moe_inter: in
 
 
 def make_plans(folder: str, gpu: str, short: float, context: int) -> dict[str, Any]:
-    """{"devices": spec, "whole": Plan, "experts": Plan, "chosen": "whole" | "experts"}."""
+    """{"devices": spec, "whole": Plan (executed), "experts": Plan, "whole_chosen": the planner's own
+    whole-layer plan, "chosen": "whole" | "experts" (the planner's choice with both allowed)}."""
     from vramancer.devices.spec import parse_devices
     from vramancer.models.resolve import profile
     from vramancer.plan.experts import experts_on_host
-    from vramancer.plan.planner import plan, plan_profile
+    from vramancer.plan.planner import _assemble, _Planner, _reserve, plan, plan_profile
 
     prof = profile(folder)
     roomy = plan(folder, devices=f"{gpu}:1TiB,{HOST}", context=context, reserve_bytes=0)
     need = sum(s.total_bytes for s in roomy.stages)
     experts = sum(b.experts_bytes for b in prof.blocks)
     devices = f"{gpu}:{need - int(short * experts)}B,{HOST}"
-    whole = plan(folder, devices=devices, context=context, reserve_bytes=0, moe_experts_on_host=False)
+    chosen_whole = plan(folder, devices=devices, context=context, reserve_bytes=0, moe_experts_on_host=False)
     chosen = plan(folder, devices=devices, context=context, reserve_bytes=0)
-    moe = experts_on_host(prof, parse_devices(devices), whole.workload, 0, whole, plan_profile)
-    if moe is None:
-        raise SystemExit(f"no experts placement fits {devices}: use a smaller --short")
-    return {"devices": devices, "whole": whole, "experts": moe,
+    devs = parse_devices(devices)
+    pl = _Planner(prof, devs, chosen_whole.workload, _reserve(devs, 0))   # the planner's first, execute-mode search
+    placement = pl.search()
+    whole = _assemble(pl, prof, devs, chosen_whole.workload, placement.ranges, [], None, 0, False,
+                      offload_mode="execute")
+    moe = experts_on_host(prof, devs, whole.workload, 0, whole, plan_profile)
+    if moe is None or not whole.offloaded:
+        raise SystemExit(f"no experts placement against whole-layer offload on {devices}: use another --short")
+    return {"devices": devices, "whole": whole, "experts": moe, "whole_chosen": chosen_whole,
             "chosen": "experts" if any(b.experts_device for b in chosen.blocks) else "whole"}
 
 
@@ -263,7 +273,6 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
              f"{args.moe_inter} + a shared expert, {n_params / 1e6:.1f}M parameters, float32; devices "
              f"{plans['devices']}; prompt {args.prompt}, {args.new} new tokens, median of {args.repeat}, "
              f"{torch.get_num_threads()} torch threads")
-        _log(f"the planner's own choice on these devices: {plans['chosen']}")
         rows = measure(folder, plans, args.prompt, args.new, args.repeat, args.vocab)
     w, e = rows["whole"], rows["experts"]
     _log("")
@@ -282,7 +291,18 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
          f"predicted) {meas_ratio:.2f}x; wall clock here, all on one CPU: {wall_ratio:.2f}x")
     _log(f"experts in host RAM vs whole layers offloaded, goal >= {GOAL}x (measured): "
          + ("GOAL MET" if meas_ratio >= GOAL else "GOAL NOT MET"))
+    cw = plans["whole_chosen"]
+    modes = ", ".join(f"{s.device}[{s.blocks[0]}:{s.blocks[1]}] {s.mode}" for s in cw.offloaded) or "none offloaded"
+    chosen_ratio = e["predicted_decode_tps"] / max(1e-12, cw.predicted.decode_tokens_per_s)
+    _log(f"the planner's own whole-layer plan here: {modes}; predicted {cw.predicted.decode_tokens_per_s:g} "
+         f"tokens/s decode, {cw.predicted.prefill_tokens_per_s:g} prefill; experts / it, predicted decode: "
+         f"{chosen_ratio:.2f}x (not measurable without a GPU); the planner's choice with both allowed: "
+         f"{plans['chosen']}")
     results = {"devices": plans["devices"], "chosen": plans["chosen"], "rows": [w, e],
+               "whole_chosen": {"modes": [s.mode for s in cw.offloaded],
+                                "predicted_decode_tps": cw.predicted.decode_tokens_per_s,
+                                "predicted_prefill_tps": cw.predicted.prefill_tokens_per_s,
+                                "predicted_ratio": chosen_ratio},
                "predicted_ratio": pred_ratio, "measured_ratio": meas_ratio, "wall_ratio": wall_ratio,
                "torch_threads": torch.get_num_threads()}
     if args.json:

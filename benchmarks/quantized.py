@@ -18,7 +18,9 @@ anchors measured in the same run on the same machine.
 Timings: median of ``--repeat`` runs, variants interleaved. torch uses its default thread count unless
 ``--threads`` says (on a machine whose cores are busy with other work, OpenMP's threads wait on each
 other: use ``--threads 1``, which is also like for like with numpy's single thread).
-Run:  python benchmarks/quantized.py [--repeat 3] [--threads 1] [--json FILE]
+``--clock thread`` times the dequantization rows in this thread's CPU time instead of wall time (with
+``--threads 1``: both sides run on this thread; steadier where other work shares the cores).
+Run:  python benchmarks/quantized.py [--repeat 3] [--threads 1] [--clock thread] [--json FILE]
 A benchmark, not a test: it always exits 0 and prints "GOAL MET" / "GOAL NOT MET" per goal.
 """
 from __future__ import annotations

@@ -36,5 +36,7 @@ def test_tiny_run(bench, tmp_path, capsys, monkeypatch):
     # the same devices, the same bytes in all: only where they are differs
     assert sum(whole["weights_bytes_by_device"].values()) == sum(experts["weights_bytes_by_device"].values())
     assert res["chosen"] in ("whole", "experts")
+    assert all(m in ("execute", "stream", "phase") for m in res["whole_chosen"]["modes"])
+    assert res["whole_chosen"]["predicted_decode_tps"] > 0 and "the planner's own whole-layer plan here" in text
     assert f"goal >= {bench.GOAL}x (measured)" in text and "GOAL" in text
     assert "wall clock here" in text

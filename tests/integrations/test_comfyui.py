@@ -144,3 +144,28 @@ def test_streamed_stage_runs_through_comfyui_weight_casting(comfy_server):
     assert "streamed to" in plan, plan
     ref = comfy_server.run(_workflow("streamed-ref", split=False, seed=41))
     assert np.array_equal(_image(comfy_server, entry), _image(comfy_server, ref))
+
+
+def test_vramancer_plans_the_checkpoint_comfyui_loads(comfy_models, tmp_path):
+    """Issue 11 item 1 on the file ComfyUI detects as SD1.5: planned offline, each component's bytes exact."""
+    import json
+    import os
+    import struct
+    import subprocess
+    import sys
+
+    path = comfy_models / "tiny-sd15.safetensors"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", VRAMANCER_CACHE_DIR=str(tmp_path))
+    done = subprocess.run([sys.executable, "-m", "vramancer", "plan", str(path), "-d", DEVICES, "--height", "512",
+                           "--width", "512", "--steps", "20", "--json"], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    plan = json.loads(done.stdout)
+    want: dict[str, int] = {}
+    with path.open("rb") as f:       # the safetensors header: each tensor's byte range
+        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+    for name, meta in header.items():
+        if name != "__metadata__":
+            comp = {"model": "unet", "cond_stage_model": "text_encoder", "first_stage_model": "vae"}[name.split(".")[0]]
+            want[comp] = want.get(comp, 0) + meta["data_offsets"][1] - meta["data_offsets"][0]
+    assert {c["name"]: c["weights_bytes"] for c in plan["components"]} == want

@@ -121,3 +121,25 @@ def test_gguf_dtype_on_load_is_refused_in_one_line(folders):
 
     with pytest.raises(WorkloadError, match="cannot be quantized on load"):
         _load(folders["llama"], 2, "q4_0")
+
+
+def test_cli_run_int8_through_torchao(tmp_path, capsys):
+    """`vramancer run --dtype int8 --quant-backend torchao`: weight-only int8, bytes as planned."""
+    import json
+
+    pytest.importorskip("torchao")
+    from tests.models.tiny import chat_llama
+    from vramancer.cli import main as cli
+
+    model, tok = chat_llama()
+    model.save_pretrained(tmp_path / "m", safe_serialization=True)
+    tok.save_pretrained(tmp_path / "m")
+    rc = cli(["run", str(tmp_path / "m"), "-p", "Hello", "-n", "4", "--devices", "rtx3090,rtx3060", "--split", "1,1",
+              "--context", "32", "--dtype", "int8", "--quant-backend", "torchao", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["plan"]["workload"]["dtype"] == "int8"
+    mem = out["memory"]["stages"]
+    assert [s["weights_bytes"] for s in mem] == [s["planned_weights_bytes"] for s in mem]
+    rc = cli(["run", str(tmp_path / "m"), "-p", "Hello", "--devices", "rtx3090", "--context", "32", "--dtype", "nf4",
+              "--quant-backend", "torchao"])
+    assert rc == 2 and "nf4 is not quantized through torchao" in capsys.readouterr().err

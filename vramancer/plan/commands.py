@@ -158,7 +158,8 @@ def render_plan(plan, console, story=None) -> None:
         how = ""
         if s.kind != "gpu":
             how = (f": weights stay here, streamed to {s.compute_device} before each use" if s.mode == "stream"
-                   else ": runs here")
+                   else f": weights stay here; decode runs here, prefill streams them to {s.compute_device}"
+                   if s.mode == "phase" else ": runs here")
         console.print(f"[dim]  {dev} = {names.get(dev, dev)}{how}[/]")
     for b in plan.stream_buffers:
         console.print(f"[dim]  stream buffer on {b.device}: {_short_bytes(b.buffer_bytes)} "

@@ -348,16 +348,17 @@ def plan_profile(profile: ModelProfile, devices: list[Device], workload: Workloa
             if best is not executed:
                 gain = request_seconds(executed) / request_seconds(best)
                 more = sum(s.num_blocks for s in best.offloaded) - n_off
+                buf = sum(b.buffer_bytes for b in best.stream_buffers)
                 if best is streamed:
                     best.notes.append(
                         f"the offloaded blocks stream through a GPU: a request is served {gain:.1f}x sooner than "
                         f"executing them where they are ({executed.predicted.decode_tokens_per_s:g} tokens/s "
                         f"decode, {executed.predicted.prefill_tokens_per_s:g} prefill)"
-                        + (f", though its {format_bytes(staging)} double buffer pushes {more} more blocks off "
+                        + (f", though its {format_bytes(buf)} double buffer pushes {more} more blocks off "
                            "the GPUs" if more > 0 else ""))
                 else:
                     best.notes.append(phase_note(best, executed, "executing them where they are", gain)
-                                      + (f"; its {format_bytes(staging)} double buffer pushes {more} more blocks "
+                                      + (f"; its {format_bytes(buf)} double buffer pushes {more} more blocks "
                                          "off the GPUs" if more > 0 else ""))
     if best.offloaded and moe_experts_on_host:
         from .experts import experts_on_host

@@ -116,7 +116,8 @@ def main(args: argparse.Namespace) -> int:
 
     quiet = getattr(args, "quiet", False)
     with LoadProgress(plan, enabled=False if quiet else None) as progress:
-        model, tokenizer = load_split(args.model, plan, dtype=None, progress=progress)
+        model, tokenizer = load_split(args.model, plan, dtype=None, progress=progress,
+                                      quant_backend=args.quant_backend)
     if not quiet:
         print(f"vramancer: {progress.summary()}", file=sys.stderr)
     from .server import build_server, serve_forever

@@ -7,6 +7,7 @@ and in the prompt's ``/history`` entry. ComfyUI is imported only when a node run
 from __future__ import annotations
 
 import copy
+import uuid
 from typing import Any
 
 from ...errors import BadInputError
@@ -98,6 +99,9 @@ class ClipToDevice:
         dev = parse_torch_device(device)
         c = clip.clone()
         c.patcher.load_device = dev
+        # a clone of its own weights in ComfyUI's eyes: switching from the original (loaded elsewhere)
+        # unpatches and loads it again, onto this device, instead of keeping it where it is
+        c.patcher.patches_uuid = uuid.uuid4()
         track_module(c.cond_stage_model, lambda name: "encode", lambda m=c.cond_stage_model: _first_device(m))
         return (c,)
 
@@ -121,6 +125,7 @@ class VaeToDevice:
         v = copy.copy(vae)
         v.patcher = vae.patcher.clone()
         v.patcher.load_device = dev
+        v.patcher.patches_uuid = uuid.uuid4()      # see ClipToDevice
         v.device = dev
         track_module(v.first_stage_model, _VAE_PHASES.get, lambda m=v.first_stage_model: _first_device(m))
         return (v,)

@@ -33,6 +33,7 @@ Nothing here imports ComfyUI at import time; torch is imported inside the functi
 from __future__ import annotations
 
 import threading
+import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -400,6 +401,9 @@ def split_model(patcher: Any, devices: Any = "auto", *, height: int = 1024, widt
     weights = sum(b.weights_bytes for b in plan.blocks)
     state = SplitState(plan, stages, weights, plan_text(plan, weights, height, width))
     m = patcher.clone()
+    # its own weights in ComfyUI's eyes: loading it after the unsplit MODEL (same weights, loaded
+    # whole on one device) unpatches and loads again, so ON_LOAD places the blocks inside ComfyUI's load
+    m.patches_uuid = uuid.uuid4()
     # a split of a split replaces it
     m.remove_callbacks_with_key(ext.CallbacksMP.ON_LOAD, KEY)
     m.remove_callbacks_with_key(ext.CallbacksMP.ON_DETACH, KEY)

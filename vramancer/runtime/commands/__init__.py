@@ -32,6 +32,9 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     add_planner_flags(p)
     p.add_argument("--plan", default=None, metavar="FILE",
                    help="use this plan (from `vramancer plan ... -o FILE`) instead of planning here")
+    p.add_argument("--quant-backend", default=None, choices=["bitsandbytes", "torchao"],
+                   help="package that quantizes a float checkpoint on load with --dtype int8 (default: "
+                        "bitsandbytes' LLM.int8; torchao: weight-only int8)")
 
 
 def add_monitor_flags(p: argparse.ArgumentParser) -> None:
@@ -103,9 +106,11 @@ def exit_on_interrupt(command: Callable[[argparse.Namespace], int], args: argpar
         return 130
 
 
-def load_split(model: str, plan: Plan, dtype: str | None = None, progress: Any = None) -> tuple[Any, Any]:
+def load_split(model: str, plan: Plan, dtype: str | None = None, progress: Any = None,
+               quant_backend: str | None = None) -> tuple[Any, Any]:
     """(model split per ``plan``, tokenizer) for ``model`` (a local transformers folder);
-    ``progress``: a runtime.progress.LoadProgress told of every tensor placed."""
+    ``progress``: a runtime.progress.LoadProgress told of every tensor placed; ``quant_backend``:
+    the package quantizing on load (``--quant-backend``)."""
     from ..gguf.load import is_gguf
     from ..loader import load, weights_folder
 
@@ -119,7 +124,7 @@ def load_split(model: str, plan: Plan, dtype: str | None = None, progress: Any =
     folder = weights_folder(model)
     tok = load_tokenizer(folder)
     check_plan_fits(plan)
-    return load(str(folder), plan=plan, dtype=dtype, progress=progress), tok
+    return load(str(folder), plan=plan, dtype=dtype, progress=progress, quant_backend=quant_backend), tok
 
 
 def render_memory(report: MemoryReport, console: Any) -> None:

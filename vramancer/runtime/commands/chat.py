@@ -44,7 +44,7 @@ def _main(args: argparse.Namespace) -> int:
 
     quiet = getattr(args, "quiet", False)
     with LoadProgress(plan, enabled=False if quiet else None) as progress:
-        model, tok = load_split(args.model, plan, progress=progress)
+        model, tok = load_split(args.model, plan, progress=progress, quant_backend=args.quant_backend)
     if not getattr(tok, "chat_template", None):
         raise BadInputError(f"{args.model}: the tokenizer has no chat template; use `vramancer run` instead")
     stages = ", ".join(f"{s.plan.device}[{s.blocks[0]}:{s.blocks[1]}]" for s in model.vramancer.stages)

@@ -184,7 +184,8 @@ def _main(args: argparse.Namespace) -> int:
     progress = LoadProgress(plan, enabled=False if (quiet or args.json or panel) else None)
     try:
         with monitor.loading(args.model) if monitor else nullcontext(), progress:
-            model, tok = load_split(args.model, plan, dtype=None, progress=progress)
+            model, tok = load_split(args.model, plan, dtype=None, progress=progress,
+                                    quant_backend=args.quant_backend)
             if monitor:
                 monitor.attach(model.vramancer)
         if not args.json and not panel:

@@ -1,0 +1,212 @@
+"""Decode tokens/s of a model split over 2 Ray nodes (stage workers, hidden states over Link TLS)
+against the same split run in one process, measured side by side in one run, on this machine.
+
+The cluster is two Ray nodes started here (``ray.cluster_utils.Cluster``, token auth), each with its
+own Link identity; the model is a Llama of the given sizes with random weights, saved as
+safetensors; the plan puts the first half of its blocks on node1's CPU and the rest on node2's
+(``plan_placement``: the planner's own assembly). The anchor loads the same plan in this process
+(``vramancer.load``) and decodes greedily with a KV cache; ours runs ``ClusterPipeline.generate``.
+Each figure is the median over --repeat runs of --new-tokens tokens after a --prompt-tokens
+prompt, taking turns (anchor, ours, anchor, ...) so that other load falls on both. Both must
+produce the same tokens (checked every run).
+
+Where the time goes, per decode token (ours): each stage's compute, and the rest of the step
+(the Link hops driver -> node1 -> node2 -> driver: TLS, framing, the kernel's loopback, and the
+wake-ups of the threads that wait on them).
+
+Run:  python benchmarks/cluster.py [--layers 8 --hidden 512 --repeat 3] [--json FILE]
+A benchmark, not a test: it exits 0 and prints a table (no goal: the issue asks for the ratio).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):  # run as a script from a checkout
+    sys.path.insert(0, str(ROOT))
+
+__all__ = ["main", "build_model", "start_cluster"]
+
+
+def build_model(folder: Path, layers: int, hidden: int, vocab: int) -> Path:
+    import torch
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
+                                   num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
+                                   num_key_value_heads=max(1, hidden // 256), max_position_embeddings=4096,
+                                   pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.05)
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def start_cluster(root: Path, nodes: int = 2):
+    """A Ray cluster of ``nodes`` on this machine with token auth, each node with its own identity
+    (and the driver too); returns the Cluster, connected."""
+    from ray.cluster_utils import Cluster
+
+    from vramancer.cluster.control import connect, use_token, write_token
+    from vramancer.link.keys import create_identity
+
+    token = secrets.token_urlsafe(32)
+    use_token(token)
+    create_identity(root / "driver" / "keys")
+    os.environ["VRAMANCER_CONFIG"] = str(root / "driver" / "config.toml")
+    env = []
+    for i in range(nodes):
+        create_identity(root / f"node{i + 1}" / "keys")
+        env.append({"VRAMANCER_CONFIG": str(root / f"node{i + 1}" / "config.toml"), "VRAMANCER_NODE_DEVICES": "cpu"})
+    cluster = Cluster(initialize_head=True, connect=False,
+                      head_node_args={"num_cpus": 1, "include_dashboard": False, "env_vars": env[0]})
+    for e in env[1:]:
+        cluster.add_node(num_cpus=1, env_vars=e)
+    cluster.wait_for_nodes()
+    write_token(root / "token", token)
+    connect(cluster.address, token_file=root / "token")
+    return cluster
+
+
+def _anchor_run(model, prompt: list[int], new_tokens: int) -> tuple[list[int], float]:
+    import torch
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    x = torch.tensor([prompt])
+    out = []
+    t0 = 0.0
+    with torch.no_grad():
+        for i in range(new_tokens):
+            if i == 1:
+                t0 = time.perf_counter()
+            tok = int(model(x, past_key_values=cache, use_cache=True).logits[0, -1].argmax())
+            out.append(tok)
+            x = torch.tensor([[tok]])
+    return out, time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--vocab", type=int, default=8000)
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    a = ap.parse_args(argv)
+    for name in ("layers", "hidden", "vocab", "prompt_tokens", "repeat"):
+        if getattr(a, name) < 1:
+            print(f"benchmarks/cluster.py: --{name.replace('_', '-')} must be at least 1", file=sys.stderr)
+            return 2
+    if a.new_tokens < 2 or a.hidden % 64 and a.hidden >= 64:
+        print("benchmarks/cluster.py: --new-tokens must be at least 2 and --hidden a multiple of 64",
+              file=sys.stderr)
+        return 2
+    try:
+        import ray
+    except ImportError:
+        print("benchmarks/cluster.py: needs Ray (pip install 'vramancer[cluster]')", file=sys.stderr)
+        return 2
+    import torch
+
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    saved_env = dict(os.environ)
+    with tempfile.TemporaryDirectory(prefix="vrm-bench-cluster-") as tmp:
+        root = Path(tmp)
+        folder = build_model(root / "model", a.layers, a.hidden, a.vocab)
+        cluster = start_cluster(root)
+        try:
+            return _measure(a, folder)
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+            os.environ.clear()
+            os.environ.update(saved_env)
+
+
+def _measure(a: argparse.Namespace, folder: Path) -> int:
+    from vramancer.cluster.nodes import discover
+    from vramancer.cluster.pipeline import ClusterPipeline
+    from vramancer.cluster.planning import cluster_devices
+    from vramancer.models.resolve import profile
+    from vramancer.plan.plan import Workload
+    from vramancer.plan.planner import plan_placement
+    from vramancer.runtime.loader import load
+
+    view = discover(probe_bytes=4 << 20)
+    devices = cluster_devices(view)
+    prof = profile(str(folder))
+    n = prof.num_blocks
+    block_devices = [devices[0].id] * (n // 2) + [devices[1].id] * (n - n // 2)
+    context = a.prompt_tokens + a.new_tokens + 8
+    plan = plan_placement(prof, devices, Workload(context=context, batch=1, dtype=prof.dtype), block_devices)
+    prompt = [(7 * i + 3) % (a.vocab - 3) + 3 for i in range(a.prompt_tokens)]
+    anchor_model = load(str(folder), plan=plan)
+    ours_tps, anchor_tps, steps, computes = [], [], [], []
+    with ClusterPipeline(plan, view, folder) as pipe:
+        _anchor_run(anchor_model, prompt, 2)      # warm-up, both
+        pipe.generate(prompt, 2)
+        for _ in range(a.repeat):
+            ref, dt = _anchor_run(anchor_model, prompt, a.new_tokens)
+            anchor_tps.append((a.new_tokens - 1) / dt)
+            before = pipe.stats()
+            got = pipe.generate(prompt, a.new_tokens)
+            after = pipe.stats()
+            if got != ref:
+                print(f"benchmarks/cluster.py: the 2-node output differs from one process: {got} vs {ref}",
+                      file=sys.stderr)
+                return 1
+            dec = after.decode_s - before.decode_s
+            ours_tps.append((a.new_tokens - 1) / dec)
+            fw = [x.forwards - y.forwards for x, y in zip(after.stages, before.stages)]
+            comp = [(x.compute_s - y.compute_s) / f for x, y, f in zip(after.stages, before.stages, fw)]
+            computes.append(comp)
+            steps.append(dec / (a.new_tokens - 1))
+        stats = pipe.stats()
+    anchor_model.vramancer.free()
+    ours, anchor = statistics.median(ours_tps), statistics.median(anchor_tps)
+    step = statistics.median(steps)
+    comp = [statistics.median(c[i] for c in computes) for i in range(len(plan.stages))]
+    link = view.link("node1", "node2")
+    rows = {
+        "model": f"llama {a.layers} layers, hidden {a.hidden}, vocab {a.vocab}, {prof.dtype}",
+        "stages": [f"{s.device} blocks {s.blocks[0]}-{s.blocks[1] - 1}" for s in plan.stages],
+        "one_process_tokens_per_s": anchor, "two_nodes_tokens_per_s": ours, "ratio": ours / anchor,
+        "step_ms": step * 1000, "stage_compute_ms": [c * 1000 for c in comp],
+        "link_and_wakeups_ms": (step - sum(comp)) * 1000,
+        "link_rtt_ms": link.rtt_s * 1000 if link else None,
+        "link_gb_per_s": link.bandwidth_bytes_per_s / 1e9 if link else None,
+        "bytes_per_token_between_stages": stats.stages[0].bytes_sent // max(stats.stages[0].forwards, 1),
+        "runs": a.repeat, "new_tokens": a.new_tokens,
+    }
+    print(f"{rows['model']}; stages: {'; '.join(rows['stages'])}")
+    print(f"{'decode tokens/s':<34}{'ours (2 nodes)':>16}{'one process':>14}{'ratio':>8}")
+    print(f"{'':<34}{ours:>16.1f}{anchor:>14.1f}{ours / anchor:>7.2f}x")
+    print(f"where a decode step goes (ours, {step * 1000:.2f} ms):")
+    for i, c in enumerate(comp):
+        print(f"  stage {i} compute ({plan.stages[i].device}){'':<6}{c * 1000:>8.2f} ms")
+    print(f"  Link hops, TLS, thread wake-ups     {(step - sum(comp)) * 1000:>8.2f} ms  "
+          f"(3 hops/token; node1->node2 RTT {rows['link_rtt_ms'] or 0:.3f} ms, "
+          f"{rows['bytes_per_token_between_stages']} B/token between stages incl. the prefill)")
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
