@@ -60,7 +60,7 @@ def moe_folders(tmp_path_factory):
     return out
 
 
-def moe_plan(target, devices: str, context: int = 64):
+def moe_plan(target, devices: str, context: int = 64, backing: str = "cpu"):
     """The planner's experts-in-host-RAM plan for ``devices`` (the placement the planner builds; on models
     this small its per-block overheads make it prefer whole-layer offload, so it is asked directly)."""
     from vramancer.devices.spec import parse_devices
@@ -68,9 +68,11 @@ def moe_plan(target, devices: str, context: int = 64):
     from vramancer.plan.experts import experts_on_host
     from vramancer.plan.planner import plan, plan_profile
 
-    whole = plan(target, devices=devices, context=context, reserve_bytes=0, moe_experts_on_host=False)
+    whole = plan(target, devices=devices, context=context, reserve_bytes=0, moe_experts_on_host=False,
+                 backing=backing)
     assert whole.offloaded, "the budget must push whole MoE layers off the GPUs"
-    alt = experts_on_host(profile(target), parse_devices(devices), whole.workload, 0, whole, plan_profile)
+    alt = experts_on_host(profile(target), parse_devices(devices, backing=backing), whole.workload, 0, whole,
+                          plan_profile)
     assert alt is not None and any(b.experts_device for b in alt.blocks) and not alt.offloaded
     return alt
 
@@ -190,3 +192,24 @@ def test_plan_for_another_model_refused_in_one_line(moe_folders):
     with pytest.raises(BadInputError, match="no such module") as e:
         experts_module_name(model, "model.layers.1.mlp.experts", ["model.embed_tokens"])
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.gpu
+def test_experts_on_host_with_a_cuda_gpu(moe_folders):
+    """On a real GPU: attention on it, the experts' weights on the CPU; decode moves the routed tokens to
+    the host and back, a 40-token prefill copies each layer's experts to the GPU and drops the copy."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from vramancer.runtime.loader import load
+
+    folder = moe_folders["mixtral"]
+    plan = moe_plan(str(folder), DEVICES[("mixtral", 2)], backing="cuda:0")
+    ids = _prompt(tokens=40)
+    ref = _greedy(transformers.AutoModelForCausalLM.from_pretrained(folder).eval(), ids)
+    model = load(folder, plan=plan)
+    assert torch.equal(_greedy(model, ids).cpu(), ref)
+    stats = model.vramancer.experts_hooks.stats
+    n_moved = sum(1 for b in plan.blocks if b.experts_device)
+    assert stats.copied_forwards == n_moved and stats.to_host_bytes > 0 and stats.back_bytes > 0
+    _check_experts(model, plan)
+    assert all(p.device.type == "cuda" for n, p in model.named_parameters() if ".experts." not in n)
