@@ -213,3 +213,39 @@ def test_experts_on_host_with_a_cuda_gpu(moe_folders):
     assert stats.copied_forwards == n_moved and stats.to_host_bytes > 0 and stats.back_bytes > 0
     _check_experts(model, plan)
     assert all(p.device.type == "cuda" for n, p in model.named_parameters() if ".experts." not in n)
+
+
+def test_vramancer_run_with_an_experts_plan(tmp_path, capsys):
+    """`vramancer plan`'s JSON with experts in host RAM, run by `vramancer run --plan`: the unsplit
+    model's tokens; the memory JSON lists each experts module at its planned bytes."""
+    import json
+
+    from vramancer.cli import main as cli
+    from vramancer.runtime.demo_model import build_demo_tokenizer
+
+    tok = build_demo_tokenizer()
+    cfg = transformers.AutoConfig.for_model("mixtral", **{**_COMMON, "vocab_size": len(tok)}, **MOE["mixtral"])
+    torch.manual_seed(2)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.2)
+    folder = tmp_path / "moe-chat"
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    budget = "rtx3090:560KiB,rtx3060:460KiB,cpu:8GiB"     # the embeddings are larger with this vocabulary
+    plan_file = tmp_path / "plan.json"
+    moe_plan(str(folder), budget, context=128).save(plan_file)
+    enc = tok("Experts stay in host RAM", return_tensors="pt")
+    with torch.no_grad():
+        ref = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+    rc = cli(["run", str(folder), "--prompt", "Experts stay in host RAM", "--max-new-tokens", "8",
+              "--plan", str(plan_file), "--json"])
+    d = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    assert d["generation"]["token_ids"] == ref[0, enc["input_ids"].shape[1]:].tolist()
+    moved = [b for b in d["plan"]["blocks"] if b.get("experts_device")]
+    assert moved and d["plan"]["experts"][0]["kind"] == "experts"
+    assert [(e["weights_bytes"], e["planned_weights_bytes"]) for e in d["memory"]["experts"]] == \
+        [(b["experts_bytes"], b["experts_bytes"]) for b in moved]
