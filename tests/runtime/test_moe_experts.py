@@ -249,3 +249,18 @@ def test_vramancer_run_with_an_experts_plan(tmp_path, capsys):
     assert moved and d["plan"]["experts"][0]["kind"] == "experts"
     assert [(e["weights_bytes"], e["planned_weights_bytes"]) for e in d["memory"]["experts"]] == \
         [(b["experts_bytes"], b["experts_bytes"]) for b in moved]
+
+
+def test_live_view_counts_the_experts_on_the_host(moe_folders):
+    """The simulated host's live sample holds the experts' bytes (what the memory report says)."""
+    from vramancer.runtime.loader import load
+
+    folder = moe_folders["mixtral"]
+    plan = moe_plan(str(folder), DEVICES[("mixtral", 2)])
+    model = load(folder, plan=plan)
+    from vramancer.runtime.telemetry_feed import StageFeed
+
+    feed = StageFeed(plan).attach(model.vramancer)
+    host = {s.device: s.used_bytes for s in feed.device_samples()}["cpu"]
+    assert host == sum(b.experts_bytes for b in plan.blocks if b.experts_device)
+    feed.detach()

@@ -191,6 +191,9 @@ class StageFeed:
         for buf in plan.stream_buffers:
             if buf.device not in used:
                 used.append(buf.device)
+        for blk in plan.blocks:   # the host holding MoE experts
+            if blk.experts_device is not None and blk.experts_device not in used:
+                used.append(blk.experts_device)
         self.devices: dict[str, Device] = {i: by_id[i] for i in used if i in by_id}
         self.simulated: list[str] = [i for i in used if i in by_id and by_id[i].simulated]
         self._lock = threading.Lock()
@@ -283,6 +286,14 @@ class StageFeed:
         for buf in held.stream_buffers:
             if buf.device in used:
                 used[buf.device] += buf.buffer_bytes
+        with self._lock:
+            rt = self._runtime
+        if rt is not None:   # MoE experts the plan keeps in host RAM (runtime/experts.py)
+            from .memory import experts_bytes
+
+            for ex in experts_bytes(rt.stages):
+                if ex.device in used:
+                    used[ex.device] += ex.weights_bytes
         return [DeviceSample(device=d, name=self.devices[d].name, source="simulated", used_bytes=used[d],
                              total_bytes=self.devices[d].total_bytes, missing=list(SIMULATED_MISSING))
                 for d in self.simulated]
