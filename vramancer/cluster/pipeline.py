@@ -386,9 +386,15 @@ class ClusterPipeline:
         """Greedy decoding: the new token ids (at most ``max_new_tokens``; stops after an EOS id)."""
         if not prompt_ids:
             raise BadInputError("an empty prompt")
+        ctx = self.plan.workload.context
+        if len(prompt_ids) + max_new_tokens > ctx:
+            raise BadInputError(f"{len(prompt_ids)} prompt + {max_new_tokens} new tokens is more than the "
+                                f"{ctx} tokens of context the plan holds (plan with a larger --context)")
         out: list[int] = []
         t0 = time.perf_counter()
-        logits = self.forward(list(prompt_ids), 0)
+        chunk = max(1, self.plan.workload.prefill_chunk)   # the activations the plan sized each stage for
+        for s in range(0, len(prompt_ids), chunk):
+            logits = self.forward(list(prompt_ids[s:s + chunk]), s)
         self.timing.prefill_s += time.perf_counter() - t0
         pos = len(prompt_ids)
         t1 = time.perf_counter()
