@@ -18,7 +18,7 @@ def _phase_plan(folder, backing: str = "cpu"):
     """The planner's streamed placement (GPU, host RAM streamed to a GPU, GPU) with its host stage run
     per phase. (On a model this small the host's per-layer overheads make the planner stream it for
     decode too; tests/plan/test_phase.py has the planner choosing "phase".)"""
-    streamed = placed_plan(folder, "rtx3090,cpu,rtx4090", "stream", backing=backing)
+    streamed = placed_plan(folder, "rtx3090,cpu:8GiB,rtx4090", "stream", backing=backing)
     assert [s.mode for s in streamed.stages] == ["execute", "stream", "execute"]
     streamed.stages[1].mode = "phase"
     streamed.validate()
@@ -52,6 +52,9 @@ def test_phase_stage_greedy_equals_unsplit(llama_folder, prompt):
     rt = model.vramancer
     assert [s.mode for s in rt.stages] == ["execute", "phase", "execute"]
     assert "~" in repr(rt)
+    from vramancer.runtime.telemetry_feed import StageFeed
+
+    feed = StageFeed(plan).attach(rt)   # the live view, watching the generation
     assert torch.equal(_greedy(model, ids), ref)
     units = len(rt.stages[1].stream_units)
     assert units == plan.stages[1].num_blocks
@@ -64,6 +67,15 @@ def test_phase_stage_greedy_equals_unsplit(llama_folder, prompt):
         assert row.weights_bytes == st.weights_bytes and row.misplaced == []
     (buf,) = rep.stream_buffers
     assert buf.buffer_bytes <= buf.planned_buffer_bytes and buf.stages == (1,)
+    # the live view: the host holds the phase stage's weights and the KV cache of a forward held here
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+    host = {s.device: s.used_bytes for s in feed.device_samples()}["cpu"]
+    held = feed.stage_bytes()
+    assert held.stages[1].kv_cache_bytes > 0 and held.stages[1].kv_devices == ("cpu",)
+    assert host == held.stages[1].weights_bytes + held.stages[1].kv_cache_bytes
+    del out
+    feed.detach()
     rt.detach()
 
 

@@ -281,8 +281,12 @@ class StageFeed:
         for sb in held.stages:
             if sb.device in used:
                 used[sb.device] += sb.weights_bytes
+            # a "phase" stage keeps its KV cache at home (host RAM); others where they compute
+            kv_on = sb.device if self.plan.stages[sb.stage].mode == "phase" else sb.compute_device
+            if kv_on in used:
+                used[kv_on] += sb.kv_cache_bytes
             if sb.compute_device in used:
-                used[sb.compute_device] += sb.buffers_bytes + sb.kv_cache_bytes
+                used[sb.compute_device] += sb.buffers_bytes
         for buf in held.stream_buffers:
             if buf.device in used:
                 used[buf.device] += buf.buffer_bytes
