@@ -1,9 +1,12 @@
 """`vramancer cluster start | status | stop` on this machine (a real `ray start` head with token
-auth), `plan --cluster` and `run --cluster` against it, and the bad inputs refused in one line."""
+auth), `run --cluster` against it, and the bad inputs refused in one line."""
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -56,7 +59,14 @@ def _machine_address() -> str:
     return ip
 
 
-def test_start_status_plan_run_stop(node_home, capsys, tmp_path):
+def _vramancer(env: dict, *argv: str) -> subprocess.CompletedProcess:
+    """`vramancer ARGV` in a process of its own: Ray's connection and auth settings are per process,
+    and the pipeline tests hold one in this process."""
+    return subprocess.run([sys.executable, "-m", "vramancer", *argv], env=env, capture_output=True, text=True,
+                          timeout=180)
+
+
+def test_start_status_run_stop(node_home, tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -71,39 +81,40 @@ def test_start_status_plan_run_stop(node_home, capsys, tmp_path):
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(folder)
 
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["VRAMANCER_CONFIG"] = str(node_home / "config.toml")
     host, port = _machine_address(), _free_port()
     address = f"{host}:{port}"
-    assert main(["cluster", "start", "--host", host, "--port", str(port), "--num-cpus", "1",
-                 "--devices", "cpu:16GiB"]) == 0
+    p = _vramancer(env, "cluster", "start", "--host", host, "--port", str(port), "--num-cpus", "1",
+                   "--devices", "cpu:16GiB")
+    assert p.returncode == 0, p.stderr
     state = ClusterState.load()
     try:
-        out = capsys.readouterr().out
         fp = load_identity().fingerprint
-        assert f"this node's Link fingerprint: {fp}" in out
-        join = [ln.strip() for ln in out.splitlines() if ln.strip().startswith("vramancer cluster join")]
+        assert f"this node's Link fingerprint: {fp}" in p.stdout
+        join = [ln.strip() for ln in p.stdout.splitlines() if ln.strip().startswith("vramancer cluster join")]
         token = (node_home / "cluster" / "token").read_text().strip()
         assert join == [f"vramancer cluster join {address} --token {token}"]
         assert (node_home / "cluster" / "token").stat().st_mode & 0o777 == 0o600
         assert _processes_of(state.temp_dir)
 
-        assert main(["cluster", "status", "--json", "--probe-bytes", "64KiB"]) == 0
-        st = json.loads(capsys.readouterr().out)
+        p = _vramancer(env, "cluster", "status", "--json", "--probe-bytes", "64KiB")
+        assert p.returncode == 0, p.stderr
+        st = json.loads(p.stdout)
         assert st["driver_node"] == "node1" and st["links"] == []
         (node,) = st["nodes"]
         assert node["fingerprint"] == fp and node["address"] == host and node["is_head"]
         assert [d["id"] for d in node["devices"]] == ["node1/cpu"] and node["link_port"] > 0
 
-        assert main(["plan", str(folder), "--cluster", address, "--context", "64", "--json"]) == 0
-        plan = json.loads(capsys.readouterr().out)
-        assert [s["device"] for s in plan["stages"]] == ["node1/cpu"]
-        assert any("cluster: driver(node1) -> node1 -> driver(node1)" in n for n in plan["notes"])
-
-        assert main(["run", str(folder), "--cluster", address, "--context", "64", "-p", "t5 t9 t17 t33",
-                     "-n", "5", "--json"]) == 0
-        res = json.loads(capsys.readouterr().out)
+        p = _vramancer(env, "run", str(folder), "--cluster", address, "--context", "64", "-p", "t5 t9 t17 t33",
+                       "-n", "5", "--json")
+        assert p.returncode == 0, p.stderr
+        res = json.loads(p.stdout)
         assert res["tokens"] == 5 and res["stages"][0]["forwards"] == 5
         assert res["stages"][0]["loaded_from"] == f"local copy {folder}"
+        assert [s["device"] for s in res["plan"]["stages"]] == ["node1/cpu"]
+        assert any("cluster: driver(node1) -> node1 -> driver(node1)" in n for n in res["plan"]["notes"])
     finally:
-        assert main(["cluster", "stop"]) == 0
-    assert "stopped the cluster head" in capsys.readouterr().out
+        p = _vramancer(env, "cluster", "stop")
+    assert p.returncode == 0 and "stopped the cluster head" in p.stdout
     assert _processes_of(state.temp_dir) == [] and ClusterState.load() is None
