@@ -207,3 +207,22 @@ def test_controlnet_residuals_go_where_their_hidden_states_are():
                               StageRun(1, "b", meta, meta, "execute", ["single_blocks.0"])], 0, "")
     out = state.control_on_devices(flux, {"input": [torch.zeros(1)], "output": [torch.zeros(1)]})
     assert out["input"][0].device == cpu and out["output"][0].device == meta
+
+
+def test_a_shared_tensor_crosses_once_unless_changed_in_place():
+    import torch
+
+    from vramancer.integrations.comfyui.split import _move
+    from vramancer.runtime.boundary import BoundaryStats
+
+    memo: dict = {}
+    stats = BoundaryStats()
+    meta = torch.device("meta")
+    emb = torch.zeros(4)
+    first = _move((emb, [emb]), meta, memo, stats)
+    assert first[0] is first[1][0] and first[0].device == meta and stats.copied_bytes == 16
+    assert _move(emb, meta, memo, stats) is first[0] and stats.copied_bytes == 16
+    emb += 1      # a residual added in place after the move: copied again
+    assert _move(emb, meta, memo, stats) is not first[0] and stats.copied_bytes == 32
+    opts = {"sigmas": torch.zeros(1)}
+    assert _move(opts, meta, memo, stats) is opts      # transformer_options pass through untouched

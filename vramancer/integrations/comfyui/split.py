@@ -84,8 +84,9 @@ def _units(module: nn.Module) -> list[nn.Module]:
     return [module]
 
 
-def _move(obj: Any, device: torch.device, memo: dict[int, tuple[Any, Any]], stats: BoundaryStats) -> Any:
-    """Tensors (alone, or in tuples / lists) on ``device``, each copied once per memo; dicts such as
+def _move(obj: Any, device: torch.device, memo: dict[int, tuple[Any, Any, int]], stats: BoundaryStats) -> Any:
+    """Tensors (alone, or in tuples / lists) on ``device``, each copied once per memo (again if it was
+    changed in place since, e.g. a ControlNet residual added to a skip tensor); dicts such as
     ComfyUI's ``transformer_options`` pass through untouched."""
     import torch
 
@@ -93,10 +94,10 @@ def _move(obj: Any, device: torch.device, memo: dict[int, tuple[Any, Any]], stat
         if obj.device == device:
             return obj
         hit = memo.get(id(obj))
-        if hit is not None and hit[0] is obj:
+        if hit is not None and hit[0] is obj and hit[2] == obj._version:   # not changed in place since
             return hit[1]
         moved = obj.to(device, non_blocking=device.type == "cuda")
-        memo[id(obj)] = (obj, moved)
+        memo[id(obj)] = (obj, moved, obj._version)
         stats.copied_bytes += obj.numel() * obj.element_size()
         return moved
     if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
@@ -124,7 +125,7 @@ class SplitState:
         self.calls = 0
         self.placements = 0
         self._lock = threading.Lock()
-        self._memos: list[dict[int, tuple[Any, Any]]] = [{} for _ in stages]
+        self._memos: list[dict[int, tuple[Any, Any, int]]] = [{} for _ in stages]
         self._stage_of_prefix = {p: st for st in stages for p in st.prefixes}
         self._cast: dict[int, tuple[Any, bool]] = {}    # layers a streamed stage casts: their flag before
 
