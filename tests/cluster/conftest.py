@@ -9,9 +9,7 @@ from pathlib import Path
 
 import pytest
 
-ray = pytest.importorskip("ray", reason="the cluster tests need Ray (pip install 'vramancer[cluster]')")
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+RAY_MISSING = "the cluster tests need Ray (pip install 'vramancer[cluster]')"
 
 # three simulated GPUs of 200 KiB: the tiny model (tiny_folder; about 361 KiB at context 64 with one
 # layer's activations) needs all three; two of 300 KiB hold it, one does not
@@ -28,6 +26,9 @@ def make_identity(root: Path) -> str:
 def make_tiny_model(folder: Path) -> Path:
     """A Llama with 6 layers (8 blocks) saved in ``folder``, random weights spread wide enough for
     decisive greedy picks."""
+    import torch
+    import transformers
+
     cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=6,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                                    pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -49,6 +50,7 @@ def tiny_folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
     """(cluster, address, node config folders): three nodes with token auth, driver connected."""
+    ray = pytest.importorskip("ray", reason=RAY_MISSING)
     from ray.cluster_utils import Cluster
 
     root = tmp_path_factory.mktemp("ray-nodes")

@@ -12,7 +12,10 @@ import pytest
 
 from vramancer.cli import main
 
-from .conftest import ray, torch  # noqa: F401  (skips without Ray / torch)
+from .conftest import RAY_MISSING
+
+ray = pytest.importorskip("ray", reason=RAY_MISSING)
+pytest.importorskip("torch")
 
 
 @pytest.fixture

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from .conftest import TWO_NODE_DEVICES, ray, torch  # noqa: F401  (skips without Ray / torch)
+from .conftest import RAY_MISSING, TWO_NODE_DEVICES
+
+ray = pytest.importorskip("ray", reason=RAY_MISSING)
+torch = pytest.importorskip("torch")
 
 PROMPT = [1, 5, 9, 17, 33, 4, 60]
 NEW_TOKENS = 12
