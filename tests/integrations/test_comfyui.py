@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -69,6 +70,11 @@ def test_nodes_are_registered(comfy_server):
     assert info["VRAMancerSplitModel"]["output"] == ["MODEL", "STRING"]
     assert info["VRAMancerVramReport"]["output_node"] is True
     assert "vramancer" in comfy_server.log.read_text()   # the loader was imported from custom_nodes/
+    # WEB_DIRECTORY: the frontend script that shows the plan / report text on the nodes is served
+    scripts = comfy_server.get("/extensions")
+    assert "/extensions/vramancer/vramancer.js" in scripts, scripts
+    with urllib.request.urlopen(comfy_server.url + "/extensions/vramancer/vramancer.js", timeout=30) as r:
+        assert b"registerExtension" in r.read()
 
 
 def test_split_image_equals_unsplit(comfy_server):
