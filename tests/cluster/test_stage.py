@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers")
 
 from tests.runtime.conftest import build_model, make_plan  # noqa: E402
 
@@ -56,6 +56,9 @@ def test_stages_chained_equal_the_split_model(tmp_path, arch):
     # a stage only holds its own blocks' weights: stage 1 has 2 layers and no embedding or head
     mid = stages[1].model
     assert mid.config.num_hidden_layers == 2
+    full = transformers.AutoConfig.from_pretrained(folder)
+    if getattr(full, "layer_types", None):      # gemma2: sliding / full attention by layer, sliced with the layers
+        assert list(mid.config.layer_types) == list(full.layer_types[1:3])
     assert mid.get_input_embeddings().weight.device.type == "meta"
 
 

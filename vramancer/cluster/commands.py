@@ -220,6 +220,7 @@ def run_on_cluster(args: argparse.Namespace, console: Any) -> int:
 
     from ..runtime.commands import load_tokenizer
     from ..runtime.loader import weights_folder
+    from .nodes import node_of
     from .pipeline import ClusterPipeline
 
     _check_flags(args, "run")
@@ -229,7 +230,17 @@ def run_on_cluster(args: argparse.Namespace, console: Any) -> int:
     tok = load_tokenizer(folder)
     try:
         view, driver = connect_and_discover(args.cluster, args.cluster_token_file, 4 << 20)
-        plan = _plan(args, str(folder), view, driver)
+        if getattr(args, "plan", None):    # a plan saved by `plan --cluster -o FILE`
+            from ..plan.plan import Plan
+
+            plan = Plan.load(args.plan)
+            names = {n.name for n in view.nodes}
+            missing = sorted({node_of(s.device) for s in plan.stages} - names)
+            if missing:
+                raise BadInputError(f"--plan {args.plan} places stages on {', '.join(missing) or 'this machine'}, "
+                                    f"which the cluster does not have ({', '.join(sorted(names))}): plan again")
+        else:
+            plan = _plan(args, str(folder), view, driver)
         if not args.json and not args.quiet:
             from ..plan.commands import render_plan
 

@@ -87,11 +87,16 @@ def stage_blocks(plan: Plan, index: int) -> StageBlocks:
 
 
 def _sub_config(config: Any, layers: tuple[int, ...]) -> Any:
-    """``config`` with only ``layers`` (renumbered 0..n-1)."""
+    """``config`` with only ``layers`` (renumbered 0..n-1): ``num_hidden_layers`` and every per-layer
+    list (``layer_types``, Llama 4's ``no_rope_layers``, ...: a list with one item per layer) sliced."""
     sub = copy.deepcopy(config)
     total = int(config.num_hidden_layers)
     sub.num_hidden_layers = len(layers)
-    for name in _PER_LAYER_LISTS:
+    names = set(_PER_LAYER_LISTS)
+    if total > 1:
+        names |= {k for k, v in vars(config).items() if isinstance(v, (list, tuple)) and len(v) == total
+                  and k not in ("architectures",)}
+    for name in sorted(names):
         val = getattr(config, name, None)
         if isinstance(val, (list, tuple)) and len(val) == total:
             setattr(sub, name, [val[i] for i in layers])
