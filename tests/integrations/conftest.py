@@ -98,9 +98,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def comfy_server(comfy_env: ComfyEnv, comfy_models: Path, tmp_path_factory: pytest.TempPathFactory):
-    base = tmp_path_factory.mktemp("comfy-base")
+def _start_server(comfy_env: ComfyEnv, comfy_models: Path, base: Path, *, cpu: bool = True):
+    """A ComfyUI with its own base directory, the loader installed by ``vramancer comfyui install``;
+    yields the ComfyServer, then stops that process (by pid)."""
     for sub in ("models/checkpoints", "models/loras", "custom_nodes", "input", "output", "user", "temp"):
         (base / sub).mkdir(parents=True)
     (base / "models/checkpoints/tiny-sd15.safetensors").symlink_to(comfy_models / "tiny-sd15.safetensors")
@@ -110,12 +110,14 @@ def comfy_server(comfy_env: ComfyEnv, comfy_models: Path, tmp_path_factory: pyte
     assert done.returncode == 0, done.stderr
     port = _free_port()
     log = base / "comfyui.log"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    if cpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""
     env.pop("PYTHONPATH", None)
+    argv = [str(comfy_env.python), "main.py", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
+            "--base-directory", str(base)] + (["--cpu"] if cpu else [])
     with log.open("w") as out:
-        proc = subprocess.Popen([str(comfy_env.python), "main.py", "--cpu", "--listen", "127.0.0.1",
-                                 "--port", str(port), "--disable-auto-launch", "--base-directory", str(base)],
-                                cwd=comfy_env.comfy_dir, stdout=out, stderr=subprocess.STDOUT, env=env,
+        proc = subprocess.Popen(argv, cwd=comfy_env.comfy_dir, stdout=out, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
     server = ComfyServer(f"http://127.0.0.1:{port}", base, log, proc)
     try:
@@ -140,3 +142,14 @@ def comfy_server(comfy_env: ComfyEnv, comfy_models: Path, tmp_path_factory: pyte
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def comfy_server(comfy_env: ComfyEnv, comfy_models: Path, tmp_path_factory: pytest.TempPathFactory):
+    yield from _start_server(comfy_env, comfy_models, tmp_path_factory.mktemp("comfy-base"))
+
+
+@pytest.fixture(scope="module")
+def comfy_gpu_server(comfy_env: ComfyEnv, comfy_models: Path, tmp_path_factory: pytest.TempPathFactory):
+    """ComfyUI on this machine's CUDA GPU (its default device), for ``gpu``-marked tests."""
+    yield from _start_server(comfy_env, comfy_models, tmp_path_factory.mktemp("comfy-gpu-base"), cpu=False)
