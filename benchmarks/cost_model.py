@@ -3,8 +3,9 @@ random-weight Llamas run with transformers on this machine's CPU, next to what `
 predicts for device "cpu", and their ratio (measured / predicted; goal 0.7-1.3 for every row).
 
 1. The host figures the prediction uses are measured by ``vramancer.runtime.calibrate.measure_host_speed()``
-   (GEMV bandwidth, prefill matmul FLOP/s, fixed cost per block, per generation step and per request
-   with one thread, the thread hand-off per parallel op of a decode step and of a prefill chunk: see
+   (GEMV bandwidth, prefill matmul FLOP/s, fixed cost per block with one thread, the thread hand-off
+   per parallel op of a decode step and of a prefill chunk, the cost per generation step and per
+   request: see
    vramancer/devices/host_speed.py). No per-model figure is fitted: every model below is predicted
    from those figures and its own profile.
 2. Each model (float32, built from a transformers config with random weights) generates the way

@@ -9,8 +9,9 @@ criteria, the streamer). So these are measured, not looked up:
                            from a matrix larger than the caches
     gemm_flops_per_s       FLOP/s of a fp32 prefill-shaped matmul (512 x 1024 @ 1024 x 1024)
     block_overhead_s       fixed seconds per block per forward (decode step or prefill chunk), from
-                           a real transformers decoder at tiny width, 1 layer vs 9: (t9 - t1) / 8
-    step_overhead_s        fixed seconds per generation step beyond its blocks (t1 minus its 3 blocks)
+                           real transformers decoders at tiny width with one thread: the slope of
+                           their decode step over 1, 4 and 9 layers
+    step_overhead_s        fixed seconds per generation step beyond its blocks (the ``generate`` loop)
     request_overhead_s     fixed seconds from a ``generate`` call to its first token beyond the
                            prompt's blocks (setup, the first step): what a prefill chunk pays on top
     parallel_op_s          the hand-off between threads each op of a prefill pays once its tensors
@@ -20,9 +21,11 @@ criteria, the streamer). So these are measured, not looked up:
                            matmuls MKL threads and the attention kernel): a tiny decoder's decode step
                            per layer with the threads torch uses less with one thread, per op
 
-The fixed costs per block, step and request are measured with one thread (dispatch: what no thread
-count changes); what more threads add is the hand-offs, priced per op by the last two figures (0
-with one thread). On a machine whose other cores are busy a hand-off waits for a core: a few
+The fixed cost per block is measured with one thread (dispatch: what no thread count changes); what
+more threads add to a block is the hand-offs, priced per op by the last two figures (0 with one
+thread). The costs per step and per request are measured at the thread count itself (what the tiny
+decoders' steps and first tokens take beyond their blocks): ``generate``'s own ops hand off too.
+On a machine whose other cores are busy a hand-off waits for a core: a few
 microseconds on idle cores, milliseconds on busy ones, so measure under the load the runs will see.
 
 ``vramancer.runtime.calibrate.measure_host_speed()`` measures them (a few seconds, with the threads
@@ -44,7 +47,7 @@ from pathlib import Path
 __all__ = ["HostSpeed", "default_host_speed", "host_speed", "save_host_speed", "host_speed_path",
            "host_fingerprint"]
 
-HOST_SPEED_SCHEMA = 2   # 2: fixed costs measured with one thread, decode_parallel_op_s
+HOST_SPEED_SCHEMA = 2   # 2: the block's fixed cost measured with one thread, decode_parallel_op_s
 
 
 @dataclass(frozen=True)

@@ -131,13 +131,16 @@ def measure_overheads(rounds: int = 5, threads: int | None = None) -> tuple[floa
     transformers generation on this CPU. At tiny width (128) the weights cost nothing: what a step
     takes is fixed cost. Llamas with 1, 4 and 9 layers generate in alternation (a shared machine's
     load hits each alike), with one thread: the line through the medians of their decode steps gives
-    the cost per block (slope) and per step (intercept less the embedding and head blocks); the times
-    to the first token less their blocks, the cost per request. Then the 1- and 9-layer models decode
-    with ``threads``: what a layer's step takes beyond its one-thread time is the hand-off of the
-    DECODE_PARALLEL_OPS_PER_LAYER ops a decode step splits over threads."""
+    the cost per block (slope: dispatch, what no thread count changes). With more ``threads`` the
+    1- and 9-layer models then decode with them too: what a layer's step takes beyond its one-thread
+    time is the hand-off of the DECODE_PARALLEL_OPS_PER_LAYER ops a decode step splits over threads,
+    and the costs per step and per request are what their steps and first tokens take beyond their
+    blocks at that thread count (``generate``'s own ops between forwards hand off too). With one
+    thread they come from the one-thread line (intercept less the embedding and head blocks) and
+    first tokens."""
     import torch
 
-    from ..plan.cost import DECODE_PARALLEL_OPS_PER_LAYER
+    from ..plan.cost import DECODE_PARALLEL_OPS_PER_LAYER, DECODE_PARALLEL_OPS_PER_OTHER_BLOCK
     from .demo_model import build_demo_tokenizer
 
     threads = threads or torch.get_num_threads()
@@ -145,7 +148,9 @@ def measure_overheads(rounds: int = 5, threads: int | None = None) -> tuple[floa
     models = {n: _tiny_llama(n, len(tok), hidden=OVERHEAD_WIDTH) for n in OVERHEAD_LAYERS}
     steps: dict[int, list[float]] = {n: [] for n in models}
     firsts: dict[int, list[float]] = {n: [] for n in models}
-    threaded: dict[int, list[float]] = {n: [] for n in (OVERHEAD_LAYERS[0], OVERHEAD_LAYERS[-1])}
+    lo, hi = OVERHEAD_LAYERS[0], OVERHEAD_LAYERS[-1]
+    steps_t: dict[int, list[float]] = {lo: [], hi: []}
+    firsts_t: dict[int, list[float]] = {lo: [], hi: []}
 
     def one_thread_round() -> None:
         for n, m in models.items():
@@ -154,21 +159,31 @@ def measure_overheads(rounds: int = 5, threads: int | None = None) -> tuple[floa
             firsts[n].append(first)
 
     _with_threads(1, lambda: [_generation_seconds(m, tok) for m in models.values()])   # warm-up
+    if threads > 1:
+        _with_threads(threads, lambda: _generation_seconds(models[lo], tok))
     for _ in range(rounds):
         _with_threads(1, one_thread_round)
         if threads > 1:
-            for n in threaded:
-                threaded[n].append(_with_threads(threads, lambda m=models[n]: _generation_seconds(m, tok))[0])
+            for n in steps_t:
+                step, first = _with_threads(threads, lambda m=models[n]: _generation_seconds(m, tok))
+                steps_t[n].append(step)
+                firsts_t[n].append(first)
     xs = [float(n) for n in models]
     intercept, block = _line(xs, [statistics.median(steps[n]) for n in models])
     block = max(block, 1e-6)
-    step = max(0.0, intercept - 2 * block)            # the intercept holds the embedding and head blocks
-    request = max(step, statistics.median([statistics.median(firsts[n]) - (n + 2) * block for n in models]))
-    decode_op = 0.0
-    if threads > 1:
-        lo, hi = OVERHEAD_LAYERS[0], OVERHEAD_LAYERS[-1]
-        per_layer_threaded = (statistics.median(threaded[hi]) - statistics.median(threaded[lo])) / (hi - lo)
-        decode_op = max(0.0, per_layer_threaded - block) / DECODE_PARALLEL_OPS_PER_LAYER
+    if threads <= 1:
+        step = max(0.0, intercept - 2 * block)            # the intercept holds the embedding and head blocks
+        request = max(step, statistics.median([statistics.median(firsts[n]) - (n + 2) * block for n in models]))
+        return block, step, request, 0.0
+    med_t = {n: statistics.median(v) for n, v in steps_t.items()}
+    decode_op = max(0.0, (med_t[hi] - med_t[lo]) / (hi - lo) - block) / DECODE_PARALLEL_OPS_PER_LAYER
+
+    def blocks_t(n: int) -> float:   # what the cost model charges the n-layer model's blocks at ``threads``
+        return (n + 2) * block + (n * DECODE_PARALLEL_OPS_PER_LAYER + DECODE_PARALLEL_OPS_PER_OTHER_BLOCK) * decode_op
+
+    step = max(0.0, statistics.median([med_t[n] - blocks_t(n) for n in med_t]))
+    # the prompt (32 tokens x width 128) stays below torch's grain size: its ops hand off as a decode step's
+    request = max(step, statistics.median([statistics.median(firsts_t[n]) - blocks_t(n) for n in firsts_t]))
     return block, step, request, decode_op
 
 
