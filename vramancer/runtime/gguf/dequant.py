@@ -99,10 +99,24 @@ def _rep(byte: int, lanes: int = 8) -> int:
 
 
 def _f16(b: torch.Tensor, at: int) -> torch.Tensor:
-    """The float16 at byte ``at`` of each block, as float32 [n, 1]."""
+    """The float16 at byte ``at`` of each block, as float32 [n, 1] (read as one strided column of
+    16-bit words where the layout allows: one long loop, not one 2-byte copy per block)."""
     import torch
 
+    if at % 2 == 0 and b.stride(-1) == 1 and b.stride(0) % 2 == 0 and b.storage_offset() % 2 == 0:
+        return b.view(torch.float16)[:, at // 2:at // 2 + 1].to(torch.float32)
     return b[:, at:at + 2].contiguous().view(torch.float16).to(torch.float32)
+
+
+def _per_group(d: torch.Tensor, small: torch.Tensor) -> torch.Tensor:
+    """``d`` [n, 1] times each of its block's small integers ``small`` (given as [g, n]: one row per
+    group, any strides), as float32 (numpy's one multiply), shaped [n, g, 1] to scale groups of
+    values. Computed as [g, n] rows so that each operation is one long loop."""
+    import torch
+
+    g, n = small.shape
+    rows = torch.empty((g, n), dtype=torch.float32, device=small.device).copy_(small)
+    return rows.mul_(d.view(1, n)).t().unsqueeze(-1)
 
 
 def _words(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -226,9 +240,8 @@ def _q5_1(b: torch.Tensor, o: torch.Tensor) -> None:
 def _q2_k(b: torch.Tensor, o: torch.Tensor) -> None:
     n = b.shape[0]
     scales = b[:, :16].contiguous()
-    d, dmin = _f16(b, 80), _f16(b, 82)
-    dl = (d * (scales & 0x0F).float()).reshape(n, 16, 1)
-    ml = (dmin * (scales >> 4).float()).reshape(n, 16, 1)
+    dl = _per_group(_f16(b, 80), (scales & 0x0F).t())
+    ml = _per_group(_f16(b, 82), (scales >> 4).t())
     s = _unpack(b[:, 16:80], 32, (0, 2, 4, 6), 0x03, _scratch(b, QK_K))
     o.copy_(s).view(n, 16, 16).mul_(dl).sub_(ml)
 
@@ -239,8 +252,8 @@ def _split_bits(x: torch.Tensor, group: int, shifts: tuple[int, ...], mask: int)
     import torch
 
     n = x.shape[0]
-    s = torch.tensor(shifts, dtype=torch.uint8).to(x.device).view(1, 1, len(shifts), 1)
-    return (x.reshape(n, -1, 1, group) >> s).bitwise_and_(mask)
+    runs = x.reshape(n, -1, group)
+    return torch.stack([(runs >> sh) & mask for sh in shifts], dim=2)
 
 
 def _q3_k(b: torch.Tensor, o: torch.Tensor) -> None:
@@ -250,8 +263,7 @@ def _q3_k(b: torch.Tensor, o: torch.Tensor) -> None:
     sc = b[:, 96:108].contiguous()
     lo = _split_bits(sc[:, :8], 8, (0, 4), 0x0F).reshape(n, 16)
     hi = _split_bits(sc[:, 8:12], 4, (0, 2, 4, 6), 0x03).reshape(n, 16)
-    scales = ((lo | (hi << 4)).to(torch.int8) - 32).float()
-    dl = (_f16(b, 108) * scales).reshape(n, 16, 1)
+    dl = _per_group(_f16(b, 108), ((lo | (hi << 4)).to(torch.int8) - 32).t())
     s = _unpack(b[:, 32:96], 32, (0, 2, 4, 6), 0x03, _scratch(b, QK_K))
     # a clear hmask bit means an offset of -4: 4 * (1 - bit j) for value group j
     t = _unpack(_words(b[:, :32]).bitwise_not(), 32, (-2, -1, 0, 1, 2, 3, 4, 5), 0x04, _scratch(b, QK_K))
@@ -260,24 +272,26 @@ def _q3_k(b: torch.Tensor, o: torch.Tensor) -> None:
 
 
 def _k_scale_min(sc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The 8 six-bit scales and 8 six-bit mins (uint8 [n, 8] each) of a Q4_K / Q5_K block's 12
-    scale bytes, computed on its three little-endian int32 words (4 byte lanes each)."""
+    """The 8 six-bit scales and 8 six-bit mins of a Q4_K / Q5_K block's 12 scale bytes, as uint8
+    [8, n] each (one row per group), computed on its three little-endian int32 words (4 byte lanes)."""
     import torch
 
-    w = _words(sc, torch.int32)                 # [n, 3]: d, m, md lanes
-    d, m, md = w[:, 0], w[:, 1], w[:, 2]
-    scale = torch.stack([d & _rep(0x3F, 4), (md & _rep(0x0F, 4)) | ((d >> 2) & _rep(0x30, 4))], dim=1)
-    mn = torch.stack([m & _rep(0x3F, 4), ((md >> 4) & _rep(0x0F, 4)) | ((m >> 2) & _rep(0x30, 4))], dim=1)
-    return scale.view(torch.uint8), mn.view(torch.uint8)
+    w = _words(sc, torch.int32)
+    n = w.shape[0]
+    d, m, md = torch.empty((3, n), dtype=torch.int32, device=w.device).copy_(w.t())   # each contiguous
+    scale = torch.stack([d & _rep(0x3F, 4), (md & _rep(0x0F, 4)) | ((d >> 2) & _rep(0x30, 4))])
+    mn = torch.stack([m & _rep(0x3F, 4), ((md >> 4) & _rep(0x0F, 4)) | ((m >> 2) & _rep(0x30, 4))])
+
+    def rows(x: torch.Tensor) -> torch.Tensor:     # [2, n] words -> [8, n] lanes (lane k of word j: row 4 j + k)
+        return x.view(torch.uint8).view(2, n, 4).permute(0, 2, 1).reshape(8, n)
+
+    return rows(scale), rows(mn)
 
 
 def _k_dm(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(d * scale, dmin * min) of a Q4_K / Q5_K block, [n, 8, 1] each."""
-    n = b.shape[0]
     scale, mn = _k_scale_min(b[:, 4:16])
-    d = (_f16(b, 0) * scale.float()).reshape(n, 8, 1)
-    dm = (_f16(b, 2) * mn.float()).reshape(n, 8, 1)
-    return d, dm
+    return _per_group(_f16(b, 0), scale), _per_group(_f16(b, 2), mn)
 
 
 def _q4_k(b: torch.Tensor, o: torch.Tensor) -> None:
@@ -302,7 +316,7 @@ def _q6_k(b: torch.Tensor, o: torch.Tensor) -> None:
     s = _unpack(b[:, :128], 64, (0, 4), 0x0F, _scratch(b, QK_K))
     _or(s, _unpack(b[:, 128:192], 32, (-4, -2, 0, 2), 0x30, _scratch(b, QK_K)))
     s.sub_(32)
-    d = (_f16(b, 208) * b[:, 192:208].contiguous().view(torch.int8).float()).reshape(n, 16, 1)
+    d = _per_group(_f16(b, 208), b[:, 192:208].view(torch.int8).t())
     o.copy_(s.view(torch.int8)).view(n, 16, 16).mul_(d)
 
 
