@@ -25,3 +25,6 @@ import logging as _logging
 # enums: noise on every run, about kernels the runtime does not use (errors still show)
 _logging.getLogger("torchao").setLevel(_logging.ERROR)
 _logging.getLogger("torch.utils._pytree").setLevel(_logging.ERROR)
+# bitsandbytes on AVX512-BF16 CPUs looks for a kernel of its repacked 4-bit layout, which the runtime
+# keeps off (runtime/quant/backends.keep_cpu_layout): its warning is about a kernel never called
+_logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
