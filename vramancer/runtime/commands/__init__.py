@@ -35,9 +35,6 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant-backend", default=None, choices=["bitsandbytes", "torchao"],
                    help="package that quantizes a float checkpoint on load with --dtype int8 (default: "
                         "bitsandbytes' LLM.int8; torchao: weight-only int8)")
-    p.add_argument("--quant-backend", default=None, choices=["bitsandbytes", "torchao"],
-                   help="package that quantizes a float checkpoint on load with --dtype int8 (default: "
-                        "bitsandbytes' LLM.int8; torchao: weight-only int8)")
 
 
 def add_monitor_flags(p: argparse.ArgumentParser) -> None:
