@@ -269,3 +269,23 @@ def test_serve_engine_stores_the_planned_format(chat_split, kv):
         out = generate_ids(model, {"input_ids": torch.tensor([q])}, greedy.max_tokens, pad_token_id=0)
         assert out[0, len(q):].tolist() == ids
     model.vramancer.detach()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kv", ["q8_0", "fp8", "bf16"])
+def test_packed_cache_on_cuda_stages(folders, kv):
+    """Simulated GPUs backed by cuda:0: the packed K/V (and scales) live on the GPU, bytes as planned."""
+    from vramancer.plan.planner import plan
+    from vramancer.runtime.generate import generate_ids
+    from vramancer.runtime.loader import load
+
+    p = plan(str(folders["llama"]), devices="rtx3090,rtx3060", split=[1, 1], context=TOKENS, kv_dtype=kv,
+             backing="cuda:0")
+    model = load(str(folders["llama"]), plan=p)
+    out = generate_ids(model, {"input_ids": torch.tensor([PROMPT]).cuda()}, NEW, pad_token_id=0)
+    assert out.shape[1] == len(PROMPT) + NEW
+    rep = model.vramancer.memory_report()
+    assert [r.kv_cache_bytes for r in rep.stages] == [s.kv_cache_bytes for s in p.stages]
+    assert all(r.kv_devices == ["cuda:0"] for r in rep.stages)
+    model.vramancer.free()

@@ -155,3 +155,29 @@ def test_cli_run_refuses_gptq_in_one_line(folders, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2
     assert err.count("\n") == 0 and "gptq-quantized checkpoint needs its kernels on cuda" in err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_prequantized_on_cuda_stages(folders, kind):
+    """The same checkpoints split over simulated GPUs backed by cuda:0: bitsandbytes' CUDA kernels,
+    greedy tokens as transformers' own CUDA load, bytes as planned."""
+    from vramancer.plan.planner import plan
+    from vramancer.runtime.loader import load
+
+    folder = folders[kind]
+    ref = transformers.AutoModelForCausalLM.from_pretrained(folder, device_map="cuda:0")
+    with torch.no_grad():
+        want = ref.generate(torch.tensor([PROMPT]).cuda(), max_new_tokens=8, do_sample=False,
+                            pad_token_id=0)[0, len(PROMPT):].tolist()
+    del ref
+    p = plan(str(folder), devices="rtx3090,rtx3060", split=[1, 1], context=16, backing="cuda:0")
+    model = load(str(folder), plan=p)
+    with torch.no_grad():
+        got = model.generate(torch.tensor([PROMPT]).cuda(), max_new_tokens=8, do_sample=False,
+                             pad_token_id=0)[0, len(PROMPT):].tolist()
+    assert got == want
+    rep = model.vramancer.memory_report()
+    assert [r.weights_bytes for r in rep.stages] == [s.weights_bytes for s in p.stages]
+    model.vramancer.free()
