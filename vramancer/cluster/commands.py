@@ -129,8 +129,6 @@ def _address(given: str | None) -> str:
 
 def connect_and_discover(address: str, token_file: str | None, probe_bytes: int, measure: bool = True) -> tuple:
     """(view, the driver's node name): connect with the token, discover every node and link."""
-    import ray
-
     from .control import check_address, connect, local_address_towards
     from .nodes import discover
 
@@ -138,7 +136,6 @@ def connect_and_discover(address: str, token_file: str | None, probe_bytes: int,
     view = discover(address, probe_bytes=probe_bytes, measure=measure)
     here = local_address_towards(check_address(address)[0])
     driver = next((n.name for n in view.nodes if n.address == here), "")
-    del ray
     return view, driver
 
 

@@ -87,7 +87,8 @@ def read_token(token: str | None = None, token_file: str | os.PathLike | None = 
     else:
         path = Path(token_file).expanduser() if token_file else default_token_file()
         if not path.is_file():
-            raise BadInputError(f"no cluster token: {path} does not exist (pass --token, or --token-file)")
+            raise BadInputError(f"no cluster token: {path} does not exist (`vramancer cluster start` / `join` "
+                                "write it; or name the token file: --token-file / --cluster-token-file)")
         if path.stat().st_mode & 0o077:
             raise BadInputError(f"{path} is readable by others: chmod 600 it")
         t = path.read_text().strip()
