@@ -90,3 +90,31 @@ def test_greedy_over_nodes_equals_one_process(view, tiny_folder, tmp_path, n_nod
         assert all(0 < s.bridge["network_bytes"] <= w for s, w in zip(stats.stages, want))
     else:
         assert all(s.loaded_from == f"local copy {tiny_folder}" for s in stats.stages)
+
+
+def test_a_node_key_revoked_on_the_driver_is_refused(view, tiny_folder, ray_cluster):
+    """The driver revoked node1's key: its connection to the first stage is refused (TLS, pinned), in
+    one error naming the key, and the stage actors it started are gone."""
+    from dataclasses import replace
+
+    from vramancer.cluster.nodes import ClusterView
+    from vramancer.cluster.pipeline import ClusterPipeline
+    from vramancer.cluster.planning import plan_cluster
+    from vramancer.devices.spec import parse_devices
+    from vramancer.link.errors import PeerRefusedError
+    from vramancer.link.keys import TrustStore
+
+    node = replace(view.nodes[0], devices=parse_devices("gpu1:1MiB@100GBps@1TFLOPS"))
+    sub = ClusterView(view.address, [node], [])
+    plan = plan_cluster(str(tiny_folder), sub, context=64, reserve_bytes=0, driver="node1")
+    store = TrustStore.load()
+    store.revoke(node.fingerprint)
+    store.save()
+    before = {a for a, s in ray._private.state.actors().items() if s["State"] == "ALIVE"}
+    try:
+        with pytest.raises(PeerRefusedError, match=f"refused revoked peer {node.fingerprint}"):
+            ClusterPipeline(plan, sub, tiny_folder)
+    finally:
+        store.path.unlink()
+    alive = {a for a, s in ray._private.state.actors().items() if s["State"] == "ALIVE"}
+    assert alive <= before
