@@ -243,6 +243,9 @@ def run_on_cluster(args: argparse.Namespace, console: Any) -> int:
 
             render_plan(plan, console)
         ids = tok(args.prompt)["input_ids"]
+        if len(ids) + args.max_new_tokens > plan.workload.context:   # refused before any worker starts
+            raise BadInputError(f"{len(ids)} prompt + {args.max_new_tokens} new tokens is more than the "
+                                f"{plan.workload.context} tokens of context planned (--context)")
         eos = getattr(tok, "eos_token_id", None)
         with ClusterPipeline(plan, view, folder) as pipe:
             out = pipe.generate(list(ids), args.max_new_tokens, {eos} if eos is not None else None)
