@@ -108,6 +108,13 @@ def test_start_status_run_stop(node_home, tmp_path):
         (node,) = st["nodes"]
         assert node["fingerprint"] == fp and node["address"] == host and node["is_head"]
         assert [d["id"] for d in node["devices"]] == ["node1/cpu"] and node["link_port"] > 0
+        p = _vramancer(env, "cluster", "status", address, "--probe-bytes", "64KiB")
+        assert p.returncode == 0, p.stderr
+        lines = p.stdout.splitlines()
+        assert lines[0] == f"cluster {address}: 1 nodes"
+        assert lines[1].startswith(f"  node1  {host} (") and lines[1].endswith("head, this machine)")
+        assert lines[2].split() == ["key", fp] and lines[3].split()[0] == "link"
+        assert lines[4].split()[:3] == ["node1/cpu", "cpu", "16.0"]
 
         p = _vramancer(env, "run", str(folder), "--cluster", address, "--context", "64", "-p", "t5 t9 t17 t33",
                        "-n", "5", "--json")
