@@ -268,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         _log(f"3. quality: {args.kl_seqs} x {args.kl_len} tokens")
         results["kl"] = kl_rows(model, {q: files[q] for q in kl_types}, args.kl_seqs, args.kl_len, args.vocab)
         results["kv"] = __import__("benchmarks.kv_cache").kv_cache.kv_dtype_rows(folder, new=args.new)  # 4. --kv-dtype
+        results["onload"] = __import__("benchmarks.quant_onload").quant_onload.onload_rows(folder, new=args.new)  # 5.
 
     _log("")
     _log(f"{'type':6s} {'numpy Mval/s':>13s} {'torch Mval/s':>13s} {'ratio':>7s} {'out= ratio':>10s}  exact")
