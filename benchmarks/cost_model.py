@@ -15,8 +15,9 @@ predicts for device "cpu", and their ratio (measured / predicted; goal 0.7-1.3 f
 3. The prediction: ``plan_profile`` of the model's profile on device "cpu", with context = prompt +
    new tokens and prefill chunk = the prompt (the workload that was measured).
 4. The machine may be shared: each of the ``--repeat`` measured runs comes right after its own
-   calibration (the same load on both sides); a row shows the medians of the measured and of the
-   predicted figures over the rounds, and the median of the rounds' ratios (a paired comparison).
+   calibration (the same load on both sides). Other work only ever slows a run down, so each side
+   keeps its least disturbed round, as the calibration keeps its fastest runs (timeit's rule): a
+   row shows the fastest measured and the fastest predicted figures over the rounds, and their ratio.
 
 Run:  python benchmarks/cost_model.py [--repeat 3] [--prompt 128] [--new 24] [--threads N] [--save] [--json FILE]
 ``--save`` keeps the last measured host figures (under the cache folder) so later plans on this
@@ -55,8 +56,8 @@ MODELS = {
 
 @dataclass
 class Row:
-    """One model: the medians over the rounds of what was measured and predicted, and the median of
-    the rounds' own ratios (each round's run against the prediction from its own calibration)."""
+    """One model: the fastest measured and the fastest predicted figures over the rounds (each side
+    its least disturbed round), and their ratios."""
 
     model: str
     params_m: float
@@ -156,9 +157,8 @@ def main(argv: list[str] | None = None) -> int:
             md.append(d)
             mp.append(p)
         print(describe(speeds), flush=True)
-        row = Row(name, sum(p.numel() for p in model.parameters()) / 1e6, statistics.median(md),
-                  statistics.median(pd), statistics.median(mp), statistics.median(pp),
-                  statistics.median(m / p for m, p in zip(md, pd)), statistics.median(m / p for m, p in zip(mp, pp)))
+        row = Row(name, sum(p.numel() for p in model.parameters()) / 1e6, max(md), max(pd), max(mp), max(pp),
+                  max(md) / max(pd), max(mp) / max(pp))
         rows.append(row)
         hosts.append(speeds[-1].to_dict())
         print(f"{name:15s} {row.params_m:6.1f}M  decode {row.measured_decode_tps:7.1f} measured / "

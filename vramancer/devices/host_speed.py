@@ -5,8 +5,9 @@ reaches on it, and, for small models, by a fixed cost per layer (a dozen eager o
 dispatch each) and per generation step (the ``generate`` loop: logits processors, stopping
 criteria, the streamer). So these are measured, not looked up:
 
-    bandwidth_bytes_per_s  bytes per second a fp32 matrix-vector product (the decode GEMV) streams
-                           from a matrix larger than the caches
+    bandwidth_bytes_per_s  bytes per second a decode step's fp32 matrix-vector products stream: one
+                           token through the 7 projections of width-1536 Llama layers, more
+                           bytes than the caches hold, less the ops' thread hand-offs
     gemm_flops_per_s       FLOP/s of a fp32 prefill-shaped matmul (512 x 1024 @ 1024 x 1024)
     block_overhead_s       fixed seconds per block per forward (decode step or prefill chunk), from
                            real transformers decoders at tiny width with one thread: the slope of

@@ -1,10 +1,10 @@
 """Measure this CPU's HostSpeed (see vramancer.devices.host_speed) with torch and transformers.
 
-    speed = measure_host_speed()          # ~2 s; medians of short repeated runs
+    speed = measure_host_speed()          # a few seconds; the fastest of short repeated runs
     save_host_speed(speed)                # plans made afterwards on this machine use it
 
-Each figure comes from the operation the cost model uses it for: the GEMV of a decode step over a
-matrix larger than the caches (bandwidth), a prefill-shaped fp32 matmul (FLOP/s), and generation
+Each figure comes from the operation the cost model uses it for: the GEMVs of a decode step over
+layer-shaped matrices larger than the caches together (bandwidth), a prefill-shaped fp32 matmul (FLOP/s), and generation
 with a real transformers Llama at tiny width (1 and 9 layers, so weights cost nothing and what is
 left is fixed cost) timed the way ``generate_text`` times a run (a streamer noting each step): with
 one thread for the fixed costs, with the threads torch uses for what their hand-offs add.
@@ -21,7 +21,9 @@ __all__ = ["measure_host_speed", "measure_bandwidth", "measure_gemm_flops", "mea
            "measure_parallel_op"]
 
 
-def _median_seconds(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> float:
+def _fastest_seconds(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> float:
+    """The fastest of ``repeat`` runs: other work on the machine only ever slows a run down, so the
+    fastest is the one it disturbed least (timeit's rule)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -29,18 +31,36 @@ def _median_seconds(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) 
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return min(times)
 
 
-def measure_bandwidth(matrix_bytes: int = 128 * 2**20) -> float:
-    """Bytes/s a fp32 matrix-vector product streams from a ``matrix_bytes`` matrix."""
+# the decode GEMVs the bandwidth is measured on: the 7 projections of Llama layers of this width,
+# as many layers as it takes to pass the caches (distinct matrices, in a decode step's order)
+BANDWIDTH_LAYER_WIDTH = 1536
+BANDWIDTH_LAYER_INTERMEDIATE = 4096
+
+
+def measure_bandwidth(total_bytes: int = 128 * 2**20, decode_parallel_op_s: float = 0.0) -> float:
+    """Bytes/s a decode step's matrix-vector products stream: ``F.linear`` of one token through the
+    q, k, v, o, gate, up and down matrices of Llama layers (width 1536) until ``total_bytes``, as a
+    decode step reads them. Each of those ops also pays a thread hand-off, which the cost model
+    prices on its own (``decode_parallel_op_s`` each): it is taken out of the time here."""
     import torch
 
-    cols = 4096
-    rows = max(1, matrix_bytes // (4 * cols))
-    w = torch.randn(rows, cols)
-    x = torch.randn(cols)
-    return rows * cols * 4 / _median_seconds(lambda: torch.mv(w, x), repeat=7)
+    h, inter, kv = BANDWIDTH_LAYER_WIDTH, BANDWIDTH_LAYER_INTERMEDIATE, BANDWIDTH_LAYER_WIDTH // 4
+    shapes = [(h, h), (kv, h), (kv, h), (h, h), (inter, h), (inter, h), (h, inter)]
+    layer_bytes = 4 * sum(r * c for r, c in shapes)
+    mats = [torch.randn(r, c) for _ in range(max(1, -(-total_bytes // layer_bytes))) for r, c in shapes]
+    xs = {h: torch.randn(1, 1, h), inter: torch.randn(1, 1, inter)}
+    nbytes = 4 * sum(w.numel() for w in mats)
+
+    def step() -> None:
+        for w in mats:
+            torch.nn.functional.linear(xs[w.shape[1]], w)
+
+    seconds = _fastest_seconds(step, repeat=7)
+    # (the hand-offs were measured on other ops: never let their estimate take most of the time)
+    return nbytes / max(seconds - len(mats) * decode_parallel_op_s, seconds / 4)
 
 
 def measure_gemm_flops(m: int = 512, k: int = 1024, n: int = 1024) -> float:
@@ -49,7 +69,7 @@ def measure_gemm_flops(m: int = 512, k: int = 1024, n: int = 1024) -> float:
 
     a = torch.randn(m, k)
     b = torch.randn(k, n)
-    return 2.0 * m * k * n / _median_seconds(lambda: torch.mm(a, b), repeat=7)
+    return 2.0 * m * k * n / _fastest_seconds(lambda: torch.mm(a, b), repeat=7)
 
 
 def measure_parallel_op(block_overhead_s: float, gemm_flops_per_s: float, rounds: int = 5) -> float:
@@ -68,12 +88,11 @@ def measure_parallel_op(block_overhead_s: float, gemm_flops_per_s: float, rounds
     layer_flops = 2 * 128 * sum(p.numel() for p in layer.parameters() if p.dim() == 2)
     with torch.no_grad():
         small(ids), large(ids)   # warm-up
-        per_layer = []
+        t1s, t5s = [], []
         for _ in range(rounds):
-            t1 = _median_seconds(lambda: small(ids), repeat=1, warmup=0)
-            t5 = _median_seconds(lambda: large(ids), repeat=1, warmup=0)
-            per_layer.append((t5 - t1) / 4)
-    left = statistics.median(per_layer) - layer_flops / gemm_flops_per_s - block_overhead_s
+            t1s.append(_fastest_seconds(lambda: small(ids), repeat=1, warmup=0))
+            t5s.append(_fastest_seconds(lambda: large(ids), repeat=1, warmup=0))
+    left = (min(t5s) - min(t1s)) / 4 - layer_flops / gemm_flops_per_s - block_overhead_s
     return max(0.0, left) / PARALLEL_OPS_PER_LAYER
 
 
@@ -130,7 +149,7 @@ def measure_overheads(rounds: int = 5, threads: int | None = None) -> tuple[floa
     """(block_overhead_s, step_overhead_s, request_overhead_s, decode_parallel_op_s): fixed costs of
     transformers generation on this CPU. At tiny width (128) the weights cost nothing: what a step
     takes is fixed cost. Llamas with 1, 4 and 9 layers generate in alternation (a shared machine's
-    load hits each alike), with one thread: the line through the medians of their decode steps gives
+    load hits each alike), with one thread: the line through the fastest of their decode steps gives
     the cost per block (slope: dispatch, what no thread count changes). With more ``threads`` the
     1- and 9-layer models then decode with them too: what a layer's step takes beyond its one-thread
     time is the hand-off of the DECODE_PARALLEL_OPS_PER_LAYER ops a decode step splits over threads,
@@ -169,13 +188,13 @@ def measure_overheads(rounds: int = 5, threads: int | None = None) -> tuple[floa
                 steps_t[n].append(step)
                 firsts_t[n].append(first)
     xs = [float(n) for n in models]
-    intercept, block = _line(xs, [statistics.median(steps[n]) for n in models])
+    intercept, block = _line(xs, [min(steps[n]) for n in models])   # the rounds least disturbed
     block = max(block, 1e-6)
     if threads <= 1:
         step = max(0.0, intercept - 2 * block)            # the intercept holds the embedding and head blocks
-        request = max(step, statistics.median([statistics.median(firsts[n]) - (n + 2) * block for n in models]))
+        request = max(step, statistics.median([min(firsts[n]) - (n + 2) * block for n in models]))
         return block, step, request, 0.0
-    med_t = {n: statistics.median(v) for n, v in steps_t.items()}
+    med_t = {n: min(v) for n, v in steps_t.items()}
     decode_op = max(0.0, (med_t[hi] - med_t[lo]) / (hi - lo) - block) / DECODE_PARALLEL_OPS_PER_LAYER
 
     def blocks_t(n: int) -> float:   # what the cost model charges the n-layer model's blocks at ``threads``
@@ -183,7 +202,7 @@ def measure_overheads(rounds: int = 5, threads: int | None = None) -> tuple[floa
 
     step = max(0.0, statistics.median([med_t[n] - blocks_t(n) for n in med_t]))
     # the prompt (32 tokens x width 128) stays below torch's grain size: its ops hand off as a decode step's
-    request = max(step, statistics.median([statistics.median(firsts_t[n]) - blocks_t(n) for n in firsts_t]))
+    request = max(step, statistics.median([min(firsts_t[n]) - blocks_t(n) for n in firsts_t]))
     return block, step, request, decode_op
 
 
@@ -193,7 +212,7 @@ def measure_host_speed() -> HostSpeed:
     threads = torch.get_num_threads()
     block, step, request, decode_op = measure_overheads(threads=threads)
     gemm = measure_gemm_flops()
-    return HostSpeed(bandwidth_bytes_per_s=measure_bandwidth(), gemm_flops_per_s=gemm,
+    return HostSpeed(bandwidth_bytes_per_s=measure_bandwidth(decode_parallel_op_s=decode_op), gemm_flops_per_s=gemm,
                      block_overhead_s=block, step_overhead_s=step, request_overhead_s=request,
                      parallel_op_s=measure_parallel_op(block, gemm) if threads > 1 else 0.0,
                      decode_parallel_op_s=decode_op, threads=threads,
