@@ -320,6 +320,9 @@ def add_image_flags(p) -> None:
     p.add_argument("--steps", type=int, default=28, help="image pipelines: denoising steps (default 28)")
     p.add_argument("--guidance", type=float, default=3.5,
                    help="image pipelines: guidance scale; > 1 runs classifier-free guidance (default 3.5)")
+    p.add_argument("--pipeline-config", metavar="DIR", default=None,
+                   help="image pipelines: a local diffusers folder of the pipeline a single-file checkpoint "
+                        "belongs to (its configs; run only, nothing is downloaded)")
 
 
 def render_pipeline_plan(plan: Plan, console) -> None:

@@ -319,8 +319,9 @@ def load_pipeline(model: str | os.PathLike, devices: Any = "auto", height: int =
 
         prof = pipeline_profile(path)
         if config is None or not os.path.isdir(os.fspath(config)):
-            raise BadInputError(f"{os.path.basename(path)}: a single-file checkpoint runs with config=<local diffusers "
-                                f"folder of a {prof.pipeline_class}> (nothing is downloaded)")
+            raise BadInputError(f"{os.path.basename(path)}: a single-file checkpoint runs with --pipeline-config DIR "
+                                f"(config= in Python): a local diffusers folder of a {prof.pipeline_class} "
+                                "(nothing is downloaded)")
         cls = getattr(diffusers, prof.pipeline_class)
         pipe = cls.from_single_file(path, config=os.fspath(config), dtype=dt, local_files_only=True)
     with torch.no_grad():
@@ -392,7 +393,8 @@ def run_command(args: Any, prompt: str) -> int:
 
         raise DoesNotFitError(f"{plan.model} does not fit: " + "; ".join(
             f"{p.device} is {format_bytes(p.bytes - p.capacity_bytes)} short in {p.phase}" for p in over))
-    pipe = load_pipeline(args.model, plan=plan, dtype=getattr(args, "dtype", None))
+    pipe = load_pipeline(args.model, plan=plan, dtype=getattr(args, "dtype", None),
+                         config=getattr(args, "pipeline_config", None))
     pipe.set_progress_bar_config(disable=True)
     img = plan.image
     gen = torch.Generator().manual_seed(0 if args.seed is None else args.seed)
