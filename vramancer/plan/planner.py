@@ -321,7 +321,10 @@ def plan_profile(profile: ModelProfile, devices: list[Device], workload: Workloa
             + (f"; to fit: {'; or '.join(sugg)}" if sugg else ""), shortfall_bytes=short, suggestions=sugg)
     best = _assemble(pl, profile, devices, workload, placement.ranges, list(notes), None, reserve_bytes, False,
                      offload_mode="execute")
-    if best.offloaded and pl.stream_gpu is not None:
+    if best.offloaded and pl.stream_gpu is not None and resident_weights_only(profile):
+        best.notes.append(f"{profile.quantization or profile.dtype} weights stay where they are loaded: the offloaded blocks run "
+                          "where they are (the runtime streams only float and GGUF weights)")
+    elif best.offloaded and pl.stream_gpu is not None:
         # Streaming offloaded blocks to a GPU needs a double buffer there: plan again with that room
         # kept on the streaming GPU. Of executing the offloaded blocks where they are, streaming them
         # to the GPU, and running them per phase (plan/phase.py: decode on the host, prefill streamed),
@@ -370,6 +373,15 @@ def plan_profile(profile: ModelProfile, devices: list[Device], workload: Workloa
         best.suggestions = _suggestions(pl, profile, devices, workload, reserve_bytes, best.shortfall_bytes,
                                         current=best)
     return best
+
+
+def resident_weights_only(profile: ModelProfile) -> bool:
+    """Weights quantized on load (``--dtype nf4|int4|int8``) or stored by bitsandbytes: the runtime
+    keeps every stage resident (execute mode), so the planner never streams them."""
+    from ..models.dtypes import DTYPES
+
+    dt = DTYPES.get(profile.dtype)
+    return (dt is not None and dt.on_load is not None) or profile.quantization == "bitsandbytes"
 
 
 # a representative request for choosing between plans: a prompt filling half the context, then this many new tokens
