@@ -1,4 +1,5 @@
-"""Our torch dequantization equals gguf-py's numpy reference bit for bit, for every supported type."""
+"""Our dequantization (numba kernels on the CPU, torch ops elsewhere or without numba) equals gguf-py's
+numpy reference bit for bit, for every supported type."""
 from __future__ import annotations
 
 import numpy as np
@@ -53,10 +54,29 @@ def test_quantized_by_gguf_equals_reference(name, seed):
     _bits_equal(ours, ref_dequantize(raw, qt))
 
 
-@pytest.mark.parametrize("name", [n for n in GGUF_TYPES if GGUF_TYPES[n].quantized])
+@pytest.fixture(params=["numba", "torch"])
+def cpu_path(request, monkeypatch):
+    """Both CPU paths: the numba kernels (cpu_kernels.py) and the torch ops they replace (no numba)."""
+    from vramancer.runtime.gguf import dequant
+
+    if request.param == "numba":
+        pytest.importorskip("numba")
+        assert dequant._cpu_kernels() is not None
+    else:
+        monkeypatch.setattr(dequant, "_KERNELS", dequant._NO_KERNELS)
+        assert dequant._cpu_kernels() is None
+    return request.param
+
+
+@pytest.mark.parametrize("name", [n for n in GGUF_TYPES if GGUF_TYPES[n].quantized] + ["BF16"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_random_blocks_equal_reference(name, seed):
+def test_random_blocks_equal_reference(name, seed, cpu_path):
     rng = np.random.default_rng(seed)
+    if name == "BF16":           # every 16-bit pattern but NaNs (the reference keeps a NaN's payload too)
+        raw = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+        raw = raw[~np.isnan((raw.astype(np.uint32) << 16).view(np.float32))].view(np.uint8).reshape(2, -1)
+        _bits_equal(dequantize(torch.from_numpy(raw.copy()), name), ref_dequantize(raw, QT[name]))
+        return
     t = GGUF_TYPES[name]
     raw = _random_blocks(name, rows=5, blocks_per_row=max(1, 512 // t.block_values), rng=rng)
     ours = dequantize(torch.from_numpy(raw.copy()), name)
@@ -80,7 +100,7 @@ def test_leading_dims_and_types_by_number(name):
 
 
 @pytest.mark.parametrize("name", [n for n in GGUF_TYPES if GGUF_TYPES[n].quantized])
-def test_one_block_at_any_offset_and_into_out(name):
+def test_one_block_at_any_offset_and_into_out(name, cpu_path):
     """One block (a gathered embedding row) at every byte offset of a larger buffer, and the
     ``out=`` path into a given tensor, equal the reference too."""
     rng = np.random.default_rng(4)
@@ -100,7 +120,7 @@ def test_one_block_at_any_offset_and_into_out(name):
 
 
 @pytest.mark.parametrize("name", ["Q4_K", "Q6_K", "Q5_0", "F16"])
-def test_large_tensor_equals_reference(name):
+def test_large_tensor_equals_reference(name, cpu_path):
     """A tensor past 4 MiB of output (allocated through numpy for huge pages on the CPU) equals the
     reference too, and is an ordinary writable float32 tensor."""
     rng = np.random.default_rng(5)
@@ -113,6 +133,41 @@ def test_large_tensor_equals_reference(name):
     assert ours.numel() * 4 >= 4 << 20 and ours.is_contiguous()
     _bits_equal(ours, ref_dequantize(raw, QT[name]))
     ours.mul_(0.0)
+
+
+def test_cpu_tensors_go_through_the_numba_kernels(monkeypatch):
+    """On the CPU, quantized types and BF16 are dequantized by one numba kernel call writing into the
+    output tensor's memory (F16 by torch's own conversion); a non-contiguous input is copied first."""
+    pytest.importorskip("numba")
+    from vramancer.runtime.gguf import cpu_kernels
+
+    calls = []
+    real = cpu_kernels.dequantize_into
+    monkeypatch.setattr(cpu_kernels, "dequantize_into", lambda n, b, o: (calls.append((n, b.shape, o.shape)),
+                                                                         real(n, b, o)))
+    rng = np.random.default_rng(6)
+    raw = _random_blocks("Q4_K", rows=4, blocks_per_row=4, rng=rng)
+    wide = torch.from_numpy(np.concatenate([raw, raw], axis=1))[:, :raw.shape[1]]      # not contiguous
+    out = torch.empty(4, 1024)
+    assert dequantize(wide, "Q4_K", out=out) is out
+    assert calls == [("Q4_K", (16, 144), (16, 256))]
+    _bits_equal(out, ref_dequantize(raw, QT.Q4_K))
+    dequantize(torch.zeros(3, 8, dtype=torch.uint8), "F16")
+    assert len(calls) == 1
+
+
+def test_parallel_kernels_equal_reference(monkeypatch):
+    """With threads > 1 a large tensor goes through the parallel (prange) kernels: the same bits."""
+    pytest.importorskip("numba")
+    from vramancer.runtime.gguf import cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "_THREADS", 2)
+    monkeypatch.setattr(cpu_kernels, "_PARALLEL_MIN_BLOCKS", 8)
+    rng = np.random.default_rng(8)
+    for name in ("Q6_K", "Q4_0"):
+        raw = _random_blocks(name, rows=8, blocks_per_row=512 // GGUF_TYPES[name].block_values, rng=rng)
+        _bits_equal(dequantize(torch.from_numpy(raw.copy()), name), ref_dequantize(raw, QT[name]))
+    assert cpu_kernels._PARALLEL is not None
 
 
 def test_unsupported_type_named():

@@ -326,6 +326,28 @@ _BLOCK_FNS: dict[str, Callable[[torch.Tensor, torch.Tensor], None]] = {
 }
 
 
+_NO_KERNELS = object()
+_KERNELS: object = None
+
+
+def _cpu_kernels():  # -> the cpu_kernels module, or None without numba
+    """The fused one-pass CPU kernels (cpu_kernels.py, numba), imported on first use; None where
+    numba is not installed (or VRAMANCER_GGUF_NUMBA=0): the torch path then runs on the CPU too."""
+    global _KERNELS
+    if _KERNELS is None:
+        import os
+
+        _KERNELS = _NO_KERNELS
+        if os.environ.get("VRAMANCER_GGUF_NUMBA", "1") != "0":
+            try:
+                from . import cpu_kernels
+            except ImportError:
+                pass
+            else:
+                _KERNELS = cpu_kernels
+    return None if _KERNELS is _NO_KERNELS else _KERNELS
+
+
 def dequantize(raw: torch.Tensor, qtype: str | int | GGUFType, out: torch.Tensor | None = None) -> torch.Tensor:
     """float32 ``[..., values_per_row]`` from the GGUF bytes ``raw`` (uint8 ``[..., bytes_per_row]``,
     rows of whole blocks), on ``raw``'s device; bit for bit gguf-py's numpy dequantization.
@@ -346,6 +368,14 @@ def dequantize(raw: torch.Tensor, qtype: str | int | GGUFType, out: torch.Tensor
           or out.device != raw.device):
         raise ValueError(f"out must be a contiguous float32 {[*lead, values]} on {raw.device}, "
                          f"not {out.dtype} {list(out.shape)} on {out.device}")
+    if out.numel() and raw.device.type == "cpu" and t.name not in ("F32", "F16") and _cpu_kernels() is not None:
+        blocks = raw.contiguous().numpy()
+        if t.quantized:
+            _cpu_kernels().dequantize_into(t.name, blocks.reshape(-1, t.block_bytes),
+                                           out.numpy().reshape(-1, t.block_values))
+        else:
+            _cpu_kernels().dequantize_into(t.name, blocks.reshape(-1), out.numpy().reshape(-1))
+        return out
     if not t.quantized:
         dt = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[t.name]
         return out.copy_(raw.contiguous().view(dt).reshape(out.shape))

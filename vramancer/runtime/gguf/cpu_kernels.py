@@ -1,0 +1,244 @@
+"""GGUF blocks to float32 on the CPU in one pass per block: numba kernels (optional dependency).
+
+Each kernel reads a block's bytes once and writes its float32 values straight into the output (a
+numpy view of the output tensor). The float32 operations are gguf-py's (numpy reference) in its
+order, one rounding each (fastmath off, so no fused multiply-add): for example Q4_K is
+``(d * sc) * q - (dmin * m)`` and Q8_0 ``q * d``. float16 scales become float32 through a 65536-entry
+table made by numpy's own conversion, so every bit pattern converts as the reference converts it.
+
+Importing this module imports numba (``ImportError`` when it is absent: dequant.py then uses its
+torch path). Kernels compile on first use per type (``compile_all`` does it ahead), cached on disk
+next to this file, or in numba's user cache, or not at all where neither is writable.
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import numba
+import numpy as np
+
+__all__ = ["KERNELS", "dequantize_into", "compile_all", "set_threads"]
+
+_F16_TO_F32 = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+
+
+def _jit(parallel: bool) -> Callable:
+    """numba.njit with a disk cache where one can be written (silently none where not)."""
+    def deco(fn: Callable) -> Callable:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return numba.njit(cache=True, nogil=True, parallel=parallel)(fn)
+        except RuntimeError:        # "no locator available": a read-only install and no user cache dir
+            return numba.njit(cache=False, nogil=True, parallel=parallel)(fn)
+    return deco
+
+
+def _kernels(parallel: bool) -> dict[str, Callable]:
+    """One kernel per type: ``k(b, o, lut)`` with ``b`` uint8 [n, block_bytes] (int8 for Q8_0's values:
+    the same bytes), ``o`` float32 [n, block_values], ``lut`` float16 bits -> float32."""
+    jit = _jit(parallel)
+    prange = numba.prange
+
+    @jit
+    def bf16(h, o, lut):                 # h: uint16 [n] -> the float32 whose high half it is
+        ov = o.view(np.uint32)
+        for i in prange(h.shape[0]):
+            ov[i] = np.uint32(h[i]) << np.uint32(16)
+
+    @jit
+    def q8_0(b, o, lut):
+        bs = b.view(np.int8)
+        w = o.shape[1]
+        for i in prange(b.shape[0]):
+            d = lut[np.int64(b[i, 0]) | (np.int64(b[i, 1]) << 8)]
+            for j in range(w):
+                o[i, j] = np.float32(bs[i, 2 + j]) * d
+
+    @jit
+    def q4_0(b, o, lut):
+        h = o.shape[1] // 2              # 16, not a constant: LLVM vectorizes the loop
+        for i in prange(b.shape[0]):
+            d = lut[np.int64(b[i, 0]) | (np.int64(b[i, 1]) << 8)]
+            for j in range(h):
+                o[i, j] = d * np.float32((np.int64(b[i, 2 + j]) & 15) - 8)
+            for j in range(h):
+                o[i, h + j] = d * np.float32((np.int64(b[i, 2 + j]) >> 4) - 8)
+
+    @jit
+    def q4_1(b, o, lut):
+        h = o.shape[1] // 2              # 16, not a constant: LLVM vectorizes the loop
+        for i in prange(b.shape[0]):
+            d = lut[np.int64(b[i, 0]) | (np.int64(b[i, 1]) << 8)]
+            m = lut[np.int64(b[i, 2]) | (np.int64(b[i, 3]) << 8)]
+            for j in range(h):
+                o[i, j] = d * np.float32(np.int64(b[i, 4 + j]) & 15) + m
+            for j in range(h):
+                o[i, h + j] = d * np.float32(np.int64(b[i, 4 + j]) >> 4) + m
+
+    @jit
+    def q5_0(b, o, lut):
+        h = o.shape[1] // 2              # 16, not a constant: LLVM vectorizes the loop
+        for i in prange(b.shape[0]):
+            d = lut[np.int64(b[i, 0]) | (np.int64(b[i, 1]) << 8)]
+            qh = (np.int64(b[i, 2]) | (np.int64(b[i, 3]) << 8) | (np.int64(b[i, 4]) << 16)
+                  | (np.int64(b[i, 5]) << 24))
+            for j in range(h):          # one loop for both halves: vectorizes best here
+                x = np.int64(b[i, 6 + j])
+                o[i, j] = d * np.float32(((x & 15) | (((qh >> j) & 1) << 4)) - 16)
+                o[i, h + j] = d * np.float32(((x >> 4) | (((qh >> (h + j)) & 1) << 4)) - 16)
+
+    @jit
+    def q5_1(b, o, lut):
+        h = o.shape[1] // 2              # 16, not a constant: LLVM vectorizes the loop
+        for i in prange(b.shape[0]):
+            d = lut[np.int64(b[i, 0]) | (np.int64(b[i, 1]) << 8)]
+            m = lut[np.int64(b[i, 2]) | (np.int64(b[i, 3]) << 8)]
+            qh = (np.int64(b[i, 4]) | (np.int64(b[i, 5]) << 8) | (np.int64(b[i, 6]) << 16)
+                  | (np.int64(b[i, 7]) << 24))
+            for j in range(h):          # one loop for both halves: vectorizes best here
+                x = np.int64(b[i, 8 + j])
+                o[i, j] = d * np.float32((x & 15) | (((qh >> j) & 1) << 4)) + m
+                o[i, h + j] = d * np.float32((x >> 4) | (((qh >> (h + j)) & 1) << 4)) + m
+
+    @jit
+    def q2_k(b, o, lut):
+        w = o.shape[1] // 16             # 16, not a constant: LLVM vectorizes the loop
+        for i in prange(b.shape[0]):
+            d = lut[np.int64(b[i, 80]) | (np.int64(b[i, 81]) << 8)]
+            dmin = lut[np.int64(b[i, 82]) | (np.int64(b[i, 83]) << 8)]
+            for c in range(2):               # value c*128 + s*32 + j: (qs[c*32 + j] >> 2s) & 3
+                for s in range(4):
+                    for h in range(2):       # two groups of 16 values (scales 16-value groups)
+                        g = c * 8 + s * 2 + h
+                        sc = np.int64(b[i, g])
+                        dl = d * np.float32(sc & 15)
+                        ml = dmin * np.float32(sc >> 4)
+                        base = c * 128 + s * 32 + h * 16
+                        for j in range(w):
+                            q = (np.int64(b[i, 16 + c * 32 + h * 16 + j]) >> (2 * s)) & 3
+                            o[i, base + j] = dl * np.float32(q) - ml
+
+    @jit
+    def q3_k(b, o, lut):
+        w = o.shape[1] // 16             # 16, not a constant: LLVM vectorizes the loop
+        for i in prange(b.shape[0]):
+            d = lut[np.int64(b[i, 108]) | (np.int64(b[i, 109]) << 8)]
+            for c in range(2):               # value c*128 + s*32 + j; hmask bit k = 4c + s of byte j
+                for s in range(4):
+                    for h in range(2):
+                        g = c * 8 + s * 2 + h
+                        lo = np.int64(b[i, 96 + g]) & 15 if g < 8 else np.int64(b[i, 96 + g - 8]) >> 4
+                        hi = (np.int64(b[i, 104 + (g & 3)]) >> (2 * (g >> 2))) & 3
+                        dl = d * np.float32((lo | (hi << 4)) - 32)
+                        base = c * 128 + s * 32 + h * 16
+                        for j in range(w):
+                            jj = h * 16 + j
+                            ql = (np.int64(b[i, 32 + c * 32 + jj]) >> (2 * s)) & 3
+                            qh = (np.int64(b[i, jj]) >> (4 * c + s)) & 1
+                            o[i, base + j] = dl * np.float32(ql - 4 + 4 * qh)
+
+    @jit
+    def q4_k(b, o, lut):
+        w = o.shape[1] // 8              # 32, not a constant: LLVM vectorizes the loop
+        for i in prange(b.shape[0]):
+            d = lut[np.int64(b[i, 0]) | (np.int64(b[i, 1]) << 8)]
+            dmin = lut[np.int64(b[i, 2]) | (np.int64(b[i, 3]) << 8)]
+            for g in range(8):               # value 32 g + j: (qs[(g >> 1) * 32 + j] >> 4 (g & 1)) & 15
+                if g < 4:
+                    sc = np.int64(b[i, 4 + g]) & 63
+                    mn = np.int64(b[i, 8 + g]) & 63
+                else:
+                    sc = (np.int64(b[i, 12 + g - 4]) & 15) | ((np.int64(b[i, 4 + g - 4]) >> 2) & 48)
+                    mn = (np.int64(b[i, 12 + g - 4]) >> 4) | ((np.int64(b[i, 8 + g - 4]) >> 2) & 48)
+                dl = d * np.float32(sc)
+                ml = dmin * np.float32(mn)
+                sh = 4 * (g & 1)
+                at = 16 + (g >> 1) * 32
+                for j in range(w):
+                    q = (np.int64(b[i, at + j]) >> sh) & 15
+                    o[i, 32 * g + j] = dl * np.float32(q) - ml
+
+    @jit
+    def q5_k(b, o, lut):
+        w = o.shape[1] // 8              # 32, not a constant: LLVM vectorizes the loop
+        for i in prange(b.shape[0]):
+            d = lut[np.int64(b[i, 0]) | (np.int64(b[i, 1]) << 8)]
+            dmin = lut[np.int64(b[i, 2]) | (np.int64(b[i, 3]) << 8)]
+            for g in range(8):               # high bit of value 32 g + j: bit g of qh[j]
+                if g < 4:
+                    sc = np.int64(b[i, 4 + g]) & 63
+                    mn = np.int64(b[i, 8 + g]) & 63
+                else:
+                    sc = (np.int64(b[i, 12 + g - 4]) & 15) | ((np.int64(b[i, 4 + g - 4]) >> 2) & 48)
+                    mn = (np.int64(b[i, 12 + g - 4]) >> 4) | ((np.int64(b[i, 8 + g - 4]) >> 2) & 48)
+                dl = d * np.float32(sc)
+                ml = dmin * np.float32(mn)
+                sh = 4 * (g & 1)
+                at = 48 + (g >> 1) * 32
+                for j in range(w):
+                    q = ((np.int64(b[i, at + j]) >> sh) & 15) | (((np.int64(b[i, 16 + j]) >> g) & 1) << 4)
+                    o[i, 32 * g + j] = dl * np.float32(q) - ml
+
+    @jit
+    def q6_k(b, o, lut):
+        w = o.shape[1] // 16             # 16, not a constant: LLVM vectorizes the loop
+        bs = b.view(np.int8)
+        for i in prange(b.shape[0]):
+            d = lut[np.int64(b[i, 208]) | (np.int64(b[i, 209]) << 8)]
+            for c in range(2):               # value c*128 + s*32 + j: ql[c*64 + (s&1)*32 + j] >> 4 (s>>1),
+                for s in range(4):           # qh[c*32 + j] >> 2 s
+                    for h in range(2):
+                        g = c * 8 + s * 2 + h
+                        dl = d * np.float32(bs[i, 192 + g])
+                        base = c * 128 + s * 32 + h * 16
+                        for j in range(w):
+                            jj = h * 16 + j
+                            lo = (np.int64(b[i, c * 64 + (s & 1) * 32 + jj]) >> (4 * (s >> 1))) & 15
+                            hi = (np.int64(b[i, 128 + c * 32 + jj]) >> (2 * s)) & 3
+                            o[i, base + j] = dl * np.float32((lo | (hi << 4)) - 32)
+
+    return {"BF16": bf16, "Q8_0": q8_0, "Q4_0": q4_0, "Q4_1": q4_1, "Q5_0": q5_0, "Q5_1": q5_1,
+            "Q2_K": q2_k, "Q3_K": q3_k, "Q4_K": q4_k, "Q5_K": q5_k, "Q6_K": q6_k}
+
+
+KERNELS: dict[str, Callable] = _kernels(parallel=False)
+# (values, bytes) of one block (dequant.GGUF_TYPES has the same; not imported: dequant imports this module)
+_BLOCKS = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24),
+           "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}
+_PARALLEL: dict[str, Callable] | None = None
+_THREADS = 1
+_PARALLEL_MIN_BLOCKS = 4096      # below this a thread pool's start costs more than it gains
+
+
+def set_threads(threads: int) -> None:
+    """Threads for large tensors (1: one thread, no pool; the default)."""
+    global _THREADS
+    _THREADS = max(1, int(threads))
+
+
+def dequantize_into(name: str, blocks: np.ndarray, out: np.ndarray) -> None:
+    """``out`` (float32, C-contiguous) = the values of ``blocks`` (uint8, C-contiguous): for a
+    quantized type [n, block_bytes] -> [n, block_values]; for BF16 [n * 2] bytes -> [n]. (F16 has
+    no kernel here: torch's conversion uses the CPU's F16C instructions, faster than a table.)"""
+    global _PARALLEL
+    if name == "BF16":
+        blocks = blocks.view(np.uint16)
+    kernels = KERNELS
+    if _THREADS > 1 and blocks.shape[0] >= _PARALLEL_MIN_BLOCKS * (1 if blocks.ndim == 2 else 32):
+        if _PARALLEL is None:
+            _PARALLEL = _kernels(parallel=True)
+        numba.set_num_threads(min(_THREADS, numba.config.NUMBA_NUM_THREADS))
+        kernels = _PARALLEL
+    kernels[name](blocks, out, _F16_TO_F32)
+
+
+def compile_all(types: list[str] | None = None) -> None:
+    """Compile (or load from the disk cache) the kernels of ``types`` (all by default) now."""
+    for name in types or list(KERNELS):
+        if name == "BF16":
+            dequantize_into(name, np.zeros(128, dtype=np.uint8), np.empty(64, dtype=np.float32))
+        else:
+            values, nbytes = _BLOCKS[name]
+            dequantize_into(name, np.zeros((2, nbytes), dtype=np.uint8), np.empty((2, values), dtype=np.float32))
