@@ -15,15 +15,17 @@ from __future__ import annotations
 import importlib
 import logging
 import socket
+import struct
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from .errors import FrameError, LinkError
 from .frame import (
+    DESC_FIXED_BYTES,
     HEADER,
     HEADER_BYTES,
     MAGIC,
@@ -70,6 +72,11 @@ _CACHED_LAYOUTS = 64         # send: encoded header + descriptors kept per conne
 _CACHED_DESC_BYTES = 1024    # receive: descriptor blocks up to this size are matched against validated ones
 _ndarray = np.ndarray
 _TENSORS = FrameType.TENSORS
+_PREFIX = HEADER.pack(MAGIC, VERSION, 1, 0, 0, 0, 0, 0, 0, 0)[:8]   # magic, version, TENSORS, no flags
+_STREAM_SEQ = struct.Struct("<IQ")         # header bytes 8..20: the only ones that differ between frames of a layout
+_pack_stream_seq = _STREAM_SEQ.pack_into
+_TAIL_HEAD = struct.Struct("<HHIQ")        # header bytes 20..36: count, reserved, descriptor bytes, payload bytes
+_NO_TX = (None, None, b"", 0)              # (dtype, shape, header + descriptors, frame bytes) of the last send
 
 
 @dataclass(slots=True)
@@ -169,6 +176,32 @@ def make_transport(name: str, **options: Any) -> Transport:
     return transport_class(name)(**options)
 
 
+class _RxLayout(NamedTuple):
+    """A layout (tensor count, descriptor block, payload bytes) a StreamConnection has validated.
+    ``unpack`` reads a staged frame's first 8 header bytes, stream, sequence and the rest of its header
+    with its descriptors (``tail``) in one call; ``np_dtype``/``shape``/``cast``: a single numpy
+    destination's expected dtype (None: no numpy fast path) and shape, and whether its byte view
+    needs a cast to bytes."""
+
+    unpack: Any
+    head_bytes: int
+    tail: bytes
+    descs: tuple[TensorDesc, ...]
+    payload_bytes: int
+    np_dtype: Any
+    shape: tuple[int, ...]
+    cast: bool
+
+
+def _rx_layout_of(tail: bytes, descs: tuple[TensorDesc, ...], payload_bytes: int) -> _RxLayout:
+    np_dtype, shape, cast = None, (), True
+    if len(descs) == 1 and payload_bytes and descs[0].dtype.numpy is not None:
+        np_dtype, shape = np.dtype(descs[0].dtype.numpy), descs[0].shape
+        cast = not (np_dtype == np.uint8 and len(shape) == 1)
+    return _RxLayout(struct.Struct(f"<8sIQ{len(tail)}s").unpack_from, 20 + len(tail), tail, descs, payload_bytes,
+                     np_dtype, shape, cast)
+
+
 class StreamConnection(Connection):
     """Frames over a connected stream socket (plain or ssl-wrapped).
 
@@ -195,9 +228,41 @@ class StreamConnection(Connection):
         self._mid_frame = False
         self._scatter = hasattr(sock, "sendmsg") and not _is_ssl(sock)
         self._layouts: dict[tuple, tuple[bytearray, int, int, int]] = {}
+        self._tx: tuple = _NO_TX                      # send fast path: the last single-array layout
+        self._rx: _RxLayout | None = None             # receive fast path: the last validated layout
+        self._rx_layouts: dict[bytes, _RxLayout] = {}
 
     # -- sending ---------------------------------------------------------------------------------
     def send(self, tensors: Sequence[Any], stream_id: int = 0) -> int:
+        # steady state: one C-contiguous numpy array of the previous frame's dtype and shape, on a stream
+        # used before: only the stream and sequence number are packed into the layout's encoded header
+        if len(tensors) == 1:
+            t = tensors[0]
+            tx = self._tx
+            if type(t) is _ndarray and t.dtype is tx[0] and t.shape == tx[1] and t.flags.c_contiguous \
+                    and not self.closed:
+                nxt = self.writer._next
+                seq = nxt.get(stream_id)
+                if seq is not None:
+                    nxt[stream_id] = seq + 1
+                    head = tx[2]
+                    _pack_stream_seq(head, 8, stream_id, seq)
+                    total = tx[3]
+                    if not self._scatter:
+                        self._write([head, t], total)
+                        return total
+                    try:
+                        n = self.sock.sendmsg([head, t])
+                        if n != total:
+                            self._sendmsg_rest([head, t], n)
+                    except (OSError, ValueError) as e:
+                        self.close()
+                        raise LinkError(f"link {self.name}: send failed: {e}") from None
+                    self.bytes_sent += total
+                    return total
+        return self._send_any(tensors, stream_id)
+
+    def _send_any(self, tensors: Sequence[Any], stream_id: int) -> int:
         if self.closed:
             raise LinkError(f"link {self.name}: connection is closed")
         # a layout key per tensor: (dtype, shape) of a numpy array or CPU torch tensor sent from its own
@@ -233,6 +298,8 @@ class StreamConnection(Connection):
                          desc_bytes, payload_bytes)
         bufs[0] = head
         total = HEADER_BYTES + desc_bytes + payload_bytes
+        if len(key) == 1 and type(key[0]) is tuple and type(tensors[0]) is _ndarray:
+            self._tx = (key[0][0], key[0][1], head, total)
         if self._scatter and len(bufs) <= _IOV_MAX:
             try:
                 n = self.sock.sendmsg(bufs)
@@ -391,10 +458,57 @@ class StreamConnection(Connection):
     def recv(self, into: Sequence[Any] | None = None, factory: BufferFactory | None = None) -> Frame:
         if self.closed:
             raise LinkError(f"link {self.name}: connection is closed")
-        lo = self._lo
-        if self._hi - lo < HEADER_BYTES:
-            self._mid_frame = False
-            lo = self._fill(HEADER_BYTES)
+        lo, hi = self._lo, self._hi
+        if hi - lo < HEADER_BYTES:
+            if lo == hi:                                   # nothing staged: one read into the whole buffer
+                try:
+                    hi = self.sock.recv_into(self._stage_mv)
+                except (OSError, ValueError) as e:
+                    self._lo = self._hi = 0
+                    self.close()
+                    raise LinkError(f"link {self.name}: receive failed: {e}") from None
+                lo = self._lo = 0
+                self._hi = hi
+                if hi == 0:
+                    self.close()
+                    raise LinkError(f"link {self.name}: peer closed the connection")
+            if hi - lo < HEADER_BYTES:
+                self._mid_frame = False
+                lo = self._fill(HEADER_BYTES)
+                hi = self._hi
+        rx = self._rx
+        if rx is not None:
+            # steady state: the header but its stream and sequence, and the descriptors, equal byte for byte
+            # those of a frame validated before; the stream is known, its sequence number must grow
+            unpack, head_bytes, tail, descs, payload_bytes, np_dtype, shape, cast = rx
+            if hi - lo >= head_bytes:
+                prefix, stream_id, seq, got = unpack(self._stage_mv, lo)
+                if got == tail and prefix == _PREFIX:
+                    last_seq = self.reader.last_seq
+                    last = last_seq.get(stream_id)
+                    if last is not None and seq > last:
+                        lo += head_bytes
+                        if np_dtype is not None and into is not None and len(into) == 1:
+                            d = into[0]                    # one numpy destination: dtype, shape, layout checked
+                            if type(d) is _ndarray and d.dtype is np_dtype and d.shape == shape:
+                                mv = memoryview(d)
+                                if not mv.readonly and mv.c_contiguous:
+                                    if cast:
+                                        mv = mv.cast("B")
+                                    end = lo + payload_bytes
+                                    if hi >= end:          # staged already (small frames)
+                                        mv[:] = self._stage_mv[lo:end]
+                                        self._lo = end
+                                        self.bytes_received += head_bytes + payload_bytes
+                                    else:
+                                        self._lo = lo
+                                        self.bytes_received += head_bytes
+                                        self._read_into(mv)
+                                    last_seq[stream_id] = seq
+                                    return Frame(_TENSORS, stream_id, seq, list(descs), [d])
+                        self._lo = lo
+                        self.bytes_received += head_bytes
+                        return self._recv_known(descs, stream_id, seq, into, factory)
         reader = self.reader
         known = reader.known_frame(self._stage_mv, lo, self._hi)
         if known is None:                                  # the general path: every check, by name
@@ -404,24 +518,38 @@ class StreamConnection(Connection):
                 if head.frame_type == FrameType.CLOSE:
                     self.close()
                 return Frame(head.frame_type, head.stream_id, head.seq)
-            stream_id, seq = head.stream_id, head.seq
+            stream_id, seq, payload_bytes = head.stream_id, head.seq, head.payload_bytes
         else:
             descs, stream_id, seq, end = known
+            payload_bytes = sum(d.byte_length for d in descs)
             self._mid_frame = True
             self.bytes_received += end - lo
             self._lo = end
+        desc_bytes = sum(DESC_FIXED_BYTES + 8 * len(d.shape) for d in descs)
+        if desc_bytes <= _CACHED_DESC_BYTES:
+            self._rx = self._rx_layout(descs, desc_bytes, payload_bytes)
         try:
-            if into is not None and len(into) == len(descs):
-                if len(descs) == 1:
-                    objs = [into[0]]
-                    views = [dest_view(objs[0], descs[0])]
-                else:
-                    objs = list(into)
-                    views = [dest_view(obj, d) for obj, d in zip(objs, descs)]
-            else:
-                objs, views = self._destinations(descs, into, factory)
+            objs, views = self._destinations(descs, into, factory)
         except FrameError as e:
             raise self._refuse(str(e)) from None
+        self._read_payloads(views)
+        reader.last_seq[stream_id] = seq
+        return Frame(_TENSORS, stream_id, seq, descs, objs)
+
+    def _recv_known(self, layout: tuple[TensorDesc, ...], stream_id: int, seq: int, into: Sequence[Any] | None,
+                    factory: BufferFactory | None) -> Frame:
+        """The payload of a frame whose header and descriptors (``layout``) passed the fast path."""
+        self._mid_frame = True
+        descs = list(layout)
+        try:
+            objs, views = self._destinations(descs, into, factory)
+        except FrameError as e:
+            raise self._refuse(str(e)) from None
+        self._read_payloads(views)
+        self.reader.last_seq[stream_id] = seq
+        return Frame(_TENSORS, stream_id, seq, descs, objs)
+
+    def _read_payloads(self, views: list[memoryview]) -> None:
         for mv in views:
             n = mv.nbytes
             lo = self._lo
@@ -431,8 +559,16 @@ class StreamConnection(Connection):
                 self.bytes_received += n
             elif n:
                 self._read_into(mv)
-        reader.last_seq[stream_id] = seq
-        return Frame(_TENSORS, stream_id, seq, descs, objs)
+
+    def _rx_layout(self, descs: list[TensorDesc], desc_bytes: int, payload_bytes: int) -> _RxLayout:
+        """The receive fast path's record of a validated layout (kept per connection, 64 at most)."""
+        tail = _TAIL_HEAD.pack(len(descs), 0, desc_bytes, payload_bytes) + b"".join([d.encode() for d in descs])
+        rx = self._rx_layouts.get(tail)
+        if rx is None:
+            if len(self._rx_layouts) >= _CACHED_LAYOUTS:
+                self._rx_layouts.clear()
+            rx = self._rx_layouts[tail] = _rx_layout_of(tail, tuple(descs), payload_bytes)
+        return rx
 
     def close(self) -> None:
         if self.closed:
