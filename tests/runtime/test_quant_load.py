@@ -146,3 +146,22 @@ def test_cli_run_int8_through_torchao(tmp_path, capsys):
     rc = cli(["run", str(tmp_path / "m"), "-p", "Hello", "--devices", "rtx3090", "--context", "32", "--dtype", "nf4",
               "--quant-backend", "torchao"])
     assert rc == 2 and "nf4 is not quantized through torchao" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", ["int8", "nf4"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_moe_experts_and_router_stay_float_and_are_counted_so(tmp_path, arch, dtype):
+    """transformers fuses routed experts into 3-D parameters and makes the router a plain parameter:
+    the on-load quantizers (nn.Linear only) leave both at the compute dtype, and the plan counts them so."""
+    from tests.models.tiny import config, random_model
+    from vramancer.plan.planner import plan as make
+    from vramancer.runtime.loader import load
+
+    random_model(config(arch)).save_pretrained(tmp_path)
+    plan = make(str(tmp_path), devices="rtx3090:1GiB,rtx3060:1GiB", dtype=dtype)
+    model = load(str(tmp_path), plan=plan)
+    _greedy(model, 2)
+    rep = model.vramancer.memory_report()
+    assert [s.weights_bytes for s in rep.stages] == [s.weights_bytes for s in plan.stages]
+    experts = [m for n, m in model.named_modules() if n.endswith("mlp.experts")]
+    assert experts and all(p.dtype == torch.bfloat16 for m in experts for p in m.parameters())

@@ -353,7 +353,7 @@ def _llama_family(spec: ArchSpec, c: _Cfg) -> ArchLayout:
         fraction = 1.0
         if spec.moe == "mixtral":
             E, k = c.int("num_local_experts"), c.int("num_experts_per_tok")
-            t += [TensorSpec(f"{m}.gate.weight", (E, H)),
+            t += [TensorSpec(f"{m}.gate.weight", (E, H), "router"),
                   TensorSpec(f"{m}.experts.gate_up_proj", (E, 2 * I, H), "expert"),
                   TensorSpec(f"{m}.experts.down_proj", (E, H, I), "expert")]
             fraction = k / E if E else 1.0
@@ -361,7 +361,7 @@ def _llama_family(spec: ArchSpec, c: _Cfg) -> ArchLayout:
         elif spec.moe == "qwen2_moe" and _qwen2_moe_sparse(c, i):
             E, k = c.int("num_experts"), c.int("num_experts_per_tok")
             mI, sI = c.int("moe_intermediate_size"), c.int("shared_expert_intermediate_size")
-            t += [TensorSpec(f"{m}.gate.weight", (E, H)),
+            t += [TensorSpec(f"{m}.gate.weight", (E, H), "router"),
                   TensorSpec(f"{m}.experts.gate_up_proj", (E, 2 * mI, H), "expert"),
                   TensorSpec(f"{m}.experts.down_proj", (E, H, mI), "expert"),
                   TensorSpec(f"{m}.shared_expert.gate_proj.weight", (sI, H)),

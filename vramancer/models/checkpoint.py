@@ -402,6 +402,8 @@ def place_tensors(layout: ArchLayout, tensors: list[HeaderTensor], exact: bool) 
             role = "vector"
         elif ".experts." in ct.name or len(ct.shape) >= 3 or "_exps" in ct.name:
             role = "expert"
+        elif ct.name.endswith((".block_sparse_moe.gate.weight", ".mlp.gate.weight")):
+            role = "router"     # an MoE router (a dense MLP's is gate_proj)
         else:
             role = "matrix"
         guessed.append(ct.name)

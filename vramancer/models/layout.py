@@ -40,8 +40,9 @@ __all__ = [
 ]
 
 # embed: an embedding table (looked up); head: the LM head matrix; expert: MoE expert weights
-# (a token uses expert_fraction of them); matrix: any other >= 2-D weight; vector: 1-D params.
-ROLES = ("embed", "head", "matrix", "vector", "expert")
+# (a token uses expert_fraction of them); router: an MoE layer's router; matrix: any other >= 2-D
+# weight; vector: 1-D params.
+ROLES = ("embed", "head", "matrix", "vector", "expert", "router")
 
 
 @dataclass(frozen=True)
@@ -65,10 +66,15 @@ def tensor_bytes(t: TensorSpec, dtype: DType) -> int:
     A quantized dtype stores >= 2-D weights (matrices, 3-D fused experts) at
     ``dtype.matrix_bytes``; embedding tables and the LM head too when
     ``dtype.quantize_embeddings`` (GGUF), else at the compute dtype (bitsandbytes, GPTQ);
-    1-D parameters (norms, biases) always at the compute dtype."""
+    1-D parameters (norms, biases) always at the compute dtype. Routed MoE experts under a
+    quantizer that runs on load (bitsandbytes, torchao) stay at the compute dtype too: transformers
+    fuses them into 3-D parameters of an ``experts`` module, which those quantizers (``nn.Linear``
+    only) leave as they are; so is their router (a ``TopKRouter`` parameter, not an ``nn.Linear``)."""
     if t.nbytes is not None:
         return t.nbytes
     n = t.numel
+    if dtype.on_load is not None and t.role in ("expert", "router"):
+        return n * dtype.compute_bytes
     if dtype.quantized and len(t.shape) >= 2 and (t.role not in ("embed", "head") or dtype.quantize_embeddings):
         return dtype.weight_bytes(t.shape) if len(t.shape) == 2 else dtype.matrix_bytes(n)
     return n * dtype.compute_bytes
