@@ -170,6 +170,29 @@ def test_parallel_kernels_equal_reference(monkeypatch):
     assert cpu_kernels._PARALLEL is not None
 
 
+def test_kernels_without_a_writable_cache(monkeypatch):
+    """Where numba finds no writable cache directory (a read-only install, no user cache), it raises
+    RuntimeError("cannot cache function ... no locator available") as it decorates: kernels are then
+    made without a disk cache, and still exact."""
+    numba = pytest.importorskip("numba")
+    from vramancer.runtime.gguf import cpu_kernels
+
+    real = numba.njit
+
+    def njit(*args, cache=False, **kw):
+        if cache:
+            raise RuntimeError("cannot cache function 'q8_0': no locator available for file 'x.py'")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(numba, "njit", njit)
+    kernels = cpu_kernels._kernels(parallel=False)
+    rng = np.random.default_rng(9)
+    raw = _random_blocks("Q8_0", rows=2, blocks_per_row=4, rng=rng)
+    out = np.empty((8, 32), dtype=np.float32)
+    kernels["Q8_0"](raw.reshape(8, 34), out, cpu_kernels._F16_TO_F32)
+    _bits_equal(torch.from_numpy(out.reshape(2, 128)), ref_dequantize(raw, QT.Q8_0))
+
+
 def test_unsupported_type_named():
     with pytest.raises(BadInputError, match="IQ2_XXS"):
         gguf_type(QT.IQ2_XXS)

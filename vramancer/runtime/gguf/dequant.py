@@ -1,4 +1,7 @@
-"""GGUF (llama.cpp) blocks to float32 in torch, on the device the blocks are on.
+"""GGUF (llama.cpp) blocks to float32, on the device the blocks are on.
+
+On the CPU with numba installed, each type is one fused kernel (cpu_kernels.py) writing into the
+output tensor's memory; elsewhere (or without numba, or with VRAMANCER_GGUF_NUMBA=0) torch ops below.
 
 ``dequantize(raw, "Q4_K")`` takes the raw bytes of a tensor as GGUF stores it, a uint8 tensor
 ``[..., bytes_per_row]`` (each row is whole blocks), and returns float32 ``[..., values_per_row]``.
