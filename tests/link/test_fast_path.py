@@ -204,3 +204,21 @@ def test_send_fast_path_writes_what_the_general_path_writes():
     conn.close()
     with pytest.raises(LinkError, match="connection is closed"):
         conn.send([x])
+
+
+def test_alternating_layouts_each_checked_and_delivered():
+    """Two layouts in turn (the last-layout check misses every time; the validated-block cache hits)."""
+    a, b = pair()
+    x = np.arange(8, dtype=np.float32)
+    y = np.arange(6, dtype=np.int64).reshape(2, 3)
+    dx, dy = np.empty_like(x), np.empty_like(y)
+    for i in range(6):
+        a.send([x + i])
+        a.send([y * i], stream_id=1)
+        assert b.recv(into=[dx]).seq == i + 1 and np.array_equal(dx, x + i)
+        f = b.recv(into=[dy])
+        assert (f.stream_id, f.seq) == (1, i + 1) and np.array_equal(dy, y * i)
+    a.send([y])                                           # on stream 0, into a float32 destination
+    with pytest.raises(FrameError, match=r"destination is float32 \[8\], frame has int64 \[2, 3\]"):
+        b.recv(into=[dx])
+    assert a.bytes_sent == b.bytes_received + 48

@@ -25,7 +25,6 @@ import numpy as np
 
 from .errors import FrameError, LinkError
 from .frame import (
-    DESC_FIXED_BYTES,
     HEADER,
     HEADER_BYTES,
     MAGIC,
@@ -518,16 +517,17 @@ class StreamConnection(Connection):
                 if head.frame_type == FrameType.CLOSE:
                     self.close()
                 return Frame(head.frame_type, head.stream_id, head.seq)
-            stream_id, seq, payload_bytes = head.stream_id, head.seq, head.payload_bytes
+            if head.desc_bytes <= _CACHED_DESC_BYTES:      # the layout's bytes, as the fast path compares them
+                tail = _TAIL_HEAD.pack(head.count, 0, head.desc_bytes, head.payload_bytes) \
+                    + b"".join([d.encode() for d in descs])
+                self._rx = self._rx_layout(tail, descs, head.payload_bytes)
+            stream_id, seq = head.stream_id, head.seq
         else:
             descs, stream_id, seq, end = known
-            payload_bytes = sum(d.byte_length for d in descs)
+            self._rx = self._rx_layout(bytes(self._stage_mv[lo + 20:end]), descs, None)
             self._mid_frame = True
             self.bytes_received += end - lo
             self._lo = end
-        desc_bytes = sum(DESC_FIXED_BYTES + 8 * len(d.shape) for d in descs)
-        if desc_bytes <= _CACHED_DESC_BYTES:
-            self._rx = self._rx_layout(descs, desc_bytes, payload_bytes)
         try:
             objs, views = self._destinations(descs, into, factory)
         except FrameError as e:
@@ -560,11 +560,13 @@ class StreamConnection(Connection):
             elif n:
                 self._read_into(mv)
 
-    def _rx_layout(self, descs: list[TensorDesc], desc_bytes: int, payload_bytes: int) -> _RxLayout:
-        """The receive fast path's record of a validated layout (kept per connection, 64 at most)."""
-        tail = _TAIL_HEAD.pack(len(descs), 0, desc_bytes, payload_bytes) + b"".join([d.encode() for d in descs])
+    def _rx_layout(self, tail: bytes, descs: list[TensorDesc], payload_bytes: int | None) -> _RxLayout:
+        """The receive fast path's record of a validated layout: header bytes 20.. (count, descriptor and
+        payload bytes) and the descriptor block, ``tail`` (kept per connection, 64 at most)."""
         rx = self._rx_layouts.get(tail)
         if rx is None:
+            if payload_bytes is None:
+                payload_bytes = sum(d.byte_length for d in descs)
             if len(self._rx_layouts) >= _CACHED_LAYOUTS:
                 self._rx_layouts.clear()
             rx = self._rx_layouts[tail] = _rx_layout_of(tail, tuple(descs), payload_bytes)
