@@ -1,20 +1,15 @@
-"""A Ray cluster of three nodes on this machine (``ray.cluster_utils.Cluster``), each with its own
-Link identity (its own config folder, so its own keys) and its own device spec, all on this machine's address.
-Started once per test module and shut down after it; the driver has an identity of its own."""
+"""Shared pieces of the cluster tests: the tiny checkpoint, node identities, and the network
+namespace the Ray-using tests run their processes in (tests/cluster/_netns.py: Ray needs a
+non-loopback address, and the tests bind nothing outside a namespace of their own)."""
 from __future__ import annotations
 
-import os
-import secrets
 from pathlib import Path
 
 import pytest
 
-RAY_MISSING = "the cluster tests need Ray (pip install 'vramancer[cluster]')"
+from ._ns_cluster import NODE_DEVICES, TWO_NODE_DEVICES  # noqa: F401 - re-exported for the tests
 
-# three simulated GPUs of 200 KiB: the tiny model (tiny_folder; about 361 KiB at context 64 with one
-# layer's activations) needs all three; two of 300 KiB hold it, one does not
-NODE_DEVICES = ["gpu1:200KiB@100GBps@1TFLOPS", "gpu2:200KiB@100GBps@1TFLOPS", "gpu3:200KiB@100GBps@1TFLOPS"]
-TWO_NODE_DEVICES = ["gpu1:300KiB@100GBps@1TFLOPS", "gpu2:300KiB@100GBps@1TFLOPS"]
+RAY_MISSING = "the cluster tests need Ray (pip install 'vramancer[cluster]')"
 
 
 def make_identity(root: Path) -> str:
@@ -48,46 +43,19 @@ def tiny_folder(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory):
-    """(cluster, address, node config folders): three nodes with token auth, driver connected."""
-    ray = pytest.importorskip("ray", reason=RAY_MISSING)
-    from ray.cluster_utils import Cluster
+def cluster_ns():
+    """A network namespace of this module's own (deleted after it); skipped where one cannot be made."""
+    from ._netns import netns, skip_reason
 
-    root = tmp_path_factory.mktemp("ray-nodes")
-    token = secrets.token_urlsafe(32)
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH",
-                                            "VRAMANCER_CONFIG")}
-    from vramancer.cluster.control import use_token
-
-    use_token(token)
-    driver_cfg = root / "driver"
-    make_identity(driver_cfg)
-    os.environ["VRAMANCER_CONFIG"] = str(driver_cfg / "config.toml")
-    nodes = []
-    for i in range(len(NODE_DEVICES)):
-        cfg = root / f"node{i + 1}"
-        make_identity(cfg)
-        nodes.append(cfg)
-    env = [{"VRAMANCER_CONFIG": str(c / "config.toml"), "VRAMANCER_NODE_DEVICES": s,
-            "OMP_NUM_THREADS": "1"} for c, s in zip(nodes, NODE_DEVICES)]
-    cluster = Cluster(initialize_head=True, connect=False,
-                      head_node_args={"num_cpus": 1, "include_dashboard": False,
-                                      "env_vars": env[0]})
+    why = skip_reason()
+    if why:
+        pytest.skip(why)
     try:
-        for e in env[1:]:
-            cluster.add_node(num_cpus=1, env_vars=e)
-        cluster.wait_for_nodes()
-        from vramancer.cluster.control import connect, write_token
-
-        token_file = root / "token"
-        write_token(token_file, token)
-        connect(cluster.address, token_file=token_file)
-        yield cluster, cluster.address, nodes
+        ctx = netns("cl")
+        ns = ctx.__enter__()
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    try:
+        yield ns
     finally:
-        ray.shutdown()
-        cluster.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        ctx.__exit__(None, None, None)

@@ -1,12 +1,12 @@
-"""`vramancer cluster start | status | stop` on this machine (a real `ray start` head with token
-auth), `run --cluster` against it, and the bad inputs refused in one line."""
+"""`vramancer cluster start | status | stop` (a real `ray start` head with token auth, inside a network
+namespace the test creates), `run --cluster` and `serve --cluster` against it, and the bad inputs
+refused in one line."""
 from __future__ import annotations
 
 import json
 import os
 import socket
 import subprocess
-import sys
 
 import pytest
 
@@ -41,6 +41,9 @@ def _one_error_line(capsys) -> str:
     (["cluster", "join", "10.0.0.1:6379", "--token", "short"], "16 printable"),
     (["cluster", "start", "--host", "10.0.0.1", "--devices", "nonsense-gpu"], "nonsense-gpu"),
     (["cluster", "status"], "which cluster"),
+    (["serve", "m", "--cluster", "10.0.0.1:6379", "--port", "0", "--max-batch", "4"], "--max-batch"),
+    (["serve", "m", "--cluster", "10.0.0.1:6379", "--port", "0", "--pipeline-lanes", "2"], "--pipeline-lanes"),
+    (["serve", "m", "--cluster", "10.0.0.1:6379", "--port", "0", "--devices", "cpu"], "--devices"),
 ])
 def test_bad_input_is_one_line_exit_2(node_home, capsys, argv, words):
     assert main(argv) == 2
@@ -48,28 +51,78 @@ def test_bad_input_is_one_line_exit_2(node_home, capsys, argv, words):
 
 
 def _free_port() -> int:
+    """A port free on this machine (the namespace's ports are all free but for what the test starts)."""
     with socket.socket() as s:
-        s.bind(("", 0))
+        s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _machine_address() -> str:
-    from ray._private.services import get_node_ip_address
+_CLIENT = """
+import json, sys, urllib.error, urllib.request
+url, key, body = sys.argv[1], sys.argv[2], sys.argv[3]
+def post(key, body):
+    req = urllib.request.Request(url, data=body.encode(), headers={"content-type": "application/json",
+                                                                   "authorization": "Bearer " + key})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+wrong, _ = post("not-" + key, body)
+status, text = post(key, body)
+b = json.loads(body)
+b["stream"] = True
+_, events = post(key, json.dumps(b))
+chunks = [json.loads(ln[6:]) for ln in events.splitlines() if ln.startswith("data: {")]
+stream = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+print(json.dumps({"wrong_key": wrong, "status": status, "body": json.loads(text), "stream": stream}))
+"""
 
-    ip = get_node_ip_address()
-    if ip.startswith("127."):
-        pytest.skip("this machine has no non-loopback address for a Ray head")
-    return ip
+
+def _serve_one_completion(ns, env: dict, folder, address: str, prompt: str, max_tokens: int) -> dict:
+    """`serve --cluster` on the namespace's address with an API key; a client inside the namespace
+    sends one completion with a wrong key, then with the key, then streamed. The server is stopped
+    (SIGTERM, the pid this test started) before returning; its stderr comes back as ``log``."""
+    import time
+
+    key = "k" * 24
+    port = _free_port()
+    srv = subprocess.Popen(ns.python("-m", "vramancer", "serve", str(folder), "--cluster", address, "--context", "64",
+                                     "--host", ns.address, "--port", str(port), "--api-key", key,
+                                     "--telemetry-interval", "0"),
+                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log: list[str] = []
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            line = srv.stderr.readline()
+            if not line:
+                break
+            log.append(line)
+            if line.startswith("vramancer: serving"):
+                break
+        assert log and log[-1].startswith("vramancer: serving") and f"from the cluster {address}" in log[-1], log
+        body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+        p = subprocess.run(ns.python("-c", _CLIENT, f"http://{ns.address}:{port}/v1/completions", key, body),
+                           capture_output=True, text=True, timeout=180)
+        assert p.returncode == 0, p.stderr
+        out = json.loads(p.stdout)
+    finally:
+        srv.terminate()
+        try:
+            rest = srv.communicate(timeout=60)[1]
+        except subprocess.TimeoutExpired:
+            srv.kill()
+            rest = srv.communicate(timeout=10)[1]
+    out["log"] = "".join(log) + (rest or "")
+    # SIGTERM: uvicorn shuts down, then re-raises it, which Ray's driver handler turns into exit(15)
+    assert srv.returncode in (0, 15), out["log"][-3000:]
+    assert "vramancer: the cluster's stage workers are closed" in out["log"]
+    return out
 
 
-def _vramancer(env: dict, *argv: str) -> subprocess.CompletedProcess:
-    """`vramancer ARGV` in a process of its own: Ray's connection and auth settings are per process,
-    and the pipeline tests hold one in this process."""
-    return subprocess.run([sys.executable, "-m", "vramancer", *argv], env=env, capture_output=True, text=True,
-                          timeout=180)
-
-
-def test_start_status_run_stop(node_home, tmp_path):
+def test_start_status_run_stop(node_home, tmp_path, cluster_ns):
+    """Every process runs inside the test's network namespace, on its address (Ray refuses loopback)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -86,7 +139,13 @@ def test_start_status_run_stop(node_home, tmp_path):
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["VRAMANCER_CONFIG"] = str(node_home / "config.toml")
-    host, port = _machine_address(), _free_port()
+    host, port = cluster_ns.address, _free_port()
+
+    def _vramancer(env: dict, *argv: str) -> subprocess.CompletedProcess:
+        """`vramancer ARGV` inside the namespace, in a process of its own (Ray's connection is per process)."""
+        return subprocess.run(cluster_ns.python("-m", "vramancer", *argv), env=env, capture_output=True,
+                              text=True, timeout=180)
+
     address = f"{host}:{port}"
     p = _vramancer(env, "cluster", "start", "--host", host, "--port", str(port), "--num-cpus", "1",
                    "--devices", "cpu:16GiB")
@@ -124,6 +183,15 @@ def test_start_status_run_stop(node_home, tmp_path):
         assert res["stages"][0]["loaded_from"] == f"local copy {folder}"
         assert [s["device"] for s in res["plan"]["stages"]] == ["node1/cpu"]
         assert any("cluster: driver(node1) -> node1 -> driver(node1)" in n for n in res["plan"]["notes"])
+
+        served = _serve_one_completion(cluster_ns, env, folder, address, "t5 t9 t17 t33", 5)
+        assert served["wrong_key"] == 401
+        assert served["status"] == 200, served
+        (choice,) = served["body"]["choices"]
+        assert choice["text"] == res["text"] and choice["finish_reason"] == "length"
+        assert served["body"]["usage"] == {"prompt_tokens": 4, "completion_tokens": 5, "total_tokens": 9}
+        assert served["stream"] == res["text"]    # streamed token by token, the same text
+        assert "POST /v1/completions 200 tokens=4+5" in served["log"]
     finally:
         p = _vramancer(env, "cluster", "stop")
     assert p.returncode == 0 and "stopped the cluster head" in p.stdout

@@ -22,11 +22,12 @@ from typing import Any
 from ..errors import BadInputError
 from ..units import format_bytes, parse_bytes
 
-__all__ = ["configure", "main", "add_cluster_flags", "plan_on_cluster", "run_on_cluster", "connect_and_discover"]
+__all__ = ["configure", "main", "add_cluster_flags", "plan_on_cluster", "run_on_cluster", "connect_and_discover",
+           "check_cluster_flags", "cluster_plan"]
 
 
 def add_cluster_flags(p: argparse.ArgumentParser) -> None:
-    """--cluster ADDRESS and its token file, for the commands that plan (plan, run)."""
+    """--cluster ADDRESS and its token file, for the commands that plan (plan, run, serve)."""
     p.add_argument("--cluster", default=None, metavar="ADDRESS",
                    help="plan (and run) over every device of the Ray cluster at HOST:PORT (`vramancer cluster`)")
     p.add_argument("--cluster-token-file", default=None, metavar="FILE",
@@ -174,7 +175,8 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_flags(args: argparse.Namespace, command: str) -> None:
+def check_cluster_flags(args: argparse.Namespace, command: str) -> None:
+    """Flags that choose devices are refused with --cluster (the nodes offer theirs)."""
     given = getattr(args, "given", frozenset())
     for dest, flag in (("devices", "--devices"), ("split", "--split"), ("backing", "--backing")):
         if dest in given:
@@ -196,7 +198,7 @@ def plan_on_cluster(args: argparse.Namespace, console: Any) -> int:
 
     from ..plan.commands import render_plan
 
-    _check_flags(args, "plan")
+    check_cluster_flags(args, "plan")
     try:
         view, driver = connect_and_discover(args.cluster, args.cluster_token_file, 4 << 20)
     finally:
@@ -211,33 +213,40 @@ def plan_on_cluster(args: argparse.Namespace, console: Any) -> int:
     return 0
 
 
+def cluster_plan(args: argparse.Namespace, folder: Any, view: Any, driver: str) -> Any:
+    """The plan ``run`` / ``serve --cluster`` use: --plan FILE (saved by `plan --cluster -o FILE`; refused
+    in one line when it names nodes the cluster lacks), else planned here over ``view``."""
+    from .nodes import node_of
+
+    if getattr(args, "plan", None):
+        from ..plan.plan import Plan
+
+        plan = Plan.load(args.plan)
+        names = {n.name for n in view.nodes}
+        missing = sorted({node_of(s.device) for s in plan.stages} - names)
+        if missing:
+            raise BadInputError(f"--plan {args.plan} places stages on {', '.join(missing) or 'this machine'}, "
+                                f"which the cluster does not have ({', '.join(sorted(names))}): plan again")
+        return plan
+    return _plan(args, str(folder), view, driver)
+
+
 def run_on_cluster(args: argparse.Namespace, console: Any) -> int:
     """`vramancer run MODEL --cluster ADDRESS`: stages on their nodes, greedy decoding here."""
     import ray
 
     from ..runtime.commands import load_tokenizer
     from ..runtime.loader import weights_folder
-    from .nodes import node_of
     from .pipeline import ClusterPipeline
 
-    _check_flags(args, "run")
+    check_cluster_flags(args, "run")
     if args.temperature and args.temperature > 0:
         raise BadInputError("run --cluster decodes greedily: drop --temperature")
     folder = weights_folder(args.model)
     tok = load_tokenizer(folder)
     try:
         view, driver = connect_and_discover(args.cluster, args.cluster_token_file, 4 << 20)
-        if getattr(args, "plan", None):    # a plan saved by `plan --cluster -o FILE`
-            from ..plan.plan import Plan
-
-            plan = Plan.load(args.plan)
-            names = {n.name for n in view.nodes}
-            missing = sorted({node_of(s.device) for s in plan.stages} - names)
-            if missing:
-                raise BadInputError(f"--plan {args.plan} places stages on {', '.join(missing) or 'this machine'}, "
-                                    f"which the cluster does not have ({', '.join(sorted(names))}): plan again")
-        else:
-            plan = _plan(args, str(folder), view, driver)
+        plan = cluster_plan(args, folder, view, driver)
         if not args.json and not args.quiet:
             from ..plan.commands import render_plan
 

@@ -34,6 +34,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="local transformers folder (config.json, tokenizer, safetensors) "
                    "or an HF id in the local cache")
     add_run_flags(p)
+    from ..cluster.commands import add_cluster_flags
+
+    add_cluster_flags(p)   # serve --cluster ADDRESS: answer from the cluster's stage workers (serve/cluster.py)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     p.add_argument("--api-key", default=None,
@@ -107,6 +110,10 @@ def main(args: argparse.Namespace) -> int:
     check_bind(args.host, key, args.insecure)  # before loading anything: a refusal is instant
     max_body_bytes = parse_bytes(args.max_body)
     sock = bind_socket(args.host, args.port)  # a port in use fails now, not after the load
+    if getattr(args, "cluster", None):   # one request at a time through the cluster's stages
+        from .cluster import serve_on_cluster
+
+        return serve_on_cluster(args, sock, key, max_body_bytes, lambda: _access_log(args))
 
     from ..runtime.commands import load_split, make_plan, missing_runtime
 

@@ -1,0 +1,127 @@
+"""The cluster tests' driver, run inside the tests' network namespace (``ip netns exec NS python -m
+tests.cluster._ns_cluster ROOT MODEL``): a Ray cluster of three nodes (``ray.cluster_utils``, token
+auth), each with its own Link identity (its own config folder under ROOT) and device spec; then
+discovery, greedy over 2 nodes (stages over the cloud bridge) and 3 nodes (local copies), and a
+node key revoked on the driver. One JSON object on the last line of stdout; no pickle crosses a
+process boundary. The tests compare it with the same split run in their own process."""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sys
+from pathlib import Path
+
+__all__ = ["PROMPT", "NEW_TOKENS", "NODE_DEVICES", "TWO_NODE_DEVICES", "main"]
+
+PROMPT = [1, 5, 9, 17, 33, 4, 60]
+NEW_TOKENS = 12
+# three simulated GPUs of 200 KiB: the tiny model (conftest.make_tiny_model; about 361 KiB at context 64
+# with one layer's activations) needs all three; two of 300 KiB hold it, one does not
+NODE_DEVICES = ["gpu1:200KiB@100GBps@1TFLOPS", "gpu2:200KiB@100GBps@1TFLOPS", "gpu3:200KiB@100GBps@1TFLOPS"]
+TWO_NODE_DEVICES = ["gpu1:300KiB@100GBps@1TFLOPS", "gpu2:300KiB@100GBps@1TFLOPS"]
+
+
+def _start(root: Path):
+    from ray.cluster_utils import Cluster
+
+    from vramancer.cluster.control import connect, use_token, write_token
+    from vramancer.link.keys import create_identity
+
+    token = secrets.token_urlsafe(32)
+    use_token(token)
+    create_identity(root / "driver" / "keys")
+    os.environ["VRAMANCER_CONFIG"] = str(root / "driver" / "config.toml")
+    env = []
+    for i, spec in enumerate(NODE_DEVICES):
+        cfg = root / f"node{i + 1}"
+        create_identity(cfg / "keys")
+        env.append({"VRAMANCER_CONFIG": str(cfg / "config.toml"), "VRAMANCER_NODE_DEVICES": spec,
+                    "OMP_NUM_THREADS": "1"})
+    cluster = Cluster(initialize_head=True, connect=False,
+                      head_node_args={"num_cpus": 1, "include_dashboard": False, "env_vars": env[0]})
+    for e in env[1:]:
+        cluster.add_node(num_cpus=1, env_vars=e)
+    cluster.wait_for_nodes()
+    write_token(root / "token", token)
+    connect(cluster.address, token_file=root / "token")
+    return cluster
+
+
+def _greedy(view, folder: Path, cache: Path, n_nodes: int) -> dict:
+    """Over 2 nodes every stage comes from the driver over the cloud bridge (as to nodes without a
+    copy of the checkpoint); over 3 nodes each stage reads the node's local copy."""
+    from dataclasses import replace
+
+    from vramancer.cluster.nodes import ClusterView
+    from vramancer.cluster.pipeline import ClusterPipeline
+    from vramancer.cluster.planning import plan_cluster
+    from vramancer.devices.spec import parse_devices
+
+    nodes = view.nodes
+    if n_nodes == 2:   # two larger devices: the model fits on two nodes, not on one
+        nodes = [replace(n, devices=parse_devices(spec)) for n, spec in zip(nodes, TWO_NODE_DEVICES)]
+    sub = ClusterView(view.address, nodes[:n_nodes], view.links)
+    plan = plan_cluster(str(folder), sub, context=64, reserve_bytes=0, driver="node1")
+    bridge = n_nodes == 2
+    with ClusterPipeline(plan, sub, folder, local_copies=not bridge, cache_dir=str(cache / f"n{n_nodes}")) as pipe:
+        got = pipe.generate(PROMPT, NEW_TOKENS)
+        stats = pipe.stats()
+    return {"plan": plan.to_json(indent=None), "tokens": got, "stages": [s.__dict__ for s in stats.stages]}
+
+
+def _revoked(view, folder: Path) -> dict:
+    """The driver revoked node1's key: its connection to the first stage is refused; which actors live after."""
+    from dataclasses import replace
+
+    import ray
+
+    from vramancer.cluster.nodes import ClusterView
+    from vramancer.cluster.pipeline import ClusterPipeline
+    from vramancer.cluster.planning import plan_cluster
+    from vramancer.devices.spec import parse_devices
+    from vramancer.link.keys import TrustStore
+
+    node = replace(view.nodes[0], devices=parse_devices("gpu1:1MiB@100GBps@1TFLOPS"))
+    sub = ClusterView(view.address, [node], [])
+    plan = plan_cluster(str(folder), sub, context=64, reserve_bytes=0, driver="node1")
+    store = TrustStore.load()
+    store.revoke(node.fingerprint)
+    store.save()
+
+    def alive() -> set[str]:
+        return {a for a, s in ray._private.state.actors().items() if s["State"] == "ALIVE"}
+
+    before = alive()
+    error = {"type": "", "message": ""}
+    try:
+        ClusterPipeline(plan, sub, folder).close()
+    except Exception as e:  # noqa: BLE001 - reported to the test, which checks the kind
+        error = {"type": type(e).__name__, "message": str(e)}
+    finally:
+        store.path.unlink()
+    return {"fingerprint": node.fingerprint, "error": error, "new_alive_actors": sorted(alive() - before)}
+
+
+def main(argv: list[str]) -> int:
+    import ray
+
+    root, folder = Path(argv[0]), Path(argv[1])
+    cluster = _start(root)
+    try:
+        from vramancer.cluster.nodes import discover
+
+        view = discover(cluster.address, probe_bytes=1 << 20)
+        out = {"address": cluster.address, "ray_node_ip": ray.util.get_node_ip_address(),
+               "view": view.to_dict(),
+               "greedy": {str(n): _greedy(view, folder, root / "cache", n) for n in (2, 3)},
+               "revoked": _revoked(view, folder)}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    sys.stdout.write(json.dumps(out) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,327 @@
+"""`vramancer serve MODEL --cluster ADDRESS`: the same OpenAI-compatible server, answering from the
+stage workers of a Ray cluster (vramancer/cluster/pipeline.py).
+
+Honest and minimal: ``ClusterEngine`` runs requests one at a time through the cluster pipeline, in
+arrival order (a FIFO queue; the others wait in it). Each request starts a new sequence on every
+stage (their caches reset), is prefilled in the plan's prefill chunks and decoded token by token,
+greedy or with temperature / top-p / seed as ``serve`` samples them (the driver picks each token from
+the last stage's logits), streamed as each token lands. Stop strings, EOS, max_tokens, cancellation
+(at the next token), API key, limits, access log and /metrics are ``serve``'s own (app.py). Batching
+and pipeline lanes are single-process only: ``--max-batch`` / ``--pipeline-lanes`` are refused here.
+
+The /metrics KV figures per stage are the tokens the running request holds times the plan's KV
+bytes per token of that stage (the caches live on the nodes; they are not measured from here).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import BadInputError
+from .counters import EngineCounters
+from .engine import EngineStats, Event, RequestRejected, Sequence
+from .kv import StageKV
+from .sampling import Sampler, SamplingParams, sample_rows
+from .text import IncrementalDetokenizer, StopMatcher
+
+__all__ = ["ClusterEngine", "cluster_stages", "serve_on_cluster"]
+
+log = logging.getLogger("vramancer.serve")
+
+
+def cluster_stages(plan: Any) -> list[StageKV]:
+    """One StageKV per stage of ``plan``: its KV budget and the plan's KV bytes per token there."""
+    w = plan.workload
+    tokens = max(1, int(w.context) * int(w.batch))
+    return [StageKV(index=i, device=st.device, layers=(int(st.blocks[0]), int(st.blocks[1])),
+                    budget_bytes=int(st.kv_cache_bytes), kv_bytes_per_token=int(st.kv_cache_bytes) // tokens)
+            for i, st in enumerate(plan.stages)]
+
+
+class ClusterEngine:
+    """The ``Engine`` interface app.py uses (``submit``, ``cancel``, ``stats``, ``counters``,
+    ``stages``, ``context_tokens``, ``tokenizer``) over a ``ClusterPipeline``: one request at a time.
+
+    ``pipe``: anything with ``forward(ids, start) -> logits [1, V]`` and ``plan`` (a ClusterPipeline).
+    ``eos_ids``: the token ids that end a sequence (unless the request sets ignore_eos)."""
+
+    def __init__(self, pipe: Any, tokenizer: Any, *, vocab_size: int, eos_ids: frozenset[int] = frozenset()) -> None:
+        plan = pipe.plan
+        self.pipe = pipe
+        self.tokenizer = tokenizer
+        self.context_tokens = int(plan.workload.context)
+        self.prefill_chunk_tokens = max(1, int(plan.workload.prefill_chunk))
+        self.max_batch = 1
+        self.vocab_size = int(vocab_size)
+        self.stages = cluster_stages(plan)
+        self.counters = EngineCounters()
+        self._eos_ids = frozenset(eos_ids)
+        self._cv = threading.Condition()
+        self._queue: deque[Sequence] = deque()
+        self._current: Sequence | None = None
+        self._current_tokens = 0
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._ids = itertools.count()
+        self._waited = self._finished = self._peak_running = 0
+        zeros = tuple(0 for _ in self.stages)
+        self._stats = EngineStats(0, 0, 0, zeros, zeros, zeros)
+
+    # ---- the Engine interface -----------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="vramancer-cluster-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        with self._cv:
+            self._stopping = True
+            if self._current is not None:
+                self._current.cancelled = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            self._thread = None
+        with self._cv:
+            while self._queue:
+                self._finish(self._queue.popleft(), "error", error="the server is shutting down")
+
+    def check(self, prompt_tokens: int, max_tokens: int) -> None:
+        total = prompt_tokens + max_tokens
+        if prompt_tokens < 1:
+            raise RequestRejected("the prompt is empty (0 tokens)")
+        if max_tokens < 1:
+            raise RequestRejected("max_tokens must be at least 1")
+        if total > self.context_tokens:
+            raise RequestRejected(
+                f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) = {total} tokens exceeds "
+                f"the planned context of {self.context_tokens} tokens; lower max_tokens or shorten the "
+                f"prompt (the server's --context sets the limit)", code="context_length_exceeded")
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, sink: Callable[[Event], None]) -> Sequence:
+        self.check(len(prompt_ids), params.max_tokens)
+        bad = [t for t in prompt_ids if not 0 <= int(t) < self.vocab_size]
+        if bad:
+            raise RequestRejected(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+        seq = Sequence(id=str(next(self._ids)), prompt_ids=[int(t) for t in prompt_ids], params=params, sink=sink,
+                       arrival_s=time.perf_counter(), detok=IncrementalDetokenizer(self.tokenizer),
+                       stopper=StopMatcher(tuple(params.stop)), sampler=Sampler(params))
+        with self._cv:
+            if self._stopping:
+                raise RuntimeError("the engine is stopped")
+            if self._current is not None or self._queue:
+                seq.waited = True
+                self._waited += 1
+            self._queue.append(seq)
+            self._publish()
+            self._cv.notify_all()
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        with self._cv:
+            if seq.state != "done":
+                seq.cancelled = True
+                if seq in self._queue:
+                    self._queue.remove(seq)
+                    self._finish(seq, "cancelled")
+                    self._publish()
+                self._cv.notify_all()
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams, timeout_s: float = 600.0) -> Event:
+        """Blocking helper: one request to the end; the finish Event with the whole text."""
+        done = threading.Event()
+        parts: list[str] = []
+        final: list[Event] = []
+
+        def sink(ev: Event) -> None:
+            parts.append(ev.text)
+            if ev.kind == "finish":
+                final.append(ev)
+                done.set()
+
+        seq = self.submit(prompt_ids, params, sink)
+        if not done.wait(timeout_s):
+            self.cancel(seq)
+            raise TimeoutError(f"request did not finish in {timeout_s} s")
+        ev = final[0]
+        return Event("finish", "".join(parts), ev.finish_reason, ev.prompt_tokens, ev.completion_tokens, ev.error)
+
+    # ---- the request thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        import torch
+
+        with torch.inference_mode():
+            while True:
+                with self._cv:
+                    while not self._stopping and not self._queue:
+                        self._cv.wait()
+                    if self._stopping:
+                        return
+                    seq = self._queue.popleft()
+                    self._current, self._current_tokens = seq, 0
+                    seq.state = "prefill"
+                    self._publish()
+                try:
+                    self._serve(seq)
+                except Exception as e:  # noqa: BLE001 - a failed hop ends this request, not the server
+                    log.warning("cluster generation failed: %s", e)
+                    self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
+                with self._cv:
+                    self._current, self._current_tokens = None, 0
+                    self._publish()
+                    self._cv.notify_all()
+
+    def _serve(self, seq: Sequence) -> None:
+        """Prefill in the plan's chunks (a new sequence on every stage), then one token per forward."""
+        ids, chunk = seq.prompt_ids, self.prefill_chunk_tokens
+        logits = None
+        for s in range(0, len(ids), chunk):
+            if seq.cancelled:
+                self._finish(seq, "cancelled")
+                return
+            logits = self.pipe.forward(ids[s:s + chunk], s)
+            self._current_tokens = min(len(ids), s + chunk)
+        seq.state = "running"
+        self._publish()
+        pos = len(ids)
+        while True:
+            token = sample_rows(logits, [seq.sampler])[0]
+            if self._emit(seq, token):
+                return
+            if seq.cancelled:
+                self._finish(seq, "cancelled")
+                return
+            logits = self.pipe.forward([token], pos)
+            pos += 1
+            self._current_tokens = pos
+
+    def _emit(self, seq: Sequence, token: int) -> bool:
+        """As Engine._emit: record the token, send its text; True when the sequence is over."""
+        now = time.perf_counter()
+        first = not seq.output_ids
+        self.counters.token(now - (seq.arrival_s if first else seq.last_token_s), first)
+        seq.last_token_s = now
+        seq.output_ids.append(token)
+        if token in self._eos_ids and not seq.params.ignore_eos:
+            self._finish(seq, "stop")
+            return True
+        text = seq.stopper.push(seq.detok.add(token))
+        if seq.stopper.stopped:
+            self._finish(seq, "stop", text)
+            return True
+        if len(seq.output_ids) >= seq.params.max_tokens:
+            self._finish(seq, "length", text)
+            return True
+        if text:
+            self._send(seq, Event("token", text))
+        return False
+
+    @staticmethod
+    def _send(seq: Sequence, event: Event) -> None:
+        try:
+            seq.sink(event)
+        except Exception:  # noqa: BLE001 - a broken sink (a closed event loop) must not stop the engine
+            log.exception("request sink failed")
+
+    def _finish(self, seq: Sequence, reason: str, text: str = "", error: str = "") -> None:
+        if seq.state == "done":
+            return
+        if reason in ("stop", "length"):
+            text += seq.stopper.push(seq.detok.flush()) + seq.stopper.flush()
+        seq.state = "done"
+        self._finished += 1
+        self.counters.finished(len(seq.prompt_ids), len(seq.output_ids))
+        self._send(seq, Event("finish", text, reason, len(seq.prompt_ids), len(seq.output_ids), error))  # type: ignore[arg-type]
+
+    def _publish(self) -> None:
+        cur = self._current
+        running = 1 if cur is not None and cur.state == "running" else 0
+        prefilling = 1 if cur is not None and cur.state == "prefill" else 0
+        in_use = tuple(self._current_tokens * st.kv_bytes_per_token for st in self.stages)
+        reserved = tuple((cur.reserved_tokens if cur is not None else 0) * st.kv_bytes_per_token
+                         for st in self.stages)
+        prev = self._stats
+        self._peak_running = max(self._peak_running, running)
+        self._stats = EngineStats(len(self._queue), prefilling, running, in_use, reserved,
+                                  tuple(max(a, b) for a, b in zip(prev.peak_kv_bytes_by_stage, in_use)),
+                                  self._peak_running, self._waited, self._finished, 1 if running else prev.peak_lanes)
+
+
+def _refuse_batching_flags(args: argparse.Namespace) -> None:
+    given = getattr(args, "given", frozenset())
+    for dest, flag in (("max_batch", "--max-batch"), ("pipeline_lanes", "--pipeline-lanes")):
+        if dest in given:
+            raise BadInputError(f"serve --cluster runs one request at a time through the cluster's stages: "
+                                f"drop {flag} (batching is single-process only)")
+
+
+def serve_on_cluster(args: argparse.Namespace, sock: Any, api_key: str | None, max_body_bytes: int,
+                     access_log: Callable[[], None] = lambda: None) -> int:
+    """`vramancer serve MODEL --cluster ADDRESS`: plan over the cluster, start the stage workers,
+    serve the OpenAI API from them on ``sock`` until interrupted; workers and Ray connection closed after.
+    ``access_log``: sets up serve's access log (commands.py), called once the server is about to listen."""
+    import ray
+
+    from .._net import serve_foreground
+    from ..cluster.commands import check_cluster_flags, cluster_plan, connect_and_discover
+    from ..cluster.pipeline import ClusterPipeline
+    from ..models.checkpoint import read_config
+    from ..runtime.commands import load_tokenizer
+    from ..runtime.loader import weights_folder
+    from .app import ServerConfig, create_app
+    from .metrics import ServeMetrics
+
+    check_cluster_flags(args, "serve")
+    _refuse_batching_flags(args)
+    folder = weights_folder(args.model)
+    tok = load_tokenizer(folder)
+    config = read_config(folder / "config.json")
+    text_cfg = config.get("text_config") or config
+    vocab = int(text_cfg.get("vocab_size") or len(tok))
+    eos: set[int] = set()
+    for src in (text_cfg.get("eos_token_id"), getattr(tok, "eos_token_id", None)):
+        if isinstance(src, int):
+            eos.add(src)
+        elif isinstance(src, list):
+            eos.update(int(x) for x in src)
+    quiet = getattr(args, "quiet", False)
+    pipe = None
+    try:
+        view, driver = connect_and_discover(args.cluster, args.cluster_token_file, 4 << 20)
+        plan = cluster_plan(args, folder, view, driver)
+        pipe = ClusterPipeline(plan, view, folder)
+        engine = ClusterEngine(pipe, tok, vocab_size=vocab, eos_ids=frozenset(eos))
+        metrics = ServeMetrics(engine)  # type: ignore[arg-type]
+        cfg = ServerConfig(model_name=args.served_model_name or folder.name, api_key=api_key,
+                           max_body_bytes=max_body_bytes, max_tokens_limit=args.max_tokens_limit)
+        app = create_app(engine, cfg, metrics)  # type: ignore[arg-type]
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        where = " -> ".join(f"{s.device}" for s in plan.stages)
+        if not quiet:
+            print(f"vramancer: serving {cfg.model_name} at http://{host}:{sock.getsockname()[1]}/v1 from the "
+                  f"cluster {args.cluster} - {len(plan.stages)} stage(s) ({where}), context {engine.context_tokens} "
+                  f"tokens, one request at a time, {'API key required' if api_key else 'no API key'}",
+                  file=sys.stderr, flush=True)
+        access_log()
+        engine.start()
+        try:
+            serve_foreground(app, sock, log_level=args.log_level)
+        finally:
+            engine.stop()
+    finally:
+        if pipe is not None:
+            pipe.close()
+            if not quiet:
+                print("vramancer: the cluster's stage workers are closed", file=sys.stderr, flush=True)
+        ray.shutdown()
+    return 0
