@@ -14,6 +14,14 @@ Where the time goes, per decode token (ours): each stage's compute, and the rest
 (the Link hops driver -> node1 -> node2 -> driver: TLS, framing, the kernel's loopback, and the
 wake-ups of the threads that wait on them).
 
+Where it binds: Ray refuses a loopback head (its drivers rewrite 127.0.0.1 to the machine's own
+address), so the two nodes, the stage workers' Link endpoints and the driver bind the address Ray
+finds for this machine (the source address of its default route) - the machine's own LAN address,
+as a real two-machine cluster would. To keep it off every real interface, run it inside a network
+namespace: its smoke test does (tests/benchmarks/test_cluster_smoke.py, tests/cluster/_netns.py:
+``ip netns exec NS python benchmarks/cluster.py``, the namespace holding one private address and a
+default route through it). Either way the hops stay on this machine (the kernel's local route).
+
 Run:  python benchmarks/cluster.py [--layers 8 --hidden 512 --repeat 3] [--json FILE]
 A benchmark, not a test: it exits 0 and prints a table (no goal: the issue asks for the ratio).
 """

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 
 import pytest
 
@@ -22,12 +21,19 @@ def bench():
 
 
 def test_tiny_run(tmp_path):
-    """Run as a script (its own process: Ray's connection is per process, and other tests hold one)."""
+    """Run as a script (its own process: Ray's connection is per process), inside a network namespace
+    the test creates (Ray needs a non-loopback address; tests/cluster/_netns.py), deleted after."""
+    from tests.cluster._netns import netns, skip_reason
+
+    why = skip_reason()
+    if why:
+        pytest.skip(why)
     out_json = tmp_path / "cluster.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    p = subprocess.run([sys.executable, str(BENCHMARKS / "cluster.py"), "--layers", "2", "--hidden", "64",
-                        "--vocab", "128", "--prompt-tokens", "4", "--new-tokens", "4", "--repeat", "1",
-                        "--json", str(out_json)], env=env, capture_output=True, text=True, timeout=240)
+    with netns("bench") as ns:
+        p = subprocess.run(ns.python(str(BENCHMARKS / "cluster.py"), "--layers", "2", "--hidden", "64",
+                                     "--vocab", "128", "--prompt-tokens", "4", "--new-tokens", "4", "--repeat", "1",
+                                     "--json", str(out_json)), env=env, capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stderr
     r = json.loads(out_json.read_text())
     assert r["stages"] == ["node1/cpu blocks 0-1", "node2/cpu blocks 2-3"]
