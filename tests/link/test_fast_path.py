@@ -222,3 +222,14 @@ def test_alternating_layouts_each_checked_and_delivered():
     with pytest.raises(FrameError, match=r"destination is float32 \[8\], frame has int64 \[2, 3\]"):
         b.recv(into=[dx])
     assert a.bytes_sent == b.bytes_received + 48
+
+
+def test_fast_sends_and_control_frames_share_one_sequence():
+    a, b = pair()
+    x = np.zeros(4, dtype=np.float64)
+    for _ in range(3):
+        a.send([x])
+    a.send_control(FrameType.CLOSE)
+    assert [b.recv().seq for _ in range(3)] == [1, 2, 3]
+    close = b.recv()
+    assert (close.frame_type, close.seq) == (FrameType.CLOSE, 4) and b.closed
