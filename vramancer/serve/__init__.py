@@ -10,6 +10,7 @@
     metrics.py   Prometheus metrics (own registry)
     server.py    build_server, ServerThread (tests, notebooks), serve_forever (the CLI)
     commands.py  the `serve` subcommand
+    cluster.py   `serve --cluster`: the same app over a cluster's stage workers, one request at a time
     testing.py   tiny random chat models built offline (tests, benchmarks)
 
 Nothing is imported here: the CLI imports commands.py, which imports the web stack only when run.
