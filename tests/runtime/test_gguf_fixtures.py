@@ -184,3 +184,22 @@ def test_what_we_do_not_run_is_one_line_exit_2(capsys, file, named):
     assert rc == 2
     lines = [ln for ln in err.splitlines() if ln.startswith("vramancer: error:")]
     assert len(lines) == 1 and named in lines[0] and "Traceback" not in err
+
+
+@pytest.mark.parametrize("name,kind", [("llama", "F32"), ("llama", "Q8_0")])
+def test_kv_cache_is_the_planned_float16(name, kind):
+    """A GGUF profile budgets llama.cpp's float16 KV cache; on the CPU the blocks compute in float32,
+    and generate keeps the cache in float16 all the same: measured KV bytes per stage == planned."""
+    from vramancer.runtime.generate import generate_ids
+
+    model = _load(_path(name, kind))
+    rt = model.vramancer
+    assert rt.kv_dtype == "float16" and rt.plan.workload.kv_dtype is None
+    generate_ids(model, {"input_ids": torch.tensor([[1, 5, 9, 17]])}, 3, pad_token_id=0)
+    rep = rt.memory_report()
+    per_token = [sum(rt.plan.blocks[b].kv_bytes_per_token for b in range(*s.blocks))
+                 for s in rt.plan.stages]
+    assert rep.kv_tokens > 0
+    assert [s.kv_cache_bytes for s in rep.stages] == [n * rep.kv_tokens for n in per_token]
+    assert all(n > 0 for n in per_token)
+    rt.detach()

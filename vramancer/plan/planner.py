@@ -322,8 +322,8 @@ def plan_profile(profile: ModelProfile, devices: list[Device], workload: Workloa
     best = _assemble(pl, profile, devices, workload, placement.ranges, list(notes), None, reserve_bytes, False,
                      offload_mode="execute")
     if best.offloaded and pl.stream_gpu is not None and resident_weights_only(profile):
-        best.notes.append(f"{profile.quantization or profile.dtype} weights stay where they are loaded: the offloaded blocks run "
-                          "where they are (the runtime streams only float and GGUF weights)")
+        best.notes.append(f"{profile.quantization or profile.dtype} weights stay where they are loaded: the "
+                          "offloaded blocks run where they are (the runtime streams only float and GGUF weights)")
     elif best.offloaded and pl.stream_gpu is not None:
         # Streaming offloaded blocks to a GPU needs a double buffer there: plan again with that room
         # kept on the streaming GPU. Of executing the offloaded blocks where they are, streaming them

@@ -289,10 +289,10 @@ def new_kv_cache(config: Any, kv_dtype: str) -> Any:
 
 
 def kv_cache_for(model: Any) -> Any:
-    """The cache ``model``'s plan asks for (``plan.workload.kv_dtype``), or None: transformers'
-    default (the compute dtype) for a model that is not split or whose plan sets no KV dtype."""
-    rt = getattr(model, "vramancer", None)
-    kv = getattr(getattr(getattr(rt, "plan", None), "workload", None), "kv_dtype", None)
+    """The cache ``model``'s runtime keeps (``SplitRuntime.kv_dtype``: the plan's ``--kv-dtype``, or
+    a GGUF model's float16 cache), or None: transformers' default (the compute dtype) for a model
+    that is not split or keeps its cache in the compute dtype."""
+    kv = getattr(getattr(model, "vramancer", None), "kv_dtype", None)
     if kv is None:
         return None
     return new_kv_cache(getattr(model, "config", None), kv)

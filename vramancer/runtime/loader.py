@@ -808,6 +808,8 @@ def load_gguf(path: str | os.PathLike, plan: Plan, dtype: str | None = None,
     sources = {name: _Source(convert=read) for name, read in keep_quantized(model, gf, dt).items()}
     model = _place(model, plan, sources, None, offload_dir, free_on_error=True, progress=progress)
     model.vramancer.notes.append(loaded_note(gf, dt))
+    if plan.workload.kv_dtype is None and dt.itemsize != 2:
+        model.vramancer.kv_dtype = "float16"   # llama.cpp's cache, what a GGUF profile budgets (models/gguf_file.py)
     return model
 
 

@@ -151,6 +151,9 @@ class SplitRuntime:
                  cleanup_offload_dir: bool = False):
         self.model = model
         self.plan = plan
+        # how the KV cache is stored (runtime/kvcache.py): the plan's --kv-dtype; a loader may set a
+        # format its plan budgets otherwise (GGUF: float16); None = the compute dtype
+        self.kv_dtype: str | None = plan.workload.kv_dtype
         self.layout = layout
         self.stages = stages
         self.engines = list(engines or [])

@@ -208,7 +208,8 @@ class Engine:
         self.vocab_size = int(model.get_input_embeddings().weight.shape[0])
         # the plan's --kv-dtype: every cache the engine makes stores it (serve/kv.py new_cache)
         kv_plan = plan if plan is not None else getattr(getattr(model, "vramancer", None), "plan", None)
-        self._kv_dtype = getattr(getattr(kv_plan, "workload", None), "kv_dtype", None)
+        self._kv_dtype = (getattr(getattr(kv_plan, "workload", None), "kv_dtype", None)
+                          or getattr(getattr(model, "vramancer", None), "kv_dtype", None))
 
         with torch.inference_mode():
             self.layer_kv_bytes_per_token = self._measure_kv_bytes_per_token()
