@@ -69,9 +69,10 @@ def test_discover_reports_every_node(run):
     assert [n["name"] for n in nodes] == ["node1", "node2", "node3"]
     fps = {load_identity(root / f"node{i}" / "keys").fingerprint for i in (1, 2, 3)}
     assert {n["fingerprint"] for n in nodes} == fps
-    devs = [[d["id"] for d in n["devices"]] for n in nodes]
-    assert devs[0] == ["node1/gpu1#0"] and nodes[0]["is_head"]   # the head is node1; the others by address, id
-    assert sorted(devs[1:]) == [["node2/gpu2#0"], ["node3/gpu3#0"]]
+    assert all(d["id"].startswith(n["name"] + "/") for n in nodes for d in n["devices"])
+    devs = [[d["id"].split("/", 1)[1] for d in n["devices"]] for n in nodes]
+    assert devs[0] == ["gpu1#0"] and nodes[0]["is_head"]   # the head is node1; the others by address, Ray id
+    assert sorted(devs[1:]) == [["gpu2#0"], ["gpu3#0"]]
     links = out["view"]["links"]
     assert len(links) == 6
     assert all(lk["rtt_s"] > 0 and lk["bandwidth_bytes_per_s"] > 0 and lk["probe_bytes"] == 1 << 20 for lk in links)
