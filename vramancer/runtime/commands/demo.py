@@ -30,6 +30,20 @@ def configure(p: argparse.ArgumentParser) -> None:
                         "the image checked against the unsplit one")
 
 
+def _measure_host_once(console, quiet: bool) -> None:
+    """The predictions for the backing CPU need this CPU's figures: measured once (a few seconds,
+    runtime/calibrate.py) and kept in the cache folder for this CPU and thread count."""
+    from ...devices.host_speed import host_speed, save_host_speed
+
+    if host_speed().source == "measured":
+        return
+    if not quiet:
+        console.print("measuring this CPU once for the predictions (a few seconds; kept for later runs)")
+    from ..calibrate import measure_host_speed
+
+    save_host_speed(measure_host_speed())
+
+
 def demo_devices(spec: str | None, backing: str | None) -> tuple[str, str]:
     """(device spec, backing): the GPUs here when there are two or more, else two simulated GPUs
     backed by the one GPU there is, or by the CPU."""
@@ -88,6 +102,7 @@ def main(args: argparse.Namespace) -> int:
     quiet = args.json
     folder = build_demo_model(args.cache_dir or cache_dir())
     spec, backing = demo_devices(args.devices, args.backing)
+    _measure_host_once(console, quiet)
     gpus = [d for d in parse_devices(spec, backing=backing) if d.kind == "gpu"]
     split = [1.0] * len(gpus) if len(gpus) >= 2 else None
     plan = planner(str(folder), devices=spec, context=args.context, split=split, backing=backing)
@@ -107,6 +122,9 @@ def main(args: argparse.Namespace) -> int:
         sys.stdout.write(escape_control(text))
         sys.stdout.flush()
 
+    # one untimed token first, on each model: the first generate of a process pays one-off costs
+    # (allocator growth, lazy imports, thread-pool start) that neither the plan nor a later request has
+    generate_text(model, tok, messages, max_new_tokens=1)
     if not quiet:
         console.rule("split")
     split_result = generate_text(model, tok, messages, max_new_tokens=args.max_new_tokens,
@@ -124,6 +142,7 @@ def main(args: argparse.Namespace) -> int:
     ref_device = torch.device(plan.stages[0].torch_device if len(gpus) < 2 else gpus[0].torch_device)
     # the unsplit reference is loaded by transformers itself, an independent path
     ref = _owned(AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).to(ref_device).eval())
+    generate_text(ref, tok, messages, max_new_tokens=1)   # untimed, as for the split model
     ref_result = generate_text(ref, tok, messages, max_new_tokens=args.max_new_tokens)
     same = ref_result.token_ids == split_result.token_ids
     if quiet:
