@@ -5,8 +5,8 @@ cluster needs a real, non-loopback address; the tests make one that exists only 
 they create: a veth pair, both ends inside, one with 10.231.N.1/24, ``lo`` up, and a default route through that
 interface so that Ray's node-IP discovery (a UDP connect, no packet sent) picks that address. Every
 process that talks to the cluster runs under ``ip netns exec NS``; nothing binds an address outside
-it. ``netns()`` deletes the namespace on the way out, whatever happened (a process still inside
-keeps nothing: the namespace's interfaces go with it).
+it. ``netns()`` deletes the namespace on the way out, whatever happened, after ending any process
+still inside (only the test's own processes can be there).
 """
 from __future__ import annotations
 
@@ -73,4 +73,31 @@ def netns(tag: str, subnet: int | None = None) -> Iterator[Netns]:
         _ip("-n", name, "route", "add", "default", "dev", f"{name}a")
         yield Netns(name, address)
     finally:
+        _end_processes_inside(name)
         subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
+
+
+def _end_processes_inside(name: str, timeout_s: float = 10.0) -> None:
+    """Whatever still runs inside the namespace (a Ray process a timed-out run left behind): only
+    processes this test started can be there. SIGTERM, then SIGKILL."""
+    import psutil
+
+    out = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True, timeout=30)
+    procs = []
+    for pid in out.stdout.split():
+        try:
+            procs.append(psutil.Process(int(pid)))
+        except (ValueError, psutil.Error):
+            continue
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=5)
