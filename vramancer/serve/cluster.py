@@ -22,6 +22,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from ..errors import BadInputError
@@ -302,7 +303,7 @@ def serve_on_cluster(args: argparse.Namespace, sock: Any, api_key: str | None, m
         pipe = ClusterPipeline(plan, view, folder)
         engine = ClusterEngine(pipe, tok, vocab_size=vocab, eos_ids=frozenset(eos))
         metrics = ServeMetrics(engine)  # type: ignore[arg-type]
-        cfg = ServerConfig(model_name=args.served_model_name or folder.name, api_key=api_key,
+        cfg = ServerConfig(model_name=args.served_model_name or Path(str(args.model).rstrip("/")).name, api_key=api_key,
                            max_body_bytes=max_body_bytes, max_tokens_limit=args.max_tokens_limit)
         app = create_app(engine, cfg, metrics)  # type: ignore[arg-type]
         host = f"[{args.host}]" if ":" in args.host else args.host
