@@ -54,6 +54,8 @@ def _ip(*args: str) -> None:
 def netns(tag: str, subnet: int | None = None) -> Iterator[Netns]:
     """A namespace ``vrm<tag><pid>`` with 10.231.SUBNET.1 on a veth end; deleted after.
     Raises RuntimeError with ``ip``'s message when it cannot be made."""
+    if not tag.isalnum() or len(tag) > 6:    # interface names (the name + "a") hold 15 characters
+        raise ValueError(f"namespace tag {tag!r}: 1 to 6 letters or digits")
     pid = os.getpid() % 100000
     name = f"vrm{tag}{pid}"
     sub = subnet if subnet is not None else 100 + (pid + sum(map(ord, tag))) % 150
@@ -64,13 +66,17 @@ def netns(tag: str, subnet: int | None = None) -> Iterator[Netns]:
     except subprocess.CalledProcessError as e:
         raise RuntimeError(f"cannot create a network namespace: {e.stderr.decode().strip()}") from None
     try:
-        _ip("-n", name, "link", "set", "lo", "up")
-        # a veth pair with both ends inside (the dummy driver is not in every kernel)
-        _ip("link", "add", f"{name}a", "netns", name, "type", "veth", "peer", "name", f"{name}b", "netns", name)
-        _ip("-n", name, "addr", "add", f"{address}/24", "dev", f"{name}a")
-        _ip("-n", name, "link", "set", f"{name}a", "up")
-        _ip("-n", name, "link", "set", f"{name}b", "up")
-        _ip("-n", name, "route", "add", "default", "dev", f"{name}a")
+        try:
+            _ip("-n", name, "link", "set", "lo", "up")
+            # a veth pair with both ends inside (the dummy driver is not in every kernel)
+            _ip("link", "add", f"{name}a", "netns", name, "type", "veth", "peer", "name", f"{name}b", "netns", name)
+            _ip("-n", name, "addr", "add", f"{address}/24", "dev", f"{name}a")
+            _ip("-n", name, "link", "set", f"{name}a", "up")
+            _ip("-n", name, "link", "set", f"{name}b", "up")
+            _ip("-n", name, "route", "add", "default", "dev", f"{name}a")
+        except subprocess.CalledProcessError as e:
+            raise RuntimeError(f"cannot set up the network namespace {name}: "
+                               f"{e.stderr.decode().strip()}") from None
         yield Netns(name, address)
     finally:
         _end_processes_inside(name)
