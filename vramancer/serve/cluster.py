@@ -289,8 +289,9 @@ def serve_on_cluster(args: argparse.Namespace, sock: Any, api_key: str | None, m
     config = read_config(folder / "config.json")
     text_cfg = config.get("text_config") or config
     vocab = int(text_cfg.get("vocab_size") or len(tok))
-    eos: set[int] = set()
-    for src in (text_cfg.get("eos_token_id"), getattr(tok, "eos_token_id", None)):
+    gen_cfg = read_config(folder / "generation_config.json") if (folder / "generation_config.json").is_file() else {}
+    eos: set[int] = set()   # as serve's Engine finds them: generation config, model config, tokenizer
+    for src in (gen_cfg.get("eos_token_id"), text_cfg.get("eos_token_id"), getattr(tok, "eos_token_id", None)):
         if isinstance(src, int):
             eos.add(src)
         elif isinstance(src, list):
