@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import make_llama, with_threads  # noqa: E402
+
 __all__ = ["KV_DTYPES", "kv_dtype_rows", "main"]
 
 KV_DTYPES = ("bfloat16", "fp8", "q8_0")
@@ -113,34 +115,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     args = ap.parse_args(argv)
 
-    import torch
-
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        return _run(args)
-    finally:
-        torch.set_num_threads(threads)   # an import of this script (a smoke test) leaves torch as it was
+    return with_threads(args.threads, lambda: _run(args))
 
 
 def _run(args: argparse.Namespace) -> int:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 3,
-                      num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden // 64),
-                      num_key_value_heads=max(1, args.hidden // 256), max_position_embeddings=1024,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.05)
+    model = make_llama(args.hidden, args.layers, args.vocab)
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         rows = kv_dtype_rows(tmp, new=args.new)

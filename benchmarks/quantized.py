@@ -41,6 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import make_llama  # noqa: E402
+
 __all__ = ["main", "dequant_rows", "decode_rows", "kl_rows"]
 
 DEQUANT_TYPES = ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
@@ -138,23 +140,6 @@ def dequant_rows(rows: int, cols: int, repeat: int, types: list[str]) -> list[di
              + (f"   cuda x{row['ratio_cuda']:8.1f}" if "ratio_cuda" in row else "")
              + ("" if exact else "   NOT BIT-EXACT"))
     return out
-
-
-def make_model(hidden: int, layers: int, vocab: int, inter: int | None = None, seed: int = 0):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter or hidden * 3,
-                      num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
-                      num_key_value_heads=max(1, hidden // 256), max_position_embeddings=1024,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # a wider spread than the default init: distributions worth comparing
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.05)
-    return model
 
 
 def _load(target: str, dtype: str | None, context: int):
@@ -265,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     results["dequant"] = dequant_rows(args.rows, args.cols, args.repeat, types)
 
     with tempfile.TemporaryDirectory() as tmp:
-        model = make_model(args.hidden, args.layers, args.vocab)
+        model = make_llama(args.hidden, args.layers, args.vocab)
         folder = Path(tmp) / "llama"
         model.save_pretrained(folder, safe_serialization=True)
         kl_types = [t for t in args.kl_types.split(",") if t]
