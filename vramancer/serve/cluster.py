@@ -19,7 +19,6 @@ import itertools
 import logging
 import sys
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -27,10 +26,9 @@ from typing import Any
 
 from ..errors import BadInputError
 from .counters import EngineCounters
-from .engine import EngineStats, Event, RequestRejected, Sequence
+from .engine import EngineBase, EngineStats, Event, Sequence
 from .kv import StageKV
-from .sampling import Sampler, SamplingParams, sample_rows
-from .text import IncrementalDetokenizer, StopMatcher
+from .sampling import SamplingParams, sample_rows
 
 __all__ = ["ClusterEngine", "cluster_stages", "serve_on_cluster"]
 
@@ -46,7 +44,7 @@ def cluster_stages(plan: Any) -> list[StageKV]:
             for i, st in enumerate(plan.stages)]
 
 
-class ClusterEngine:
+class ClusterEngine(EngineBase):
     """The ``Engine`` interface app.py uses (``submit``, ``cancel``, ``stats``, ``counters``,
     ``stages``, ``context_tokens``, ``tokenizer``) over a ``ClusterPipeline``: one request at a time.
 
@@ -94,26 +92,8 @@ class ClusterEngine:
             while self._queue:
                 self._finish(self._queue.popleft(), "error", error="the server is shutting down")
 
-    def check(self, prompt_tokens: int, max_tokens: int) -> None:
-        total = prompt_tokens + max_tokens
-        if prompt_tokens < 1:
-            raise RequestRejected("the prompt is empty (0 tokens)")
-        if max_tokens < 1:
-            raise RequestRejected("max_tokens must be at least 1")
-        if total > self.context_tokens:
-            raise RequestRejected(
-                f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) = {total} tokens exceeds "
-                f"the planned context of {self.context_tokens} tokens; lower max_tokens or shorten the "
-                f"prompt (the server's --context sets the limit)", code="context_length_exceeded")
-
     def submit(self, prompt_ids: list[int], params: SamplingParams, sink: Callable[[Event], None]) -> Sequence:
-        self.check(len(prompt_ids), params.max_tokens)
-        bad = [t for t in prompt_ids if not 0 <= int(t) < self.vocab_size]
-        if bad:
-            raise RequestRejected(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
-        seq = Sequence(id=str(next(self._ids)), prompt_ids=[int(t) for t in prompt_ids], params=params, sink=sink,
-                       arrival_s=time.perf_counter(), detok=IncrementalDetokenizer(self.tokenizer),
-                       stopper=StopMatcher(tuple(params.stop)), sampler=Sampler(params))
+        seq = self.new_sequence(prompt_ids, params, sink)
         with self._cv:
             if self._stopping:
                 raise RuntimeError("the engine is stopped")
@@ -137,25 +117,6 @@ class ClusterEngine:
 
     def stats(self) -> EngineStats:
         return self._stats
-
-    def generate(self, prompt_ids: list[int], params: SamplingParams, timeout_s: float = 600.0) -> Event:
-        """Blocking helper: one request to the end; the finish Event with the whole text."""
-        done = threading.Event()
-        parts: list[str] = []
-        final: list[Event] = []
-
-        def sink(ev: Event) -> None:
-            parts.append(ev.text)
-            if ev.kind == "finish":
-                final.append(ev)
-                done.set()
-
-        seq = self.submit(prompt_ids, params, sink)
-        if not done.wait(timeout_s):
-            self.cancel(seq)
-            raise TimeoutError(f"request did not finish in {timeout_s} s")
-        ev = final[0]
-        return Event("finish", "".join(parts), ev.finish_reason, ev.prompt_tokens, ev.completion_tokens, ev.error)
 
     # ---- the request thread ---------------------------------------------------------------------
     def _run(self) -> None:
@@ -205,44 +166,6 @@ class ClusterEngine:
             logits = self.pipe.forward([token], pos)
             pos += 1
             self._current_tokens = pos
-
-    def _emit(self, seq: Sequence, token: int) -> bool:
-        """As Engine._emit: record the token, send its text; True when the sequence is over."""
-        now = time.perf_counter()
-        first = not seq.output_ids
-        self.counters.token(now - (seq.arrival_s if first else seq.last_token_s), first)
-        seq.last_token_s = now
-        seq.output_ids.append(token)
-        if token in self._eos_ids and not seq.params.ignore_eos:
-            self._finish(seq, "stop")
-            return True
-        text = seq.stopper.push(seq.detok.add(token))
-        if seq.stopper.stopped:
-            self._finish(seq, "stop", text)
-            return True
-        if len(seq.output_ids) >= seq.params.max_tokens:
-            self._finish(seq, "length", text)
-            return True
-        if text:
-            self._send(seq, Event("token", text))
-        return False
-
-    @staticmethod
-    def _send(seq: Sequence, event: Event) -> None:
-        try:
-            seq.sink(event)
-        except Exception:  # noqa: BLE001 - a broken sink (a closed event loop) must not stop the engine
-            log.exception("request sink failed")
-
-    def _finish(self, seq: Sequence, reason: str, text: str = "", error: str = "") -> None:
-        if seq.state == "done":
-            return
-        if reason in ("stop", "length"):
-            text += seq.stopper.push(seq.detok.flush()) + seq.stopper.flush()
-        seq.state = "done"
-        self._finished += 1
-        self.counters.finished(len(seq.prompt_ids), len(seq.output_ids))
-        self._send(seq, Event("finish", text, reason, len(seq.prompt_ids), len(seq.output_ids), error))  # type: ignore[arg-type]
 
     def _publish(self) -> None:
         cur = self._current

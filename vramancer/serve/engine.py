@@ -51,7 +51,7 @@ from .text import IncrementalDetokenizer, StopMatcher
 if TYPE_CHECKING:  # pragma: no cover
     from ..plan.plan import Plan
 
-__all__ = ["Event", "RequestRejected", "Sequence", "EngineStats", "Engine", "stages_from_plan"]
+__all__ = ["Event", "RequestRejected", "Sequence", "EngineStats", "EngineBase", "Engine", "stages_from_plan"]
 
 log = logging.getLogger("vramancer.serve")
 
@@ -173,7 +173,121 @@ class _Lane:
         self.seqs = [self.seqs[i] for i in rows]
 
 
-class Engine:
+class EngineBase:
+    """What every engine does around its scheduler (``Engine`` here, ``serve.cluster.ClusterEngine``
+    over a cluster): a request checked against the planned context and the vocabulary, made a
+    ``Sequence``; each generated token recorded, detokenized, matched against stop strings and
+    sent; the finish event; a blocking ``generate``. A subclass sets ``context_tokens``,
+    ``vocab_size``, ``tokenizer``, ``counters``, ``_eos_ids``, ``_ids`` (a counter), ``_finished``
+    and provides ``submit`` and ``cancel``."""
+
+    context_tokens: int
+    vocab_size: int
+    tokenizer: Any
+    counters: EngineCounters
+    _eos_ids: frozenset[int]
+    _finished: int
+
+    def check_context(self, prompt_tokens: int, max_tokens: int) -> int:
+        """Prompt + new tokens (RequestRejected when empty, or beyond the planned context)."""
+        total = prompt_tokens + max_tokens
+        if prompt_tokens < 1:
+            raise RequestRejected("the prompt is empty (0 tokens)")
+        if max_tokens < 1:
+            raise RequestRejected("max_tokens must be at least 1")
+        if total > self.context_tokens:
+            raise RequestRejected(
+                f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) = {total} tokens exceeds "
+                f"the planned context of {self.context_tokens} tokens; lower max_tokens or shorten the "
+                f"prompt (the server's --context sets the limit)", code="context_length_exceeded")
+        return total
+
+    def check(self, prompt_tokens: int, max_tokens: int) -> None:
+        """Raise RequestRejected when such a request could never run here."""
+        self.check_context(prompt_tokens, max_tokens)
+
+    def new_sequence(self, prompt_ids: list[int], params: SamplingParams,
+                     sink: Callable[[Event], None]) -> Sequence:
+        """A checked request as a Sequence (not queued yet)."""
+        self.check(len(prompt_ids), params.max_tokens)
+        bad = [t for t in prompt_ids if not 0 <= int(t) < self.vocab_size]
+        if bad:
+            raise RequestRejected(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+        return Sequence(
+            id=str(next(self._ids)), prompt_ids=[int(t) for t in prompt_ids], params=params, sink=sink,
+            arrival_s=time.perf_counter(), detok=IncrementalDetokenizer(self.tokenizer),
+            stopper=StopMatcher(tuple(params.stop)), sampler=Sampler(params))
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams,
+               sink: Callable[[Event], None]) -> Sequence:  # pragma: no cover - every engine has its own
+        raise NotImplementedError
+
+    def cancel(self, seq: Sequence) -> None:  # pragma: no cover - every engine has its own
+        raise NotImplementedError
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams, timeout_s: float = 600.0) -> Event:
+        """Blocking helper: run one request to the end; returns the finish Event with the
+        whole text in ``text``."""
+        done = threading.Event()
+        parts: list[str] = []
+        final: list[Event] = []
+
+        def sink(ev: Event) -> None:
+            parts.append(ev.text)
+            if ev.kind == "finish":
+                final.append(ev)
+                done.set()
+
+        seq = self.submit(prompt_ids, params, sink)
+        if not done.wait(timeout_s):
+            self.cancel(seq)
+            raise TimeoutError(f"request did not finish in {timeout_s} s")
+        ev = final[0]
+        return Event("finish", "".join(parts), ev.finish_reason, ev.prompt_tokens,
+                     ev.completion_tokens, ev.error)
+
+    def _emit(self, seq: Sequence, token: int) -> bool:
+        """Record a generated token, send its text; True when the sequence is finished."""
+        now = time.perf_counter()
+        first = not seq.output_ids
+        self.counters.token(now - (seq.arrival_s if first else seq.last_token_s), first)
+        seq.last_token_s = now
+        seq.output_ids.append(token)
+        if token in self._eos_ids and not seq.params.ignore_eos:
+            self._finish(seq, "stop")
+            return True
+        text = seq.stopper.push(seq.detok.add(token))
+        if seq.stopper.stopped:
+            self._finish(seq, "stop", text)
+            return True
+        if len(seq.output_ids) >= seq.params.max_tokens:
+            self._finish(seq, "length", text)
+            return True
+        if text:
+            self._send(seq, Event("token", text))
+        return False
+
+    @staticmethod
+    def _send(seq: Sequence, event: Event) -> None:
+        try:
+            seq.sink(event)
+        except Exception:  # a broken sink (a closed event loop) must not stop the scheduler
+            log.exception("request sink failed")
+
+    def _finish(self, seq: Sequence, reason: FinishReason, text: str = "", error: str = "") -> None:
+        if seq.state == "done":
+            return
+        if reason in ("stop", "length"):
+            text += seq.stopper.push(seq.detok.flush()) + seq.stopper.flush()
+        seq.state = "done"
+        seq.cache = None
+        self._finished += 1
+        self.counters.finished(len(seq.prompt_ids), len(seq.output_ids))
+        self._send(seq, Event("finish", text, reason, len(seq.prompt_ids), len(seq.output_ids), error))
+
+
+
+class Engine(EngineBase):
     """Continuous batching over one model. Thread-safe API: ``submit``, ``cancel``, ``stats``;
     everything else runs on the scheduler thread started by ``start()``.
 
@@ -304,16 +418,7 @@ class Engine:
 
     def check(self, prompt_tokens: int, max_tokens: int) -> None:
         """Raise RequestRejected when such a request could never run here."""
-        total = prompt_tokens + max_tokens
-        if prompt_tokens < 1:
-            raise RequestRejected("the prompt is empty (0 tokens)")
-        if max_tokens < 1:
-            raise RequestRejected("max_tokens must be at least 1")
-        if total > self.context_tokens:
-            raise RequestRejected(
-                f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) = {total} tokens exceeds "
-                f"the planned context of {self.context_tokens} tokens; lower max_tokens or shorten the "
-                f"prompt (the server's --context sets the limit)", code="context_length_exceeded")
+        total = self.check_context(prompt_tokens, max_tokens)
         for st in self.stages:
             need = st.needed_bytes(1, total)
             if need > st.budget_bytes:
@@ -324,14 +429,7 @@ class Engine:
     def submit(self, prompt_ids: list[int], params: SamplingParams,
                sink: Callable[[Event], None]) -> Sequence:
         """Queue a request; ``sink`` gets its events on the engine thread (keep it quick)."""
-        self.check(len(prompt_ids), params.max_tokens)
-        bad = [t for t in prompt_ids if not 0 <= int(t) < self.vocab_size]
-        if bad:
-            raise RequestRejected(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
-        seq = Sequence(
-            id=str(next(self._ids)), prompt_ids=[int(t) for t in prompt_ids], params=params, sink=sink,
-            arrival_s=time.perf_counter(), detok=IncrementalDetokenizer(self.tokenizer),
-            stopper=StopMatcher(tuple(params.stop)), sampler=Sampler(params))
+        seq = self.new_sequence(prompt_ids, params, sink)
         with self._cv:
             if self._stopping:
                 raise RuntimeError("the engine is stopped")
@@ -358,27 +456,6 @@ class Engine:
             if not self._cv.wait_for(idle, timeout_s):
                 raise TimeoutError(f"the engine was still busy after {timeout_s} s")
         return self._stats
-
-    def generate(self, prompt_ids: list[int], params: SamplingParams, timeout_s: float = 600.0) -> Event:
-        """Blocking helper: run one request to the end; returns the finish Event with the
-        whole text in ``text``."""
-        done = threading.Event()
-        parts: list[str] = []
-        final: list[Event] = []
-
-        def sink(ev: Event) -> None:
-            parts.append(ev.text)
-            if ev.kind == "finish":
-                final.append(ev)
-                done.set()
-
-        seq = self.submit(prompt_ids, params, sink)
-        if not done.wait(timeout_s):
-            self.cancel(seq)
-            raise TimeoutError(f"request did not finish in {timeout_s} s")
-        ev = final[0]
-        return Event("finish", "".join(parts), ev.finish_reason, ev.prompt_tokens,
-                     ev.completion_tokens, ev.error)
 
     # ---- admission -------------------------------------------------------------------
     def fits(self, seqs: list[Sequence]) -> bool:
@@ -532,45 +609,6 @@ class Engine:
                     keep.append(i)
             if len(keep) < len(lane.seqs):
                 lane.keep(keep)
-
-    def _emit(self, seq: Sequence, token: int) -> bool:
-        """Record a generated token, send its text; True when the sequence is finished."""
-        now = time.perf_counter()
-        first = not seq.output_ids
-        self.counters.token(now - (seq.arrival_s if first else seq.last_token_s), first)
-        seq.last_token_s = now
-        seq.output_ids.append(token)
-        if token in self._eos_ids and not seq.params.ignore_eos:
-            self._finish(seq, "stop")
-            return True
-        text = seq.stopper.push(seq.detok.add(token))
-        if seq.stopper.stopped:
-            self._finish(seq, "stop", text)
-            return True
-        if len(seq.output_ids) >= seq.params.max_tokens:
-            self._finish(seq, "length", text)
-            return True
-        if text:
-            self._send(seq, Event("token", text))
-        return False
-
-    @staticmethod
-    def _send(seq: Sequence, event: Event) -> None:
-        try:
-            seq.sink(event)
-        except Exception:  # a broken sink (a closed event loop) must not stop the scheduler
-            log.exception("request sink failed")
-
-    def _finish(self, seq: Sequence, reason: FinishReason, text: str = "", error: str = "") -> None:
-        if seq.state == "done":
-            return
-        if reason in ("stop", "length"):
-            text += seq.stopper.push(seq.detok.flush()) + seq.stopper.flush()
-        seq.state = "done"
-        seq.cache = None
-        self._finished += 1
-        self.counters.finished(len(seq.prompt_ids), len(seq.output_ids))
-        self._send(seq, Event("finish", text, reason, len(seq.prompt_ids), len(seq.output_ids), error))
 
     def _fail_all(self, message: str) -> None:
         for s in list(self._queue) + self._prefilling + self._running:
