@@ -3,10 +3,14 @@ init (next-token distributions worth comparing between formats), and running wit
 count that is given back afterwards (a smoke test imports the script into a test process)."""
 from __future__ import annotations
 
+import argparse
+import json
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["make_llama", "with_threads"]
+__all__ = ["make_llama", "with_threads", "saved_llama_main"]
 
 T = TypeVar("T")
 
@@ -41,3 +45,32 @@ def with_threads(threads: int | None, fn: Callable[[], T]) -> T:
         return fn()
     finally:
         torch.set_num_threads(before)
+
+
+def saved_llama_main(argv: list[str] | None, description: str, rows: Callable[..., list[dict]], key: str,
+                     new_default: int) -> int:
+    """The command line of a benchmark that measures ``rows(folder, new=N)`` on a ``make_llama``
+    model saved with ``save_pretrained``: --hidden --layers --vocab --new --threads --json."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--hidden", type=int, default=512, help="hidden size (heads of 64 values)")
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=8000)
+    ap.add_argument("--new", type=int, default=new_default, help="greedy tokens timed")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--json", default=None, help="also write the figures to this file")
+    args = ap.parse_args(argv)
+
+    def run() -> int:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+        model = make_llama(args.hidden, args.layers, args.vocab)
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            out = rows(tmp, new=args.new)
+        if args.json:
+            Path(args.json).write_text(json.dumps({key: out}, indent=2))
+        return 0
+
+    return with_threads(args.threads, run)

@@ -16,10 +16,7 @@ A benchmark, not a test: it always exits 0.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import make_llama, with_threads  # noqa: E402
+from benchmarks.common import saved_llama_main  # noqa: E402
 
 __all__ = ["KV_DTYPES", "kv_dtype_rows", "main"]
 
@@ -106,30 +103,7 @@ def kv_dtype_rows(folder: str | Path, new: int = 16, kv_dtypes: tuple[str, ...] 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--hidden", type=int, default=512, help="hidden size (heads of 64 values)")
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--vocab", type=int, default=8000)
-    ap.add_argument("--new", type=int, default=32, help="greedy tokens")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--json", default=None, help="also write the figures to this file")
-    args = ap.parse_args(argv)
-
-    return with_threads(args.threads, lambda: _run(args))
-
-
-def _run(args: argparse.Namespace) -> int:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    model = make_llama(args.hidden, args.layers, args.vocab)
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        rows = kv_dtype_rows(tmp, new=args.new)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"kv": rows}, indent=2))
-    return 0
+    return saved_llama_main(argv, __doc__.splitlines()[0], kv_dtype_rows, "kv", new_default=32)
 
 
 if __name__ == "__main__":

@@ -14,11 +14,8 @@ A benchmark, not a test: it always exits 0.
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
-import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import make_llama, with_threads  # noqa: E402
+from benchmarks.common import saved_llama_main  # noqa: E402
 
 __all__ = ["VARIANTS", "onload_rows", "main"]
 
@@ -92,30 +89,7 @@ def onload_rows(folder: str | Path, new: int = 16, seq_len: int = 32, devices: s
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--hidden", type=int, default=512, help="hidden size (a multiple of 64)")
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--vocab", type=int, default=8000)
-    ap.add_argument("--new", type=int, default=16, help="greedy tokens timed")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--json", default=None, help="also write the figures to this file")
-    args = ap.parse_args(argv)
-
-    return with_threads(args.threads, lambda: _run(args))
-
-
-def _run(args: argparse.Namespace) -> int:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    model = make_llama(args.hidden, args.layers, args.vocab)
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        rows = onload_rows(tmp, new=args.new)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"onload": rows}, indent=2))
-    return 0
+    return saved_llama_main(argv, __doc__.splitlines()[0], onload_rows, "onload", new_default=16)
 
 
 if __name__ == "__main__":

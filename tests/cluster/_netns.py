@@ -95,15 +95,6 @@ def _end_processes_inside(name: str, timeout_s: float = 10.0) -> None:
             procs.append(psutil.Process(int(pid)))
         except (ValueError, psutil.Error):
             continue
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=timeout_s)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=5)
+    from vramancer.cluster.control import end_processes
+
+    end_processes(procs, timeout_s)

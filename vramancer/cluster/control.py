@@ -27,7 +27,7 @@ from pathlib import Path
 from ..errors import BadInputError, VramancerError
 
 __all__ = ["ClusterError", "ClusterState", "cluster_dir", "default_token_file", "new_token", "write_token",
-           "read_token", "start_head", "join_cluster", "stop_started", "connect", "ray_available",
+           "end_processes", "read_token", "start_head", "join_cluster", "stop_started", "connect", "ray_available",
            "auth_env", "use_token", "check_host", "check_address", "local_address_towards", "DEFAULT_PORT"]
 
 DEFAULT_PORT = 6379
@@ -230,11 +230,11 @@ def _processes_of(temp_dir: str) -> list:
     return out
 
 
-def stop_temp_dir(temp_dir: str, timeout_s: float = 15.0) -> int:
-    """End every process whose command line names ``temp_dir`` (SIGTERM, then SIGKILL); how many."""
+def end_processes(procs: list, timeout_s: float = 15.0) -> None:
+    """End ``procs`` (psutil.Process objects): SIGTERM, then SIGKILL for those still alive after
+    ``timeout_s``; a process already gone is skipped."""
     import psutil
 
-    procs = _processes_of(temp_dir)
     for p in procs:
         try:
             p.terminate()
@@ -247,6 +247,12 @@ def stop_temp_dir(temp_dir: str, timeout_s: float = 15.0) -> int:
         except psutil.Error:
             pass
     psutil.wait_procs(alive, timeout=5)
+
+
+def stop_temp_dir(temp_dir: str, timeout_s: float = 15.0) -> int:
+    """End every process whose command line names ``temp_dir`` (SIGTERM, then SIGKILL); how many."""
+    procs = _processes_of(temp_dir)
+    end_processes(procs, timeout_s)
     shutil.rmtree(temp_dir, ignore_errors=True)
     return len(procs)
 
