@@ -8,6 +8,8 @@ Prefer CLI flags; these exist for secrets and for paths shared by many commands.
     HF_ENDPOINT          the Hub `pull` / `plan HF_ID` talk to (default: https://huggingface.co)
     VRAMANCER_CONFIG     the config file (default: $XDG_CONFIG_HOME/vramancer/config.toml or ~/.config/...)
     VRAMANCER_NODE_DEVICES  the devices a cluster node offers (`cluster start|join --devices`; default: auto)
+    VRAMANCER_GGUF_NUMBA  0/false/no/off: GGUF dequantization on the CPU uses torch ops, not the numba
+                         kernels (default: on where numba is installed)
 """
 from __future__ import annotations
 
@@ -52,6 +54,7 @@ ENV: dict[str, tuple[Callable[[], object], Callable[[str], object]]] = {
     "HF_ENDPOINT": (lambda: "https://huggingface.co", lambda v: v.rstrip("/")),
     "VRAMANCER_CONFIG": (_default_config, str),
     "VRAMANCER_NODE_DEVICES": (lambda: "auto", str),
+    "VRAMANCER_GGUF_NUMBA": (lambda: True, lambda v: v.strip().lower() not in ("0", "false", "no", "off")),
 }
 
 

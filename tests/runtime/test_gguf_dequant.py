@@ -221,3 +221,16 @@ def test_cuda_equals_reference(name):
     ours = dequantize(torch.from_numpy(raw.copy()).cuda(), name)
     assert ours.device.type == "cuda"
     _bits_equal(ours.cpu(), ref_dequantize(raw, QT[name]))
+
+
+def test_env_var_turns_the_numba_kernels_off(monkeypatch):
+    """VRAMANCER_GGUF_NUMBA (registered in vramancer/envs.py) = 0 / off: the torch path on the CPU."""
+    pytest.importorskip("numba")
+    from vramancer import envs
+    from vramancer.runtime.gguf import dequant
+
+    assert "VRAMANCER_GGUF_NUMBA" in envs.ENV
+    for value, on in (("0", False), ("off", False), ("1", True), ("", True)):
+        monkeypatch.setenv("VRAMANCER_GGUF_NUMBA", value)
+        monkeypatch.setattr(dequant, "_KERNELS", None)
+        assert (dequant._cpu_kernels() is not None) is on, value

@@ -338,10 +338,10 @@ def _cpu_kernels():  # -> the cpu_kernels module, or None without numba
     numba is not installed (or VRAMANCER_GGUF_NUMBA=0): the torch path then runs on the CPU too."""
     global _KERNELS
     if _KERNELS is None:
-        import os
+        from ... import envs
 
         _KERNELS = _NO_KERNELS
-        if os.environ.get("VRAMANCER_GGUF_NUMBA", "1") != "0":
+        if envs.get("VRAMANCER_GGUF_NUMBA"):
             try:
                 from . import cpu_kernels
             except ImportError:
