@@ -19,6 +19,16 @@ def test_public_api_is_pinned():
         assert hasattr(vramancer, name), name
 
 
+def test_plan_takes_the_kv_dtype_as_the_cli_does():
+    """``vramancer.plan(..., kv_dtype=)`` sizes the KV cache as ``plan --kv-dtype`` does (catalog model,
+    nothing loaded): bf16 holds half of float32's KV bytes per stage."""
+    kw = dict(devices="rtx3090,rtx3060", context=8192, dtype="float32")
+    f32 = vramancer.plan("llama-3.1-8b", **kw)
+    bf16 = vramancer.plan("llama-3.1-8b", kv_dtype="bf16", **kw)
+    assert bf16.workload.kv_dtype == "bfloat16"
+    assert sum(s.kv_cache_bytes for s in bf16.stages) * 2 == sum(s.kv_cache_bytes for s in f32.stages)
+
+
 def test_error_exit_codes():
     assert vramancer.BadInputError("x").exit_code == 2
     assert vramancer.UnknownModelError("x").exit_code == 2

@@ -77,14 +77,17 @@ def profile(model: Any, dtype: str | None = None) -> ModelProfile:
 
 def plan(model: Any, devices: Any = "auto", context: int | None = None, batch: int = 1,
          dtype: str | None = None, objective: str = "latency", split: list[float] | None = None,
-         reserve_bytes: int | str | None = None, prefill_chunk: int = 512) -> Plan:
+         reserve_bytes: int | str | None = None, prefill_chunk: int = 512, kv_dtype: str | None = None,
+         backing: str = "cpu") -> Plan:
     """Plan the split of ``model`` over ``devices`` (a pure function: nothing is loaded). ``context``
-    None: 4096 tokens, or the model's trained maximum when that is smaller."""
+    None: 4096 tokens, or the model's trained maximum when that is smaller. ``kv_dtype``: how the KV
+    cache is stored (``--kv-dtype``: q8_0, fp8, bf16, f16, f32; None: the compute dtype).
+    ``backing``: the host device the disk tier streams through (``--backing``)."""
     from .plan.planner import plan as _plan
 
     return _plan(model, devices=devices, context=context, batch=batch, dtype=dtype,
                  objective=objective, split=split, reserve_bytes=reserve_bytes,
-                 prefill_chunk=prefill_chunk)
+                 prefill_chunk=prefill_chunk, kv_dtype=kv_dtype, backing=backing)
 
 
 def load(model: Any, devices: Any = "auto", plan: Plan | None = None, **plan_kwargs: Any) -> Any:
