@@ -66,6 +66,8 @@ def test_install_refuses_what_is_not_comfyui(tmp_path, make):
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("vramancer: error: ")
     assert "Traceback" not in done.stderr
+    if make in ("missing", "file"):
+        assert ("not a folder" if make == "file" else "no such folder") in done.stderr
     if target.is_dir():
         assert not (target / "custom_nodes" / "vramancer").exists()
 

@@ -44,7 +44,8 @@ def _check_comfyui(root: Path) -> None:
     """A ComfyUI source tree (main.py, comfy/, custom_nodes/) or a ComfyUI base directory (what
     ``--base-directory`` / ComfyUI Desktop use: models/ and custom_nodes/)."""
     if not root.is_dir():
-        raise BadInputError(f"{root}: no such folder (expected a ComfyUI folder)")
+        what = "not a folder" if root.exists() else "no such folder"
+        raise BadInputError(f"{root}: {what} (expected a ComfyUI folder)")
     tree = (root / "main.py").is_file() and (root / "comfy").is_dir()
     base = (root / "models").is_dir()
     if not (root / "custom_nodes").is_dir() or not (tree or base):
