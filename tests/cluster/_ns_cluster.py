@@ -1,8 +1,9 @@
 """The cluster tests' driver, run inside the tests' network namespace (``ip netns exec NS python -m
 tests.cluster._ns_cluster ROOT MODEL``): a Ray cluster of three nodes (``ray.cluster_utils``, token
 auth), each with its own Link identity (its own config folder under ROOT) and device spec; then
-discovery, greedy over 2 nodes (stages over the cloud bridge) and 3 nodes (local copies), and a
-node key revoked on the driver. One JSON object on the last line of stdout; no pickle crosses a
+discovery, greedy over 2 nodes (stages over the cloud bridge) and 3 nodes (local copies), 3 stages
+over 2 nodes (two stages on one node: shared memory between them), and a node key revoked on the
+driver. One JSON object on the last line of stdout; no pickle crosses a
 process boundary. The tests compare it with the same split run in their own process."""
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import secrets
 import sys
 from pathlib import Path
 
-__all__ = ["PROMPT", "NEW_TOKENS", "NODE_DEVICES", "TWO_NODE_DEVICES", "main"]
+__all__ = ["PROMPT", "NEW_TOKENS", "NODE_DEVICES", "TWO_NODE_DEVICES", "SHARED_NODE_DEVICES", "main"]
 
 PROMPT = [1, 5, 9, 17, 33, 4, 60]
 NEW_TOKENS = 12
@@ -20,6 +21,8 @@ NEW_TOKENS = 12
 # with one layer's activations) needs all three; two of 300 KiB hold it, one does not
 NODE_DEVICES = ["gpu1:200KiB@100GBps@1TFLOPS", "gpu2:200KiB@100GBps@1TFLOPS", "gpu3:200KiB@100GBps@1TFLOPS"]
 TWO_NODE_DEVICES = ["gpu1:300KiB@100GBps@1TFLOPS", "gpu2:300KiB@100GBps@1TFLOPS"]
+# the three 200 KiB devices over two nodes: three stages, two of them on node1
+SHARED_NODE_DEVICES = ["gpu1:200KiB@100GBps@1TFLOPS,gpu2:200KiB@100GBps@1TFLOPS", "gpu3:200KiB@100GBps@1TFLOPS"]
 
 
 def _start(root: Path):
@@ -70,6 +73,26 @@ def _greedy(view, folder: Path, cache: Path, n_nodes: int) -> dict:
     return {"plan": plan.to_json(indent=None), "tokens": got, "stages": [s.__dict__ for s in stats.stages]}
 
 
+def _shared_node(view, folder: Path) -> dict:
+    """Three stages over two nodes, two on node1: the hop between those is shm, the others as planned."""
+    from dataclasses import replace
+
+    from vramancer.cluster.nodes import ClusterView
+    from vramancer.cluster.pipeline import ClusterPipeline
+    from vramancer.cluster.planning import plan_cluster
+    from vramancer.devices.spec import parse_devices
+
+    nodes = [replace(n, devices=parse_devices(spec)) for n, spec in zip(view.nodes, SHARED_NODE_DEVICES)]
+    sub = ClusterView(view.address, nodes, view.links)
+    plan = plan_cluster(str(folder), sub, context=64, reserve_bytes=0, driver="node1")
+    with ClusterPipeline(plan, sub, folder) as pipe:
+        got = pipe.generate(PROMPT, NEW_TOKENS)
+        stats = pipe.stats()
+        transports = list(pipe.transports)
+    return {"plan": plan.to_json(indent=None), "tokens": got, "stages": [s.__dict__ for s in stats.stages],
+            "transports": transports}
+
+
 def _revoked(view, folder: Path) -> dict:
     """The driver revoked node1's key: its connection to the first stage is refused; which actors live after."""
     from dataclasses import replace
@@ -115,6 +138,7 @@ def main(argv: list[str]) -> int:
         out = {"address": cluster.address, "ray_node_ip": ray.util.get_node_ip_address(),
                "view": view.to_dict(),
                "greedy": {str(n): _greedy(view, folder, root / "cache", n) for n in (2, 3)},
+               "shared_node": _shared_node(view, folder),
                "revoked": _revoked(view, folder)}
     finally:
         ray.shutdown()

@@ -105,6 +105,35 @@ def test_greedy_over_nodes_equals_one_process(run, tiny_folder, n_nodes):
         assert all(s["loaded_from"] == f"local copy {tiny_folder}" for s in stages)
 
 
+def test_two_stages_on_one_node_talk_over_shared_memory(run, tiny_folder):
+    """Three stages over two nodes, two of them on one node: the plan prices and records shm for that
+    hop (and for the driver's hop on its own node), TLS for the hops between nodes; the workers use
+    exactly those transports, every hidden state crosses them, and greedy output equals one process."""
+    from vramancer.cluster.nodes import node_of
+    from vramancer.plan.plan import Plan
+
+    res = run[0]["shared_node"]
+    plan = Plan.from_json(res["plan"])
+    nodes = [node_of(s.device) for s in plan.stages]
+    assert len(nodes) == 3 and sorted(nodes) == ["node1", "node1", "node2"]
+    ends = ["node1"] + nodes + ["node1"]                  # the driver runs on node1
+    want = ["shm" if a == b else "tls" for a, b in zip(ends, ends[1:])]
+    assert [h.transport for h in plan.hops] == want
+    assert [(h.src_node, h.dst_node) for h in plan.hops] == list(zip(ends, ends[1:]))
+    assert [h.src for h in plan.hops] == ["driver", "stage 0", "stage 1", "stage 2"]
+    between_stages = want[1:-1]
+    assert sorted(between_stages) == ["shm", "tls"]     # one hop inside node1, one across
+    assert res["transports"] == want
+    stages = res["stages"]
+    assert [s["transport_in"] for s in stages] == want[:-1]
+    assert [s["transport_out"] for s in stages] == want[1:]
+    # each stage received what the previous one sent, over whichever transport
+    assert [s["bytes_received"] for s in stages[1:]] == [s["bytes_sent"] for s in stages[:-1]]
+    assert all(s["bytes_sent"] > 0 for s in stages)
+    assert [s["forwards"] for s in stages] == [NEW_TOKENS] * 3
+    assert res["tokens"] == single_process_tokens(tiny_folder, plan)
+
+
 def test_a_node_key_revoked_on_the_driver_is_refused(run):
     """The driver revoked node1's key: its connection to the first stage is refused (TLS, pinned), in
     one error naming the key, and the stage actors it started are gone."""

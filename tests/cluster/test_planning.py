@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from vramancer.cluster.nodes import ClusterView, LinkMeasure, NodeInfo, node_of
-from vramancer.cluster.planning import cluster_devices, network_hop_seconds, plan_cluster
+from vramancer.cluster.planning import (
+    SHM_BANDWIDTH_BYTES_PER_S,
+    SHM_LATENCY_S,
+    cluster_devices,
+    hop_transport,
+    network_hop_seconds,
+    plan_cluster,
+)
 from vramancer.devices.spec import parse_devices
 
 
@@ -46,7 +53,8 @@ def test_each_node_is_entered_once_and_the_network_costs_show():
     assert plan.fits
     note = [n for n in plan.notes if n.startswith("cluster:")]
     assert note == [f"cluster: driver(node1) -> node2 -> node1 -> driver(node1); the network is crossed 2 times "
-                    f"per token, {note[0].split(', ')[1].split(' ms')[0]} ms of each decode step (measured links)"]
+                    f"per token, {note[0].split(', ')[1].split(' ms')[0]} ms of each decode step on its hops "
+                    f"(measured links; shm: a local figure)"]
     # the same cluster on a 100x slower network predicts fewer tokens/s
     slow = plan_cluster("llama-3.1-8b", _view({"node1": "rtx3060,rtx3060", "node2": "rtx3060,rtx3060"},
                                               rtt_s=0.1, bw=1.17e6), context=4096, driver="node1")
@@ -65,3 +73,45 @@ def test_nothing_fits_is_exit_3():
     with pytest.raises(DoesNotFitError) as e:
         plan_cluster("llama-3.1-70b", _view({"node1": "rtx3060", "node2": "rtx3060"}), context=4096)
     assert e.value.exit_code == 3
+
+
+def test_each_hop_gets_its_transport_priced_and_recorded():
+    """Two stages on one node: shm between them (a local figure), TLS across nodes (the measured link);
+    the driver's hop on its own node is shm too. The hops survive the plan's JSON; a plan without
+    them (one machine, or an older cluster plan) reads back with none."""
+    from vramancer.errors import BadInputError
+    from vramancer.plan.plan import Plan
+
+    view = _view({"node1": "rtx3060,rtx3060", "node2": "rtx3060,rtx3060"}, rtt_s=1e-3, bw=117e6)
+    plan = plan_cluster("llama-3.1-8b", view, context=4096, driver="node1")
+    nodes = [node_of(s.device) for s in plan.stages]
+    assert nodes == ["node2", "node2", "node1"]
+    ends = ["node1", *nodes, "node1"]
+    assert [(h.src, h.dst) for h in plan.hops] == [("driver", "stage 0"), ("stage 0", "stage 1"),
+                                                  ("stage 1", "stage 2"), ("stage 2", "driver")]
+    assert [(h.src_node, h.dst_node) for h in plan.hops] == list(zip(ends, ends[1:]))
+    assert [h.transport for h in plan.hops] == ["tls", "shm", "tls", "shm"]
+    hidden = 16 + 4096 * 2                      # the control pair + one bf16 hidden state
+    logits = 16 + 128256 * 4
+    assert [h.bytes_per_token for h in plan.hops] == [16 + 8, hidden, hidden, logits]
+    secs = [1e-3 / 2 + 24 / 117e6, SHM_LATENCY_S + hidden / SHM_BANDWIDTH_BYTES_PER_S,
+            1e-3 / 2 + hidden / 117e6, SHM_LATENCY_S + logits / SHM_BANDWIDTH_BYTES_PER_S]
+    assert [h.decode_seconds for h in plan.hops] == pytest.approx(secs, rel=1e-6)
+    assert "TLS pinned to node2's key" in plan.hops[0].reason and "shared memory" in plan.hops[1].reason
+    assert any(n.startswith("cluster hops: driver -> stage 0 tls 0.500 ms, stage 0 -> stage 1 shm")
+               for n in plan.notes)
+    again = Plan.from_json(plan.to_json())
+    assert again.hops == plan.hops
+    d = plan.to_dict()
+    del d["hops"]
+    assert Plan.from_dict(d).hops == []
+    d["hops"] = [dict(plan.hops[0].to_dict(), transport="udp")]
+    with pytest.raises(BadInputError, match="transport"):
+        Plan.from_dict(d)
+
+
+def test_hop_transport_rule():
+    assert hop_transport("node1", "node1")[0] == "shm"
+    assert hop_transport("node1", "node2")[0] == "tls"
+    assert hop_transport("", "node2")[0] == "tls"      # an unknown end never gets shm
+    assert hop_transport("", "")[0] == "tls"

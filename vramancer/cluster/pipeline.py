@@ -15,13 +15,18 @@ there, else receives exactly its tensors from the driver over the cloud bridge (
 chunked, sha256-verified, cached under the node's cache folder, resumable), then listens on the
 node's address and dials the next stage (the last one dials the driver).
 
-Every hop is a Link TLS connection: mutual TLS 1.3 pinned to the one fingerprint expected at that
-end (each node's identity key as its agent reported it over the token-authenticated control
-plane; a key the node revoked is refused). Per token the driver sends ``[ctrl, token ids]`` to the
-first stage; each stage runs its blocks and sends ``[ctrl, hidden states]`` on; the last stage
-sends ``[ctrl, logits of the last position]`` back, and the driver picks the token (greedy). ``ctrl``
-is an int64 vector (op, start): op 1 runs a forward whose inputs start at token ``start`` of the
-sequence (0: a new sequence, caches reset).
+Each hop gets the transport the plan's rule picks from where its ends live (``planning.hop_transport``;
+``Plan.hops`` records it): two processes on one node talk over shared memory (link/shm.py: the
+listening end binds a Unix socket in a fresh 0700 folder, whose path reaches the dialer as JSON over
+Ray; each side creates its own segment for the frames it sends and the other maps it); two nodes
+over Link TLS: mutual TLS 1.3 pinned to the one fingerprint expected at that end (each node's
+identity key as its agent reported it over the token-authenticated control plane; a key the node
+revoked is refused). The driver's own node is the Ray node its process runs on.
+
+Per token the driver sends ``[ctrl, token ids]`` to the first stage; each stage runs its blocks and
+sends ``[ctrl, hidden states]`` on; the last stage sends ``[ctrl, logits of the last position]``
+back, and the driver picks the token (greedy). ``ctrl`` is an int64 vector (op, start): op 1 runs a
+forward whose inputs start at token ``start`` of the sequence (0: a new sequence, caches reset).
 """
 from __future__ import annotations
 
@@ -36,12 +41,72 @@ from typing import Any
 from ..errors import BadInputError, VramancerError
 from .nodes import ClusterView, cluster_trust, node_of, pinned
 
-__all__ = ["StageWorker", "ClusterPipeline", "StageTiming", "PipelineStats", "OP_FORWARD"]
+__all__ = ["StageWorker", "ClusterPipeline", "StageTiming", "PipelineStats", "OP_FORWARD", "shm_slot_bytes"]
 
 log = logging.getLogger("vramancer.cluster")
 
 OP_FORWARD = 1
 _CTRL_LEN = 2
+
+
+def shm_slot_bytes(plan: Any, config: dict) -> int:
+    """The shm slot (one frame's payload) of a pipeline: the control pair plus the largest of a
+    prefill chunk's hidden states (4 bytes an element at most), its token ids and one row of logits."""
+    hidden = int(config.get("hidden_size") or config.get("n_embd") or config.get("d_model") or 0)
+    vocab = int(config.get("vocab_size") or 0)
+    chunk = max(1, plan.workload.prefill_chunk)
+    need = 8 * _CTRL_LEN + max(4 * chunk * hidden, 8 * chunk, 4 * vocab)
+    return max(1 << 16, (need + 4095) // 4096 * 4096)
+
+
+def _listen(kind: str, host: str, identity: Any, slot_bytes: int) -> tuple[Any, Any, str]:
+    """(transport, listener, private folder or "") of a hop's listening end."""
+    from ..link.shm import ShmTransport
+    from ..link.tls import TlsTransport
+
+    if kind == "shm":
+        import tempfile
+
+        folder = tempfile.mkdtemp(prefix="vramancer-hop-")     # 0700: only this user reaches the socket
+        tr: Any = ShmTransport(slot_bytes=slot_bytes)
+        return tr, tr.listen(str(Path(folder) / "s")), folder
+    tr = TlsTransport(identity, cluster_trust([]))
+    return tr, tr.listen((host, 0)), ""
+
+
+def _endpoint(kind: str, listener: Any) -> dict:
+    if kind == "shm":
+        return {"transport": "shm", "path": listener.address}
+    return {"transport": "tls", "host": listener.address[0], "port": int(listener.address[1])}
+
+
+def _dial(end: dict, identity: Any, fingerprint: str, slot_bytes: int) -> Any:
+    """Connect to a hop's listening end described by ``end`` (``_endpoint``)."""
+    from ..link.shm import ShmTransport
+    from ..link.tls import TlsTransport
+
+    if end["transport"] == "shm":
+        return ShmTransport(slot_bytes=slot_bytes).connect(end["path"])
+    return TlsTransport(identity, cluster_trust([fingerprint])).connect((end["host"], int(end["port"])))
+
+
+def _refuse_revoked(nodes: list[Any]) -> None:
+    """PeerRefusedError naming the key of the first node whose key this node revoked."""
+    from ..link.errors import PeerRefusedError
+    from ..link.keys import TrustStore
+
+    revoked = set(TrustStore.load().revoked)
+    for n in nodes:
+        if n.fingerprint in revoked:
+            log.warning("cluster: refused revoked peer %s (%s)", n.fingerprint, n.name)
+            raise PeerRefusedError(f"refused revoked peer {n.fingerprint} at {n.name}", n.fingerprint)
+
+
+def _remove_folder(folder: str) -> None:
+    import shutil
+
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @dataclass
@@ -61,6 +126,8 @@ class StageTiming:
     bytes_received: int = 0
     bytes_sent: int = 0
     bridge: dict = field(default_factory=dict)   # tensors, bytes, network_bytes, cache_bytes (bridge loads)
+    transport_in: str = ""      # the hop from the previous stage (or the driver): shm or tls
+    transport_out: str = ""     # the hop to the next stage (or the driver)
 
 
 @dataclass
@@ -87,11 +154,14 @@ class StageWorker:
         self.timing: dict[str, Any] = {}
         self.bridge_stats: dict[str, int] = {}
         self.error = ""
+        self.folder = ""
+        self.hops = {"in": "", "out": ""}
 
     def setup(self, spec_json: str) -> str:
         """Load the stage and listen for the previous hop. ``spec_json``: plan (JSON), index, config
-        (dict), folder, bridge (host, port, fingerprint) or null, names (bridge tensors), host, cache_dir.
-        Returns JSON: host, port, fingerprint, load_s, loaded_from."""
+        (dict), folder, bridge (host, port, fingerprint) or null, names (bridge tensors), host, cache_dir,
+        listen (the previous hop's transport: tls or shm), slot_bytes (shm).
+        Returns JSON: the listening end (transport, host and port or path), fingerprint, load_s, loaded_from."""
         import torch
 
         from ..link.keys import load_identity
@@ -137,28 +207,32 @@ class StageWorker:
         self.model = StageModel.from_tensors(config, plan, index, tensors, device)
         del tensors
         self.index = index
-        from ..link.tls import TlsTransport
-
-        self.transport = TlsTransport(self.identity, cluster_trust([]))
-        self.listener = self.transport.listen((spec["host"], 0))
+        kind = spec.get("listen", "tls")
+        if kind not in ("tls", "shm"):
+            raise BadInputError(f"stage {index}: unknown hop transport {kind!r}")
+        self.slot_bytes = int(spec.get("slot_bytes") or (1 << 20))
+        self.transport, self.listener, self.folder = _listen(kind, spec["host"], self.identity, self.slot_bytes)
+        self.hops["in"] = kind
         self.timing = {"load_s": time.perf_counter() - t0, "loaded_from": loaded_from, "forwards": 0,
                        "wait_s": 0.0, "compute_s": 0.0, "send_s": 0.0}
-        return json.dumps({"host": self.listener.address[0], "port": int(self.listener.address[1]),
-                           "fingerprint": self.identity.fingerprint, **self.timing})
+        return json.dumps({**_endpoint(kind, self.listener), "fingerprint": self.identity.fingerprint,
+                           **self.timing})
 
-    def wire(self, prev_fp: str, next_host: str, next_port: int, next_fp: str) -> str:
-        """Trust exactly ``prev_fp`` on the listener, dial the next hop pinned to ``next_fp``, and run
-        the stage loop in a thread. Returns JSON {} once dialed."""
-        from ..link.tls import TlsTransport
-
-        self.transport.trust = cluster_trust([prev_fp])
+    def wire(self, spec_json: str) -> str:
+        """``spec_json``: prev_fingerprint (trusted on a TLS listener; shm has no key: a Unix socket
+        in a 0700 folder reaches only this user), next (the next hop's end: transport, host and port
+        or path) and next_fingerprint. Dials the next hop and runs the stage loop in a thread.
+        Returns JSON {} once dialed."""
+        spec = json.loads(spec_json)
+        if self.hops["in"] == "tls":
+            self.transport.trust = cluster_trust([spec["prev_fingerprint"]])
         self._ready = threading.Event()
         # accept the previous hop while dialing the next one: every stage dials at once
         self.thread = threading.Thread(target=self._loop, name=f"vramancer-stage{self.index}", daemon=True)
         self.thread.start()
         try:
-            out = TlsTransport(self.identity, cluster_trust([next_fp]))
-            self.next = out.connect((next_host, int(next_port)))
+            self.next = _dial(spec["next"], self.identity, spec["next_fingerprint"], self.slot_bytes)
+            self.hops["out"] = spec["next"]["transport"]
         finally:
             self._ready.set()
         return "{}"
@@ -214,6 +288,7 @@ class StageWorker:
         t["bridge"] = self.bridge_stats
         t["bytes_received"] = self.prev.bytes_received if self.prev is not None else 0
         t["bytes_sent"] = self.next.bytes_sent if self.next is not None else 0
+        t["transport_in"], t["transport_out"] = self.hops["in"], self.hops["out"]
         return json.dumps(t)
 
     def close(self) -> None:
@@ -228,6 +303,8 @@ class StageWorker:
         if self.model is not None:
             self.model.close()
             self.model = None
+        _remove_folder(self.folder)
+        self.folder = ""
 
 
 class ClusterPipeline:
@@ -244,8 +321,8 @@ class ClusterPipeline:
         import ray
 
         from ..link.keys import load_identity
-        from ..link.tls import TlsTransport
         from ..models.checkpoint import read_config
+        from .planning import hop_transport
         from .stage import stage_tensor_names
 
         self.plan = plan
@@ -259,6 +336,7 @@ class ClusterPipeline:
         self._bridge_threads: list[threading.Thread] = []
         self.first = self.last = None
         self._closed = False
+        self._folder = ""
         self.timing = PipelineStats()
         try:
             nodes = [self._node(st.device) for st in plan.stages]
@@ -266,7 +344,14 @@ class ClusterPipeline:
                 if not n.fingerprint:
                     raise BadInputError(f"{n.name} has no Link identity: run `vramancer keys init` there")
             fps = [n.fingerprint for n in nodes]
+            _refuse_revoked(nodes)      # shm hops check no key: a node this one revoked gets no stage at all
+            here = ray.get_runtime_context().get_node_id()
+            self.driver_node = next((n.name for n in view.nodes if n.ray_id == here), "")
+            ends_nodes = [self.driver_node] + [n.name for n in nodes] + [self.driver_node]
+            # hop k: from ends_nodes[k] to ends_nodes[k + 1] (driver -> stage 0, ..., last stage -> driver)
+            self.transports = [hop_transport(a, b)[0] for a, b in zip(ends_nodes, ends_nodes[1:])]
             config = read_config(self.folder / "config.json")
+            slot = shm_slot_bytes(plan, config)
             bridge_spec = self._start_bridge(fps) if bridge else None
             worker_cls = ray.remote(num_cpus=0)(StageWorker)
             specs = []
@@ -280,7 +365,8 @@ class ClusterPipeline:
                     "plan": plan.to_json(indent=None), "index": i, "config": config,
                     "folder": str(self.folder) if local_copies else None,
                     "names": stage_tensor_names(self.folder, plan, i), "bridge": bridge_spec,
-                    "host": n.link_host or n.address, "cache_dir": cache_dir}))
+                    "host": n.link_host or n.address, "cache_dir": cache_dir,
+                    "listen": self.transports[i], "slot_bytes": slot}))
             ends = [json.loads(r) for r in self._get([a.setup.remote(s) for a, s in zip(self.actors, specs)])]
             self.loads = ends
             for e, n in zip(ends, nodes):
@@ -288,17 +374,20 @@ class ClusterPipeline:
                     raise BadInputError(f"{n.name}: the stage's key {e['fingerprint']} is not the node's "
                                         f"{n.fingerprint}")
             # the driver's ends: it dials stage 0, the last stage dials the driver's listener
-            self._tls_in = TlsTransport(self.identity, cluster_trust([fps[-1]]))
-            listener = self._tls_in.listen((self.link_host, 0))
+            back = self.transports[-1]
+            self._in, listener, self._folder = _listen(back, self.link_host, self.identity, slot)
+            if back == "tls":
+                self._in.trust = cluster_trust([fps[-1]])
             try:
                 wires = []
                 for i, a in enumerate(self.actors):
                     prev_fp = self.identity.fingerprint if i == 0 else fps[i - 1]
                     if i + 1 < len(self.actors):
-                        nh, npt, nfp = ends[i + 1]["host"], ends[i + 1]["port"], fps[i + 1]
+                        nxt, nfp = ends[i + 1], fps[i + 1]
                     else:
-                        nh, npt, nfp = listener.address[0], listener.address[1], self.identity.fingerprint
-                    wires.append(a.wire.remote(prev_fp, nh, int(npt), nfp))
+                        nxt, nfp = _endpoint(back, listener), self.identity.fingerprint
+                    wires.append(a.wire.remote(json.dumps({"prev_fingerprint": prev_fp, "next_fingerprint": nfp,
+                                                           "next": nxt})))
                 accepted: list[Any] = []
 
                 def accept_last() -> None:
@@ -309,8 +398,7 @@ class ClusterPipeline:
 
                 waiter = threading.Thread(target=accept_last, daemon=True)
                 waiter.start()
-                self._tls_out = TlsTransport(self.identity, cluster_trust([fps[0]]))
-                self.first = self._tls_out.connect((ends[0]["host"], int(ends[0]["port"])))
+                self.first = _dial(ends[0], self.identity, fps[0], slot)
                 self._get(wires)
                 waiter.join(self.timeout_s)
                 if not accepted or isinstance(accepted[0], BaseException):
@@ -423,7 +511,7 @@ class ClusterPipeline:
         for i, (st, r) in enumerate(zip(self.plan.stages, rows)):
             stages.append(StageTiming(i, node_of(st.device), st.device, r["forwards"], r["wait_s"], r["compute_s"],
                                       r["send_s"], r["load_s"], r["loaded_from"], r["bytes_received"],
-                                      r["bytes_sent"], r["bridge"]))
+                                      r["bytes_sent"], r["bridge"], r["transport_in"], r["transport_out"]))
         return PipelineStats(self.timing.tokens, self.timing.prefill_s, self.timing.decode_s, stages)
 
     def close(self) -> None:
@@ -449,6 +537,7 @@ class ClusterPipeline:
         for c in (self.first, self.last, self._bridge):
             if c is not None:
                 c.close()
+        _remove_folder(self._folder)
 
     def __enter__(self) -> ClusterPipeline:
         return self

@@ -14,6 +14,19 @@ each order with the planner's own partitioner (``plan.partition``: memory, offlo
 each result with the measured hops, and keeps the cheapest (fewest blocks off the GPUs first, then
 seconds per token). The Plan is then assembled by the planner (``plan_placement``) and its predicted
 speeds include the network.
+
+Each hop of the pipeline (driver -> stage 0, stage i -> stage i+1, last stage -> driver) gets its
+transport from where its two ends live (``hop_transport``), recorded in ``Plan.hops`` with the reason
+and its price per decode step:
+
+    same node (one Ray node)   shm: shared memory between the two worker processes (link/shm.py),
+                               priced with a local figure (``SHM_LATENCY_S``, ``SHM_BANDWIDTH_BYTES_PER_S``)
+    different nodes            tls: mutual TLS 1.3 pinned to the peer node's key, priced with the link
+                               the agents measured
+
+Two Ray nodes on one machine count as different nodes (they may not share ``/dev/shm``: containers).
+Plaintext TCP is never chosen, and torch.distributed (NCCL between two GPUs of one node) is not
+chosen yet: a stage is one process, so two GPUs of one node are two processes with shm between them.
 """
 from __future__ import annotations
 
@@ -23,13 +36,36 @@ from typing import Any
 
 from ..devices.device import Device
 from ..errors import DoesNotFitError, WorkloadError
+from ..plan.plan import Hop
 from .nodes import ClusterView, node_of
 
-__all__ = ["cluster_devices", "network_hop_seconds", "plan_cluster", "MAX_NODE_ORDERS", "network_summary"]
+__all__ = ["cluster_devices", "network_hop_seconds", "plan_cluster", "MAX_NODE_ORDERS", "network_summary",
+           "hop_transport", "shm_hop_seconds", "plan_hops", "hops_summary", "SHM_LATENCY_S",
+           "SHM_BANDWIDTH_BYTES_PER_S"]
 
 MAX_NODE_ORDERS = 24
 _DEFAULT_RTT_S = 1e-3           # a node pair the probes could not measure: a LAN's figures
 _DEFAULT_BANDWIDTH = 117e6      # 1 GbE
+# shared memory between two processes of one host: a control message over a Unix socket each way
+# (frame, ack) and two copies (into the segment, out of it) at a conservative memcpy speed
+SHM_LATENCY_S = 30e-6
+SHM_BANDWIDTH_BYTES_PER_S = 4e9
+_CTRL_BYTES = 16                # the (op, start) int64 pair every pipeline frame carries
+
+
+def hop_transport(src_node: str, dst_node: str) -> tuple[str, str]:
+    """(transport, reason) of a hop from a process on node ``src_node`` to one on ``dst_node``
+    ("" when unknown): shm within one Ray node, TLS pinned to the peer's key otherwise."""
+    if src_node and src_node == dst_node:
+        return "shm", f"both ends on {src_node}: shared memory between the two processes"
+    if not src_node or not dst_node:
+        return "tls", "one end's node is unknown: TLS pinned to the peer's key"
+    return "tls", f"{src_node} -> {dst_node} are different nodes: TLS pinned to {dst_node}'s key"
+
+
+def shm_hop_seconds(nbytes: int) -> float:
+    """Seconds for ``nbytes`` over shared memory between two processes of one host (local figure)."""
+    return SHM_LATENCY_S + nbytes / SHM_BANDWIDTH_BYTES_PER_S
 
 
 def cluster_devices(view: ClusterView) -> list[Device]:
@@ -85,19 +121,25 @@ class _Pricing:
                     network_hop_seconds(self.view, na, nb, self.chunk_tokens * self.token_bytes))
         return self.cost.hop_seconds(da, db)
 
+    def link_seconds(self, a: str, b: str, nbytes: int) -> float:
+        """Seconds of one hop between processes on nodes a and b over the transport it gets."""
+        if hop_transport(a, b)[0] == "shm":
+            return shm_hop_seconds(nbytes)
+        return network_hop_seconds(self.view, a, b, nbytes)
+
     def network(self, ranges: list[tuple[int, int, int]]) -> tuple[float, float, int]:
-        """(decode, prefill) network seconds of a placement, and its node boundaries crossed."""
+        """(decode, prefill) seconds of a placement's hops between processes (shm within a node, the
+        network between nodes), and its node boundaries crossed."""
         dec = pre = 0.0
         crossings = 0
         nodes = [node_of(self.devices[d].id) for d, _, _ in ranges]
         for x, y in zip(nodes, nodes[1:]):
-            if x != y:
-                crossings += 1
-                dec += network_hop_seconds(self.view, x, y, self.batch * self.token_bytes)
-                pre += network_hop_seconds(self.view, x, y, self.chunk_tokens * self.token_bytes)
+            crossings += x != y
+            dec += self.link_seconds(x, y, self.batch * self.token_bytes)
+            pre += self.link_seconds(x, y, self.chunk_tokens * self.token_bytes)
         if nodes and self.driver:
-            ids = network_hop_seconds(self.view, self.driver, nodes[0], 8 * self.batch)
-            logits = network_hop_seconds(self.view, nodes[-1], self.driver, self.logits_bytes * self.batch)
+            ids = self.link_seconds(self.driver, nodes[0], 8 * self.batch)
+            logits = self.link_seconds(nodes[-1], self.driver, self.logits_bytes * self.batch)
             dec += ids + logits
             pre += ids + logits
             crossings += (nodes[0] != self.driver) + (nodes[-1] != self.driver)
@@ -199,7 +241,32 @@ def plan_cluster(model: Any, view: ClusterView, *, context: int | None = None, b
                              prefill_tokens_per_s=round(pricing.chunk_tokens / pre_s, 3),
                              decode_ms_per_step=round(step_s * 1000, 3))
     plan.notes.append(network_summary(view, plan, driver, net_dec, crossings))
+    plan.hops = plan_hops(plan, view, driver, pricing.token_bytes * batch, pricing.logits_bytes * batch)
+    plan.notes.append(hops_summary(plan.hops))
     return plan
+
+
+def plan_hops(plan: Any, view: ClusterView, driver: str, hidden_bytes: int, logits_bytes: int) -> list[Hop]:
+    """The hops of ``plan``'s pipeline: driver -> stage 0, each stage -> the next, the last -> driver,
+    each with its transport (``hop_transport``), the bytes crossing it per decode step (the control
+    pair, then token ids / ``hidden_bytes`` / ``logits_bytes``) and their seconds."""
+    nodes = [node_of(st.device) for st in plan.stages]
+    ends = [("driver", driver)] + [(f"stage {i}", n) for i, n in enumerate(nodes)] + [("driver", driver)]
+    out = []
+    n = len(nodes)
+    for k, ((src, a), (dst, b)) in enumerate(zip(ends, ends[1:])):
+        payload = 8 if k == 0 else (logits_bytes if k == n else hidden_bytes)
+        nbytes = _CTRL_BYTES + payload
+        transport, why = hop_transport(a, b)
+        secs = shm_hop_seconds(nbytes) if transport == "shm" else network_hop_seconds(view, a, b, nbytes)
+        out.append(Hop(src, dst, a, b, transport, why, nbytes, round(secs, 9)))
+    return out
+
+
+def hops_summary(hops: list[Hop]) -> str:
+    """One note line: each hop's transport and its milliseconds per decode step."""
+    parts = [f"{h.src} -> {h.dst} {h.transport} {h.decode_seconds * 1000:.3f} ms" for h in hops]
+    return "cluster hops: " + ", ".join(parts)
 
 
 def network_summary(view: ClusterView, plan: Any, driver: str, net_dec: float, crossings: int) -> str:
@@ -210,4 +277,4 @@ def network_summary(view: ClusterView, plan: Any, driver: str, net_dec: float, c
             nodes.append(n)
     path = " -> ".join(([f"driver({driver})"] if driver else []) + nodes + ([f"driver({driver})"] if driver else []))
     return (f"cluster: {path}; the network is crossed {crossings} times per token, "
-            f"{net_dec * 1000:.2f} ms of each decode step (measured links)")
+            f"{net_dec * 1000:.2f} ms of each decode step on its hops (measured links; shm: a local figure)")

@@ -17,7 +17,7 @@ from ._fields import FieldReader
 
 __all__ = ["PHASE_PREFILL_TOKENS", "PLAN_SCHEMA", "Workload", "Stage", "Plan", "PlanBlock", "Prediction",
            "StreamBuffer", "ModelIdentity", "HOST_COMPUTE", "config_sha256", "ComponentPlacement", "PhasePeak",
-           "ImagePrediction"]
+           "ImagePrediction", "Hop", "HOP_TRANSPORTS"]
 
 PLAN_SCHEMA = 2
 Objective = Literal["latency", "throughput"]
@@ -134,6 +134,29 @@ class Prediction:
     prefill_tokens_per_s: float
     decode_ms_per_step: float
     bottleneck_stage: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+HOP_TRANSPORTS = ("shm", "tls")
+
+
+@dataclass(frozen=True)
+class Hop:
+    """One hop of a cluster plan's pipeline (absent from a one-machine plan's JSON): from ``src`` to
+    ``dst`` (``"driver"`` or a stage index as ``"stage N"``), on nodes ``src_node`` / ``dst_node``, over
+    ``transport`` (shm, tls) chosen for ``reason``; ``bytes_per_token`` crosses it per decode step,
+    in ``decode_seconds``."""
+
+    src: str
+    dst: str
+    src_node: str
+    dst_node: str
+    transport: str
+    reason: str
+    bytes_per_token: int
+    decode_seconds: float
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -290,6 +313,7 @@ class Plan:
     components: list[ComponentPlacement] = field(default_factory=list)
     phase_peaks: list[PhasePeak] = field(default_factory=list)
     image: ImagePrediction | None = None
+    hops: list[Hop] = field(default_factory=list)     # cluster plans only
 
     @property
     def is_pipeline(self) -> bool:
@@ -390,6 +414,7 @@ class Plan:
             **({"components": [c.to_dict() for c in self.components],
                 "phase_peaks": [p.to_dict() for p in self.phase_peaks],
                 "image": self.image.to_dict() if self.image else None} if self.components else {}),
+            **({"hops": [h.to_dict() for h in self.hops]} if self.hops else {}),
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -646,6 +671,9 @@ def _read_plan(r: FieldReader) -> Plan:
         phase_peaks=[PhasePeak(p.str("phase", ("encode", "denoise", "decode")), p.str("device", nonempty=True),
                                p.int("bytes"), p.int("capacity_bytes")) for p in r.objs("phase_peaks", [])],
         image=_read_image(r),
+        hops=[Hop(h.str("src", nonempty=True), h.str("dst", nonempty=True), h.str("src_node"), h.str("dst_node"),
+                  h.str("transport", HOP_TRANSPORTS), h.str("reason"), h.int("bytes_per_token"),
+                  h.float("decode_seconds")) for h in r.objs("hops", [])],
     )
 
 
