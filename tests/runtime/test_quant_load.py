@@ -126,6 +126,22 @@ def test_gguf_dtype_on_load_is_refused_in_one_line(folders):
         _load(folders["llama"], 2, "q4_0")
 
 
+@pytest.mark.parametrize("dtype, match", [("q4_0", "cannot be quantized on load"),
+                                          ("nf4", "every stage must stay resident")])
+def test_a_streaming_plan_names_the_dtype_first(folders, dtype, match):
+    """On a plan that streams a stage from disk, a --dtype no on-load quantizer has is named as such
+    (fixing the devices would not help it); an on-load one is refused for the streaming."""
+    from vramancer.errors import WorkloadError
+    from vramancer.runtime.loader import load
+
+    from .conftest import placed_plan
+
+    plan = placed_plan(folders["llama"], "rtx3090,cpu,disk", "stream", dtype=dtype)
+    assert any(st.mode == "stream" for st in plan.stages)
+    with pytest.raises(WorkloadError, match=match):
+        load(str(folders["llama"]), plan=plan)
+
+
 def test_cli_run_int8_through_torchao(tmp_path, capsys):
     """`vramancer run --dtype int8 --quant-backend torchao`: weight-only int8, bytes as planned."""
     import json

@@ -714,11 +714,12 @@ def load_folder(folder: str | os.PathLike, plan: Plan, dtype: str | None = None,
     elif resolve_dtype(dt_name).quantized:   # a float checkpoint quantized on load (runtime/quant/)
         from .quant import backend_for, prepare_model
 
+        # a dtype or backend no on-load quantizer has is named before the plan's shape is
+        backend = backend_for(dt_name, {_torch_device(compute_torch_device(plan, st.compute_device)).type
+                                        for st in plan.stages}, prefer=quant_backend)
         if any(st.mode != "execute" for st in plan.stages):
             raise WorkloadError(f"--dtype {dt_name}: quantized on load, every stage must stay resident "
                                 "(this plan streams some from host RAM or disk)")
-        backend = backend_for(dt_name, {_torch_device(compute_torch_device(plan, st.compute_device)).type
-                                        for st in plan.stages}, prefer=quant_backend)
         dt = torch_dtype(resolve_dtype(dt_name).compute)
         model = build_empty_model(config, dt)
         quant = _Quant(backend, dt, frozenset(prepare_model(model, backend, dt)))
