@@ -35,6 +35,8 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+__all__ = ["main", "GOAL", "MODELS"]
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
