@@ -75,6 +75,7 @@ def _greedy(view, folder: Path, cache: Path, n_nodes: int) -> dict:
 
 def _shared_node(view, folder: Path) -> dict:
     """Three stages over two nodes, two on node1: the hop between those is shm, the others as planned."""
+    import tempfile
     from dataclasses import replace
 
     from vramancer.cluster.nodes import ClusterView
@@ -82,15 +83,21 @@ def _shared_node(view, folder: Path) -> dict:
     from vramancer.cluster.planning import plan_cluster
     from vramancer.devices.spec import parse_devices
 
+    def hop_folders() -> set[str]:
+        return {str(f) for f in Path(tempfile.gettempdir()).glob("vramancer-hop-*")}
+
     nodes = [replace(n, devices=parse_devices(spec)) for n, spec in zip(view.nodes, SHARED_NODE_DEVICES)]
     sub = ClusterView(view.address, nodes, view.links)
     plan = plan_cluster(str(folder), sub, context=64, reserve_bytes=0, driver="node1")
+    before = hop_folders()
     with ClusterPipeline(plan, sub, folder) as pipe:
+        during = hop_folders() - before
         got = pipe.generate(PROMPT, NEW_TOKENS)
         stats = pipe.stats()
         transports = list(pipe.transports)
     return {"plan": plan.to_json(indent=None), "tokens": got, "stages": [s.__dict__ for s in stats.stages],
-            "transports": transports}
+            "transports": transports, "hop_folders_open": len(during),
+            "hop_folders_left": sorted(hop_folders() - before)}
 
 
 def _revoked(view, folder: Path) -> dict:

@@ -132,6 +132,9 @@ def test_two_stages_on_one_node_talk_over_shared_memory(run, tiny_folder):
     assert all(s["bytes_sent"] > 0 for s in stages)
     assert [s["forwards"] for s in stages] == [NEW_TOKENS] * 3
     assert res["tokens"] == single_process_tokens(tiny_folder, plan)
+    # one private socket folder per shm listener while running (two here), none left after close
+    assert res["hop_folders_open"] == want.count("shm")
+    assert res["hop_folders_left"] == []
 
 
 def test_a_node_key_revoked_on_the_driver_is_refused(run):
