@@ -142,6 +142,20 @@ def test_a_streaming_plan_names_the_dtype_first(folders, dtype, match):
         load(str(folders["llama"]), plan=plan)
 
 
+def test_quant_backend_on_a_load_that_quantizes_nothing_is_refused(folders):
+    """--quant-backend with a float dtype, or on a GGUF file, is refused in one line, not ignored."""
+    from pathlib import Path
+
+    from vramancer.errors import WorkloadError
+    from vramancer.runtime.loader import load
+
+    with pytest.raises(WorkloadError, match="--quant-backend torchao .* load as float32: drop it"):
+        _load(folders["llama"], 1, "float32", backend="torchao")
+    gguf = Path(__file__).parents[1] / "fixtures" / "gguf" / "llama-Q8_0.gguf"
+    with pytest.raises(WorkloadError, match="load as their GGUF types: drop it"):
+        load(str(gguf), devices="cpu:64GiB", quant_backend="bitsandbytes")
+
+
 def test_cli_run_int8_through_torchao(tmp_path, capsys):
     """`vramancer run --dtype int8 --quant-backend torchao`: weight-only int8, bytes as planned."""
     import json

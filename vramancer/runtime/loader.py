@@ -724,6 +724,7 @@ def load_folder(folder: str | os.PathLike, plan: Plan, dtype: str | None = None,
         model = build_empty_model(config, dt)
         quant = _Quant(backend, dt, frozenset(prepare_model(model, backend, dt)))
     else:
+        _no_quant_backend(quant_backend, dt_name)
         dt = torch_dtype(dt_name)
         model = build_empty_model(config, dt)
     gen = folder / "generation_config.json"
@@ -814,6 +815,13 @@ def load_gguf(path: str | os.PathLike, plan: Plan, dtype: str | None = None,
     return model
 
 
+def _no_quant_backend(quant_backend: str | None, dtype_name: str) -> None:
+    """``--quant-backend`` on a load that quantizes nothing: refused, not ignored."""
+    if quant_backend is not None:
+        raise WorkloadError(f"--quant-backend {quant_backend} chooses who quantizes a float checkpoint on load "
+                            f"(--dtype nf4, int4, int8); these weights load as {dtype_name}: drop it")
+
+
 def load(model: Any, devices: Any = "auto", plan: Plan | None = None, *, dtype: str | None = None,
          offload_dir: str | None = None, progress: LoadProgress | None = None, quant_backend: str | None = None,
          **plan_kwargs: Any) -> nn.Module:
@@ -833,6 +841,7 @@ def load(model: Any, devices: Any = "auto", plan: Plan | None = None, *, dtype: 
     from .gguf.load import is_gguf
 
     if is_gguf(model):  # a llama.cpp file: weights kept quantized; dtype is the compute dtype
+        _no_quant_backend(quant_backend, "their GGUF types")
         if plan is None:
             from ..plan.planner import plan as make_plan
 

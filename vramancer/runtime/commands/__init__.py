@@ -120,7 +120,7 @@ def load_split(model: str, plan: Plan, dtype: str | None = None, progress: Any =
 
         tok = load_gguf_tokenizer(model)
         check_plan_fits(plan)
-        return load(str(model), plan=plan, dtype=dtype, progress=progress), tok
+        return load(str(model), plan=plan, dtype=dtype, progress=progress, quant_backend=quant_backend), tok
     folder = weights_folder(model)
     tok = load_tokenizer(folder)
     check_plan_fits(plan)
