@@ -154,6 +154,8 @@ def test_quant_backend_on_a_load_that_quantizes_nothing_is_refused(folders):
     gguf = Path(__file__).parents[1] / "fixtures" / "gguf" / "llama-Q8_0.gguf"
     with pytest.raises(WorkloadError, match="load as their GGUF types: drop it"):
         load(str(gguf), devices="cpu:64GiB", quant_backend="bitsandbytes")
+    with pytest.raises(WorkloadError, match="load as the module's own dtypes: drop it"):
+        load(torch.nn.Linear(4, 4), devices="cpu:64GiB", quant_backend="torchao")
 
 
 def test_cli_run_int8_through_torchao(tmp_path, capsys):

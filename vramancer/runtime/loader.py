@@ -834,6 +834,7 @@ def load(model: Any, devices: Any = "auto", plan: Plan | None = None, *, dtype: 
     if getattr(model, "vramancer", None) is not None:
         raise BadInputError("this model is already split; call model.vramancer.detach() first")
     if isinstance(model, nn.Module):
+        _no_quant_backend(quant_backend, "the module's own dtypes")
         if dtype is not None:  # an nn.Module is planned and loaded in the dtype it has
             model.to(torch_dtype(dtype))
         return load_module(model, devices=devices, plan=plan, offload_dir=offload_dir, progress=progress,
