@@ -183,6 +183,10 @@ def test_start_status_run_stop(node_home, tmp_path, cluster_ns):
         assert res["stages"][0]["loaded_from"] == f"local copy {folder}"
         assert [s["device"] for s in res["plan"]["stages"]] == ["node1/cpu"]
         assert any("cluster: driver(node1) -> node1 -> driver(node1)" in n for n in res["plan"]["notes"])
+        # the driver and its one stage share node1: both hops are shared memory, in the plan and in the run
+        assert [(h["src"], h["dst"], h["transport"]) for h in res["plan"]["hops"]] == [
+            ("driver", "stage 0", "shm"), ("stage 0", "driver", "shm")]
+        assert (res["stages"][0]["transport_in"], res["stages"][0]["transport_out"]) == ("shm", "shm")
 
         served = _serve_one_completion(cluster_ns, env, folder, address, "t5 t9 t17 t33", 5)
         assert served["wrong_key"] == 401
