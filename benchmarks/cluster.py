@@ -1,4 +1,4 @@
-"""Decode tokens/s of a model split over 2 Ray nodes (stage workers, hidden states over Link TLS)
+"""Decode tokens/s of a model split over 2 Ray nodes (stage workers, hidden states over the Link)
 against the same split run in one process, measured side by side in one run, on this machine.
 
 The cluster is two Ray nodes started here (``ray.cluster_utils.Cluster``, token auth), each with its
@@ -11,8 +11,9 @@ prompt, taking turns (anchor, ours, anchor, ...) so that other load falls on bot
 produce the same tokens (checked every run).
 
 Where the time goes, per decode token (ours): each stage's compute, and the rest of the step
-(the Link hops driver -> node1 -> node2 -> driver: TLS, framing, the kernel's loopback, and the
-wake-ups of the threads that wait on them).
+(the Link hops driver -> node1 -> node2 -> driver, each over the transport the plan picked for it:
+shared memory within a node, TLS between nodes; framing, the kernel's loopback, and the wake-ups of
+the threads that wait on them).
 
 Where it binds: Ray refuses a loopback head (its drivers rewrite 127.0.0.1 to the machine's own
 address), so the two nodes, the stage workers' Link endpoints and the driver bind the address Ray
@@ -208,7 +209,7 @@ def _measure(a: argparse.Namespace, folder: Path) -> int:
     print(f"where a decode step goes (ours, {step * 1000:.2f} ms):")
     for i, c in enumerate(comp):
         print(f"  stage {i} compute ({plan.stages[i].device}){'':<6}{c * 1000:>8.2f} ms")
-    print(f"  Link hops, TLS, thread wake-ups     {(step - sum(comp)) * 1000:>8.2f} ms  "
+    print(f"  Link hops (shm/TLS), wake-ups      {(step - sum(comp)) * 1000:>8.2f} ms  "
           f"(3 hops/token; node1->node2 RTT {rows['link_rtt_ms'] or 0:.3f} ms, "
           f"{rows['bytes_per_token_between_stages']} B/token between stages incl. the prefill)")
     if a.json:
