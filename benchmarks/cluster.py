@@ -209,7 +209,7 @@ def _measure(a: argparse.Namespace, folder: Path) -> int:
     print(f"where a decode step goes (ours, {step * 1000:.2f} ms):")
     for i, c in enumerate(comp):
         print(f"  stage {i} compute ({plan.stages[i].device}){'':<6}{c * 1000:>8.2f} ms")
-    print(f"  Link hops (shm/TLS), wake-ups      {(step - sum(comp)) * 1000:>8.2f} ms  "
+    print(f"  Link hops (shm/TLS), wake-ups       {(step - sum(comp)) * 1000:>8.2f} ms  "
           f"(3 hops/token; node1->node2 RTT {rows['link_rtt_ms'] or 0:.3f} ms, "
           f"{rows['bytes_per_token_between_stages']} B/token between stages incl. the prefill)")
     if a.json:
