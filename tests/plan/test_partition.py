@@ -52,9 +52,10 @@ def single_visit_brute_force(pl: _Planner, objective: str):
                      + (round(hops[d] / q) if s > 0 else 0))
                 total += t
                 worst = max(worst, t)
-                neg_headroom = max(neg_headroom, (mem - cap) / cap)
                 if devs[d].kind != "gpu":
                     off += e - s
+                else:   # headroom: the GPUs' only
+                    neg_headroom = max(neg_headroom, (mem - cap) / cap)
             if ok:
                 cost = (off, total if objective == "latency" else worst, neg_headroom)
                 best = min(best, cost)

@@ -11,7 +11,8 @@ quanta are differences of rounded prefix sums, so the quanta of consecutive rang
 device add up to the same total wherever the cut falls. Time
 is summed over stages for the ``latency`` objective (one stream walks every stage in turn) and
 maxed for ``throughput`` (with many streams in flight the slowest stage sets the pace); headroom
-is the smallest free fraction (capacity - used) / capacity over the stages.
+is the smallest free fraction (capacity - used) / capacity over the GPU stages (host RAM and disk
+have no say: spreading blocks from host RAM onto disk must never look better for "headroom").
 
 Which device order to use is the planner's choice: orders that differ only by swapping identical
 devices are the same; all distinct orders of the GPUs are tried when there are few, a set of
@@ -175,7 +176,7 @@ def partition(table: BlockTable, devices: list[Device], order: list[int], capaci
                     continue
                 t = pref[i] - pref[k] + (hop if k > 0 else 0)
                 n_off = p[0] + ((i - k) if off else 0)
-                neg_headroom = max(p[2], (mem - cap) / cap if cap > 0 else 0.0)
+                neg_headroom = p[2] if off else max(p[2], (mem - cap) / cap if cap > 0 else 0.0)
                 val = (n_off, p[1] + t, neg_headroom) if is_sum else (n_off, max(p[1], t), neg_headroom)
                 if val < best:
                     best, best_k = val, k
