@@ -44,6 +44,12 @@ def _one_error_line(capsys) -> str:
     (["serve", "m", "--cluster", "10.0.0.1:6379", "--port", "0", "--max-batch", "4"], "--max-batch"),
     (["serve", "m", "--cluster", "10.0.0.1:6379", "--port", "0", "--pipeline-lanes", "2"], "--pipeline-lanes"),
     (["serve", "m", "--cluster", "10.0.0.1:6379", "--port", "0", "--devices", "cpu"], "--devices"),
+    (["cluster", "start", "--host", "10.0.0.1", "--num-cpus", "-3"], "--num-cpus"),
+    (["cluster", "join", "127.0.0.1:6379", "--token", "a" * 32], "loopback"),
+    (["cluster", "join", "[::1]:6379", "--token", "a" * 32], "loopback"),
+    (["run", "m", "--cluster", "10.0.0.1:6379", "-p", "x", "--kv-dtype", "q8_0"], "--kv-dtype"),
+    (["run", "m", "--cluster", "10.0.0.1:6379", "-p", "x", "--dtype", "nf4"], "quantized on load"),
+    (["serve", "m", "--cluster", "10.0.0.1:6379", "--port", "0", "--quant-backend", "torchao"], "--quant-backend"),
 ])
 def test_bad_input_is_one_line_exit_2(node_home, capsys, argv, words):
     assert main(argv) == 2

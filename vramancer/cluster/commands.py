@@ -83,6 +83,8 @@ def _check_devices(spec: str) -> None:
 def main(args: argparse.Namespace) -> int:
     from .control import check_address, check_host, join_cluster, read_token, start_head, stop_started
 
+    if getattr(args, "num_cpus", None) is not None and args.num_cpus < 0:
+        raise BadInputError(f"--num-cpus must be 0 or more, not {args.num_cpus}")
     if args.action == "start":   # every input checked before anything is written or started
         check_host(args.host)
         if not 0 < args.port < 65536:
@@ -176,12 +178,43 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def check_cluster_flags(args: argparse.Namespace, command: str) -> None:
-    """Flags that choose devices are refused with --cluster (the nodes offer theirs)."""
+    """Flags that choose devices are refused with --cluster (the nodes offer theirs), and so are
+    what the stage workers do not run yet: a KV-cache format, weights quantized on load."""
     given = getattr(args, "given", frozenset())
     for dest, flag in (("devices", "--devices"), ("split", "--split"), ("backing", "--backing")):
         if dest in given:
             raise BadInputError(f"{command} --cluster plans over the devices each node offers: drop {flag} "
                                 "(set them with `cluster join --devices`)")
+    for dest, flag in (("kv_dtype", "--kv-dtype"), ("quant_backend", "--quant-backend")):
+        if getattr(args, dest, None) is not None:
+            raise BadInputError(f"{command} --cluster: the stage workers keep the KV cache and weights in the "
+                                f"checkpoint's float dtype; drop {flag}")
+    dtype = getattr(args, "dtype", None)
+    if dtype is not None:
+        from ..models.dtypes import DTYPES
+
+        dt = DTYPES.get(str(dtype).lower())
+        if dt is not None and dt.on_load is not None:
+            raise BadInputError(f"{command} --cluster: --dtype {dtype} (quantized on load) is not run by the "
+                                "stage workers; use a float dtype")
+
+
+def eos_token_ids(folder: Any, tokenizer: Any) -> frozenset[int]:
+    """The token ids that end a sequence, as serve's Engine finds them: the generation config's,
+    the model config's, the tokenizer's."""
+    from ..models.checkpoint import read_config
+
+    config = read_config(folder / "config.json")
+    text_cfg = config.get("text_config") or config
+    gen = folder / "generation_config.json"
+    gen_cfg = read_config(gen) if gen.is_file() else {}
+    eos: set[int] = set()
+    for src in (gen_cfg.get("eos_token_id"), text_cfg.get("eos_token_id"), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(src, int):
+            eos.add(src)
+        elif isinstance(src, list):
+            eos.update(int(x) for x in src)
+    return frozenset(eos)
 
 
 def _plan(args: argparse.Namespace, model: Any, view: Any, driver: str) -> Any:
@@ -255,9 +288,9 @@ def run_on_cluster(args: argparse.Namespace, console: Any) -> int:
         if len(ids) + args.max_new_tokens > plan.workload.context:   # refused before any worker starts
             raise BadInputError(f"{len(ids)} prompt + {args.max_new_tokens} new tokens is more than the "
                                 f"{plan.workload.context} tokens of context planned (--context)")
-        eos = getattr(tok, "eos_token_id", None)
+        eos = eos_token_ids(folder, tok)
         with ClusterPipeline(plan, view, folder) as pipe:
-            out = pipe.generate(list(ids), args.max_new_tokens, {eos} if eos is not None else None)
+            out = pipe.generate(list(ids), args.max_new_tokens, set(eos) or None)
             stats = pipe.stats()
     finally:
         ray.shutdown()

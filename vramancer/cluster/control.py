@@ -210,9 +210,13 @@ def check_host(host: str) -> str:
 
 
 def check_address(address: str) -> tuple[str, int]:
+    from .._net import is_loopback
+
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise BadInputError(f"cluster address must be HOST:PORT, not {address!r}")
+    if is_loopback(host.strip("[]")):
+        raise BadInputError(_LOOPBACK)
     return host.strip("[]"), int(port)
 
 

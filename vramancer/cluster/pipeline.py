@@ -426,7 +426,11 @@ class ClusterPipeline:
             return ray.get(refs, timeout=self.timeout_s)
         except ray.exceptions.RayTaskError as e:
             cause = e.cause if getattr(e, "cause", None) is not None else e
-            raise BadInputError(f"a stage worker failed: {str(cause).splitlines()[-1][:400]}") from None
+            last = (str(cause).splitlines() or [type(cause).__name__])[-1][:400]
+            err = VramancerError(f"a stage worker failed: {last}")
+            # our own errors keep their exit code (bad input 2, out of memory 3); anything else is 1
+            err.exit_code = cause.exit_code if isinstance(cause, VramancerError) else 1
+            raise err from None
         except ray.exceptions.GetTimeoutError:
             raise VramancerError(f"the stage workers did not answer in {self.timeout_s:.0f} s") from None
 

@@ -197,7 +197,7 @@ def serve_on_cluster(args: argparse.Namespace, sock: Any, api_key: str | None, m
     import ray
 
     from .._net import serve_foreground
-    from ..cluster.commands import check_cluster_flags, cluster_plan, connect_and_discover
+    from ..cluster.commands import check_cluster_flags, cluster_plan, connect_and_discover, eos_token_ids
     from ..cluster.pipeline import ClusterPipeline
     from ..models.checkpoint import read_config
     from ..runtime.commands import load_tokenizer
@@ -212,20 +212,14 @@ def serve_on_cluster(args: argparse.Namespace, sock: Any, api_key: str | None, m
     config = read_config(folder / "config.json")
     text_cfg = config.get("text_config") or config
     vocab = int(text_cfg.get("vocab_size") or len(tok))
-    gen_cfg = read_config(folder / "generation_config.json") if (folder / "generation_config.json").is_file() else {}
-    eos: set[int] = set()   # as serve's Engine finds them: generation config, model config, tokenizer
-    for src in (gen_cfg.get("eos_token_id"), text_cfg.get("eos_token_id"), getattr(tok, "eos_token_id", None)):
-        if isinstance(src, int):
-            eos.add(src)
-        elif isinstance(src, list):
-            eos.update(int(x) for x in src)
+    eos = eos_token_ids(folder, tok)
     quiet = getattr(args, "quiet", False)
     pipe = None
     try:
         view, driver = connect_and_discover(args.cluster, args.cluster_token_file, 4 << 20)
         plan = cluster_plan(args, folder, view, driver)
         pipe = ClusterPipeline(plan, view, folder)
-        engine = ClusterEngine(pipe, tok, vocab_size=vocab, eos_ids=frozenset(eos))
+        engine = ClusterEngine(pipe, tok, vocab_size=vocab, eos_ids=eos)
         metrics = ServeMetrics(engine)  # type: ignore[arg-type]
         cfg = ServerConfig(model_name=args.served_model_name or Path(str(args.model).rstrip("/")).name, api_key=api_key,
                            max_body_bytes=max_body_bytes, max_tokens_limit=args.max_tokens_limit)
