@@ -118,9 +118,9 @@ def _with_method(folders, tmp_path, qc: dict):
 
 @pytest.mark.parametrize("qc,message", [
     ({"quant_method": "gptq", "bits": 4, "group_size": 128},
-     r"a gptq-quantized checkpoint needs its kernels on cuda devices; this plan runs stages on cpu"),
+     r"a checkpoint quantized with 'gptq' needs its kernels on cuda devices; this plan runs stages on cpu"),
     ({"quant_method": "awq", "bits": 4, "version": "gemm"},
-     r"a awq-quantized checkpoint needs its kernels on cuda devices"),
+     r"a checkpoint quantized with 'awq' needs its kernels on cuda devices"),
     ({"quant_method": "hqq", "nbits": 4}, r"hqq is not supported"),
 ])
 def test_missing_kernels_are_one_line(folders, tmp_path, qc, message):
@@ -154,7 +154,7 @@ def test_cli_run_refuses_gptq_in_one_line(folders, tmp_path, capsys):
               "--context", "16", "-q"])
     err = capsys.readouterr().err.strip()
     assert rc == 2
-    assert err.count("\n") == 0 and "gptq-quantized checkpoint needs its kernels on cuda" in err
+    assert err.count("\n") == 0 and "quantized with 'gptq' needs its kernels on cuda" in err
 
 
 @pytest.mark.gpu

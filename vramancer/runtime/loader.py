@@ -757,7 +757,7 @@ def _prequantized(folder: Path, plan: Plan) -> Any:
     check_prequantized(method, {_torch_device(compute_torch_device(plan, st.compute_device)).type
                                 for st in plan.stages})
     if any(st.mode != "execute" for st in plan.stages):
-        raise WorkloadError(f"a {method}-quantized checkpoint: every stage must stay resident "
+        raise WorkloadError(f"a checkpoint quantized with {method!r}: every stage must stay resident "
                             "(this plan streams some from host RAM or disk)")
     from .checkpoint import Checkpoint
 

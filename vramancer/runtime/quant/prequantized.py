@@ -54,19 +54,19 @@ def check_prequantized(method: str, device_types: set[str]) -> None:
     here: GPTQ / AWQ run on CUDA through their packages; a method the runtime has no path for is
     named."""
     if method not in KERNEL_PACKAGES:
-        raise WorkloadError(f"a {method}-quantized checkpoint: the split runtime loads bitsandbytes "
+        raise WorkloadError(f"a checkpoint quantized with {method!r}: the split runtime loads bitsandbytes "
                             f"checkpoints (and GGUF files); {method} is not supported")
     packages, devices = KERNEL_PACKAGES[method]
     missing_devices = sorted(device_types - set(devices))
     if missing_devices:
-        raise WorkloadError(f"a {method}-quantized checkpoint needs its kernels on {', '.join(devices)} "
+        raise WorkloadError(f"a checkpoint quantized with {method!r} needs its kernels on {', '.join(devices)} "
                             f"devices; this plan runs stages on {', '.join(missing_devices)} "
                             f"(plan on a GPU, or use a float, bitsandbytes or GGUF checkpoint)")
     if not any(importlib.util.find_spec(p) is not None for p in packages):
-        raise WorkloadError(f"a {method}-quantized checkpoint needs the "
+        raise WorkloadError(f"a checkpoint quantized with {method!r} needs the "
                             f"{' or '.join(_PIP[p] for p in packages)} package: pip install {_PIP[packages[0]]}")
     if method != "bitsandbytes":
-        raise WorkloadError(f"a {method}-quantized checkpoint: its kernels are installed, but the split runtime "
+        raise WorkloadError(f"a checkpoint quantized with {method!r}: its kernels are installed, but the split runtime "
                             "loads only bitsandbytes pre-quantized checkpoints so far")
 
 
