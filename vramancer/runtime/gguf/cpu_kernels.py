@@ -139,6 +139,14 @@ def _kernels(parallel: bool) -> dict[str, Callable]:
                             qh = (np.int64(b[i, jj]) >> (4 * c + s)) & 1
                             o[i, base + j] = dl * np.float32(ql - 4 + 4 * qh)
 
+    @numba.njit(inline="always")
+    def k_scale_min(b, i, g):            # Q4_K / Q5_K: the 6-bit scale and min of group g of block i
+        if g < 4:
+            return np.int64(b[i, 4 + g]) & 63, np.int64(b[i, 8 + g]) & 63
+        sc = (np.int64(b[i, 12 + g - 4]) & 15) | ((np.int64(b[i, 4 + g - 4]) >> 2) & 48)
+        mn = (np.int64(b[i, 12 + g - 4]) >> 4) | ((np.int64(b[i, 8 + g - 4]) >> 2) & 48)
+        return sc, mn
+
     @jit
     def q4_k(b, o, lut):
         w = o.shape[1] // 8              # 32, not a constant: LLVM vectorizes the loop
@@ -146,12 +154,7 @@ def _kernels(parallel: bool) -> dict[str, Callable]:
             d = lut[np.int64(b[i, 0]) | (np.int64(b[i, 1]) << 8)]
             dmin = lut[np.int64(b[i, 2]) | (np.int64(b[i, 3]) << 8)]
             for g in range(8):               # value 32 g + j: (qs[(g >> 1) * 32 + j] >> 4 (g & 1)) & 15
-                if g < 4:
-                    sc = np.int64(b[i, 4 + g]) & 63
-                    mn = np.int64(b[i, 8 + g]) & 63
-                else:
-                    sc = (np.int64(b[i, 12 + g - 4]) & 15) | ((np.int64(b[i, 4 + g - 4]) >> 2) & 48)
-                    mn = (np.int64(b[i, 12 + g - 4]) >> 4) | ((np.int64(b[i, 8 + g - 4]) >> 2) & 48)
+                sc, mn = k_scale_min(b, i, g)
                 dl = d * np.float32(sc)
                 ml = dmin * np.float32(mn)
                 sh = 4 * (g & 1)
@@ -167,12 +170,7 @@ def _kernels(parallel: bool) -> dict[str, Callable]:
             d = lut[np.int64(b[i, 0]) | (np.int64(b[i, 1]) << 8)]
             dmin = lut[np.int64(b[i, 2]) | (np.int64(b[i, 3]) << 8)]
             for g in range(8):               # high bit of value 32 g + j: bit g of qh[j]
-                if g < 4:
-                    sc = np.int64(b[i, 4 + g]) & 63
-                    mn = np.int64(b[i, 8 + g]) & 63
-                else:
-                    sc = (np.int64(b[i, 12 + g - 4]) & 15) | ((np.int64(b[i, 4 + g - 4]) >> 2) & 48)
-                    mn = (np.int64(b[i, 12 + g - 4]) >> 4) | ((np.int64(b[i, 8 + g - 4]) >> 2) & 48)
+                sc, mn = k_scale_min(b, i, g)
                 dl = d * np.float32(sc)
                 ml = dmin * np.float32(mn)
                 sh = 4 * (g & 1)
