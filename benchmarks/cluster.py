@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
 import statistics
 import sys
 import tempfile
@@ -46,47 +45,18 @@ __all__ = ["main", "build_model", "start_cluster"]
 
 
 def build_model(folder: Path, layers: int, hidden: int, vocab: int) -> Path:
-    import torch
-    import transformers
+    from benchmarks.common import make_llama
 
-    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
-                                   num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
-                                   num_key_value_heads=max(1, hidden // 256), max_position_embeddings=4096,
-                                   pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.05)
+    model = make_llama(hidden, layers, vocab, inter=hidden * 11 // 4, max_positions=4096)
     model.save_pretrained(folder, safe_serialization=True)
     return folder
 
 
 def start_cluster(root: Path, nodes: int = 2):
-    """A Ray cluster of ``nodes`` on this machine with token auth, each node with its own identity
-    (and the driver too); returns the Cluster, connected."""
-    from ray.cluster_utils import Cluster
+    """A Ray cluster of ``nodes`` CPU nodes on this machine (vramancer.cluster.local), connected."""
+    from vramancer.cluster.local import start_local_cluster
 
-    from vramancer.cluster.control import connect, use_token, write_token
-    from vramancer.link.keys import create_identity
-
-    token = secrets.token_urlsafe(32)
-    use_token(token)
-    create_identity(root / "driver" / "keys")
-    os.environ["VRAMANCER_CONFIG"] = str(root / "driver" / "config.toml")
-    env = []
-    for i in range(nodes):
-        create_identity(root / f"node{i + 1}" / "keys")
-        env.append({"VRAMANCER_CONFIG": str(root / f"node{i + 1}" / "config.toml"), "VRAMANCER_NODE_DEVICES": "cpu"})
-    cluster = Cluster(initialize_head=True, connect=False,
-                      head_node_args={"num_cpus": 1, "include_dashboard": False, "env_vars": env[0]})
-    for e in env[1:]:
-        cluster.add_node(num_cpus=1, env_vars=e)
-    cluster.wait_for_nodes()
-    write_token(root / "token", token)
-    connect(cluster.address, token_file=root / "token")
-    return cluster
+    return start_local_cluster(root, ["cpu"] * nodes)
 
 
 def _anchor_run(model, prompt: list[int], new_tokens: int) -> tuple[list[int], float]:

@@ -15,7 +15,8 @@ __all__ = ["make_llama", "with_threads", "saved_llama_main"]
 T = TypeVar("T")
 
 
-def make_llama(hidden: int, layers: int, vocab: int, inter: int | None = None, seed: int = 0) -> Any:
+def make_llama(hidden: int, layers: int, vocab: int, inter: int | None = None, seed: int = 0,
+               max_positions: int = 1024) -> Any:
     """A LlamaForCausalLM in eval mode: heads of 64 values, a KV head per 4 query heads (at least 1),
     matrices drawn from N(0, 0.05)."""
     import torch
@@ -23,7 +24,7 @@ def make_llama(hidden: int, layers: int, vocab: int, inter: int | None = None, s
 
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter or hidden * 3,
                       num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
-                      num_key_value_heads=max(1, hidden // 256), max_position_embeddings=1024,
+                      num_key_value_heads=max(1, hidden // 256), max_position_embeddings=max_positions,
                       bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg).eval()

@@ -8,8 +8,6 @@ process boundary. The tests compare it with the same split run in their own proc
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import sys
 from pathlib import Path
 
@@ -26,29 +24,9 @@ SHARED_NODE_DEVICES = ["gpu1:200KiB@100GBps@1TFLOPS,gpu2:200KiB@100GBps@1TFLOPS"
 
 
 def _start(root: Path):
-    from ray.cluster_utils import Cluster
+    from vramancer.cluster.local import start_local_cluster
 
-    from vramancer.cluster.control import connect, use_token, write_token
-    from vramancer.link.keys import create_identity
-
-    token = secrets.token_urlsafe(32)
-    use_token(token)
-    create_identity(root / "driver" / "keys")
-    os.environ["VRAMANCER_CONFIG"] = str(root / "driver" / "config.toml")
-    env = []
-    for i, spec in enumerate(NODE_DEVICES):
-        cfg = root / f"node{i + 1}"
-        create_identity(cfg / "keys")
-        env.append({"VRAMANCER_CONFIG": str(cfg / "config.toml"), "VRAMANCER_NODE_DEVICES": spec,
-                    "OMP_NUM_THREADS": "1"})
-    cluster = Cluster(initialize_head=True, connect=False,
-                      head_node_args={"num_cpus": 1, "include_dashboard": False, "env_vars": env[0]})
-    for e in env[1:]:
-        cluster.add_node(num_cpus=1, env_vars=e)
-    cluster.wait_for_nodes()
-    write_token(root / "token", token)
-    connect(cluster.address, token_file=root / "token")
-    return cluster
+    return start_local_cluster(root, NODE_DEVICES, {"OMP_NUM_THREADS": "1"})
 
 
 def _greedy(view, folder: Path, cache: Path, n_nodes: int) -> dict:

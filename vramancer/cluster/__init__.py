@@ -7,6 +7,7 @@ VRAMancer Link for tensors (stage to stage over mutual TLS pinned to each node's
     stage.py     one stage's block range as a model of its own (local copy or cloud bridge)
     pipeline.py  stage workers (Ray actors) wired over the Link, and the driver's greedy decode
     commands.py  `vramancer cluster start | join | status | stop`, and `--cluster` for plan / run
+    local.py     a cluster of several nodes on this one machine (benchmarks, tests)
 """
 from __future__ import annotations
 
