@@ -19,6 +19,8 @@ gguf = pytest.importorskip("gguf")
 
 from vramancer.cli import main as cli  # noqa: E402
 
+from .gguf_reference import check_gguf_bytes, dequantize_into  # noqa: E402
+
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "gguf"
 RECORD = json.loads((FIXTURES / "sources.json").read_text())
 _spec = importlib.util.spec_from_file_location("gguf_fixtures_make", FIXTURES / "make.py")
@@ -61,58 +63,16 @@ def _load(path: Path, n_stages: int = 2):
 
 
 def _dequantized(source, path: Path):
-    """``source`` with every weight replaced by gguf-py's numpy dequantization of the file's tensor,
-    put through transformers' tensor processor of the architecture (Llama's q/k un-permutation, Gemma2's
-    norms - 1): the float model the file stands for, made without our code."""
+    """``source`` as the float model the file stands for, made without our code (gguf_reference)."""
     import copy
 
-    import numpy as np
-    from gguf.quants import dequantize
-    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
-
-    model = copy.deepcopy(source)
-    cfg = model.config
-    reader = gguf.GGUFReader(str(path))
-    arch = str(reader.fields["general.architecture"].contents())
-    arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
-    names = gguf.get_tensor_name_map(arch_id, cfg.num_hidden_layers)
-    tensors = {str(t.name): t for t in reader.tensors}
-    proc = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config={"num_attention_heads": cfg.num_attention_heads,
-                                                                "num_key_value_heads": cfg.num_key_value_heads})
-    def values_of(gname: str) -> np.ndarray:
-        t = tensors[gname]
-        return proc.process(dequantize(t.data, t.tensor_type), gname).weights
-
-    with torch.no_grad():
-        for name, p in model.named_parameters():          # tied weights once
-            base, _, suffix = name.rpartition(".")
-            if base.endswith(".mlp.experts"):               # Mixtral: [experts, rows, cols], gate rows then up rows
-                blk = f"blk.{base.split('.')[2]}"
-                parts = ("ffn_gate_exps", "ffn_up_exps") if suffix == "gate_up_proj" else ("ffn_down_exps",)
-                values = np.concatenate([values_of(f"{blk}.{w}.weight") for w in parts], axis=1)
-            else:
-                values = values_of(f"{names.get_name(base)}.{suffix}")
-            p.copy_(torch.from_numpy(np.array(values, dtype=np.float32)).reshape(p.shape))
-    return model
+    return dequantize_into(copy.deepcopy(source), path)
 
 
 def _greedy(model, ids) -> list[int]:
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
                          min_new_tokens=NEW_TOKENS, do_sample=False)
     return out[0, ids.shape[1]:].tolist()
-
-
-def _check_bytes(model, path: Path) -> None:
-    """Measured weights per stage == the plan's; their sum == the file's tensor bytes (a tied table
-    counted once per stage that holds a user of it)."""
-    rep = model.vramancer.memory_report()
-    assert [s.weights_bytes for s in rep.stages] == [s.weights_bytes for s in model.vramancer.plan.stages]
-    file_bytes = {str(t.name): int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors}
-    tied = 0
-    if "output.weight" not in file_bytes:
-        tied = file_bytes["token_embd.weight"] * (len({rep.stages[0].stage, rep.stages[-1].stage}) - 1)
-    assert rep.weights_bytes == sum(file_bytes.values()) + tied
-    assert all(not s.misplaced for s in rep.stages)
 
 
 def test_fixtures_are_llama_cpp_files():
@@ -138,7 +98,7 @@ def test_f32_logits_equal_the_float_model(sources, arch):
     model = _load(path)
     with torch.no_grad():
         assert torch.equal(model(PROMPT).logits, sources(arch)(PROMPT).logits)
-    _check_bytes(model, path)
+    check_gguf_bytes(model, path)
     model.vramancer.detach()
 
 
@@ -150,7 +110,7 @@ def test_quantized_equals_the_dequantized_float_model(sources, name, kind):
     with torch.no_grad():
         assert torch.equal(model(PROMPT).logits, ref(PROMPT).logits)
     assert _greedy(model, PROMPT) == _greedy(ref, PROMPT)
-    _check_bytes(model, path)
+    check_gguf_bytes(model, path)
     model.vramancer.detach()
 
 

@@ -19,6 +19,8 @@ from vramancer.runtime.demo_model import build_demo_tokenizer  # noqa: E402
 from vramancer.runtime.gguf.load import load_gguf_tokenizer  # noqa: E402
 from vramancer.runtime.gguf.write import write_gguf  # noqa: E402
 
+from .gguf_reference import check_gguf_bytes, dequantize_into  # noqa: E402
+
 ARCHS = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
          "phi3": "Phi3Config", "gemma2": "Gemma2Config"}
 # transformers reads no head_dim for qwen3 from a GGUF (Qwen3Config's default, 128, stands): size to match
@@ -91,27 +93,8 @@ def _dequantized_reference(hf_folder: Path, path: Path):
     file's tensor, put through transformers' tensor processor of the architecture (Llama's q/k
     un-permutation, Gemma2's norms - 1): the float model the quantized file stands for, made
     without our code (transformers' own GGUF load refuses Mistral)."""
-    import numpy as np
-    from gguf.quants import dequantize
-    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
-
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_folder, dtype=torch.float32).eval()
-    cfg = model.config
-    reader = gguf.GGUFReader(str(path))
-    arch = str(reader.fields["general.architecture"].contents())
-    arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
-    names = gguf.get_tensor_name_map(arch_id, cfg.num_hidden_layers)
-    tensors = {str(t.name): t for t in reader.tensors}
-    proc = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config={"num_attention_heads": cfg.num_attention_heads,
-                                                                "num_key_value_heads": cfg.num_key_value_heads})
-    with torch.no_grad():
-        for name, p in model.named_parameters():          # tied weights once
-            base, _, suffix = name.rpartition(".")
-            gname = f"{names.get_name(base)}.{suffix}"
-            t = tensors[gname]
-            values = proc.process(dequantize(t.data, t.tensor_type), gname).weights
-            p.copy_(torch.from_numpy(np.array(values, dtype=np.float32)).reshape(p.shape))
-    return model
+    return dequantize_into(model, path)
 
 
 def _load(path: Path, n_stages: int = 2, **kw):
@@ -125,20 +108,6 @@ def _file_bytes(path: Path) -> dict[str, int]:
     return {str(t.name): int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors}
 
 
-def _check_bytes(model, path: Path) -> None:
-    """Measured weights per stage == the plan's, byte for byte, and their sum == the file's tensor
-    bytes (the tied table counted once per stage that holds a user of it)."""
-    rep = model.vramancer.memory_report()
-    plan = model.vramancer.plan
-    assert [s.weights_bytes for s in rep.stages] == [s.weights_bytes for s in plan.stages]
-    file_bytes = _file_bytes(path)
-    tied_copies = 0
-    if "output.weight" not in file_bytes:
-        tied_copies = file_bytes["token_embd.weight"] * (len({rep.stages[0].stage, rep.stages[-1].stage}) - 1)
-    assert rep.weights_bytes == sum(file_bytes.values()) + tied_copies
-    assert all(not s.misplaced for s in rep.stages)
-
-
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_f32_file_logits_equal_safetensors(files, arch):
     ref = transformers.AutoModelForCausalLM.from_pretrained(files[arch]["hf"], dtype=torch.float32).eval()
@@ -147,7 +116,7 @@ def test_f32_file_logits_equal_safetensors(files, arch):
     ids = _prompt()
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref(ids).logits)
-    _check_bytes(model, files[arch]["F32"])
+    check_gguf_bytes(model, files[arch]["F32"])
     model.vramancer.detach()
 
 
@@ -164,7 +133,7 @@ def test_q8_0_kept_quantized_equals_dequantized_float_model(files, arch):
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref(ids).logits)
     assert _greedy(model, ids) == _greedy(ref, ids)
-    _check_bytes(model, path)
+    check_gguf_bytes(model, path)
     model.vramancer.detach()
 
 
@@ -179,7 +148,7 @@ def test_k_quant_file(files):
     ids = _prompt()
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref(ids).logits)
-    _check_bytes(model, path)
+    check_gguf_bytes(model, path)
     model.vramancer.detach()
 
 
@@ -206,8 +175,8 @@ def test_tied_embeddings_one_table_per_stage(files):
     with torch.no_grad():
         assert torch.equal(one(ids).logits, ref(ids).logits)
         assert torch.equal(two(ids).logits, ref(ids).logits)
-    _check_bytes(one, path)
-    _check_bytes(two, path)
+    check_gguf_bytes(one, path)
+    check_gguf_bytes(two, path)
 
 
 def test_streamed_and_disk_stages(files, tmp_path):
@@ -361,7 +330,7 @@ def test_on_cuda_blocks_on_the_gpu(files):
     stored = model.get_submodule("model.layers.0.self_attn.o_proj").parametrizations.weight.original
     assert stored.device.type == "cuda" and stored.dtype == torch.uint8
     assert _greedy(model, ids.cuda()) == want
-    _check_bytes(model, path)
+    check_gguf_bytes(model, path)
     model.vramancer.detach()
     half = load(str(path), devices="cuda:0", context=64)
     assert half.get_submodule("model.layers.0.self_attn.o_proj").weight.dtype == torch.bfloat16
@@ -383,5 +352,5 @@ def test_every_written_type_kept_as_stored(tmp_path, tok, qtype):
     ids = _prompt()
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, _dequantized_reference(hf, path)(ids).logits)
-    _check_bytes(loaded, path)
+    check_gguf_bytes(loaded, path)
     loaded.vramancer.detach()
