@@ -179,19 +179,7 @@ def predicted_host_seconds(plan, folder: str) -> float:
 
 def _bytes_by_device(model, plan) -> tuple[dict[str, int], dict[str, int]]:
     """(weights held per plan device, measured; the plan's), MoE experts in host RAM included."""
-    rep = model.vramancer.memory_report()
-    held: dict[str, int] = {}
-    for s in rep.stages:
-        held[s.device] = held.get(s.device, 0) + s.weights_bytes
-    for e in rep.experts:
-        held[e.device] = held.get(e.device, 0) + e.weights_bytes
-    planned: dict[str, int] = {}
-    for s in plan.stages:
-        planned[s.device] = planned.get(s.device, 0) + s.weights_bytes
-    for b in plan.blocks:
-        if b.experts_device:
-            planned[b.experts_device] = planned.get(b.experts_device, 0) + b.experts_bytes
-    return held, planned
+    return model.vramancer.memory_report().weights_bytes_by_device(), plan.weights_bytes_by_device()
 
 
 def measure(folder: str, plans: dict[str, Any], prompt: int, new: int, repeat: int, vocab: int) -> dict[str, Any]:

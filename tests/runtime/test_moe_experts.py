@@ -101,17 +101,7 @@ def _check_experts(model, plan):
         mod = model.get_submodule(e.module)
         assert all(p.device.type == "cpu" for p in mod.parameters())
     # per device: what the runtime holds equals what the plan says each device holds (weights)
-    held: dict[str, int] = {}
-    for row in rep.stages:
-        held[row.device] = held.get(row.device, 0) + row.weights_bytes
-    for e in rep.experts:
-        held[e.device] = held.get(e.device, 0) + e.weights_bytes
-    planned: dict[str, int] = {}
-    for st in plan.stages:
-        planned[st.device] = planned.get(st.device, 0) + st.weights_bytes
-    for blk in moved.values():
-        planned[blk.experts_device] = planned.get(blk.experts_device, 0) + blk.experts_bytes
-    assert held == planned
+    assert rep.weights_bytes_by_device() == plan.weights_bytes_by_device()
     assert rep.to_dict()["experts"][0]["over_plan"] is False
     assert "MoE experts of" in rep.table()
     return rep

@@ -333,6 +333,16 @@ class Plan:
         """The stream buffer on compute device ``device``, if it streams."""
         return next((b for b in self.stream_buffers if b.device == device), None)
 
+    def weights_bytes_by_device(self) -> dict[str, int]:
+        """Weight bytes each device holds under this plan: its stages' and the MoE experts kept there."""
+        held: dict[str, int] = {}
+        for s in self.stages:
+            held[s.device] = held.get(s.device, 0) + s.weights_bytes
+        for blk in self.blocks:
+            if blk.experts_device is not None:
+                held[blk.experts_device] = held.get(blk.experts_device, 0) + blk.experts_bytes
+        return held
+
     def device_used_bytes(self) -> dict[str, int]:
         """Bytes each device holds under this plan: its stages' totals and its stream buffer."""
         used: dict[str, int] = {}

@@ -273,6 +273,16 @@ class MemoryReport:
     def kv_cache_bytes(self) -> int:
         return sum(s.kv_cache_bytes for s in self.stages)
 
+    def weights_bytes_by_device(self) -> dict[str, int]:
+        """Weight bytes measured on each plan device: its stages' and the MoE experts kept there
+        (compare with ``Plan.weights_bytes_by_device``)."""
+        held: dict[str, int] = {}
+        for s in self.stages:
+            held[s.device] = held.get(s.device, 0) + s.weights_bytes
+        for e in self.experts:
+            held[e.device] = held.get(e.device, 0) + e.weights_bytes
+        return held
+
     @property
     def stream_buffers_over_plan(self) -> list[StreamBufferBytes]:
         return [b for b in self.stream_buffers if b.buffer_bytes > b.planned_buffer_bytes]
