@@ -150,6 +150,8 @@ CASES: list[tuple[str, dict, list[str]]] = [
      [P, "m", *D]),
     ("quant-bits-string", {"m/config.json": cfg(quantization_config={"quant_method": "gptq", "bits": "four"},
                                                 hidden_size=0)}, [P, "m", *D]),
+    ("quant-config-string", {"m/config.json": cfg(quantization_config="bnb")}, [P, "m", *D]),
+    ("quant-config-list", {"m/config.json": cfg(quantization_config=["bitsandbytes"])}, [P, "m", *D]),
     # JSON structure of the config
     ("config-deep", {"m/config.json": deep()}, [P, "m", *D]),
     ("config-deep-arrays", {"m/config.json": "[" * 100_000 + "]" * 100_000}, [P, "m", *D]),

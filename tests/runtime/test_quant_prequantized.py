@@ -157,6 +157,24 @@ def test_cli_run_refuses_gptq_in_one_line(folders, tmp_path, capsys):
     assert err.count("\n") == 0 and "quantized with 'gptq' needs its kernels on cuda" in err
 
 
+@pytest.mark.parametrize("backend", ["torchao", "bitsandbytes"])
+def test_quant_backend_on_a_prequantized_checkpoint(folders, backend):
+    """bitsandbytes blocks load as stored: --quant-backend torchao is refused in one line, not ignored;
+    naming the checkpoint's own package is accepted."""
+    from vramancer.errors import WorkloadError
+    from vramancer.plan.planner import plan
+    from vramancer.runtime.loader import load
+
+    p = plan(str(folders["nf4"]), devices="cpu:4GiB", context=16)
+    if backend == "torchao":
+        with pytest.raises(WorkloadError, match=r"--quant-backend torchao .* these weights load as their stored "
+                                                r"bitsandbytes blocks: drop it"):
+            load(str(folders["nf4"]), plan=p, quant_backend=backend)
+    else:
+        model = load(str(folders["nf4"]), plan=p, quant_backend=backend)
+        assert len(_greedy(model, 2)) == 2
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("kind", list(KINDS))

@@ -546,10 +546,15 @@ def config_dtype(config: dict | None) -> str | None:
 
 def config_quantization(config: dict | None) -> tuple[str | None, str | None]:
     """(quant_method, our dtype name for it) from a config's ``quantization_config``:
-    bitsandbytes 4-bit -> nf4, 8-bit -> int8, 4-bit GPTQ/AWQ -> int4; (None, None) without one."""
+    bitsandbytes 4-bit -> nf4, 8-bit -> int8, 4-bit GPTQ/AWQ -> int4; (None, None) without one.
+    A ``quantization_config`` that is not an object (transformers reads it as one) is malformed."""
     q = (config or {}).get("quantization_config")
-    if not isinstance(q, dict):
+    if q is None:
         return None, None
+    if not isinstance(q, dict):
+        raise MalformedCheckpointError(f"config.json: quantization_config is a {type(q).__name__} "
+                                       f"({str(q)[:40]!r}), expected an object such as "
+                                       '{"quant_method": "bitsandbytes", ...}')
     method = str(q.get("quant_method") or "unknown")
     if method == "bitsandbytes":
         if q.get("load_in_4bit"):

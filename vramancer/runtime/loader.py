@@ -708,6 +708,8 @@ def load_folder(folder: str | os.PathLike, plan: Plan, dtype: str | None = None,
     quant = None
     prequant = _prequantized(folder, plan)
     if prequant is not None:   # bitsandbytes weights as stored (runtime/quant/prequantized.py)
+        if quant_backend not in (None, prequant.method):
+            _no_quant_backend(quant_backend, f"their stored {prequant.method} blocks")
         model = build_empty_model(config, prequant.float_dtype)
         prequant.swap_layers(model)
         quant = _Quant(None, prequant.float_dtype, frozenset(), built=prequant.weights)
