@@ -5,7 +5,8 @@
 Built from ComfyUI's own modules so that ComfyUI detects it as SD1.5 (the UNet's model_channels 320 and
 context_dim 768 are what detection matches on; it has 2 levels of 1 res block each instead of 4 of 2).
 The CLIP-L text encoder has its real size (ComfyUI builds SD1.5's CLIP from a fixed config: every weight
-must be in the file); the VAE has its decoder (its encoder is unused by text-to-image). Every tensor is
+must be in the file); the VAE is whole, encoder included, as in published checkpoints (diffusers'
+single-file loader needs it; text-to-image runs only the decoder). Every tensor is
 filled from a generator seeded by its name, so the file is the same on every machine. Writes
 OUT_DIR/tiny-sd15.safetensors and OUT_DIR/tiny-sd15-lora.safetensors (kohya key names, 5 UNet layers
 spread over the blocks) and checks with ComfyUI's model detection that the checkpoint reads as SD15.
@@ -63,8 +64,7 @@ def main(comfy_dir: str, out_dir: str) -> None:
     sd: dict = {}
     sd.update({f"model.diffusion_model.{k}": v for k, v in _fill(unet.state_dict()).items()})
     sd.update({f"cond_stage_model.{k}": v for k, v in _fill(clip.state_dict()).items()})
-    sd.update({f"first_stage_model.{k}": v for k, v in _fill(vae.state_dict()).items()
-               if not k.startswith(("encoder.", "quant_conv."))})
+    sd.update({f"first_stage_model.{k}": v for k, v in _fill(vae.state_dict()).items()})
     cfg = model_config_from_unet(sd, "model.diffusion_model.")
     if not isinstance(cfg, SD15):
         raise SystemExit(f"ComfyUI detects the tiny checkpoint as {type(cfg).__name__}, not SD15")

@@ -24,7 +24,7 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..errors import BadInputError
+from ..errors import BadInputError, MalformedCheckpointError
 from .boundary import BoundaryStats, StageInputCache, move_tensors
 from .split import add_boundary_hooks
 
@@ -322,12 +322,50 @@ def load_pipeline(model: str | os.PathLike, devices: Any = "auto", height: int =
             raise BadInputError(f"{os.path.basename(path)}: a single-file checkpoint runs with --pipeline-config DIR "
                                 f"(config= in Python): a local diffusers folder of a {prof.pipeline_class} "
                                 "(nothing is downloaded)")
+        check_single_file_components(path)
         cls = getattr(diffusers, prof.pipeline_class)
-        pipe = cls.from_single_file(path, config=os.fspath(config), dtype=dt, local_files_only=True)
+        try:
+            pipe = cls.from_single_file(path, config=os.fspath(config), dtype=dt, local_files_only=True)
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, NotImplementedError) as e:
+            detail = (str(e).splitlines() or [type(e).__name__])[0][:200]
+            raise MalformedCheckpointError(f"{os.path.basename(path)}: diffusers could not build a "
+                                           f"{prof.pipeline_class} from it with the configs of {os.fspath(config)} "
+                                           f"({type(e).__name__}: {detail})") from None
     with torch.no_grad():
         rt = PipelineRuntime(pipe, plan).attach()
     pipe.vramancer = rt
     return pipe
+
+
+# parts of a component diffusers' single-file converter reads whole: (layout, component, tensor name prefix)
+_REQUIRED_PARTS = (
+    ("sd15", "vae", "first_stage_model.encoder."), ("sdxl", "vae", "first_stage_model.encoder."),
+    ("sd3", "vae", "first_stage_model.encoder."), ("flux", "vae", "vae.encoder."),
+)
+
+
+def check_single_file_components(path: str | os.PathLike) -> None:
+    """One line (MalformedCheckpointError) when a single-file checkpoint holds only part of a component
+    that diffusers' ``from_single_file`` converts whole: it would leave the rest on the meta device
+    and fail deep inside the load. ComfyUI-pruned files often drop the VAE encoder (text-to-image
+    never runs it). A component absent altogether is left to diffusers (it takes it from the config
+    folder when that folder has its weights)."""
+    from ..models.checkpoint import read_safetensors_header
+    from ..models.pipeline import single_file_layout
+
+    tensors, _ = read_safetensors_header(path)
+    names = [t.name for t in tensors]
+    layout = single_file_layout(names)
+    if layout is None:
+        return
+    for key, comp, part in _REQUIRED_PARTS:
+        whole = part[:part.index(".") + 1]        # the component's own prefix: first_stage_model. / vae.
+        if key == layout.key and any(n.startswith(whole) for n in names) \
+                and not any(n.startswith(part) for n in names):
+            raise MalformedCheckpointError(f"{os.path.basename(os.fspath(path))}: the {comp} has no encoder "
+                                           f"weights ({part}*; pruned files drop them) and diffusers' "
+                                           "single-file loader builds the whole VAE: use a checkpoint that "
+                                           "has them")
 
 
 # -- commands -----------------------------------------------------------------------------------------
