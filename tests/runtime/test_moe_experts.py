@@ -127,6 +127,7 @@ def test_experts_on_host_greedy_equals_unsplit(moe_folders, arch, n_gpus):
     stats = rt.experts_hooks.stats
     assert stats.forwards == n_moved * NEW_TOKENS
     assert stats.copied_forwards == (n_moved if n_gpus == 3 else 0)
+    assert stats.host_path_forwards == stats.forwards - stats.copied_forwards   # host_experts_forward
     assert stats.copied_bytes == (sum(b.experts_bytes for b in plan.blocks) if n_gpus == 3 else 0)
     _check_experts(model, plan)
     hooked = [model.get_submodule(e.name) for s in rt.stages for e in s.host_experts]

@@ -11,6 +11,15 @@ tokens or more; compute-bound) copies the module's weights to the layer's device
 drops the copy after (llama.cpp does the same for large batches); the plan keeps room for one such
 copy on each GPU.
 
+On the host, a decode forward of transformers' fused experts (``gate_up_proj`` [E, 2I, H],
+``down_proj`` [E, H, I], its default ``grouped_mm`` implementation) runs ``host_experts_forward``:
+the same arithmetic as transformers' grouped path on a CPU (rows sorted by expert, one ``torch.mm``
+per expert, the routing weights, the sum over the top k in their order: bit for bit its result), but
+over the selected experts only. Transformers' path materializes every expert's weight each forward,
+so weights kept as GGUF blocks (runtime/gguf) were dequantized for all E experts where only the top
+k are read: here only the selected experts' rows are dequantized; and its Python loop runs over all
+E experts (histogram, offsets), where this one runs over the k selected.
+
     hooks = ExpertsHooks(experts).attach()   # SplitRuntime.attach() does this
     hooks.stats                              # forwards and bytes moved each way
     hooks.detach()
@@ -30,7 +39,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ..plan.plan import Plan
 
-__all__ = ["HostExperts", "ExpertsStats", "ExpertsHooks", "experts_module_name", "host_experts_modules"]
+__all__ = ["HostExperts", "ExpertsStats", "ExpertsHooks", "experts_module_name", "host_experts_modules",
+           "host_experts_forward", "runs_host_path"]
 
 
 @dataclass
@@ -52,11 +62,12 @@ class HostExperts:
 @dataclass
 class ExpertsStats:
     """Forwards through host experts (on the host; ``copied_forwards`` of them prefills run on the
-    layer's device with the weights copied there), and bytes moved: inputs to the host, outputs back,
-    weights copied."""
+    layer's device with the weights copied there; ``host_path_forwards`` of them run by
+    host_experts_forward), and bytes moved: inputs to the host, outputs back, weights copied."""
 
     forwards: int = 0
     copied_forwards: int = 0
+    host_path_forwards: int = 0
     to_host_bytes: int = 0
     back_bytes: int = 0
     copied_bytes: int = 0
@@ -116,6 +127,98 @@ def host_experts_modules(plan: Plan, model: nn.Module) -> dict[int, tuple[str, s
     return out
 
 
+def runs_host_path(module: nn.Module) -> bool:
+    """Whether ``host_experts_forward`` computes exactly what ``module``'s own forward does: transformers'
+    fused gated experts without biases, transposition or post-norm, on its ``grouped_mm`` implementation."""
+    def get(name: str, default: Any = None) -> Any:
+        return getattr(module, name, default)
+
+    gu, down = _weight_shape(module, "gate_up_proj"), _weight_shape(module, "down_proj")
+    cfg = get("config")
+    return (gu is not None and down is not None and len(gu) == 3 and len(down) == 3
+            and gu[0] == down[0] and gu[2] == down[1] and gu[1] == 2 * down[2]
+            and get("has_gate") is True and get("has_bias") is False and get("is_transposed") is False
+            and get("is_concatenated", True) is True and not get("has_post_expert_norm", False)
+            and not get("_is_expert_parallel", False) and callable(get("_apply_gate"))
+            and getattr(cfg, "_experts_implementation", None) == "grouped_mm")
+
+
+def _weight_shape(module: nn.Module, name: str) -> tuple[int, ...] | None:
+    from torch.nn.utils import parametrize
+
+    if parametrize.is_parametrized(module, name):
+        plist = module.parametrizations[name]
+        shape = getattr(plist[0], "shape", None) if len(plist) == 1 else None
+        return tuple(shape) if shape is not None else None
+    w = getattr(module, name, None)
+    return tuple(w.shape) if w is not None and hasattr(w, "shape") else None
+
+
+def _expert_weight(module: nn.Module, name: str, e: int, whole: dict) -> torch.Tensor:
+    """Expert ``e``'s weight ``name`` [rows, cols]: of weights kept as GGUF blocks only that expert's
+    rows dequantized (a parametrization with ``expert(stored, e)``, or runtime/gguf's GGUFWeight);
+    any other parametrization materialized once per forward (``whole``)."""
+    from torch.nn.utils import parametrize
+
+    if not parametrize.is_parametrized(module, name):
+        return getattr(module, name)[e]
+    plist = module.parametrizations[name]
+    p = plist[0]
+    if len(plist) == 1 and hasattr(p, "expert"):
+        return p.expert(plist.original, e)
+    from .gguf.modules import GGUFWeight
+
+    if len(plist) == 1 and type(p) is GGUFWeight:
+        import torch
+
+        from .gguf.dequant import dequantize
+
+        stored = plist.original[e]
+        w = dequantize(stored, p.qtype) if stored.dtype == torch.uint8 else stored
+        return w.reshape(p.shape[1:]).to(p.dtype)
+    if name not in whole:
+        whole[name] = getattr(module, name)
+    return whole[name][e]
+
+
+def host_experts_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                         top_k_weights: torch.Tensor) -> torch.Tensor:
+    """``module``'s forward (``runs_host_path(module)``) on the CPU over its selected experts only:
+    transformers' ``grouped_mm_experts_forward`` with its CPU fallback (``torch.mm`` per expert group
+    of rows), step for step, the per-expert weights read for the selected experts alone."""
+    import torch
+
+    k = top_k_index.size(-1)
+    tokens, hidden = hidden_states.size(0), hidden_states.size(-1)
+    ids_g, perm = torch.sort(top_k_index.reshape(-1))
+    x = hidden_states[perm // k]
+    w_g = top_k_weights.reshape(-1)[perm]
+    groups: list[tuple[int, int, int]] = []     # (expert, first row, end row) in expert order
+    for row, e in enumerate(ids_g.tolist()):
+        if groups and groups[-1][0] == e:
+            groups[-1] = (e, groups[-1][1], row + 1)
+        else:
+            groups.append((e, row, row + 1))
+    if not groups:
+        return torch.zeros_like(hidden_states)
+    whole: dict = {}
+    gate_up = [(a, b, _expert_weight(module, "gate_up_proj", e, whole)) for e, a, b in groups]
+    dtype = gate_up[0][2].dtype
+    x = x.to(dtype)
+    proj = torch.zeros(x.size(0), gate_up[0][2].shape[0], device=x.device, dtype=dtype)
+    for a, b, w in gate_up:
+        torch.mm(x[a:b], w.transpose(-2, -1), out=proj[a:b])
+    proj = module._apply_gate(proj)
+    out = torch.zeros(proj.size(0), hidden, device=x.device, dtype=dtype)
+    for e, a, b in groups:
+        w = _expert_weight(module, "down_proj", e, whole)
+        torch.mm(proj[a:b].to(w.dtype), w.transpose(-2, -1), out=out[a:b])
+    weighted = out * w_g.unsqueeze(-1)
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.size(0), device=perm.device)
+    return weighted[inv].view(tokens, k, hidden).sum(dim=1).to(hidden_states.dtype)
+
+
 @dataclass
 class ExpertsHooks:
     """The hooks that run host experts on the host: attach() installs them, detach() removes them."""
@@ -125,6 +228,7 @@ class ExpertsHooks:
     stats: ExpertsStats = field(default_factory=ExpertsStats)
     _handles: list[Any] = field(default_factory=list)
     _homes: list[Any] = field(default_factory=list)   # (owner, attr, host parameter) while a copy runs
+    _forwards: list[Any] = field(default_factory=list)   # modules whose forward is _host_forward's
 
     def _pre(self, ex: HostExperts):
         moved = BoundaryStats()
@@ -178,10 +282,23 @@ class ExpertsHooks:
             setattr(owner, attr, p)
         self._homes.clear()
 
+    def _host_forward(self, ex: HostExperts, own: Any):
+        """``ex.module``'s forward: host_experts_forward for a decode forward on the host, else its own."""
+        def forward(hidden_states, top_k_index, top_k_weights):
+            if (hidden_states.device == ex.device and hidden_states.dim() == 2
+                    and hidden_states.shape[0] < self.prefill_tokens and not self._homes):
+                self.stats.host_path_forwards += 1
+                return host_experts_forward(ex.module, hidden_states, top_k_index, top_k_weights)
+            return own(hidden_states, top_k_index, top_k_weights)
+        return forward
+
     def attach(self) -> ExpertsHooks:
         if self._handles:
             return self
         for ex in self.experts:
+            if runs_host_path(ex.module) and "forward" not in vars(ex.module):
+                ex.module.forward = self._host_forward(ex, ex.module.forward)
+                self._forwards.append(ex.module)
             self._handles.append(ex.module.register_forward_pre_hook(self._pre(ex), with_kwargs=True))
             self._handles.append(ex.module.register_forward_hook(self._post(ex), with_kwargs=True))
         return self
@@ -190,6 +307,9 @@ class ExpertsHooks:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for m in self._forwards:
+            vars(m).pop("forward", None)
+        self._forwards.clear()
 
     @property
     def attached(self) -> bool:
