@@ -1,7 +1,36 @@
 """MoE routed experts in host RAM vs whole layers offloaded, on the same memory budget.
 
-The model: one random Qwen2-MoE-style decoder (``--layers`` x ``--hidden``, ``--experts`` routed
-experts of ``--moe-inter``, top ``--top-k``, one shared expert), float32, saved as safetensors.
+The models: one random decoder per shape below (``--shapes``), float32, saved as safetensors, scaled
+down from the published config of the model family it stands for, keeping the ratios that decide
+this comparison: experts per layer and top k (the fraction of the experts a token reads), expert
+width / hidden, attention width and GQA ratio / hidden, shared experts / hidden. What the two plans
+move off the GPU is the same number of bytes; what a decode step then reads and runs on the host
+differs: a whole layer offloaded reads its attention, shared expert and KV cache there as well as
+its top-k experts, a layer's experts offloaded only the top-k experts. So the gain is set by
+(attention + shared + KV) / (top-k experts) per layer, and the ratio is the same at any scale, but
+the fixed costs of small modules are not: a width that keeps the top-k experts' bytes per layer
+well above the host's fixed cost of a module (a few MB vs ~0.3 ms of dispatch) is the smallest
+representative one. Shapes (published configs -> here, hidden 512):
+
+  mixtral      Mixtral 8x7B (and 8x22B): hidden 4096, 32 layers, 32 heads of 128, 8 KV heads, 8
+               experts of 14336 (3.5 x hidden), top 2, no shared expert -> 8 layers, 8 heads of 64,
+               2 KV heads, 8 experts of 1792, top 2. Attention is ~3% of a layer, a token reads 1/4
+               of its experts: per byte freed from the GPU, a whole layer and its experts alone read
+               nearly the same bytes on the host (+ the KV cache, which grows with the context).
+  qwen3-moe    Qwen3-30B-A3B (Qwen3-235B-A22B alike): hidden 2048, 48 layers, 32 heads of 128 (q
+               is 2 x hidden), 4 KV heads, 128 experts of 768 (0.375 x hidden), top 8, no shared
+               expert -> 6 layers, 8 heads of 128, 1 KV head, 128 experts of 192, top 8. A token
+               reads 1/16 of the experts; attention is 13% of what a token reads in a layer.
+  qwen1.5-moe  Qwen1.5-MoE-A2.7B (Qwen2-57B-A14B, DeepSeek-V2-Lite alike: fine-grained experts plus
+               always-on shared experts): hidden 2048, 24 layers, 16 heads (no GQA), 60 experts of
+               1408 (0.6875 x hidden), top 4, a shared expert of 5632 (2.75 x hidden) -> 6 layers,
+               8 heads of 64, 60 experts of 352, top 4, a shared expert of 1408. Attention and the
+               shared expert are 2/3 of what a token reads in a layer, experts only 1/15 of theirs.
+
+``--layers/--hidden/--experts/--top-k/--moe-inter`` instead give one Qwen2-MoE-style shape of those
+sizes (a shared expert of ``--hidden``; what this benchmark ran before the shapes above; a tiny one
+is its smoke test): ``custom``.
+
 The devices: one simulated GPU (``--gpu``, a catalog card) whose memory is set so that the model
 misses it by ``--short`` of its routed experts' bytes, and host RAM (``cpu:16GiB``). The planner
 plans it twice on exactly these devices:
@@ -11,7 +40,9 @@ plans it twice on exactly these devices:
   experts  every layer on the GPU but the routed experts of the first N MoE layers, which stay in
            host RAM and run there (plan/experts.py, llama.cpp's ``--n-cpu-moe N``).
 
-Predicted: the planner's decode tokens/s of each plan on the named devices, and their ratio. The
+Predicted: the planner's decode tokens/s of each plan on the named devices, and their ratio, with
+this host's speed measured first (runtime/calibrate, a few seconds, kept in a temporary cache
+folder; ``--no-calibrate``: the defaults or what ``benchmarks/cost_model.py --save`` kept). The
 planner's own whole-layer choice on these devices (it may stream the offloaded layers through the GPU,
 or run them per phase) is printed too, predicted only: a stream's copies over PCIe and its compute
 on a GPU cannot be measured on a machine without one. (On a model this small a layer crosses PCIe in
@@ -26,11 +57,13 @@ to their output; experts: the experts modules, inputs moved in and output out), 
 hooks around exactly those modules. The "measured" tokens/s of each plan is that measured host time
 plus the planner's predicted time for the rest of the step (the GPU's share and the hops), which this
 machine cannot measure; their ratio is the goal's figure (>= 1.5x). The planner's predicted host
-share is printed next to the measured one.
+share is printed next to the measured one, and the bytes each plan reads on the host per decode step
+(the planner's: weights read plus KV cache passes).
 
 Timings: median of ``--repeat`` decode runs of ``--new`` tokens after a ``--prompt``-token prefill.
-Run:  python benchmarks/moe.py [--repeat 3] [--threads N] [--json FILE]   (benchmarks/quantized.py runs it too)
-A benchmark, not a test: it always exits 0 and prints "GOAL MET" / "GOAL NOT MET".
+Run:  python benchmarks/moe.py [--shapes mixtral,qwen3-moe,qwen1.5-moe] [--repeat 3] [--threads N] [--json FILE]
+(benchmarks/quantized.py runs a custom shape). A benchmark, not a test: it always exits 0 and prints
+"GOAL MET" / "GOAL NOT MET" per shape.
 """
 from __future__ import annotations
 
@@ -57,23 +90,51 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def make_model(layers: int, hidden: int, experts: int, top_k: int, moe_inter: int, vocab: int, seed: int = 0):
+# the shapes of the docstring: (transformers model type, its config beyond the common part)
+SHAPES: dict[str, dict[str, Any]] = {
+    "mixtral": dict(arch="mixtral", hidden=256, layers=32, heads=4, kv_heads=1, head_dim=64,
+                    experts=8, top_k=2, moe_inter=896, shared_inter=0),
+    "qwen3-moe": dict(arch="qwen3_moe", hidden=256, layers=24, heads=4, kv_heads=1, head_dim=128,
+                      experts=128, top_k=8, moe_inter=96, shared_inter=0),
+    "qwen1.5-moe": dict(arch="qwen2_moe", hidden=256, layers=24, heads=4, kv_heads=4, head_dim=64,
+                        experts=60, top_k=4, moe_inter=176, shared_inter=704),
+}
+
+
+def custom_shape(layers: int, hidden: int, experts: int, top_k: int, moe_inter: int) -> dict[str, Any]:
+    heads = max(1, hidden // 64)
+    return dict(arch="qwen2_moe", hidden=hidden, layers=layers, heads=heads, kv_heads=max(1, heads // 4),
+                head_dim=hidden // heads, experts=experts, top_k=top_k, moe_inter=moe_inter, shared_inter=hidden)
+
+
+def make_model(shape: dict[str, Any], vocab: int, seed: int = 0):
     import torch
     import transformers
 
-    heads = max(1, hidden // 64)
-    cfg = transformers.Qwen2MoeConfig(
-        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-        num_key_value_heads=max(1, heads // 4), intermediate_size=2 * hidden, moe_intermediate_size=moe_inter,
-        shared_expert_intermediate_size=hidden, num_experts=experts, num_experts_per_tok=top_k,
-        decoder_sparse_step=1, vocab_size=vocab, max_position_embeddings=4096,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    h = shape["hidden"]
+    common = dict(hidden_size=h, num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
+                  num_key_value_heads=shape["kv_heads"], vocab_size=vocab, max_position_embeddings=8192,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    arch = shape["arch"]
+    if arch == "mixtral":
+        cfg = transformers.MixtralConfig(**common, head_dim=shape["head_dim"], intermediate_size=shape["moe_inter"],
+                                         num_local_experts=shape["experts"], num_experts_per_tok=shape["top_k"])
+    elif arch == "qwen3_moe":
+        cfg = transformers.Qwen3MoeConfig(**common, head_dim=shape["head_dim"], intermediate_size=2 * h,
+                                          moe_intermediate_size=shape["moe_inter"], num_experts=shape["experts"],
+                                          num_experts_per_tok=shape["top_k"], decoder_sparse_step=1,
+                                          norm_topk_prob=True)
+    else:
+        cfg = transformers.Qwen2MoeConfig(**common, intermediate_size=2 * h, moe_intermediate_size=shape["moe_inter"],
+                                          shared_expert_intermediate_size=shape["shared_inter"],
+                                          num_experts=shape["experts"], num_experts_per_tok=shape["top_k"],
+                                          decoder_sparse_step=1)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():   # a larger spread than the init: decisive greedy choices (the ids are compared)
         for p in model.parameters():
             if p.dim() >= 2:
-                p.normal_(0.0, 0.5 / hidden ** 0.5)
+                p.normal_(0.0, 0.5 / h ** 0.5)
     return model
 
 
@@ -161,20 +222,23 @@ def _decode(model, ids, new: int, timer: _HostTimer | None = None) -> tuple[list
     return toks, dt / steps, (timer.seconds / steps if timer is not None else 0.0)
 
 
-def predicted_host_seconds(plan, folder: str) -> float:
-    """The planner's seconds per decode step for what ``plan`` runs on the host."""
+def predicted_host_seconds(plan, folder: str) -> tuple[float, float]:
+    """The planner's (seconds, bytes read) per decode step for what ``plan`` runs on the host: whole
+    layers (weights read and KV cache passes) or experts modules (the top-k experts' bytes)."""
     from vramancer.models.resolve import profile
     from vramancer.plan.cost import CostModel
-    from vramancer.plan.experts import _experts_only
 
-    if not any(b.experts_device for b in plan.blocks):
-        return sum(s.decode_seconds for s in plan.offloaded)
     prof = profile(folder)
     w = plan.workload
     cost = CostModel(prof, w.context, w.batch, w.prefill_chunk)
+    if not any(b.experts_device for b in plan.blocks):
+        nbytes = sum(cost._decode_bytes(prof.blocks[i]) for s in plan.offloaded for i in range(*s.blocks))
+        return sum(s.decode_seconds for s in plan.offloaded), nbytes
     host = {d.id: d for d in plan.devices}
-    return sum(cost.execute_seconds(_experts_only(prof.blocks[i]), host[b.experts_device])[0]
-               for i, b in enumerate(plan.blocks) if b.experts_device)
+    moved = [i for i, b in enumerate(plan.blocks) if b.experts_device]
+    return (sum(cost.experts_decode_seconds(prof.blocks[i], host[plan.blocks[i].experts_device]) for i in moved),
+            sum(min(w.batch * prof.blocks[i].experts_read_bytes_per_token, prof.blocks[i].experts_bytes)
+                for i in moved))
 
 
 def _bytes_by_device(model, plan) -> tuple[dict[str, int], dict[str, int]]:
@@ -208,7 +272,7 @@ def measure(folder: str, plans: dict[str, Any], prompt: int, new: int, repeat: i
         step = statistics.median(r[1] for r in runs[kind])
         host = statistics.median(r[2] for r in runs[kind])
         pred_step = plan.predicted.decode_ms_per_step / 1e3
-        pred_host = predicted_host_seconds(plan, folder)
+        pred_host, host_bytes = predicted_host_seconds(plan, folder)
         rows[kind] = dict(
             plan=kind, stages=[f"{s.device}[{s.blocks[0]}:{s.blocks[1]}]{'*' if s.mode == 'stream' else ''}"
                                for s in plan.stages],
@@ -217,67 +281,61 @@ def measure(folder: str, plans: dict[str, Any], prompt: int, new: int, repeat: i
             weights_bytes_by_device=held, planned_weights_bytes_by_device=planned,
             tokens_equal=all(r[0] == want for r in runs[kind]),
             predicted_decode_tps=plan.predicted.decode_tokens_per_s,
-            predicted_host_s=pred_host, measured_host_s=host,
+            predicted_host_s=pred_host, measured_host_s=host, predicted_host_bytes=host_bytes,
             measured_tps=1.0 / max(1e-12, host + max(0.0, pred_step - pred_host)),
             wall_tps=1.0 / step)
         model.vramancer.free()
     return rows
 
 
-def run(argv: list[str] | None = None) -> dict[str, Any]:
-    """Parse ``argv``, measure, print the table; the figures as a dict (what --json writes)."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--experts", type=int, default=8)
-    ap.add_argument("--top-k", type=int, default=2)
-    ap.add_argument("--moe-inter", type=int, default=256)
-    ap.add_argument("--vocab", type=int, default=4096)
-    ap.add_argument("--gpu", default="rtx3060", help="the simulated card (its memory is set here)")
-    ap.add_argument("--short", type=float, default=0.4,
-                    help="the GPU misses the model by this fraction of its routed experts' bytes")
-    ap.add_argument("--prompt", type=int, default=512, help="prompt tokens (the KV cache decode reads)")
-    ap.add_argument("--new", type=int, default=32, help="tokens per decode measurement")
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--json", default=None, help="also write the figures to this file")
-    args = ap.parse_args(argv)
+def _calibrated(tmp: str) -> str:
+    """This host's speed (runtime/calibrate) kept in a cache folder under ``tmp``, which the planner
+    reads while the benchmark runs ($VRAMANCER_CACHE_DIR); a measurement already kept is used as it is."""
+    import os
 
+    from vramancer.devices.host_speed import host_speed, save_host_speed
+
+    if host_speed().source == "measured":
+        return "measured before (kept)"
+    from vramancer.runtime.calibrate import measure_host_speed
+
+    os.environ["VRAMANCER_CACHE_DIR"] = str(Path(tmp) / "cache")
+    save_host_speed(measure_host_speed())
+    return "measured now"
+
+
+def run_shape(name: str, shape: dict[str, Any], args: argparse.Namespace, tmp: str) -> dict[str, Any]:
+    """Plan, load and time one shape; print its rows; its figures."""
     import torch
-    from transformers.utils import logging as hf_logging
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    with tempfile.TemporaryDirectory() as tmp:
-        model = make_model(args.layers, args.hidden, args.experts, args.top_k, args.moe_inter, args.vocab)
-        n_params = sum(p.numel() for p in model.parameters())
-        folder = str(Path(tmp) / "moe")
-        model.save_pretrained(folder, safe_serialization=True)
-        del model
-        plans = make_plans(folder, args.gpu, args.short, args.prompt + args.new)
-        _log(f"MoE {args.layers} layers x {args.hidden}, {args.experts} experts (top {args.top_k}) of "
-             f"{args.moe_inter} + a shared expert, {n_params / 1e6:.1f}M parameters, float32; devices "
-             f"{plans['devices']}; prompt {args.prompt}, {args.new} new tokens, median of {args.repeat}, "
-             f"{torch.get_num_threads()} torch threads")
-        rows = measure(folder, plans, args.prompt, args.new, args.repeat, args.vocab)
+    model = make_model(shape, args.vocab)
+    n_params = sum(p.numel() for p in model.parameters())
+    folder = str(Path(tmp) / name)
+    model.save_pretrained(folder, safe_serialization=True)
+    del model
+    plans = make_plans(folder, args.gpu, args.short, args.prompt + args.new)
+    shared = f" + a shared expert of {shape['shared_inter']}" if shape["shared_inter"] else ""
+    _log(f"\n[{name}] {shape['arch']}: {shape['layers']} layers x {shape['hidden']}, {shape['heads']} heads of "
+         f"{shape['head_dim']} ({shape['kv_heads']} KV), {shape['experts']} experts of {shape['moe_inter']} "
+         f"(top {shape['top_k']}){shared}, {n_params / 1e6:.1f}M parameters, float32; devices {plans['devices']}")
+    rows = measure(folder, plans, args.prompt, args.new, args.repeat, args.vocab)
     w, e = rows["whole"], rows["experts"]
-    _log("")
-    _log(f"{'plan':8s} {'on host':>16s} {'pred tok/s':>11s} {'host ms/tok pred':>17s} {'meas':>7s} "
-         f"{'meas tok/s':>11s} {'wall tok/s':>11s}  tokens  bytes==plan")
+    _log(f"{'plan':8s} {'on host':>16s} {'host MB/tok':>11s} {'pred tok/s':>11s} {'host ms/tok pred':>17s} "
+         f"{'meas':>7s} {'meas tok/s':>11s} {'wall tok/s':>11s}  tokens  bytes==plan")
     for r in (w, e):
         where = (f"{r['host_layers']} layers" if r["plan"] == "whole" else f"{r['host_experts_layers']} experts")
-        _log(f"{r['plan']:8s} {where:>16s} {r['predicted_decode_tps']:11.1f} {r['predicted_host_s'] * 1e3:17.2f} "
-             f"{r['measured_host_s'] * 1e3:7.2f} {r['measured_tps']:11.1f} {r['wall_tps']:11.1f}  "
-             f"{'equal' if r['tokens_equal'] else 'DIFFER'}  "
+        _log(f"{r['plan']:8s} {where:>16s} {r['predicted_host_bytes'] / 1e6:11.1f} {r['predicted_decode_tps']:11.1f} "
+             f"{r['predicted_host_s'] * 1e3:17.2f} {r['measured_host_s'] * 1e3:7.2f} {r['measured_tps']:11.1f} "
+             f"{r['wall_tps']:11.1f}  {'equal' if r['tokens_equal'] else 'DIFFER'}  "
              f"{'yes' if r['weights_bytes_by_device'] == r['planned_weights_bytes_by_device'] else 'NO'}")
     pred_ratio = e["predicted_decode_tps"] / max(1e-12, w["predicted_decode_tps"])
     meas_ratio = e["measured_tps"] / max(1e-12, w["measured_tps"])
     wall_ratio = e["wall_tps"] / max(1e-12, w["wall_tps"])
+    host_ratio = w["measured_host_s"] / max(1e-12, e["measured_host_s"])
     _log(f"experts / whole, decode tokens/s: predicted {pred_ratio:.2f}x; measured (host measured + GPU "
-         f"predicted) {meas_ratio:.2f}x; wall clock here, all on one CPU: {wall_ratio:.2f}x")
-    _log(f"experts in host RAM vs whole layers offloaded, goal >= {GOAL}x (measured): "
+         f"predicted) {meas_ratio:.2f}x; host share alone {host_ratio:.2f}x; wall clock here, all on one CPU: "
+         f"{wall_ratio:.2f}x")
+    _log(f"[{name}] experts in host RAM vs whole layers offloaded, goal >= {GOAL}x (measured): "
          + ("GOAL MET" if meas_ratio >= GOAL else "GOAL NOT MET"))
     cw = plans["whole_chosen"]
     modes = ", ".join(f"{s.device}[{s.blocks[0]}:{s.blocks[1]}] {s.mode}" for s in cw.offloaded) or "none offloaded"
@@ -286,13 +344,79 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
          f"tokens/s decode, {cw.predicted.prefill_tokens_per_s:g} prefill; experts / it, predicted decode: "
          f"{chosen_ratio:.2f}x (not measurable without a GPU); the planner's choice with both allowed: "
          f"{plans['chosen']}")
-    results = {"devices": plans["devices"], "chosen": plans["chosen"], "rows": [w, e],
-               "whole_chosen": {"modes": [s.mode for s in cw.offloaded],
-                                "predicted_decode_tps": cw.predicted.decode_tokens_per_s,
-                                "predicted_prefill_tps": cw.predicted.prefill_tokens_per_s,
-                                "predicted_ratio": chosen_ratio},
-               "predicted_ratio": pred_ratio, "measured_ratio": meas_ratio, "wall_ratio": wall_ratio,
-               "torch_threads": torch.get_num_threads()}
+    return {"shape": name, **shape, "parameters": n_params, "devices": plans["devices"], "chosen": plans["chosen"],
+            "rows": [w, e],
+            "whole_chosen": {"modes": [s.mode for s in cw.offloaded],
+                             "predicted_decode_tps": cw.predicted.decode_tokens_per_s,
+                             "predicted_prefill_tps": cw.predicted.prefill_tokens_per_s,
+                             "predicted_ratio": chosen_ratio},
+            "predicted_ratio": pred_ratio, "measured_ratio": meas_ratio, "host_ratio": host_ratio,
+            "wall_ratio": wall_ratio, "goal_met": meas_ratio >= GOAL, "torch_threads": torch.get_num_threads()}
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse ``argv``, measure, print the table; the figures as a dict (what --json writes): ``shapes``,
+    one entry per shape, and with one shape its entry's keys at the top level too."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of: {', '.join(SHAPES)}")
+    for opt in ("--layers", "--hidden", "--experts", "--top-k", "--moe-inter"):
+        ap.add_argument(opt, type=int, default=None, help="a custom Qwen2-MoE-style shape instead (module docstring)")
+    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--gpu", default="rtx3060", help="the simulated card (its memory is set here)")
+    ap.add_argument("--short", type=float, default=0.4,
+                    help="the GPU misses the model by this fraction of its routed experts' bytes")
+    ap.add_argument("--prompt", type=int, default=512, help="prompt tokens (the KV cache decode reads)")
+    ap.add_argument("--new", type=int, default=32, help="tokens per decode measurement")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--no-calibrate", action="store_true",
+                    help="predict with the host figures kept or the defaults, not a fresh measurement")
+    ap.add_argument("--json", default=None, help="also write the figures to this file")
+    args = ap.parse_args(argv)
+    custom = [args.layers, args.hidden, args.experts, args.top_k, args.moe_inter]
+    if any(v is not None for v in custom):
+        shapes = {"custom": custom_shape(*(v if v is not None else d for v, d in zip(custom, (8, 512, 8, 2, 256))))}
+    else:
+        names = [n.strip() for n in args.shapes.split(",") if n.strip()]
+        bad = [n for n in names if n not in SHAPES]
+        if bad or not names:
+            print(f"error: unknown shape {', '.join(bad) or '(none)'} (known: {', '.join(SHAPES)})", file=sys.stderr)
+            raise SystemExit(2)
+        shapes = {n: SHAPES[n] for n in names}
+
+    import os
+
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    cache_env = os.environ.get("VRAMANCER_CACHE_DIR")
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            speed = "defaults / kept (--no-calibrate)" if args.no_calibrate else _calibrated(tmp)
+            from vramancer.devices.host_speed import host_speed
+
+            hs = host_speed()
+            _log(f"MoE experts in host RAM vs whole layers offloaded; prompt {args.prompt}, {args.new} new tokens, "
+                 f"median of {args.repeat}, {torch.get_num_threads()} torch threads; host speed {speed}: "
+                 f"{hs.bandwidth_bytes_per_s / 1e9:.1f} GB/s decode reads, {hs.block_overhead_s * 1e3:.2f} ms "
+                 f"per layer, {hs.step_overhead_s * 1e3:.2f} ms per step")
+            done = [run_shape(name, shape, args, tmp) for name, shape in shapes.items()]
+    finally:
+        if cache_env is None:
+            os.environ.pop("VRAMANCER_CACHE_DIR", None)
+        else:
+            os.environ["VRAMANCER_CACHE_DIR"] = cache_env
+    _log(f"\nshape         pred ratio  meas ratio  host share ratio  goal (>= {GOAL}x, measured)")
+    for r in done:
+        _log(f"{r['shape']:12s} {r['predicted_ratio']:10.2f}x {r['measured_ratio']:10.2f}x "
+             f"{r['host_ratio']:16.2f}x  {'MET' if r['goal_met'] else 'NOT MET'}")
+    results: dict[str, Any] = {"shapes": done, "host_speed": hs.to_dict()}
+    if len(done) == 1:
+        results.update({k: v for k, v in done[0].items()})
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return results

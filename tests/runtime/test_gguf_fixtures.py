@@ -163,3 +163,50 @@ def test_kv_cache_is_the_planned_float16(name, kind):
     assert [s.kv_cache_bytes for s in rep.stages] == [n * rep.kv_tokens for n in per_token]
     assert all(n > 0 for n in per_token)
     rt.detach()
+
+
+# llama.cpp's Mixtral files with the routed experts of every layer in host RAM (``--n-cpu-moe``): one
+# GPU too small for the whole layers, big enough for their attention and one layer's prefill copy
+MOE_DEVICES = {"F32": "rtx3090:184000B,rtx3060:184000B,cpu:8GiB", "Q8_0": "rtx3060:96000B,cpu:8GiB"}
+
+
+@pytest.mark.parametrize("kind", sorted(MOE_DEVICES))
+def test_mixtral_gguf_experts_in_host_ram(sources, kind):
+    """The planner's experts placement of a llama.cpp Mixtral file (its profile names the stacked
+    ``blk.N.ffn_*_exps`` tensors, the plan the model's experts modules): loaded with the experts' GGUF
+    blocks on the host, run there by the host path (the selected experts dequantized), greedy tokens
+    and logits equal the unsplit float model's (F32: the source; Q8_0: gguf-py's dequantization),
+    measured bytes per device equal the plan's."""
+    from vramancer.devices.spec import parse_devices
+    from vramancer.models.resolve import profile
+    from vramancer.plan.experts import experts_on_host
+    from vramancer.plan.planner import plan, plan_profile
+    from vramancer.runtime.loader import load
+
+    path = _path("mixtral", kind)
+    devices = MOE_DEVICES[kind]
+    whole = plan(str(path), devices=devices, context=64, reserve_bytes=0, moe_experts_on_host=False, backing="cpu")
+    assert whole.offloaded
+    moe = experts_on_host(profile(str(path)), parse_devices(devices, backing="cpu"), whole.workload, 0, whole,
+                          plan_profile)
+    assert moe is not None and not moe.offloaded
+    moved = [b for b in moe.blocks if b.experts_device]
+    assert [b.experts_module for b in moved] == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    file_bytes = {str(t.name): int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors}
+    for i, b in enumerate(moved):
+        assert b.experts_bytes == sum(file_bytes[f"blk.{i}.ffn_{w}_exps.weight"] for w in ("gate", "up", "down"))
+    ref = sources("mixtral") if kind == "F32" else _dequantized(sources("mixtral"), path)
+    model = load(str(path), plan=moe)
+    rt = model.vramancer
+    with torch.no_grad():
+        assert torch.equal(model(PROMPT).logits, ref(PROMPT).logits)
+        assert _greedy(model, PROMPT) == _greedy(ref, PROMPT)
+    stats = rt.experts_hooks.stats
+    assert stats.forwards == len(moved) * (1 + NEW_TOKENS) and stats.copied_forwards == 0   # forward + generate
+    assert stats.host_path_forwards == stats.forwards
+    rep = rt.memory_report()
+    assert rep.weights_bytes_by_device() == moe.weights_bytes_by_device()
+    assert [e.weights_bytes for e in rep.experts] == [b.experts_bytes for b in moved]
+    assert all(e.torch_device == "cpu" and not e.misplaced for e in rep.experts)
+    assert sum(rep.weights_bytes_by_device().values()) == sum(file_bytes.values())
+    rt.detach()

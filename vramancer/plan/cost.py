@@ -25,8 +25,19 @@ the cores): in a decode step the matmuls MKL threads and the attention kernel
 pass torch's grain size every op of the layer (``PARALLEL_OPS_PER_LAYER``, at ``parallel_op_s``).
 The LM head of a generation computes the logits of each sequence's last position only
 (``generate``'s ``logits_to_keep``), so a prefill chunk's head block does one token's matmul, not
-the chunk's. Every plan also pays the host's fixed cost per
-generation step and per request (``step_seconds``: the ``generate`` loop around the forward, and its
+the chunk's.
+
+MoE routed experts kept in host RAM and run there apart from their layer (plan/experts.py) are
+priced by ``experts_decode_seconds``: the top-k experts' bytes at host bandwidth, plus the fixed
+cost of the experts module alone, not a whole layer's: ``EXPERTS_OVERHEAD_FIXED +
+EXPERTS_OVERHEAD_PER_EXPERT x k`` of ``block_overhead_s`` (runtime/experts.py's host path: routing
+bookkeeping, then two matmuls per selected expert), and a thread hand-off per matmul (``2 x k``). A
+whole MoE layer executed on the host pays, beyond a dense layer's fixed cost, its experts module's
+and ``EXPERTS_OVERHEAD_PER_ROUTED`` of ``block_overhead_s`` per routed expert (transformers' experts
+path loops over all of them).
+
+Every plan also pays the host's fixed cost per generation step and per request (``step_seconds``:
+the ``generate`` loop around the forward, and its
 setup before the first token), whatever runs the blocks.
 """
 from __future__ import annotations
@@ -40,7 +51,8 @@ from ..models.profile import BlockProfile, ModelProfile
 __all__ = ["CostModel", "DECODE_BANDWIDTH_EFFICIENCY", "COMPUTE_EFFICIENCY", "LINK_EFFICIENCY",
            "GPU_BLOCK_OVERHEAD_S", "HOP_LATENCY_S", "TORCH_GRAIN_SIZE", "PARALLEL_OPS_PER_LAYER",
            "PARALLEL_OPS_PER_OTHER_BLOCK", "DECODE_PARALLEL_OPS_PER_LAYER", "DECODE_PARALLEL_OPS_PER_OTHER_BLOCK",
-           "KV_PASSES_PER_STEP"]
+           "KV_PASSES_PER_STEP", "EXPERTS_OVERHEAD_FIXED", "EXPERTS_OVERHEAD_PER_EXPERT",
+           "EXPERTS_OVERHEAD_PER_ROUTED"]
 
 DECODE_BANDWIDTH_EFFICIENCY = 0.75
 COMPUTE_EFFICIENCY = 0.55
@@ -59,6 +71,18 @@ PARALLEL_OPS_PER_OTHER_BLOCK = 8
 # thousand weights) and its attention kernel (parallel over heads); the head block: the LM head
 DECODE_PARALLEL_OPS_PER_LAYER = 8
 DECODE_PARALLEL_OPS_PER_OTHER_BLOCK = 1
+# the fixed cost of a MoE experts module's decode forward on the host (runtime/experts.py's host path),
+# as fractions of a decoder layer's (host_speed's block_overhead_s): measured with one thread on the
+# benchmark VM at hidden 32 (1 token; a layer's 0.31 ms): 0.14 ms with top-2 of 8 experts, 0.28 ms
+# with top-8 of 64 or 128 (0.45 and 0.9 of a layer)
+EXPERTS_OVERHEAD_FIXED = 0.35
+EXPERTS_OVERHEAD_PER_EXPERT = 0.065
+# a whole MoE layer run on the host runs transformers' own experts path (grouped_mm: its CPU fallback
+# loops in Python over every routed expert): beyond a dense layer's fixed cost, that of the experts
+# module above plus this fraction per routed expert. Measured the same way (one thread, hidden 32,
+# decode step slope over 1 and 9 layers, a Llama layer 0.21 ms): Mixtral top-2 of 8 +0.85 layer,
+# Qwen3-MoE top-8 of 128 +2.4, Qwen2-MoE top-4 of 60 with a shared expert +1.8 (model: +0.58, +2.4, +1.3)
+EXPERTS_OVERHEAD_PER_ROUTED = 0.012
 # passes over a layer's KV cache per decode step: transformers' DynamicCache (what the runtime uses)
 # appends a token with torch.cat, reading the cache and writing a new one, then attention reads it
 KV_PASSES_PER_STEP = 3
@@ -145,9 +169,47 @@ class CostModel:
         prefill = max(self._read_seconds(b.weights_bytes, dev), self._compute_seconds(self._prefill_flops(b), dev))
         oh = self._overhead(dev)
         if dev.kind == "cpu":
+            oh += self._moe_layer_overhead(b)
             return (decode + oh + self._parallel_ops_seconds(b, self.batch),
                     prefill + oh + self._parallel_ops_seconds(b, self.chunk_tokens))
         return decode + oh, prefill + oh
+
+    def _config_int(self, keys: tuple[str, ...], default: int) -> int:
+        cfg = self.profile.config or {}
+        cfg = {**cfg, **(cfg.get("text_config") or {})} if isinstance(cfg.get("text_config"), dict) else cfg
+        for key in keys:
+            if isinstance(cfg.get(key), int) and cfg[key] > 0:
+                return int(cfg[key])
+        return default
+
+    def experts_per_token(self) -> int:
+        """Routed experts per token (the config's top k; 2 when it does not say)."""
+        return self._config_int(("num_experts_per_tok", "moe_top_k", "top_k", "num_selected_experts"), 2)
+
+    def routed_experts(self) -> int:
+        """Routed experts per MoE layer (the config's; 8 when it does not say)."""
+        return self._config_int(("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"), 8)
+
+    def _experts_overhead(self, k: int) -> float:
+        return self.host.block_overhead_s * (EXPERTS_OVERHEAD_FIXED + EXPERTS_OVERHEAD_PER_EXPERT * k)
+
+    def _moe_layer_overhead(self, b: BlockProfile) -> float:
+        """CPU only: what a whole MoE layer's experts add to its fixed cost (transformers' experts path)."""
+        if b.experts_bytes <= 0:
+            return 0.0
+        return (self._experts_overhead(self.experts_per_token())
+                + self.host.block_overhead_s * EXPERTS_OVERHEAD_PER_ROUTED * self.routed_experts())
+
+    def experts_decode_seconds(self, b: BlockProfile, dev: Device) -> float:
+        """Seconds of one decode step of block ``b``'s routed experts alone, run on ``dev`` (the host
+        CPU) where they live: the selected experts' bytes read (or their FLOPs, the larger) plus the
+        experts module's fixed cost and thread hand-offs (module docstring)."""
+        k = self.experts_per_token()
+        nbytes = min(self.batch * b.experts_read_bytes_per_token, b.experts_bytes)   # the union of the batch's
+        work = max(self._read_seconds(nbytes, dev), self._compute_seconds(self.batch * b.experts_flops_per_token, dev))
+        if dev.kind != "cpu":
+            return work + self._overhead(dev)
+        return work + self._experts_overhead(k) + 2 * k * self.host.decode_parallel_op_s
 
     def stream_seconds(self, b: BlockProfile, src: Device, gpu: Device) -> tuple[float, float]:
         """(decode, prefill) seconds of block ``b`` kept on ``src`` (cpu/disk) and run on ``gpu``:

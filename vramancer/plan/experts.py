@@ -24,14 +24,35 @@ from ..units import format_bytes
 from .cost import LINK_EFFICIENCY, CostModel
 from .plan import Plan, Prediction, Workload
 
-__all__ = ["experts_blocks", "experts_on_host", "llama_cpp_moe_flags"]
+__all__ = ["experts_blocks", "experts_modules", "experts_on_host", "llama_cpp_moe_flags"]
 
 PlanFn = Callable[..., Plan]
 
 
+def experts_modules(profile: ModelProfile) -> dict[int, str]:
+    """{block index: the module holding its routed experts} for the blocks with routed experts whose
+    module is known: the profile's, else (a GGUF file's profile names its tensors ``blk.N.ffn_*_exps``,
+    not after a module) the architecture's own layout of the profile's config."""
+    out = {i: b.experts_module for i, b in enumerate(profile.blocks) if b.experts_bytes > 0}
+    if out and not all(out.values()) and profile.config:
+        from ..errors import MalformedCheckpointError
+        from ..models.arch import layout_from_config
+        from ..models.layout import _experts_module
+
+        try:
+            layout = layout_from_config(dict(profile.config))
+        except (KeyError, MalformedCheckpointError):
+            layout = None
+        if layout is not None and len(layout.blocks) == len(profile.blocks):
+            for i, m in out.items():
+                if not m:
+                    out[i] = _experts_module([t.name for t in layout.blocks[i].tensors if t.role == "expert"])
+    return {i: m for i, m in out.items() if m}
+
+
 def experts_blocks(profile: ModelProfile) -> list[int]:
     """Indices of the blocks whose routed experts can move (known bytes and module), in layer order."""
-    return [i for i, b in enumerate(profile.blocks) if b.experts_bytes > 0 and b.experts_module]
+    return sorted(experts_modules(profile))
 
 
 def _slim(profile: ModelProfile, moved: list[int]) -> ModelProfile:
@@ -106,13 +127,14 @@ def _finish(profile: ModelProfile, devices: list[Device], workload: Workload, su
     host_dev = devices[host]
     by_id = {d.id: d for d in devices}
     stage_of = sub.block_stage_indices()
+    modules = experts_modules(profile)
     extra_dec = extra_pre = 0.0
     copy_room: dict[str, int] = {}
     for i in moved:
         st = sub.stages[stage_of[i]]
         gpu = by_id[st.device]
         ex = _experts_only(profile.blocks[i])
-        dec = cost.execute_seconds(ex, host_dev)[0]       # decode: on the CPU, two hidden-state hops
+        dec = cost.experts_decode_seconds(profile.blocks[i], host_dev)   # decode: on the CPU, two hidden-state hops
         hd, _ = cost.hop_seconds(gpu, host_dev)
         link = min(host_dev.link_bandwidth_bytes_per_s, gpu.link_bandwidth_bytes_per_s) * LINK_EFFICIENCY
         pre = ex.weights_bytes / link + cost.execute_seconds(ex, gpu)[1]   # prefill: copied to the GPU, run there
@@ -123,7 +145,7 @@ def _finish(profile: ModelProfile, devices: list[Device], workload: Workload, su
         copy_room[st.device] = max(copy_room.get(st.device, 0), ex.weights_bytes)
         b = profile.blocks[i]
         sub.blocks[i] = replace(sub.blocks[i], experts_device=host_dev.id, experts_bytes=b.experts_bytes,
-                                experts_module=b.experts_module)
+                                experts_module=modules[i])
     for st in sub.stages:   # planned with room kept on the GPUs for the prefill copy: their real capacity
         st.capacity_bytes = by_id[st.device].free_bytes if st.device in by_id else st.capacity_bytes
     for dev_id, nbytes in copy_room.items():   # the prefill copy: workspace of the device's first stage

@@ -1,0 +1,51 @@
+"""The cost model's price of MoE experts on the host (plan/cost.py): an experts module run alone pays
+its top-k experts' bytes and its own fixed cost (a fraction of a layer's, growing with k), not a
+whole layer's; a whole MoE layer run on the host pays more than a dense one by the experts path's
+fixed cost, growing with the routed experts; the planner's experts plan adds exactly that."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from vramancer.devices.host_speed import HostSpeed
+from vramancer.devices.spec import parse_devices
+from vramancer.models.resolve import profile
+from vramancer.plan import cost as C
+from vramancer.plan.cost import CostModel
+
+HOST = HostSpeed(bandwidth_bytes_per_s=10e9, gemm_flops_per_s=100e9, block_overhead_s=0.4e-3, step_overhead_s=1e-4,
+                 decode_parallel_op_s=0.0, threads=1)
+
+
+@pytest.fixture(scope="module")
+def mixtral():
+    return profile("mixtral-8x7b", dtype="q8_0")
+
+
+def test_experts_module_alone(mixtral):
+    cpu = parse_devices("cpu:64GiB")[0]
+    cost = CostModel(mixtral, 1024, 1, 512, host=HOST)
+    assert cost.experts_per_token() == 2 and cost.routed_experts() == 8
+    b = next(b for b in mixtral.blocks if b.experts_bytes)
+    read = b.experts_read_bytes_per_token / cpu.bandwidth_bytes_per_s
+    flops = b.experts_flops_per_token / (cpu.tflops * 1e12)
+    want = max(read, flops) + HOST.block_overhead_s * (C.EXPERTS_OVERHEAD_FIXED + 2 * C.EXPERTS_OVERHEAD_PER_EXPERT)
+    assert cost.experts_decode_seconds(b, cpu) == pytest.approx(want, rel=1e-12)
+    assert C.EXPERTS_OVERHEAD_FIXED + 2 * C.EXPERTS_OVERHEAD_PER_EXPERT < 1   # less than a whole layer's
+    # a batch reads at most every expert once
+    many = CostModel(mixtral, 1024, 64, 512, host=HOST)
+    assert many.experts_decode_seconds(b, cpu) >= b.experts_bytes / cpu.bandwidth_bytes_per_s
+
+
+def test_whole_moe_layer_on_the_host_pays_the_experts_path(mixtral):
+    cpu = parse_devices("cpu:64GiB")[0]
+    cost = CostModel(mixtral, 1024, 1, 512, host=HOST)
+    b = next(b for b in mixtral.blocks if b.experts_bytes)
+    dense = replace(b, experts_bytes=0, experts_read_bytes_per_token=0, experts_flops_per_token=0.0, experts_module="")
+    extra = cost.execute_seconds(b, cpu)[0] - cost.execute_seconds(dense, cpu)[0]
+    k, e = 2, 8
+    assert extra == pytest.approx(HOST.block_overhead_s * (C.EXPERTS_OVERHEAD_FIXED + k * C.EXPERTS_OVERHEAD_PER_EXPERT
+                                                           + e * C.EXPERTS_OVERHEAD_PER_ROUTED), rel=1e-9)
+    gpu = parse_devices("rtx3090")[0]
+    assert cost.execute_seconds(b, gpu) == cost.execute_seconds(dense, gpu)   # GPUs: no such loop priced
