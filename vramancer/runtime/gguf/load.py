@@ -265,7 +265,14 @@ class _StackedTensor:
         return torch.cat([self.gate.read(), self.up.read()], dim=1)
 
 
-def _stack_gate_up(gate: GGUFTensor, up: GGUFTensor) -> _StackedTensor:
+def _stack_gate_up(gate: GGUFTensor, up: GGUFTensor) -> Any:
+    """The stacked tensor of ``gate`` and ``up``; of different types (llama.cpp's Q4_K_M, ...): a
+    stacked.MixedGateUp, its rows' bytes side by side."""
+    if gate.qtype != up.qtype and gate.shape == up.shape and len(gate.shape) == 3:
+        from .stacked import MixedGateUp
+
+        e, rows, cols = gate.shape
+        return MixedGateUp(f"{gate.name}+{up.name}", (e, 2 * rows, cols), gate, up)
     if gate.qtype != up.qtype or gate.shape != up.shape or len(gate.shape) != 3:
         raise BadInputError(f"{gate.name} ({gate.qtype.name} {list(gate.shape)}) and {up.name} ({up.qtype.name} "
                             f"{list(up.shape)}) differ: they cannot be stacked into one experts tensor")
@@ -327,6 +334,17 @@ def keep_quantized(model: nn.Module, gf: GGUFFile, dtype: torch.dtype) -> dict[s
             continue
         names = group_of[hf]
         done.update(names)
+        if not hasattr(t, "qtype"):              # gate and up experts of different types (stacked.py)
+            from .stacked import keep_gate_up
+
+            state_names, shared = [], None
+            for n in names:
+                sname, shared = keep_gate_up(model, n, t, dtype, stored=shared)
+                state_names.append(sname)
+            fn = _Read(t, state_names, None, None)
+            for sn in state_names:
+                sources[sn] = fn
+            continue
         stored_dt = stored_dtype(t.qtype)
         if t.qtype.quantized:
             rows, proc = _row_permutation(processor, t), None
