@@ -19,6 +19,8 @@ processes' load falls on ours and the anchors alike. The last column, cpu_us/op,
 process's CPU time per operation, ours vs the anchor (all its threads: gloo works in its own):
 where the time goes when wall-clock figures are scheduling-bound, as on a loaded machine. Loops
 are bounded; every child has a timeout. Receivers write into preallocated buffers in every variant.
+The line under the table says which steady state the Link ran: "C" (vramancer/link/_fastlink.c, built
+at install) or "Python" (not built, or VRAMANCER_LINK_PYTHON=1, which the child processes inherit).
 Run:  python benchmarks/link.py [--repeat 5] [--json FILE]
 A benchmark, not a test: it exits 0 and prints a table with a pass column per goal.
 """
@@ -411,10 +413,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.peer:
         return peer_main(args)
+    from vramancer.link.transport import hot_path_name
+
     rows = measure(args)
     print(_table(rows))
+    print(f"Link steady state: {hot_path_name()}")
     if args.json:
-        args.json.write_text(json.dumps({"schema": 1, "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"schema": 1, "hot_path": hot_path_name(), "rows": [asdict(r) for r in rows]},
+                                        indent=2) + "\n")
     return 0
 
 

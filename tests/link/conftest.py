@@ -12,7 +12,7 @@ import pytest
 from vramancer.link.frame import Limits, TensorDesc
 from vramancer.link.transport import StreamConnection
 
-__all__ = ["Counting", "pair", "in_thread", "nodes"]
+__all__ = ["Counting", "pair", "in_thread", "nodes", "link_hot_path"]
 
 
 @dataclass
@@ -79,3 +79,17 @@ class Nodes:
 def nodes(tmp_path: Path) -> Nodes:
     pytest.importorskip("cryptography")
     return Nodes(tmp_path)
+
+
+@pytest.fixture(scope="module", params=["C", "Python"])
+def link_hot_path(request):
+    """Runs a module's tests once with the compiled steady state (vramancer/link/_fastlink.c) and once
+    with the Python one: connections made meanwhile take that path (C skipped where it is not built)."""
+    from vramancer.link import transport
+
+    built = transport.fast_path
+    if request.param == "C" and built is None:
+        pytest.skip("vramancer/link/_fastlink.c is not built here")
+    transport.fast_path = built if request.param == "C" else None
+    yield request.param
+    transport.fast_path = built

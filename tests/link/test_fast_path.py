@@ -20,6 +20,8 @@ from vramancer.link.transport import StreamConnection
 
 from .conftest import in_thread, pair
 
+pytestmark = pytest.mark.usefixtures("link_hot_path")   # every test on the C and the Python path
+
 DESC = TensorDesc(2, (8192,), 8192)                      # uint8 [8192]
 FRAME_BYTES = HEADER_BYTES + DESC_FIXED_BYTES + 8 + 8192
 PAYLOAD = bytes(range(256)) * 32

@@ -22,6 +22,8 @@ from vramancer.link.frame import (
 
 from .conftest import Counting, in_thread, pair
 
+pytestmark = pytest.mark.usefixtures("link_hot_path")   # every test on the C and the Python path
+
 torch = pytest.importorskip("torch")
 
 NUMPY_DTYPES = [d.name for d in DTYPES.values() if d.numpy is not None]

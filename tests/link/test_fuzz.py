@@ -26,6 +26,8 @@ from vramancer.link.transport import StreamConnection
 
 from .conftest import Counting
 
+pytestmark = pytest.mark.usefixtures("link_hot_path")   # every test on the C and the Python path
+
 LIMIT = 4096                      # small: any allocation past it would show in the count
 LIMITS = Limits(max_frame_bytes=LIMIT, max_tensors=16, max_ndim=4, max_streams=8)
 
@@ -72,6 +74,8 @@ BAD = {
     "numel overflow": _header(desc_bytes=DESC_FIXED.size + 32)
     + _desc(ndim=4, length=128, shape=(1 << 62, 1 << 62, 0, 2)),   # 0 elements, not 128 bytes
     "payload sum": _header(payload=64) + _desc(),
+    "empty, huge dims": _header(desc_bytes=DESC_FIXED.size + 16, payload=0)      # numpy cannot make it
+    + _desc(ndim=2, length=0, shape=(1 << 61, 0)),
     "control with tensors": _header(type=2) + _desc(),
     "sequence 0": _header(seq=0) + _desc(),
 }

@@ -13,6 +13,8 @@ from vramancer.link.transport import TRANSPORTS, Transport, make_transport, tran
 
 from .conftest import in_thread
 
+pytestmark = pytest.mark.usefixtures("link_hot_path")   # every test on the C and the Python path
+
 
 def test_plaintext_to_a_non_loopback_address_is_refused_in_one_line():
     with pytest.raises(PlaintextRefusedError) as e:

@@ -10,7 +10,8 @@ Byte layout (little endian; docs/link-protocol.md documents it byte by byte):
 
 Everything about a frame is checked by :class:`FrameReader` from the header and descriptors alone,
 before a byte of payload is allocated: magic, version, known type, no unknown flag, known dtype, ndim
-and tensor count limits, byte length == numel * itemsize, the sum equal to the header's payload bytes,
+and tensor count limits, byte length == numel * itemsize (an empty tensor's nonzero dimensions multiplied
+as if full also within the frame limit), the sum equal to the header's payload bytes,
 the whole frame under ``Limits.max_frame_bytes``, and the sequence number strictly above the last one
 seen on that stream (a replayed or reordered frame is refused). A refusal is a :class:`FrameError`.
 """
@@ -265,6 +266,13 @@ class FrameReader:
             numel = 1
             for d in shape:
                 numel *= d
+            if numel == 0:                 # an empty tensor's other dimensions: bounded as a full one's
+                span = 1
+                for d in shape:
+                    span *= d or 1
+                if span * dtype.itemsize > lim.max_frame_bytes:
+                    raise FrameError(f"tensor {i}: empty {dtype.name} {list(shape)} has dimensions over the "
+                                     f"frame limit of {lim.max_frame_bytes} bytes")
             if byte_length != numel * dtype.itemsize:
                 raise FrameError(f"tensor {i}: byte length {byte_length} != {numel} x {dtype.itemsize} "
                                  f"({dtype.name} {list(shape)})")

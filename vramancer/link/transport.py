@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import socket
 import struct
 from abc import ABC, abstractmethod
@@ -51,6 +52,8 @@ __all__ = [
     "TRANSPORTS",
     "transport_class",
     "make_transport",
+    "fast_path",
+    "hot_path_name",
     "log",
 ]
 
@@ -76,6 +79,7 @@ _STREAM_SEQ = struct.Struct("<IQ")         # header bytes 8..20: the only ones t
 _pack_stream_seq = _STREAM_SEQ.pack_into
 _TAIL_HEAD = struct.Struct("<HHIQ")        # header bytes 20..36: count, reserved, descriptor bytes, payload bytes
 _NO_TX = (None, None, b"", 0)              # (dtype, shape, header + descriptors, frame bytes) of the last send
+_C_FAMILIES = {socket.AF_INET, socket.AF_INET6, getattr(socket, "AF_UNIX", socket.AF_INET)}
 
 
 @dataclass(slots=True)
@@ -85,6 +89,32 @@ class Frame:
     seq: int
     descs: list[TensorDesc] = field(default_factory=list)
     tensors: list[Any] = field(default_factory=list)
+
+
+def _load_fast_path() -> Any:
+    """The compiled steady state of StreamConnection (vramancer/link/_fastlink.c), or None: not built
+    (no compiler at install time) or VRAMANCER_LINK_PYTHON=1 in the environment. Connections made while
+    this module's ``fast_path`` is None run every step in Python."""
+    if os.environ.get("VRAMANCER_LINK_PYTHON", "") not in ("", "0"):
+        return None
+    try:
+        from . import _fastlink
+    except ImportError:
+        return None
+    _fastlink.setup(np.ndarray, Frame, FrameType.TENSORS)
+    return _fastlink
+
+
+fast_path: Any = _load_fast_path()
+
+
+def hot_path_name() -> str:
+    """Which steady state new plain stream connections (TCP, shm control) run: "C" or "Python"."""
+    return "C" if fast_path is not None else "Python"
+
+
+class _PyStream:
+    """StreamConnection's base without the compiled module: send and recv are the Python methods."""
 
 
 class Connection(ABC):
@@ -201,7 +231,7 @@ def _rx_layout_of(tail: bytes, descs: tuple[TensorDesc, ...], payload_bytes: int
                      np_dtype, shape, cast)
 
 
-class StreamConnection(Connection):
+class StreamConnection(fast_path.Stream if fast_path is not None else _PyStream, Connection):  # type: ignore[misc]
     """Frames over a connected stream socket (plain or ssl-wrapped).
 
     Sending: one ``sendmsg`` of [header + descriptors, each tensor's own buffer] (TLS: one record
@@ -212,6 +242,11 @@ class StreamConnection(Connection):
     one, in one ``recv_into``); header and descriptors are validated where they lie, descriptors
     through the reader's cache of blocks it has already validated. Payloads go to their destination
     from the staging buffer, or with ``recv_into`` straight into it when large.
+
+    ``send`` and ``recv`` are ``_send_py`` and ``_recv_py``, or, where vramancer/link/_fastlink.c is
+    built, the compiled base class's: the same steady state (the frames above) in C, with small frames
+    read by one ``recvmsg`` into [staging, destination, staging]; everything else goes to the Python
+    methods. Plain sockets only (not TLS); ``hot_path_name()`` says which one new connections run.
     """
 
     def __init__(self, sock: socket.socket, limits: Limits | None = None, name: str = "tcp") -> None:
@@ -230,9 +265,11 @@ class StreamConnection(Connection):
         self._tx: tuple = _NO_TX                      # send fast path: the last single-array layout
         self._rx: _RxLayout | None = None             # receive fast path: the last validated layout
         self._rx_layouts: dict[bytes, _RxLayout] = {}
+        self._next_seq = self.writer._next            # the compiled send numbers frames in the writer's dict
+        self._fd = sock.fileno() if fast_path is not None and self._scatter and sock.family in _C_FAMILIES else -1
 
     # -- sending ---------------------------------------------------------------------------------
-    def send(self, tensors: Sequence[Any], stream_id: int = 0) -> int:
+    def _send_py(self, tensors: Sequence[Any], stream_id: int = 0) -> int:
         # steady state: one C-contiguous numpy array of the previous frame's dtype and shape, on a stream
         # used before: only the stream and sequence number are packed into the layout's encoded header
         if len(tensors) == 1:
@@ -454,7 +491,7 @@ class StreamConnection(Connection):
             raise self._refuse(str(e)) from None
         return head, descs
 
-    def recv(self, into: Sequence[Any] | None = None, factory: BufferFactory | None = None) -> Frame:
+    def _recv_py(self, into: Sequence[Any] | None = None, factory: BufferFactory | None = None) -> Frame:
         if self.closed:
             raise LinkError(f"link {self.name}: connection is closed")
         lo, hi = self._lo, self._hi
@@ -536,6 +573,34 @@ class StreamConnection(Connection):
         reader.last_seq[stream_id] = seq
         return Frame(_TENSORS, stream_id, seq, descs, objs)
 
+    if fast_path is None:
+        send = _send_py
+        recv = _recv_py
+
+    def _c_rest(self, status: int, rx: _RxLayout, d: np.ndarray, stream_id: int, seq: int, got: int) -> Frame:
+        """After the compiled receive took a frame's header and ``got`` bytes of its payload: the rest
+        (status 2: the socket would block, or a signal came), the peer's close (3) or a failed read
+        (-errno). Bytes are counted as the Python path counts them."""
+        self._mid_frame = True
+        self.bytes_received += rx.head_bytes
+        if status == 3:
+            self.close()
+            raise LinkError(f"link {self.name}: peer closed the connection mid-frame")
+        if status < 0:
+            self._c_error("receive", -status)
+        mv = memoryview(d)
+        if rx.cast:
+            mv = mv.cast("B")
+        self._read_into(mv[got:])
+        self.bytes_received += got
+        self.reader.last_seq[stream_id] = seq
+        return Frame(_TENSORS, stream_id, seq, list(rx.descs), [d])
+
+    def _c_error(self, what: str, err: int) -> None:
+        """A failed send or receive in the compiled path: closes, raises LinkError as the Python path does."""
+        self.close()
+        raise LinkError(f"link {self.name}: {what} failed: {OSError(err, os.strerror(err))}")
+
     def _recv_known(self, layout: tuple[TensorDesc, ...], stream_id: int, seq: int, into: Sequence[Any] | None,
                     factory: BufferFactory | None) -> Frame:
         """The payload of a frame whose header and descriptors (``layout``) passed the fast path."""
@@ -576,6 +641,7 @@ class StreamConnection(Connection):
         if self.closed:
             return
         self.closed = True
+        self._fd = -1
         try:
             self.sock.close()
         except OSError:
