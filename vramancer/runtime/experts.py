@@ -190,6 +190,8 @@ def host_experts_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_i
 
     k = top_k_index.size(-1)
     tokens, hidden = hidden_states.size(0), hidden_states.size(-1)
+    if tokens == 1:
+        return _one_token(module, hidden_states, top_k_index, top_k_weights)
     ids_g, perm = torch.sort(top_k_index.reshape(-1))
     x = hidden_states[perm // k]
     w_g = top_k_weights.reshape(-1)[perm]
@@ -217,6 +219,30 @@ def host_experts_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_i
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(perm.size(0), device=perm.device)
     return weighted[inv].view(tokens, k, hidden).sum(dim=1).to(hidden_states.dtype)
+
+
+def _one_token(module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+               top_k_weights: torch.Tensor) -> torch.Tensor:
+    """host_experts_forward of one token: its k experts are distinct, so every group of transformers'
+    grouped path is one row (the same one-row ``torch.mm`` in whatever order); the rows stay in top-k
+    order, which makes the sort and its inverse permutation unnecessary (the same sum over k)."""
+    import torch
+
+    whole: dict = {}
+    ids = top_k_index.reshape(-1).tolist()
+    w_gu = [_expert_weight(module, "gate_up_proj", e, whole) for e in ids]
+    dtype = w_gu[0].dtype
+    x = hidden_states.to(dtype)
+    proj = torch.zeros(len(ids), w_gu[0].shape[0], device=x.device, dtype=dtype)
+    for j, w in enumerate(w_gu):
+        torch.mm(x, w.transpose(-2, -1), out=proj[j:j + 1])
+    proj = module._apply_gate(proj)
+    out = torch.zeros(len(ids), hidden_states.size(-1), device=x.device, dtype=dtype)
+    for j, e in enumerate(ids):
+        w = _expert_weight(module, "down_proj", e, whole)
+        torch.mm(proj[j:j + 1].to(w.dtype), w.transpose(-2, -1), out=out[j:j + 1])
+    weighted = out * top_k_weights.reshape(-1).unsqueeze(-1)
+    return weighted.view(1, len(ids), -1).sum(dim=1).to(hidden_states.dtype)
 
 
 @dataclass
