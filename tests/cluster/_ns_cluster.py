@@ -2,16 +2,18 @@
 tests.cluster._ns_cluster ROOT MODEL``): a Ray cluster of three nodes (``ray.cluster_utils``, token
 auth), each with its own Link identity (its own config folder under ROOT) and device spec; then
 discovery, greedy over 2 nodes (stages over the cloud bridge) and 3 nodes (local copies), 3 stages
-over 2 nodes (two stages on one node: shared memory between them), and a node key revoked on the
-driver. One JSON object on the last line of stdout; no pickle crosses a
-process boundary. The tests compare it with the same split run in their own process."""
+over 2 nodes (two stages on one node: shared memory between them), a node key revoked on the
+driver, and with --trusted-network: 2 nodes over plaintext tcp, 2 nodes with --link torch (gloo),
+sampling with a seed, and a plaintext plan refused without the flag. One JSON object on the last
+line of stdout; no pickle crosses a process boundary. The tests compare it with the same split run
+in their own process."""
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
 
-__all__ = ["PROMPT", "NEW_TOKENS", "NODE_DEVICES", "TWO_NODE_DEVICES", "SHARED_NODE_DEVICES", "main"]
+__all__ = ["PROMPT", "NEW_TOKENS", "NODE_DEVICES", "TWO_NODE_DEVICES", "SHARED_NODE_DEVICES", "SAMPLING", "main"]
 
 PROMPT = [1, 5, 9, 17, 33, 4, 60]
 NEW_TOKENS = 12
@@ -78,6 +80,58 @@ def _shared_node(view, folder: Path) -> dict:
             "hop_folders_left": sorted(hop_folders() - before)}
 
 
+SAMPLING = {"temperature": 0.9, "top_p": 0.9, "seed": 1234}
+
+
+def _two_nodes(view):
+    from dataclasses import replace
+
+    from vramancer.cluster.nodes import ClusterView
+    from vramancer.devices.spec import parse_devices
+
+    nodes = [replace(n, devices=parse_devices(spec)) for n, spec in zip(view.nodes, TWO_NODE_DEVICES)]
+    return ClusterView(view.address, nodes, view.links)
+
+
+def _trusted(view, folder: Path, link: str, sample: bool = False) -> dict:
+    """2 nodes with --trusted-network and ``link``: the hops the plan records, the ones the workers
+    ran, the tokens (greedy, or sampled with SAMPLING)."""
+    from vramancer.cluster.pipeline import ClusterPipeline
+    from vramancer.cluster.planning import plan_cluster
+    from vramancer.runtime.sampling import Sampler, SamplingParams
+
+    sub = _two_nodes(view)
+    plan = plan_cluster(str(folder), sub, context=64, reserve_bytes=0, driver="node1", trusted_network=True, link=link)
+    sampler = Sampler(SamplingParams(**SAMPLING)) if sample else None
+    with ClusterPipeline(plan, sub, folder, trusted_network=True, link=link) as pipe:
+        got = pipe.generate(PROMPT, NEW_TOKENS, sampler=sampler)
+        stats = pipe.stats()
+        transports = list(pipe.transports)
+    import torch.distributed as dist
+
+    return {"plan": plan.to_json(indent=None), "tokens": got, "stages": [s.__dict__ for s in stats.stages],
+            "transports": transports, "dist_left": dist.is_initialized()}
+
+
+def _plaintext_refused(view, folder: Path) -> dict:
+    """A plan made with --trusted-network (tcp hops) run without it: refused before any worker starts."""
+    import ray
+
+    from vramancer.cluster.pipeline import ClusterPipeline
+    from vramancer.cluster.planning import plan_cluster
+
+    sub = _two_nodes(view)
+    plan = plan_cluster(str(folder), sub, context=64, reserve_bytes=0, driver="node1", trusted_network=True)
+    before = {a for a, s in ray._private.state.actors().items() if s["State"] == "ALIVE"}
+    error = {"type": "", "message": "", "exit_code": 0}
+    try:
+        ClusterPipeline(plan, sub, folder).close()
+    except Exception as e:  # noqa: BLE001 - reported to the test, which checks the kind
+        error = {"type": type(e).__name__, "message": str(e), "exit_code": getattr(e, "exit_code", 0)}
+    after = {a for a, s in ray._private.state.actors().items() if s["State"] == "ALIVE"}
+    return {"error": error, "new_alive_actors": sorted(after - before)}
+
+
 def _revoked(view, folder: Path) -> dict:
     """The driver revoked node1's key: its connection to the first stage is refused; which actors live after."""
     from dataclasses import replace
@@ -124,6 +178,10 @@ def main(argv: list[str]) -> int:
                "view": view.to_dict(),
                "greedy": {str(n): _greedy(view, folder, root / "cache", n) for n in (2, 3)},
                "shared_node": _shared_node(view, folder),
+               "tcp": _trusted(view, folder, "auto"),
+               "torch": _trusted(view, folder, "torch"),
+               "sampled": _trusted(view, folder, "auto", sample=True),
+               "plaintext_refused": _plaintext_refused(view, folder),
                "revoked": _revoked(view, folder)}
     finally:
         ray.shutdown()

@@ -50,6 +50,11 @@ def _one_error_line(capsys) -> str:
     (["run", "m", "--cluster", "10.0.0.1:6379", "-p", "x", "--kv-dtype", "q8_0"], "--kv-dtype"),
     (["run", "m", "--cluster", "10.0.0.1:6379", "-p", "x", "--dtype", "nf4"], "quantized on load"),
     (["serve", "m", "--cluster", "10.0.0.1:6379", "--port", "0", "--quant-backend", "torchao"], "--quant-backend"),
+    (["plan", "m", "--cluster", "10.0.0.1:6379", "--link", "tcp"], "--trusted-network"),
+    (["run", "m", "--cluster", "10.0.0.1:6379", "-p", "x", "--link", "torch"], "--trusted-network"),
+    (["serve", "m", "--cluster", "10.0.0.1:6379", "--port", "0", "--link", "tcp"], "--trusted-network"),
+    (["run", "m", "--cluster", "10.0.0.1:6379", "-p", "x", "--temperature", "0.7", "--top-p", "1.5"], "--top-p"),
+    (["run", "m", "--cluster", "10.0.0.1:6379", "-p", "x", "--temperature", "-1"], "--temperature"),
 ])
 def test_bad_input_is_one_line_exit_2(node_home, capsys, argv, words):
     assert main(argv) == 2

@@ -1,5 +1,8 @@
 """Greedy output of a model split over 2 and 3 Ray nodes (stages as Ray actors, hidden states over
 Link TLS) equals the same split run in one process; a node key revoked on the driver is refused.
+With --trusted-network the hops between nodes are plaintext tcp, or torch.distributed (gloo) with
+--link torch, and still equal; sampling with a seed equals one process sampling with the same seed;
+a plan whose hops are plaintext is refused without the flag.
 
 The cluster, its stage workers and its driver live in a network namespace the test creates
 (_netns.py; Ray needs a non-loopback address and nothing here binds outside the namespace): one run
@@ -13,15 +16,16 @@ import subprocess
 import pytest
 
 from ._netns import REPO
-from ._ns_cluster import NEW_TOKENS, PROMPT
+from ._ns_cluster import NEW_TOKENS, PROMPT, SAMPLING
 from .conftest import RAY_MISSING
 
 pytest.importorskip("ray", reason=RAY_MISSING)
 torch = pytest.importorskip("torch")
 
 
-def single_process_tokens(folder, plan) -> list[int]:
-    """The same plan loaded in this process (vramancer.load) and decoded greedily."""
+def single_process_tokens(folder, plan, sampler=None) -> list[int]:
+    """The same plan loaded in this process (vramancer.load) and decoded greedily, or each token drawn
+    by ``sampler`` (serve's Sampler, as the cluster's driver draws them)."""
     from transformers import DynamicCache
 
     from vramancer.runtime.loader import load
@@ -34,7 +38,7 @@ def single_process_tokens(folder, plan) -> list[int]:
         with torch.no_grad():
             for _ in range(NEW_TOKENS):
                 logits = model(x, past_key_values=cache, use_cache=True).logits
-                tok = int(logits[0, -1].argmax())
+                tok = int(logits[0, -1].argmax()) if sampler is None else sampler.sample(logits[0, -1].float())
                 out.append(tok)
                 x = torch.tensor([[tok]])
         return out
@@ -144,3 +148,76 @@ def test_a_node_key_revoked_on_the_driver_is_refused(run):
     assert rv["error"]["type"] == "PeerRefusedError"
     assert f"refused revoked peer {rv['fingerprint']}" in rv["error"]["message"]
     assert rv["new_alive_actors"] == []
+
+
+def _cross_node(plan) -> list[bool]:
+    return [h.src_node != h.dst_node for h in plan.hops]
+
+
+@pytest.mark.parametrize("scenario, transport", [("tcp", "tcp"), ("torch", "torch")])
+def test_trusted_network_hops_run_plaintext_and_equal_one_process(run, tiny_folder, scenario, transport):
+    """--trusted-network: the hops between the two nodes are plaintext TCP (the rule's choice for host
+    tensors) or, with --link torch, torch.distributed over gloo; within node1 shm as before. The plan
+    records them, the workers ran exactly them, and greedy output equals one process. The plan prices the
+    plaintext hops as the measured (TLS) link less TLS's crypto: less than the TLS plan of the same split."""
+    from vramancer.cluster.nodes import node_of
+    from vramancer.cluster.planning import SHM_BANDWIDTH_BYTES_PER_S, TLS_CRYPTO_BYTES_PER_S
+    from vramancer.plan.plan import Plan
+
+    out = run[0]
+    res = out[scenario]
+    plan = Plan.from_json(res["plan"])
+    nodes = [node_of(s.device) for s in plan.stages]
+    assert sorted(set(nodes)) == ["node1", "node2"]
+    ends = ["node1", *nodes, "node1"]
+    want = [transport if a != b else "shm" for a, b in zip(ends, ends[1:])]
+    assert transport in want
+    assert [h.transport for h in plan.hops] == want == res["transports"]
+    assert [s["transport_in"] for s in res["stages"]] == want[:-1]
+    assert [s["transport_out"] for s in res["stages"]] == want[1:]
+    reason = "plaintext TCP" if transport == "tcp" else "--link torch: torch.distributed gloo"
+    assert all(reason in h.reason and "--trusted-network" in h.reason
+               for h, cross in zip(plan.hops, _cross_node(plan)) if cross)
+    assert [s["forwards"] for s in res["stages"]] == [NEW_TOKENS] * len(plan.stages)
+    assert all(s["bytes_sent"] > 0 and s["bytes_received"] > 0 for s in res["stages"])
+    assert res["tokens"] == single_process_tokens(tiny_folder, plan)
+    assert res["dist_left"] is False      # the driver's torch.distributed world is torn down with the pipeline
+    # priced: the measured link (over TLS) less TLS's crypto per byte; the TLS plan of the same split costs more
+    links = {(lk["src"], lk["dst"]): lk for lk in out["view"]["links"]}
+    tls_plan = Plan.from_json(out["greedy"]["2"]["plan"])
+    assert [s.device for s in tls_plan.stages] == [s.device for s in plan.stages]
+    for h, t in zip(plan.hops, tls_plan.hops):
+        if h.src_node == h.dst_node:
+            assert h.decode_seconds == t.decode_seconds
+            continue
+        lk = links.get((h.src_node, h.dst_node)) or links[(h.dst_node, h.src_node)]
+        per_byte = max(1 / lk["bandwidth_bytes_per_s"] - 2 / TLS_CRYPTO_BYTES_PER_S, 1 / SHM_BANDWIDTH_BYTES_PER_S)
+        assert h.decode_seconds == pytest.approx(lk["rtt_s"] / 2 + h.bytes_per_token * per_byte, rel=1e-6, abs=1e-9)
+        assert t.transport == "tls" and h.decode_seconds < t.decode_seconds
+
+
+def test_sampling_with_a_seed_equals_one_process(run, tiny_folder):
+    """run --cluster's sampling: serve's Sampler (temperature, top-p, its own generator seeded with the
+    seed) draws from the last stage's logits; one process drawing from the same plan's logits with the
+    same Sampler and seed draws the same tokens, and they are not the greedy ones."""
+    from vramancer.plan.plan import Plan
+    from vramancer.runtime.sampling import Sampler, SamplingParams
+
+    res = run[0]["sampled"]
+    plan = Plan.from_json(res["plan"])
+    want = single_process_tokens(tiny_folder, plan, Sampler(SamplingParams(**SAMPLING)))
+    assert res["tokens"] == want
+    assert want != single_process_tokens(tiny_folder, plan)
+    reseeded = Sampler(SamplingParams(**dict(SAMPLING, seed=SAMPLING["seed"] + 1)))
+    other = single_process_tokens(tiny_folder, plan, reseeded)
+    assert other != want
+
+
+def test_a_plaintext_plan_is_refused_without_trusted_network(run):
+    """A plan made with --trusted-network (tcp hops) run without it: one line naming the hops, exit 2,
+    before any stage worker starts."""
+    res = run[0]["plaintext_refused"]
+    assert res["error"]["type"] == "BadInputError" and res["error"]["exit_code"] == 2
+    assert res["error"]["message"].startswith("the plan's hops go plaintext (driver -> stage 0 tcp")
+    assert "--trusted-network" in res["error"]["message"] and "\n" not in res["error"]["message"]
+    assert res["new_alive_actors"] == []

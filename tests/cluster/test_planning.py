@@ -115,3 +115,88 @@ def test_hop_transport_rule():
     assert hop_transport("node1", "node2")[0] == "tls"
     assert hop_transport("", "node2")[0] == "tls"      # an unknown end never gets shm
     assert hop_transport("", "")[0] == "tls"
+
+
+def test_trusted_network_rule():
+    """Without --trusted-network nothing goes plaintext; with it, tcp for host tensors between nodes and
+    torch (NCCL) between CUDA ends where torch has NCCL; --link forces the transport between nodes."""
+    from vramancer.errors import BadInputError
+
+    cuda = {"src_device": "cuda:0", "dst_device": "cuda:1"}
+    assert hop_transport("node1", "node2", **cuda, nccl=True)[0] == "tls"            # not trusted: TLS
+    assert hop_transport("node1", "node1", **cuda, nccl=True)[0] == "shm"
+    assert hop_transport("node1", "node2", trusted=True)[0] == "tcp"
+    assert hop_transport("node1", "node2", trusted=True, **cuda, nccl=False)[0] == "tcp"
+    t, why = hop_transport("node1", "node2", trusted=True, **cuda, nccl=True)
+    assert t == "torch" and "NCCL" in why and "GPUDirect RDMA" in why
+    assert hop_transport("node1", "node2", trusted=True, link="tls", **cuda, nccl=True)[0] == "tls"
+    assert hop_transport("node1", "node2", trusted=True, link="tcp", **cuda, nccl=True)[0] == "tcp"
+    t, why = hop_transport("node1", "node2", trusted=True, link="torch")
+    assert t == "torch" and "gloo" in why
+    # within one node: torch only for two GPUs, trusted, with NCCL; host ends stay on shm
+    t, why = hop_transport("node1", "node1", trusted=True, **cuda, nccl=True)
+    assert t == "torch" and "P2P" in why
+    assert hop_transport("node1", "node1", trusted=True, link="torch")[0] == "shm"
+    same_gpu = {"src_device": "cuda:0", "dst_device": "cuda:0"}
+    assert hop_transport("node1", "node1", trusted=True, **same_gpu, nccl=True)[0] == "shm"
+    assert hop_transport("node1", "node1", trusted=True, **cuda, nccl=False)[0] == "shm"
+    # --link is about the hops between nodes: a hop within one node keeps its own rule
+    assert hop_transport("node1", "node1", trusted=True, link="tls", **cuda, nccl=True)[0] == "torch"
+    for link in ("tcp", "torch"):
+        with pytest.raises(BadInputError, match="--trusted-network"):
+            hop_transport("node1", "node2", link=link)
+    with pytest.raises(BadInputError, match="--link must be one of"):
+        hop_transport("node1", "node2", link="udp")
+
+
+def _cuda_view(specs: dict[str, str], **kw) -> ClusterView:
+    from dataclasses import replace
+
+    view = _view(specs, **kw)
+    for n in view.nodes:
+        n.devices = [replace(d, torch_device=f"cuda:{i}") for i, d in enumerate(n.devices)]
+    return view
+
+
+def test_trusted_plan_prices_plaintext_below_tls(monkeypatch):
+    """The same split, planned with and without --trusted-network on CUDA nodes whose torch has NCCL:
+    the hops between two CUDA stages become torch (NCCL), the driver's host-tensor hops tcp, each
+    priced without TLS's crypto; the trusted plan's step is faster by exactly that."""
+    from vramancer.cluster import planning
+
+    monkeypatch.setattr(planning, "nccl_available", lambda: True)
+    specs = {"node1": "rtx3060,rtx3060", "node2": "rtx3060,rtx3060"}
+    tls = plan_cluster("llama-3.1-8b", _cuda_view(specs), context=4096, driver="node1")
+    plain = plan_cluster("llama-3.1-8b", _cuda_view(specs), context=4096, driver="node1", trusted_network=True)
+    assert [s.device for s in plain.stages] == [s.device for s in tls.stages]
+    nodes = [node_of(s.device) for s in plain.stages]
+    assert nodes == ["node2", "node2", "node1"]
+    assert [h.transport for h in tls.hops] == ["tls", "shm", "tls", "shm"]
+    assert [h.transport for h in plain.hops] == ["tcp", "torch", "torch", "shm"]
+    per_byte = 1 / 117e6 - 2 / planning.TLS_CRYPTO_BYTES_PER_S
+    assert plain.hops[0].decode_seconds == pytest.approx(1e-3 / 2 + 24 * per_byte, rel=1e-6)
+    hid = plain.hops[1].bytes_per_token
+    assert plain.hops[1].decode_seconds == pytest.approx(
+        planning.NCCL_LOCAL_LATENCY_S + hid / planning.NCCL_LOCAL_BANDWIDTH_BYTES_PER_S, rel=1e-6)
+    assert plain.hops[2].decode_seconds == pytest.approx(1e-3 / 2 + hid * per_byte, rel=1e-6)
+    assert plain.hops[2].decode_seconds < tls.hops[2].decode_seconds
+    assert plain.predicted.decode_tokens_per_s > tls.predicted.decode_tokens_per_s
+    # --link tls with the flag: TLS between nodes, the same price as without the flag
+    forced = plan_cluster("llama-3.1-8b", _cuda_view(specs), context=4096, driver="node1", trusted_network=True,
+                          link="tls")
+    assert [h.transport for h in forced.hops] == ["tls", "torch", "tls", "shm"]
+    assert forced.hops[0].decode_seconds == tls.hops[0].decode_seconds
+
+
+def test_a_plaintext_plan_needs_the_flag_to_run():
+    from vramancer.cluster.planning import check_hops
+    from vramancer.errors import BadInputError
+
+    view = _view({"node1": "rtx3060,rtx3060", "node2": "rtx3060,rtx3060"})
+    plan = plan_cluster("llama-3.1-8b", view, context=4096, driver="node1", trusted_network=True)
+    assert [h.transport for h in plan.hops] == ["tcp", "shm", "tcp", "shm"]
+    check_hops(plan.hops, True)
+    with pytest.raises(BadInputError, match=r"plaintext \(driver -> stage 0 tcp, stage 1 -> stage 2 tcp\)") as e:
+        check_hops(plan.hops, False)
+    assert e.value.exit_code == 2
+    check_hops(plan_cluster("llama-3.1-8b", view, context=4096, driver="node1").hops, False)   # TLS: runs

@@ -9,7 +9,10 @@
     vramancer cluster stop          the Ray processes `start` / `join` started on this machine, nothing else
 
 ``vramancer plan MODEL --cluster ADDRESS`` and ``vramancer run MODEL --cluster ADDRESS`` plan over
-every device of every node; ``run`` runs the stages on their nodes (pipeline.py).
+every device of every node; ``run`` runs the stages on their nodes (pipeline.py). Their hops between
+nodes are TLS; ``--trusted-network`` lets them go plaintext (tcp, or torch.distributed between CUDA
+stages), ``--link auto|tls|tcp|torch`` forces one transport between nodes (planning.py).
+``run --cluster`` samples as ``run`` does with --temperature / --top-p / --seed (serve's Sampler).
 The token is read from ``--token``, ``--token-file`` or this node's token file (written by start / join).
 """
 from __future__ import annotations
@@ -23,7 +26,7 @@ from ..errors import BadInputError
 from ..units import format_bytes, parse_bytes
 
 __all__ = ["configure", "main", "add_cluster_flags", "plan_on_cluster", "run_on_cluster", "connect_and_discover",
-           "check_cluster_flags", "cluster_plan"]
+           "check_cluster_flags", "cluster_plan", "link_flags", "cluster_sampler"]
 
 
 def add_cluster_flags(p: argparse.ArgumentParser) -> None:
@@ -32,6 +35,12 @@ def add_cluster_flags(p: argparse.ArgumentParser) -> None:
                    help="plan (and run) over every device of the Ray cluster at HOST:PORT (`vramancer cluster`)")
     p.add_argument("--cluster-token-file", default=None, metavar="FILE",
                    help="the cluster's token (default: the one `cluster start` / `join` wrote on this machine)")
+    p.add_argument("--trusted-network", action="store_true",
+                   help="with --cluster: hops between nodes may go plaintext (tcp; torch.distributed between "
+                        "CUDA stages), without TLS's cost; only on a network you trust")
+    p.add_argument("--link", default="auto", choices=("auto", "tls", "tcp", "torch"),
+                   help="with --cluster: the transport of the hops between nodes (default auto: tls, or with "
+                        "--trusted-network tcp / torch); tcp and torch need --trusted-network")
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -217,12 +226,22 @@ def eos_token_ids(folder: Any, tokenizer: Any) -> frozenset[int]:
     return frozenset(eos)
 
 
+def link_flags(args: argparse.Namespace) -> tuple[bool, str]:
+    """(--trusted-network, --link), checked: a plaintext --link without the flag is bad input."""
+    from .planning import check_link
+
+    trusted, link = bool(getattr(args, "trusted_network", False)), getattr(args, "link", None) or "auto"
+    check_link(link, trusted)
+    return trusted, link
+
+
 def _plan(args: argparse.Namespace, model: Any, view: Any, driver: str) -> Any:
     from .planning import plan_cluster
 
+    trusted, link = link_flags(args)
     return plan_cluster(model, view, context=args.context, batch=args.batch, dtype=args.dtype,
                         objective=args.objective, reserve_bytes=args.reserve, prefill_chunk=args.prefill_chunk,
-                        driver=driver)
+                        driver=driver, trusted_network=trusted, link=link)
 
 
 def plan_on_cluster(args: argparse.Namespace, console: Any) -> int:
@@ -232,6 +251,7 @@ def plan_on_cluster(args: argparse.Namespace, console: Any) -> int:
     from ..plan.commands import render_plan
 
     check_cluster_flags(args, "plan")
+    link_flags(args)
     try:
         view, driver = connect_and_discover(args.cluster, args.cluster_token_file, 4 << 20)
     finally:
@@ -253,8 +273,10 @@ def cluster_plan(args: argparse.Namespace, folder: Any, view: Any, driver: str) 
 
     if getattr(args, "plan", None):
         from ..plan.plan import Plan
+        from .planning import check_hops
 
         plan = Plan.load(args.plan)
+        check_hops(plan.hops, link_flags(args)[0])
         names = {n.name for n in view.nodes}
         missing = sorted({node_of(s.device) for s in plan.stages} - names)
         if missing:
@@ -264,8 +286,25 @@ def cluster_plan(args: argparse.Namespace, folder: Any, view: Any, driver: str) 
     return _plan(args, str(folder), view, driver)
 
 
+def cluster_sampler(args: argparse.Namespace) -> Any:
+    """serve's Sampler for --temperature above 0 (with --top-p, --seed), None for greedy."""
+    temperature = float(getattr(args, "temperature", 0.0) or 0.0)
+    top_p = getattr(args, "top_p", None)
+    if temperature < 0:
+        raise BadInputError(f"--temperature must be 0 or more, not {temperature}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise BadInputError(f"--top-p must be above 0 and at most 1, not {top_p}")
+    if temperature == 0:
+        return None
+    from ..runtime.sampling import Sampler, SamplingParams
+
+    return Sampler(SamplingParams(temperature=temperature, top_p=1.0 if top_p is None else float(top_p),
+                                  seed=getattr(args, "seed", None)))
+
+
 def run_on_cluster(args: argparse.Namespace, console: Any) -> int:
-    """`vramancer run MODEL --cluster ADDRESS`: stages on their nodes, greedy decoding here."""
+    """`vramancer run MODEL --cluster ADDRESS`: stages on their nodes, decoding here: greedy, or sampled
+    with --temperature / --top-p / --seed by serve's Sampler (its own seeded generator)."""
     import ray
 
     from ..runtime.commands import load_tokenizer
@@ -273,8 +312,8 @@ def run_on_cluster(args: argparse.Namespace, console: Any) -> int:
     from .pipeline import ClusterPipeline
 
     check_cluster_flags(args, "run")
-    if args.temperature and args.temperature > 0:
-        raise BadInputError("run --cluster decodes greedily: drop --temperature")
+    trusted, link = link_flags(args)
+    sampler = cluster_sampler(args)
     folder = weights_folder(args.model)
     tok = load_tokenizer(folder)
     try:
@@ -289,8 +328,8 @@ def run_on_cluster(args: argparse.Namespace, console: Any) -> int:
             raise BadInputError(f"{len(ids)} prompt + {args.max_new_tokens} new tokens is more than the "
                                 f"{plan.workload.context} tokens of context planned (--context)")
         eos = eos_token_ids(folder, tok)
-        with ClusterPipeline(plan, view, folder) as pipe:
-            out = pipe.generate(list(ids), args.max_new_tokens, set(eos) or None)
+        with ClusterPipeline(plan, view, folder, trusted_network=trusted, link=link) as pipe:
+            out = pipe.generate(list(ids), args.max_new_tokens, set(eos) or None, sampler=sampler)
             stats = pipe.stats()
     finally:
         ray.shutdown()

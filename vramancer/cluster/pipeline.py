@@ -21,12 +21,21 @@ listening end binds a Unix socket in a fresh 0700 folder, whose path reaches the
 Ray; each side creates its own segment for the frames it sends and the other maps it); two nodes
 over Link TLS: mutual TLS 1.3 pinned to the one fingerprint expected at that end (each node's
 identity key as its agent reported it over the token-authenticated control plane; a key the node
-revoked is refused). The driver's own node is the Ray node its process runs on.
+revoked is refused). The driver's own node is the Ray node its process runs on. With
+``--trusted-network`` hops between nodes may go plaintext: tcp (link/tcp.py, the listener on the
+node's address) or torch (link/dist.py): then the driver and every stage join one torch.distributed
+world for this pipeline (rank 0 the driver, rank i + 1 stage i; gloo, plus NCCL for hops between two
+CUDA stages), rendezvous at a TCPStore the driver opens on its Link address, gloo bound to the
+interface that holds each process's Link address; the world is torn down with the pipeline. A hop
+takes the transport the plan recorded for it (``Plan.hops``) when its ends are where the plan put
+them, else the rule's (``hop_transport``); plaintext without ``trusted_network`` is refused before
+anything starts (one line, exit 2).
 
 Per token the driver sends ``[ctrl, token ids]`` to the first stage; each stage runs its blocks and
 sends ``[ctrl, hidden states]`` on; the last stage sends ``[ctrl, logits of the last position]``
-back, and the driver picks the token (greedy). ``ctrl`` is an int64 vector (op, start): op 1 runs a
-forward whose inputs start at token ``start`` of the sequence (0: a new sequence, caches reset).
+back, and the driver picks the token (greedy, or drawn by a sampler). ``ctrl`` is an int64 vector
+(op, start): op 1 runs a forward whose inputs start at token ``start`` of the sequence (0: a new
+sequence, caches reset).
 """
 from __future__ import annotations
 
@@ -41,7 +50,8 @@ from typing import Any
 from ..errors import BadInputError, VramancerError
 from .nodes import ClusterView, cluster_trust, node_of, pinned
 
-__all__ = ["StageWorker", "ClusterPipeline", "StageTiming", "PipelineStats", "OP_FORWARD", "shm_slot_bytes"]
+__all__ = ["StageWorker", "ClusterPipeline", "StageTiming", "PipelineStats", "OP_FORWARD", "shm_slot_bytes",
+           "send_close", "join_group", "gloo_interface"]
 
 log = logging.getLogger("vramancer.cluster")
 
@@ -59,11 +69,23 @@ def shm_slot_bytes(plan: Any, config: dict) -> int:
     return max(1 << 16, (need + 4095) // 4096 * 4096)
 
 
-def _listen(kind: str, host: str, identity: Any, slot_bytes: int) -> tuple[Any, Any, str]:
-    """(transport, listener, private folder or "") of a hop's listening end."""
+def _listen(kind: str, host: str, identity: Any, slot_bytes: int, peer_rank: int = 0,
+            device: str = "cpu") -> tuple[Any, Any, str]:
+    """(transport, listener, private folder or "") of a hop's listening end. ``peer_rank`` / ``device``:
+    a torch hop's sender rank and the device its tensors travel on (cpu: gloo, cuda: NCCL)."""
     from ..link.shm import ShmTransport
     from ..link.tls import TlsTransport
 
+    if kind == "torch":
+        from ..link.dist import TorchDistTransport
+
+        td = TorchDistTransport(device=device)
+        return td, td.listen(peer_rank), ""
+    if kind == "tcp":
+        from ..link.tcp import TcpTransport
+
+        tc = TcpTransport(trusted_network=True)
+        return tc, tc.listen((host, 0)), ""
     if kind == "shm":
         import tempfile
 
@@ -74,10 +96,13 @@ def _listen(kind: str, host: str, identity: Any, slot_bytes: int) -> tuple[Any, 
     return tr, tr.listen((host, 0)), ""
 
 
-def _endpoint(kind: str, listener: Any) -> dict:
+def _endpoint(kind: str, listener: Any, rank: int = 0, device: str = "cpu") -> dict:
+    """A hop's listening end as JSON; a torch hop's: the listening process's rank and the device."""
     if kind == "shm":
         return {"transport": "shm", "path": listener.address}
-    return {"transport": "tls", "host": listener.address[0], "port": int(listener.address[1])}
+    if kind == "torch":
+        return {"transport": "torch", "rank": rank, "device": device}
+    return {"transport": kind, "host": listener.address[0], "port": int(listener.address[1])}
 
 
 def _dial(end: dict, identity: Any, fingerprint: str, slot_bytes: int) -> Any:
@@ -85,9 +110,81 @@ def _dial(end: dict, identity: Any, fingerprint: str, slot_bytes: int) -> Any:
     from ..link.shm import ShmTransport
     from ..link.tls import TlsTransport
 
+    if end["transport"] == "torch":
+        from ..link.dist import TorchDistTransport
+
+        return TorchDistTransport(device=end["device"]).connect(int(end["rank"]))
+    if end["transport"] == "tcp":
+        from ..link.tcp import TcpTransport
+
+        return TcpTransport(trusted_network=True).connect((end["host"], int(end["port"])))
     if end["transport"] == "shm":
         return ShmTransport(slot_bytes=slot_bytes).connect(end["path"])
     return TlsTransport(identity, cluster_trust([fingerprint])).connect((end["host"], int(end["port"])))
+
+
+def send_close(conn: Any) -> None:
+    """A CLOSE frame on ``conn``: ``send_control`` where the connection has one; a torch.distributed
+    connection gets the bare header (the receiver reads a header with no descriptors and returns it)."""
+    from ..link.frame import HEADER_BYTES, FrameType
+
+    if hasattr(conn, "send_control"):
+        conn.send_control(FrameType.CLOSE)
+        return
+    import torch
+
+    from ..link.errors import LinkError
+
+    head = conn.writer.header(FrameType.CLOSE, [], 0)
+    try:
+        conn.dist.send(torch.frombuffer(bytearray(head[:HEADER_BYTES]), dtype=torch.uint8).to(conn.device),
+                       conn.peer, group=conn.group)
+    except RuntimeError as e:
+        raise LinkError(f"link torch: send failed: {e}") from None
+
+
+def gloo_interface(address: str) -> str | None:
+    """The network interface that holds ``address`` (gloo binds it: GLOO_SOCKET_IFNAME), or None."""
+    import psutil
+
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.address.split("%")[0] == address for a in addrs):
+            return name
+    return None
+
+
+def join_group(group: dict, host: str, device: str, timeout_s: float, store: Any = None) -> None:
+    """Join this pipeline's torch.distributed world (``group``: store host and port, world, rank,
+    backend) with gloo bound to the interface of ``host``; a CUDA ``device`` becomes this process's
+    current device (NCCL's). ``store``: the driver's own (master) TCPStore."""
+    import datetime
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        raise BadInputError("this process is already in a torch.distributed world: one pipeline with torch "
+                            "hops per process")
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if store is None:
+        store = dist.TCPStore(group["host"], int(group["port"]), int(group["world"]), is_master=False,
+                              timeout=timeout)
+    ifname = gloo_interface(host)
+    old = os.environ.get("GLOO_SOCKET_IFNAME")
+    if ifname:
+        os.environ["GLOO_SOCKET_IFNAME"] = ifname
+    try:
+        dist.init_process_group(group["backend"], store=store, rank=int(group["rank"]),
+                                world_size=int(group["world"]), timeout=timeout)
+    finally:
+        if ifname:
+            if old is None:
+                os.environ.pop("GLOO_SOCKET_IFNAME", None)
+            else:
+                os.environ["GLOO_SOCKET_IFNAME"] = old
 
 
 def _refuse_revoked(nodes: list[Any]) -> None:
@@ -208,15 +305,23 @@ class StageWorker:
         del tensors
         self.index = index
         kind = spec.get("listen", "tls")
-        if kind not in ("tls", "shm"):
+        if kind not in ("tls", "shm", "tcp", "torch"):
             raise BadInputError(f"stage {index}: unknown hop transport {kind!r}")
+        if kind in ("tcp", "torch") and not spec.get("trusted_network"):
+            raise BadInputError(f"stage {index}: a plaintext hop ({kind}) needs --trusted-network")
+        group = spec.get("group")
+        if group:     # this pipeline's torch.distributed world: every process joins before any hop is wired
+            join_group(group, spec["host"], device, float(spec.get("timeout_s") or 300))
         self.slot_bytes = int(spec.get("slot_bytes") or (1 << 20))
-        self.transport, self.listener, self.folder = _listen(kind, spec["host"], self.identity, self.slot_bytes)
+        hop_device = spec.get("listen_device", "cpu")
+        self.transport, self.listener, self.folder = _listen(kind, spec["host"], self.identity, self.slot_bytes,
+                                                             index, hop_device)
         self.hops["in"] = kind
         self.timing = {"load_s": time.perf_counter() - t0, "loaded_from": loaded_from, "forwards": 0,
                        "wait_s": 0.0, "compute_s": 0.0, "send_s": 0.0}
-        return json.dumps({**_endpoint(kind, self.listener), "fingerprint": self.identity.fingerprint,
-                           **self.timing})
+        rank = index + 1
+        return json.dumps({**_endpoint(kind, self.listener, rank, hop_device),
+                           "fingerprint": self.identity.fingerprint, **self.timing})
 
     def wire(self, spec_json: str) -> str:
         """``spec_json``: prev_fingerprint (trusted on a TLS listener; shm has no key: a Unix socket
@@ -249,9 +354,11 @@ class StageWorker:
             if self.next is None:
                 raise BadInputError(f"stage {self.index}: the next hop could not be reached")
             tm = self.timing
+            # a torch hop receives into tensors on its own device (NCCL: CUDA), the others into host tensors
+            factory = None if self.hops["in"] == "torch" else torch_buffers
             while True:
                 t0 = time.perf_counter()
-                f = self.prev.recv(factory=torch_buffers)
+                f = self.prev.recv(factory=factory)
                 t1 = time.perf_counter()
                 if f.frame_type != FrameType.TENSORS:
                     break
@@ -277,7 +384,7 @@ class StageWorker:
         finally:
             if self.next is not None and not self.next.closed:
                 try:
-                    self.next.send_control(FrameType.CLOSE)
+                    send_close(self.next)
                 except LinkError:
                     pass
                 self.next.close()
@@ -313,17 +420,22 @@ class ClusterPipeline:
     ``folder``: the checkpoint on the driver's machine (and, when a node has the same path, its local
     copy). ``bridge``: serve stages to nodes without a copy over the cloud bridge (default on);
     ``local_copies`` False: every stage comes over the bridge, copies or not.
-    ``link_host``: where the driver's Link endpoints bind (default: this node's address in Ray)."""
+    ``link_host``: where the driver's Link endpoints bind (default: this node's address in Ray).
+    ``trusted_network`` (--trusted-network): plaintext hops (tcp, torch) may run; ``link`` (--link):
+    the hops' rule where the plan records none for their ends (``planning.hop_transport``)."""
 
     def __init__(self, plan: Any, view: ClusterView, folder: str | Path, *, bridge: bool = True,
                  local_copies: bool = True, link_host: str | None = None, cache_dir: str | None = None,
-                 timeout_s: float = 300.0) -> None:
+                 timeout_s: float = 300.0, trusted_network: bool = False, link: str = "auto") -> None:
         import ray
 
         from ..link.keys import load_identity
         from ..models.checkpoint import read_config
-        from .planning import hop_transport
+        from .planning import check_hops, check_link
         from .stage import stage_tensor_names
+
+        check_link(link, trusted_network)
+        check_hops(plan.hops, trusted_network)      # before anything starts: one line, exit 2
 
         self.plan = plan
         self.view = view
@@ -338,6 +450,9 @@ class ClusterPipeline:
         self._closed = False
         self._folder = ""
         self.timing = PipelineStats()
+        self._group = False
+        self.trusted_network = trusted_network
+        self.transports: list[str] = []
         try:
             nodes = [self._node(st.device) for st in plan.stages]
             for n in nodes:
@@ -347,9 +462,9 @@ class ClusterPipeline:
             _refuse_revoked(nodes)      # shm hops check no key: a node this one revoked gets no stage at all
             here = ray.get_runtime_context().get_node_id()
             self.driver_node = next((n.name for n in view.nodes if n.ray_id == here), "")
-            ends_nodes = [self.driver_node] + [n.name for n in nodes] + [self.driver_node]
-            # hop k: from ends_nodes[k] to ends_nodes[k + 1] (driver -> stage 0, ..., last stage -> driver)
-            self.transports = [hop_transport(a, b)[0] for a, b in zip(ends_nodes, ends_nodes[1:])]
+            # hop k: driver -> stage 0, ..., last stage -> driver
+            self.transports, devices = self._transports(plan, trusted_network, link)
+            group = self._open_group(devices) if "torch" in self.transports else None
             config = read_config(self.folder / "config.json")
             slot = shm_slot_bytes(plan, config)
             bridge_spec = self._start_bridge(fps) if bridge else None
@@ -366,8 +481,18 @@ class ClusterPipeline:
                     "folder": str(self.folder) if local_copies else None,
                     "names": stage_tensor_names(self.folder, plan, i), "bridge": bridge_spec,
                     "host": n.link_host or n.address, "cache_dir": cache_dir,
-                    "listen": self.transports[i], "slot_bytes": slot}))
-            ends = [json.loads(r) for r in self._get([a.setup.remote(s) for a, s in zip(self.actors, specs)])]
+                    "listen": self.transports[i], "listen_device": devices[i], "slot_bytes": slot,
+                    "trusted_network": trusted_network, "timeout_s": timeout_s,
+                    "group": dict(group[0], rank=i + 1) if group else None}))
+            refs = [a.setup.remote(s) for a, s in zip(self.actors, specs)]
+            if group:   # the driver joins the world (rank 0) while the stages do
+                self._join(group)
+            ends = [json.loads(r) for r in self._get(refs)]
+            if group:
+                self._group_thread.join(self.timeout_s)
+                if self._group_thread.is_alive() or self._group_errors:
+                    why = self._group_errors[0] if self._group_errors else "timeout"
+                    raise VramancerError(f"the driver could not join the pipeline's torch.distributed world: {why}")
             self.loads = ends
             for e, n in zip(ends, nodes):
                 if e["fingerprint"] != n.fingerprint:
@@ -375,7 +500,8 @@ class ClusterPipeline:
                                         f"{n.fingerprint}")
             # the driver's ends: it dials stage 0, the last stage dials the driver's listener
             back = self.transports[-1]
-            self._in, listener, self._folder = _listen(back, self.link_host, self.identity, slot)
+            n_st = len(plan.stages)
+            self._in, listener, self._folder = _listen(back, self.link_host, self.identity, slot, n_st, devices[-1])
             if back == "tls":
                 self._in.trust = cluster_trust([fps[-1]])
             try:
@@ -385,7 +511,7 @@ class ClusterPipeline:
                     if i + 1 < len(self.actors):
                         nxt, nfp = ends[i + 1], fps[i + 1]
                     else:
-                        nxt, nfp = _endpoint(back, listener), self.identity.fingerprint
+                        nxt, nfp = _endpoint(back, listener, 0, devices[-1]), self.identity.fingerprint
                     wires.append(a.wire.remote(json.dumps({"prev_fingerprint": prev_fp, "next_fingerprint": nfp,
                                                            "next": nxt})))
                 accepted: list[Any] = []
@@ -412,6 +538,56 @@ class ClusterPipeline:
             raise
 
     # -- set-up -----------------------------------------------------------------------------------
+    def _transports(self, plan: Any, trusted: bool, link: str) -> tuple[list[str], list[str]]:
+        """Each hop's transport (the plan's where its ends are where the plan put them, else the rule's)
+        and the device a torch hop's tensors travel on (cuda: NCCL between two CUDA ends; else cpu)."""
+        from .planning import hop_transport, pipeline_ends
+
+        ends = pipeline_ends(plan, self.driver_node)
+        hops = plan.hops if len(plan.hops) == len(ends) - 1 else []
+        out, devices = [], []
+        for k, ((src, a, da), (_, b, db)) in enumerate(zip(ends, ends[1:])):
+            if hops and (hops[k].src_node, hops[k].dst_node) == (a, b):
+                t = hops[k].transport
+                if t == "shm" and a != b:
+                    raise BadInputError(f"the plan's hop {src} -> {hops[k].dst} is shm between {a} and {b}: "
+                                        "shared memory needs both ends on one node (plan again)")
+            else:
+                t = hop_transport(a, b, trusted=trusted, link=link, src_device=da, dst_device=db)[0]
+            out.append(t)
+            devices.append("cuda" if t == "torch" and da.startswith("cuda") and db.startswith("cuda") else "cpu")
+        return out, devices
+
+    def _open_group(self, devices: list[str]) -> tuple[dict, Any]:
+        """The torch.distributed world of this pipeline's torch hops: (its spec, the master store)."""
+        import datetime
+
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            raise BadInputError("this process is already in a torch.distributed world: one pipeline with "
+                                "torch hops per process")
+        world = len(self.plan.stages) + 1
+        store = dist.TCPStore(self.link_host, 0, world, is_master=True,
+                              timeout=datetime.timedelta(seconds=self.timeout_s), wait_for_workers=False)
+        backend = "cpu:gloo,cuda:nccl" if "cuda" in devices else "gloo"
+        return {"host": self.link_host, "port": int(store.port), "world": world, "backend": backend}, store
+
+    def _join(self, group: tuple[dict, Any]) -> None:
+        """Join the world as rank 0 in a thread while the stages join theirs (init blocks until all have)."""
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                join_group(dict(group[0], rank=0), self.link_host, "cpu", self.timeout_s, store=group[1])
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                errors.append(e)
+
+        t = threading.Thread(target=run, name="vramancer-dist-init", daemon=True)
+        t.start()
+        self._group = True
+        self._group_thread, self._group_errors = t, errors
+
     def _node(self, device_id: str):
         name = node_of(device_id)
         try:
@@ -472,10 +648,12 @@ class ClusterPipeline:
         f = self.last.recv(factory=torch_buffers)
         if f.frame_type != FrameType.TENSORS or len(f.tensors) != 2:
             raise VramancerError(f"the pipeline stopped: {self._stage_errors() or 'the last stage closed its link'}")
-        return f.tensors[1]
+        return f.tensors[1].float().cpu()
 
-    def generate(self, prompt_ids: list[int], max_new_tokens: int, eos_ids: set[int] | None = None) -> list[int]:
-        """Greedy decoding: the new token ids (at most ``max_new_tokens``; stops after an EOS id)."""
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, eos_ids: set[int] | None = None,
+                 sampler: Any = None) -> list[int]:
+        """The new token ids (at most ``max_new_tokens``; stops after an EOS id): greedy, or each drawn by
+        ``sampler.sample(logits [V])`` (serve's Sampler: temperature, top-p, its own seeded generator)."""
         if not prompt_ids:
             raise BadInputError("an empty prompt")
         ctx = self.plan.workload.context
@@ -491,7 +669,7 @@ class ClusterPipeline:
         pos = len(prompt_ids)
         t1 = time.perf_counter()
         while True:
-            tok = int(logits[0].argmax())
+            tok = int(logits[0].argmax()) if sampler is None else sampler.sample(logits[0])
             out.append(tok)
             if len(out) >= max_new_tokens or (eos_ids and tok in eos_ids):
                 break
@@ -524,13 +702,14 @@ class ClusterPipeline:
         if self._closed:
             return
         self._closed = True
-        from ..link.frame import FrameType
 
         if self.first is not None:
             try:
-                self.first.send_control(FrameType.CLOSE)
+                send_close(self.first)
             except VramancerError:
                 pass
+        if self.last is not None and self.transports[-1] == "torch":
+            self._drain(self.last)    # the last stage's CLOSE: a gloo send waits for its receive
         for a in self.actors:
             try:
                 ray.get(a.close.remote(), timeout=15)
@@ -542,6 +721,28 @@ class ClusterPipeline:
             if c is not None:
                 c.close()
         _remove_folder(self._folder)
+        if self._group:
+            import torch.distributed as dist
+
+            if not self._group_thread.is_alive() and dist.is_initialized():
+                dist.destroy_process_group()
+            self._group = False
+
+    @staticmethod
+    def _drain(conn: Any, timeout_s: float = 10.0) -> None:
+        """Receive what the last stage still sends (its CLOSE) for up to ``timeout_s``."""
+        from ..link.frame import FrameType
+
+        def run() -> None:
+            try:
+                while conn.recv().frame_type == FrameType.TENSORS:
+                    pass
+            except Exception:  # noqa: BLE001 - a link already broken has nothing left to drain
+                pass
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        t.join(timeout_s)
 
     def __enter__(self) -> ClusterPipeline:
         return self

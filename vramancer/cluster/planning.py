@@ -16,17 +16,31 @@ seconds per token). The Plan is then assembled by the planner (``plan_placement`
 speeds include the network.
 
 Each hop of the pipeline (driver -> stage 0, stage i -> stage i+1, last stage -> driver) gets its
-transport from where its two ends live (``hop_transport``), recorded in ``Plan.hops`` with the reason
-and its price per decode step:
+transport from where its two ends live and what they compute on (``hop_transport``), recorded in
+``Plan.hops`` with the reason and its price per decode step. ``trusted`` is ``--trusted-network``;
+``link`` is ``--link auto|tls|tcp|torch``, the transport of the hops between nodes:
 
-    same node (one Ray node)   shm: shared memory between the two worker processes (link/shm.py),
+    same node, default         shm: shared memory between the two worker processes (link/shm.py),
                                priced with a local figure (``SHM_LATENCY_S``, ``SHM_BANDWIDTH_BYTES_PER_S``)
-    different nodes            tls: mutual TLS 1.3 pinned to the peer node's key, priced with the link
-                               the agents measured
+    same node, trusted, both   torch: torch.distributed with NCCL (P2P / NVLink between the two GPUs,
+    ends CUDA on two GPUs,     no copy through host memory), priced with ``NCCL_LOCAL_*`` (--link
+    torch has NCCL             is about hops between nodes: it does not change this one)
+    different nodes, default   tls: mutual TLS 1.3 pinned to the peer node's key, priced with the link
+    (or --link tls)            the agents measured (they measure over TLS: that figure is TLS's)
+    different nodes, trusted   tcp for host tensors (link auto or tcp); torch when both ends are CUDA
+                               devices and torch has NCCL (link auto; GPUDirect RDMA is NCCL's own
+                               choice where the NICs allow it), or whenever --link torch (gloo
+                               for host tensors). Priced as the measured link without TLS's crypto
+                               (``plaintext_hop_seconds``)
 
+Plaintext (tcp, torch) is never chosen without ``--trusted-network``, and a plan file whose hops
+say tcp or torch is refused at run time without it (``check_hops``). torch within one node needs the
+flag as well, although its bytes never leave the machine: torch.distributed's rendezvous store and
+its gloo / NCCL bootstrap sockets listen on the node's network address without authentication, so
+the flag is what says that address is on a network the user trusts. Without it, two GPUs of one node
+talk over shm (a copy through host memory, which costs the PCIe transfers the cost model prices).
 Two Ray nodes on one machine count as different nodes (they may not share ``/dev/shm``: containers).
-Plaintext TCP is never chosen, and torch.distributed (NCCL between two GPUs of one node) is not
-chosen yet: a stage is one process, so two GPUs of one node are two processes with shm between them.
+Whether torch has NCCL is asked of the driver's torch (the stages' nodes are assumed to match).
 """
 from __future__ import annotations
 
@@ -35,13 +49,15 @@ from dataclasses import replace
 from typing import Any
 
 from ..devices.device import Device
-from ..errors import DoesNotFitError, WorkloadError
+from ..errors import BadInputError, DoesNotFitError, WorkloadError
 from ..plan.plan import Hop
 from .nodes import ClusterView, node_of
 
 __all__ = ["cluster_devices", "network_hop_seconds", "plan_cluster", "MAX_NODE_ORDERS", "network_summary",
            "hop_transport", "shm_hop_seconds", "plan_hops", "hops_summary", "SHM_LATENCY_S",
-           "SHM_BANDWIDTH_BYTES_PER_S"]
+           "SHM_BANDWIDTH_BYTES_PER_S", "LINKS", "PLAINTEXT", "check_link", "check_hops", "hop_seconds",
+           "plaintext_hop_seconds", "TLS_CRYPTO_BYTES_PER_S", "NCCL_LOCAL_LATENCY_S",
+           "NCCL_LOCAL_BANDWIDTH_BYTES_PER_S", "nccl_available", "pipeline_ends"]
 
 MAX_NODE_ORDERS = 24
 _DEFAULT_RTT_S = 1e-3           # a node pair the probes could not measure: a LAN's figures
@@ -51,21 +67,99 @@ _DEFAULT_BANDWIDTH = 117e6      # 1 GbE
 SHM_LATENCY_S = 30e-6
 SHM_BANDWIDTH_BYTES_PER_S = 4e9
 _CTRL_BYTES = 16                # the (op, start) int64 pair every pipeline frame carries
+# TLS 1.3's AES-GCM on one core (OpenSSL with AES-NI, 16 KiB records: 2-4 GB/s; the lower end): each
+# byte is encrypted by the sender and decrypted by the receiver, one after the other on a pipeline's
+# hop, so plaintext saves 2 / TLS_CRYPTO_BYTES_PER_S seconds per byte of what the TLS-measured link costs
+TLS_CRYPTO_BYTES_PER_S = 2e9
+# NCCL between two GPUs of one machine (P2P over PCIe 4.0 x16, conservative; NVLink is faster)
+NCCL_LOCAL_LATENCY_S = 15e-6
+NCCL_LOCAL_BANDWIDTH_BYTES_PER_S = 12e9
+LINKS = ("auto", "tls", "tcp", "torch")   # --link: the transport of the hops between nodes
+PLAINTEXT = ("tcp", "torch")                # what only --trusted-network allows
 
 
-def hop_transport(src_node: str, dst_node: str) -> tuple[str, str]:
+def nccl_available() -> bool:
+    """Whether this process's torch has NCCL (False without torch)."""
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return False
+    return bool(dist.is_available() and dist.is_nccl_available())
+
+
+def check_link(link: str, trusted: bool) -> None:
+    """--link and --trusted-network together: a plaintext link without the flag is bad input."""
+    if link not in LINKS:
+        raise BadInputError(f"--link must be one of {', '.join(LINKS)}, not {link!r}")
+    if link in PLAINTEXT and not trusted:
+        raise BadInputError(f"--link {link} is plaintext between nodes: add --trusted-network "
+                            "(only on a network you trust), or use --link tls")
+
+
+def _cuda(device: str) -> bool:
+    return device.startswith("cuda")
+
+
+def hop_transport(src_node: str, dst_node: str, *, trusted: bool = False, link: str = "auto",
+                  src_device: str = "", dst_device: str = "", nccl: bool | None = None) -> tuple[str, str]:
     """(transport, reason) of a hop from a process on node ``src_node`` to one on ``dst_node``
-    ("" when unknown): shm within one Ray node, TLS pinned to the peer's key otherwise."""
+    ("" when unknown); ``src_device`` / ``dst_device``: the torch devices the ends compute on ("" or
+    "cpu": host tensors, as the driver's). See the module docstring for the rule."""
+    check_link(link, trusted)
+    both_cuda = _cuda(src_device) and _cuda(dst_device)
     if src_node and src_node == dst_node:
+        if trusted and both_cuda and src_device != dst_device \
+                and (nccl_available() if nccl is None else nccl):
+            return "torch", (f"both ends on {src_node}, {src_device} -> {dst_device}, --trusted-network: "
+                             "torch.distributed NCCL between the two GPUs (P2P, no host copy)")
         return "shm", f"both ends on {src_node}: shared memory between the two processes"
-    if not src_node or not dst_node:
-        return "tls", "one end's node is unknown: TLS pinned to the peer's key"
-    return "tls", f"{src_node} -> {dst_node} are different nodes: TLS pinned to {dst_node}'s key"
+    if not trusted or link == "tls":
+        if not src_node or not dst_node:
+            return "tls", "one end's node is unknown: TLS pinned to the peer's key"
+        return "tls", f"{src_node} -> {dst_node} are different nodes: TLS pinned to {dst_node}'s key"
+    where = f"{src_node or '?'} -> {dst_node or '?'} are different nodes, --trusted-network"
+    has_nccl = nccl_available() if nccl is None else nccl
+    if link == "torch" or (link == "auto" and both_cuda and has_nccl):
+        if both_cuda and has_nccl:
+            return "torch", (f"{where}: torch.distributed NCCL between {src_device} and {dst_device} "
+                             "(GPUDirect RDMA where NCCL finds it: NCCL's own choice)")
+        return "torch", f"{where}, --link torch: torch.distributed gloo (host tensors, plaintext TCP)"
+    return "tcp", f"{where}: plaintext TCP (host tensors; no TLS crypto per byte)"
+
+
+def check_hops(hops: list[Any], trusted: bool) -> None:
+    """A plan whose hops go plaintext (tcp, torch) runs only with --trusted-network: one line, exit 2."""
+    plain = [f"{h.src} -> {h.dst} {h.transport}" for h in hops if h.transport in PLAINTEXT]
+    if plain and not trusted:
+        raise BadInputError(f"the plan's hops go plaintext ({', '.join(plain)}): run with --trusted-network "
+                            "(only on a network you trust), or plan again without it")
 
 
 def shm_hop_seconds(nbytes: int) -> float:
     """Seconds for ``nbytes`` over shared memory between two processes of one host (local figure)."""
     return SHM_LATENCY_S + nbytes / SHM_BANDWIDTH_BYTES_PER_S
+
+
+def plaintext_hop_seconds(view: ClusterView, a: str, b: str, nbytes: int) -> float:
+    """Seconds for ``nbytes`` from node ``a`` to ``b`` in plaintext (tcp, gloo): the link was measured
+    over TLS, so TLS's crypto (``2 / TLS_CRYPTO_BYTES_PER_S`` a byte) comes off its per-byte time, never
+    below shared memory's."""
+    if a == b or not a or not b:
+        return 0.0
+    rtt, bw = _measure(view, a, b)
+    per_byte = max(1 / bw - 2 / TLS_CRYPTO_BYTES_PER_S, 1 / SHM_BANDWIDTH_BYTES_PER_S)
+    return rtt / 2 + nbytes * per_byte
+
+
+def hop_seconds(view: ClusterView, transport: str, a: str, b: str, nbytes: int) -> float:
+    """Seconds of one hop of ``nbytes`` from node ``a`` to ``b`` over ``transport``."""
+    if transport == "shm":
+        return shm_hop_seconds(nbytes)
+    if transport == "tls":
+        return network_hop_seconds(view, a, b, nbytes)
+    if a and a == b:      # torch within one node: NCCL between its GPUs
+        return NCCL_LOCAL_LATENCY_S + nbytes / NCCL_LOCAL_BANDWIDTH_BYTES_PER_S
+    return plaintext_hop_seconds(view, a, b, nbytes)
 
 
 def cluster_devices(view: ClusterView) -> list[Device]:
@@ -94,7 +188,8 @@ def network_hop_seconds(view: ClusterView, a: str, b: str, nbytes: int) -> float
 
 
 class _Pricing:
-    def __init__(self, profile: Any, devices: list[Device], workload: Any, view: ClusterView, driver: str) -> None:
+    def __init__(self, profile: Any, devices: list[Device], workload: Any, view: ClusterView, driver: str,
+                 trusted: bool = False, link: str = "auto") -> None:
         from ..plan.cost import CostModel
         from ..plan.memory import BlockTable
 
@@ -102,6 +197,8 @@ class _Pricing:
         self.devices = devices
         self.view = view
         self.driver = driver
+        self.trusted = trusted
+        self.link = link
         self.cost = CostModel(profile, workload.context, workload.batch, workload.prefill_chunk)
         self.table = BlockTable(profile, workload.context, workload.batch, workload.prefill_chunk)
         self.batch = workload.batch
@@ -117,15 +214,15 @@ class _Pricing:
         da, db = self.devices[a], self.devices[b]
         na, nb = node_of(da.id), node_of(db.id)
         if na != nb:
-            return (network_hop_seconds(self.view, na, nb, self.batch * self.token_bytes),
-                    network_hop_seconds(self.view, na, nb, self.chunk_tokens * self.token_bytes))
+            return (self.link_seconds(na, nb, self.batch * self.token_bytes, da.torch_device, db.torch_device),
+                    self.link_seconds(na, nb, self.chunk_tokens * self.token_bytes, da.torch_device, db.torch_device))
         return self.cost.hop_seconds(da, db)
 
-    def link_seconds(self, a: str, b: str, nbytes: int) -> float:
-        """Seconds of one hop between processes on nodes a and b over the transport it gets."""
-        if hop_transport(a, b)[0] == "shm":
-            return shm_hop_seconds(nbytes)
-        return network_hop_seconds(self.view, a, b, nbytes)
+    def link_seconds(self, a: str, b: str, nbytes: int, dev_a: str = "", dev_b: str = "") -> float:
+        """Seconds of one hop between processes on nodes a and b (computing on torch devices dev_a,
+        dev_b; "" for the driver's host end) over the transport it gets."""
+        transport = hop_transport(a, b, trusted=self.trusted, link=self.link, src_device=dev_a, dst_device=dev_b)[0]
+        return hop_seconds(self.view, transport, a, b, nbytes)
 
     def network(self, ranges: list[tuple[int, int, int]]) -> tuple[float, float, int]:
         """(decode, prefill) seconds of a placement's hops between processes (shm within a node, the
@@ -133,13 +230,14 @@ class _Pricing:
         dec = pre = 0.0
         crossings = 0
         nodes = [node_of(self.devices[d].id) for d, _, _ in ranges]
-        for x, y in zip(nodes, nodes[1:]):
+        devs = [self.devices[d].torch_device for d, _, _ in ranges]
+        for x, y, dx, dy in zip(nodes, nodes[1:], devs, devs[1:]):
             crossings += x != y
-            dec += self.link_seconds(x, y, self.batch * self.token_bytes)
-            pre += self.link_seconds(x, y, self.chunk_tokens * self.token_bytes)
+            dec += self.link_seconds(x, y, self.batch * self.token_bytes, dx, dy)
+            pre += self.link_seconds(x, y, self.chunk_tokens * self.token_bytes, dx, dy)
         if nodes and self.driver:
-            ids = self.link_seconds(self.driver, nodes[0], 8 * self.batch)
-            logits = self.link_seconds(nodes[-1], self.driver, self.logits_bytes * self.batch)
+            ids = self.link_seconds(self.driver, nodes[0], 8 * self.batch, "", devs[0])
+            logits = self.link_seconds(nodes[-1], self.driver, self.logits_bytes * self.batch, devs[-1], "")
             dec += ids + logits
             pre += ids + logits
             crossings += (nodes[0] != self.driver) + (nodes[-1] != self.driver)
@@ -171,9 +269,11 @@ def _within_node(devices: list[Device], idx: list[int]) -> list[int]:
 
 def plan_cluster(model: Any, view: ClusterView, *, context: int | None = None, batch: int = 1,
                  dtype: str | None = None, objective: str = "latency", reserve_bytes: int | str | None = None,
-                 prefill_chunk: int = 512, driver: str = "") -> Any:
+                 prefill_chunk: int = 512, driver: str = "", trusted_network: bool = False,
+                 link: str = "auto") -> Any:
     """The Plan of ``model`` over every device of ``view``'s nodes (see the module docstring).
-    ``driver``: the node the driver runs on (its hops to the first and from the last stage count)."""
+    ``driver``: the node the driver runs on (its hops to the first and from the last stage count).
+    ``trusted_network`` (--trusted-network) and ``link`` (--link): the hops' transports (``hop_transport``)."""
     from ..models.profile import ModelProfile
     from ..models.resolve import profile as make_profile
     from ..plan.memory import default_reserve_bytes
@@ -182,6 +282,7 @@ def plan_cluster(model: Any, view: ClusterView, *, context: int | None = None, b
     from ..plan.planner import check_reserve, check_workload, default_context, plan_placement
 
     check_workload(1 if context is None else context, batch, objective, prefill_chunk)
+    check_link(link, trusted_network)
     prof = model if isinstance(model, ModelProfile) else make_profile(model, dtype=dtype)
     devices = cluster_devices(view)
     if not devices:
@@ -194,7 +295,7 @@ def plan_cluster(model: Any, view: ClusterView, *, context: int | None = None, b
     r = None if reserve_bytes is None else check_reserve(reserve_bytes)
     reserve = [r if (r is not None and d.kind == "gpu") else default_reserve_bytes(d) for d in devices]
     capacity = [max(0, d.free_bytes - res) for d, res in zip(devices, reserve)]
-    pricing = _Pricing(prof, devices, workload, view, driver)
+    pricing = _Pricing(prof, devices, workload, view, driver, trusted_network, link)
     quantum = time_quantum(pricing.seconds)
     by_node: dict[str, list[int]] = {}
     for i, d in enumerate(devices):
@@ -208,7 +309,7 @@ def plan_cluster(model: Any, view: ClusterView, *, context: int | None = None, b
             idx = _within_node(devices, by_node[name])
             for k, i in enumerate(idx):
                 if k == 0 and prev_node is not None:
-                    hops[i] = network_hop_seconds(view, prev_node, name, batch * pricing.token_bytes)
+                    hops[i] = pricing.hop(order[-1], i)[0]
                 else:
                     hops[i] = pricing.cost.hop_seconds(devices[order[-1]] if order else devices[i], devices[i])[0]
                 order.append(i)
@@ -241,24 +342,32 @@ def plan_cluster(model: Any, view: ClusterView, *, context: int | None = None, b
                              prefill_tokens_per_s=round(pricing.chunk_tokens / pre_s, 3),
                              decode_ms_per_step=round(step_s * 1000, 3))
     plan.notes.append(network_summary(view, plan, driver, net_dec, crossings))
-    plan.hops = plan_hops(plan, view, driver, pricing.token_bytes * batch, pricing.logits_bytes * batch)
+    plan.hops = plan_hops(plan, view, driver, pricing.token_bytes * batch, pricing.logits_bytes * batch,
+                          trusted=trusted_network, link=link)
     plan.notes.append(hops_summary(plan.hops))
     return plan
 
 
-def plan_hops(plan: Any, view: ClusterView, driver: str, hidden_bytes: int, logits_bytes: int) -> list[Hop]:
+def pipeline_ends(plan: Any, driver: str) -> list[tuple[str, str, str]]:
+    """(name, node, torch device) of the pipeline's ends in order: the driver (host tensors), each
+    stage, the driver again."""
+    stages = [(f"stage {i}", node_of(st.device), st.torch_device) for i, st in enumerate(plan.stages)]
+    return [("driver", driver, "")] + stages + [("driver", driver, "")]
+
+
+def plan_hops(plan: Any, view: ClusterView, driver: str, hidden_bytes: int, logits_bytes: int, *,
+              trusted: bool = False, link: str = "auto") -> list[Hop]:
     """The hops of ``plan``'s pipeline: driver -> stage 0, each stage -> the next, the last -> driver,
     each with its transport (``hop_transport``), the bytes crossing it per decode step (the control
     pair, then token ids / ``hidden_bytes`` / ``logits_bytes``) and their seconds."""
-    nodes = [node_of(st.device) for st in plan.stages]
-    ends = [("driver", driver)] + [(f"stage {i}", n) for i, n in enumerate(nodes)] + [("driver", driver)]
+    ends = pipeline_ends(plan, driver)
     out = []
-    n = len(nodes)
-    for k, ((src, a), (dst, b)) in enumerate(zip(ends, ends[1:])):
+    n = len(plan.stages)
+    for k, ((src, a, da), (dst, b, db)) in enumerate(zip(ends, ends[1:])):
         payload = 8 if k == 0 else (logits_bytes if k == n else hidden_bytes)
         nbytes = _CTRL_BYTES + payload
-        transport, why = hop_transport(a, b)
-        secs = shm_hop_seconds(nbytes) if transport == "shm" else network_hop_seconds(view, a, b, nbytes)
+        transport, why = hop_transport(a, b, trusted=trusted, link=link, src_device=da, dst_device=db)
+        secs = hop_seconds(view, transport, a, b, nbytes)
         out.append(Hop(src, dst, a, b, transport, why, nbytes, round(secs, 9)))
     return out
 

@@ -139,14 +139,14 @@ class Prediction:
         return asdict(self)
 
 
-HOP_TRANSPORTS = ("shm", "tls")
+HOP_TRANSPORTS = ("shm", "tls", "tcp", "torch")
 
 
 @dataclass(frozen=True)
 class Hop:
     """One hop of a cluster plan's pipeline (absent from a one-machine plan's JSON): from ``src`` to
     ``dst`` (``"driver"`` or a stage index as ``"stage N"``), on nodes ``src_node`` / ``dst_node``, over
-    ``transport`` (shm, tls) chosen for ``reason``; ``bytes_per_token`` crosses it per decode step,
+    ``transport`` (shm, tls, tcp, torch) chosen for ``reason``; ``bytes_per_token`` crosses it per decode step,
     in ``decode_seconds``."""
 
     src: str

@@ -197,7 +197,13 @@ def serve_on_cluster(args: argparse.Namespace, sock: Any, api_key: str | None, m
     import ray
 
     from .._net import serve_foreground
-    from ..cluster.commands import check_cluster_flags, cluster_plan, connect_and_discover, eos_token_ids
+    from ..cluster.commands import (
+        check_cluster_flags,
+        cluster_plan,
+        connect_and_discover,
+        eos_token_ids,
+        link_flags,
+    )
     from ..cluster.pipeline import ClusterPipeline
     from ..models.checkpoint import read_config
     from ..runtime.commands import load_tokenizer
@@ -206,6 +212,7 @@ def serve_on_cluster(args: argparse.Namespace, sock: Any, api_key: str | None, m
     from .metrics import ServeMetrics
 
     check_cluster_flags(args, "serve")
+    trusted, link = link_flags(args)
     _refuse_batching_flags(args)
     folder = weights_folder(args.model)
     tok = load_tokenizer(folder)
@@ -218,7 +225,7 @@ def serve_on_cluster(args: argparse.Namespace, sock: Any, api_key: str | None, m
     try:
         view, driver = connect_and_discover(args.cluster, args.cluster_token_file, 4 << 20)
         plan = cluster_plan(args, folder, view, driver)
-        pipe = ClusterPipeline(plan, view, folder)
+        pipe = ClusterPipeline(plan, view, folder, trusted_network=trusted, link=link)
         engine = ClusterEngine(pipe, tok, vocab_size=vocab, eos_ids=eos)
         metrics = ServeMetrics(engine)  # type: ignore[arg-type]
         cfg = ServerConfig(model_name=args.served_model_name or Path(str(args.model).rstrip("/")).name, api_key=api_key,

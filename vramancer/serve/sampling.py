@@ -1,68 +1,10 @@
 """Per-request sampling: greedy, or temperature + top-p with the request's own RNG.
 
-Each request carries its own ``torch.Generator`` seeded from ``seed``, so a seeded request
-draws the same tokens whether it runs alone or beside others in a batch. The logit warpers
-are transformers' own (``TemperatureLogitsWarper``, ``TopPLogitsWarper``).
+The sampler lives in vramancer/runtime/sampling.py (``run --cluster``'s driver samples with it too);
+serve's modules import it from here.
 """
 from __future__ import annotations
 
-import secrets
-from dataclasses import dataclass, field
-from typing import Any
+from ..runtime.sampling import Sampler, SamplingParams, sample_rows
 
 __all__ = ["SamplingParams", "Sampler", "sample_rows"]
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """max_tokens: tokens to generate at most; temperature 0 = greedy; stop: strings that end
-    the text (not included); ignore_eos: keep going past end-of-sequence tokens."""
-
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-
-@dataclass
-class Sampler:
-    params: SamplingParams
-    _generator: Any = None
-    _warpers: list = field(default_factory=list)
-
-    def _setup(self, device: Any) -> None:
-        import torch
-        from transformers import TemperatureLogitsWarper, TopPLogitsWarper
-
-        seed = self.params.seed if self.params.seed is not None else secrets.randbits(63)
-        self._generator = torch.Generator(device=device)
-        self._generator.manual_seed(int(seed) % 2**64)
-        self._warpers = [TemperatureLogitsWarper(self.params.temperature)]
-        if self.params.top_p < 1.0:
-            self._warpers.append(TopPLogitsWarper(self.params.top_p))
-
-    def sample(self, logits: Any) -> int:
-        """logits [V] float32 -> one token id, drawn from this request's generator."""
-        import torch
-
-        if self._generator is None:
-            self._setup(logits.device)
-        scores = logits[None]
-        for warp in self._warpers:
-            scores = warp(None, scores)
-        probs = torch.softmax(scores, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=self._generator)[0, 0])
-
-
-def sample_rows(logits: Any, samplers: list[Sampler]) -> list[int]:
-    """logits [B, V] -> one token per row: one argmax for the greedy rows, each other row from
-    its own sampler."""
-    logits = logits.float()
-    greedy = logits.argmax(dim=-1).tolist()
-    return [greedy[i] if s.params.greedy else s.sample(logits[i]) for i, s in enumerate(samplers)]
