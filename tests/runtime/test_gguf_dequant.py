@@ -21,11 +21,12 @@ F16_FIELDS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": 
               "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
 
 
-def _bits_equal(ours: torch.Tensor, ref: np.ndarray) -> None:
+def _bits_equal(ours: torch.Tensor, ref: np.ndarray, nans: bool = False) -> None:
+    """Bit for bit equal; the reference has no NaN unless ``nans`` (then their bits are compared too)."""
     ref_t = torch.from_numpy(np.ascontiguousarray(ref, dtype=np.float32))
     assert ours.dtype == torch.float32
     assert tuple(ours.shape) == tuple(ref_t.shape)
-    assert not torch.isnan(ref_t).any()
+    assert nans or not torch.isnan(ref_t).any()
     same = ours.contiguous().view(torch.int32) == ref_t.view(torch.int32)
     assert bool(same.all()), f"{int((~same).sum())} of {same.numel()} values differ"
 
@@ -68,7 +69,7 @@ def cpu_path(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("name", [n for n in GGUF_TYPES if GGUF_TYPES[n].quantized] + ["BF16"])
+@pytest.mark.parametrize("name", [n for n in GGUF_TYPES if GGUF_TYPES[n].quantized] + ["BF16", "F16"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_random_blocks_equal_reference(name, seed, cpu_path):
     rng = np.random.default_rng(seed)
@@ -76,6 +77,15 @@ def test_random_blocks_equal_reference(name, seed, cpu_path):
         raw = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
         raw = raw[~np.isnan((raw.astype(np.uint32) << 16).view(np.float32))].view(np.uint8).reshape(2, -1)
         _bits_equal(dequantize(torch.from_numpy(raw.copy()), name), ref_dequantize(raw, QT[name]))
+        return
+    if name == "F16":            # every 16-bit pattern: zeros, subnormals, infinities; NaNs with their
+        raw = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)   # payload on the numba path (torch's
+        if cpu_path == "torch":                                        # F16C conversion quiets a signalling NaN)
+            raw = raw[~np.isnan(raw.view(np.float16))]
+        raw = rng.permutation(raw).view(np.uint8).reshape(2, -1)
+        want = ref_dequantize(raw, QT[name])
+        assert np.isnan(want).any() == (cpu_path == "numba")
+        _bits_equal(dequantize(torch.from_numpy(raw.copy()), name), want, nans=True)
         return
     t = GGUF_TYPES[name]
     raw = _random_blocks(name, rows=5, blocks_per_row=max(1, 512 // t.block_values), rng=rng)
@@ -136,8 +146,8 @@ def test_large_tensor_equals_reference(name, cpu_path):
 
 
 def test_cpu_tensors_go_through_the_numba_kernels(monkeypatch):
-    """On the CPU, quantized types and BF16 are dequantized by one numba kernel call writing into the
-    output tensor's memory (F16 by torch's own conversion); a non-contiguous input is copied first."""
+    """On the CPU, quantized types, F16 and BF16 are dequantized by one numba kernel call writing into
+    the output tensor's memory (F32 is copied); a non-contiguous input is copied first."""
     pytest.importorskip("numba")
     from vramancer.runtime.gguf import cpu_kernels
 
@@ -153,7 +163,9 @@ def test_cpu_tensors_go_through_the_numba_kernels(monkeypatch):
     assert calls == [("Q4_K", (16, 144), (16, 256))]
     _bits_equal(out, ref_dequantize(raw, QT.Q4_K))
     dequantize(torch.zeros(3, 8, dtype=torch.uint8), "F16")
-    assert len(calls) == 1
+    assert calls[1:] == [("F16", (24,), (12,))]
+    dequantize(torch.zeros(3, 8, dtype=torch.uint8), "F32")
+    assert len(calls) == 2
 
 
 def test_parallel_kernels_equal_reference(monkeypatch):

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import numba
 import numpy as np
+from numba.extending import intrinsic
 
 __all__ = ["KERNELS", "dequantize_into", "compile_all", "set_threads"]
 
@@ -35,6 +36,13 @@ def _jit(parallel: bool) -> Callable:
     return deco
 
 
+@intrinsic
+def _f32_bits(typingctx, x):     # the bits of a float32, as a uint32 (LLVM bitcast: vectorizes)
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(numba.types.uint32))
+    return numba.types.uint32(numba.types.float32), codegen
+
+
 def _kernels(parallel: bool) -> dict[str, Callable]:
     """One kernel per type: ``k(b, o, lut)`` with ``b`` uint8 [n, block_bytes] (int8 for Q8_0's values:
     the same bytes), ``o`` float32 [n, block_values], ``lut`` float16 bits -> float32."""
@@ -44,8 +52,22 @@ def _kernels(parallel: bool) -> dict[str, Callable]:
     @jit
     def bf16(h, o, lut):                 # h: uint16 [n] -> the float32 whose high half it is
         ov = o.view(np.uint32)
-        for i in prange(h.shape[0]):
-            ov[i] = np.uint32(h[i]) << np.uint32(16)
+        for i in prange(h.shape[0]):     # each op cast to uint32: 32-bit vector lanes, not 64
+            ov[i] = np.uint32(np.uint32(h[i]) << np.uint32(16))
+
+    @jit
+    def f16(h, o, lut):                  # h: uint16 [n] (IEEE half) -> float32, numpy's conversion bit for bit
+        ov = o.view(np.uint32)
+        for i in prange(h.shape[0]):     # branch-free selects on 32-bit lanes: LLVM vectorizes the loop
+            x = np.uint32(h[i])
+            m = np.uint32((x & np.uint32(0x7FFF)) << np.uint32(13))
+            e = np.uint32(x & np.uint32(0x7C00))
+            r = np.uint32(m + np.uint32(112 << 23))                     # normal: exponent bias 15 -> 127
+            r = np.uint32(m | np.uint32(0x7F800000)) if e == np.uint32(0x7C00) else r   # inf, NaN (payload kept)
+            # zero and subnormals: mantissa x 2**-24, exact (an integer times a power of two, a normal
+            # float32: no denormal operand, so a thread flushing denormals converts them right too)
+            r = _f32_bits(np.float32(np.int32(x & np.uint32(0x3FF))) * np.float32(2.0 ** -24)) if e == 0 else r
+            ov[i] = np.uint32(r | np.uint32((x & np.uint32(0x8000)) << np.uint32(16)))
 
     @jit
     def q8_0(b, o, lut):
@@ -197,7 +219,7 @@ def _kernels(parallel: bool) -> dict[str, Callable]:
                             hi = (np.int64(b[i, 128 + c * 32 + jj]) >> (2 * s)) & 3
                             o[i, base + j] = dl * np.float32((lo | (hi << 4)) - 32)
 
-    return {"BF16": bf16, "Q8_0": q8_0, "Q4_0": q4_0, "Q4_1": q4_1, "Q5_0": q5_0, "Q5_1": q5_1,
+    return {"F16": f16, "BF16": bf16, "Q8_0": q8_0, "Q4_0": q4_0, "Q4_1": q4_1, "Q5_0": q5_0, "Q5_1": q5_1,
             "Q2_K": q2_k, "Q3_K": q3_k, "Q4_K": q4_k, "Q5_K": q5_k, "Q6_K": q6_k}
 
 
@@ -218,10 +240,11 @@ def set_threads(threads: int) -> None:
 
 def dequantize_into(name: str, blocks: np.ndarray, out: np.ndarray) -> None:
     """``out`` (float32, C-contiguous) = the values of ``blocks`` (uint8, C-contiguous): for a
-    quantized type [n, block_bytes] -> [n, block_values]; for BF16 [n * 2] bytes -> [n]. (F16 has
-    no kernel here: torch's conversion uses the CPU's F16C instructions, faster than a table.)"""
+    quantized type [n, block_bytes] -> [n, block_values]; for F16 / BF16 [n * 2] bytes -> [n]. (F16 is
+    converted with integer ops, not the CPU's F16C instruction torch uses: that one sets the quiet
+    bit of a signalling NaN, numpy keeps it; this kernel is as fast where memory is the bound.)"""
     global _PARALLEL
-    if name == "BF16":
+    if name in ("F16", "BF16"):
         blocks = blocks.view(np.uint16)
     kernels = KERNELS
     if _THREADS > 1 and blocks.shape[0] >= _PARALLEL_MIN_BLOCKS * (1 if blocks.ndim == 2 else 32):
@@ -235,7 +258,7 @@ def dequantize_into(name: str, blocks: np.ndarray, out: np.ndarray) -> None:
 def compile_all(types: list[str] | None = None) -> None:
     """Compile (or load from the disk cache) the kernels of ``types`` (all by default) now."""
     for name in types or list(KERNELS):
-        if name == "BF16":
+        if name in ("F16", "BF16"):
             dequantize_into(name, np.zeros(128, dtype=np.uint8), np.empty(64, dtype=np.float32))
         else:
             values, nbytes = _BLOCKS[name]

@@ -371,7 +371,7 @@ def dequantize(raw: torch.Tensor, qtype: str | int | GGUFType, out: torch.Tensor
           or out.device != raw.device):
         raise ValueError(f"out must be a contiguous float32 {[*lead, values]} on {raw.device}, "
                          f"not {out.dtype} {list(out.shape)} on {out.device}")
-    if out.numel() and raw.device.type == "cpu" and t.name not in ("F32", "F16") and _cpu_kernels() is not None:
+    if out.numel() and raw.device.type == "cpu" and t.name != "F32" and _cpu_kernels() is not None:
         blocks = raw.contiguous().numpy()
         if t.quantized:
             _cpu_kernels().dequantize_into(t.name, blocks.reshape(-1, t.block_bytes),

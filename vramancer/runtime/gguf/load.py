@@ -292,7 +292,7 @@ def keep_quantized(model: nn.Module, gf: GGUFFile, dtype: torch.dtype) -> dict[s
         load_gguf_checkpoint,
     )
 
-    from .modules import keep_gguf, stored_dtype
+    from .modules import DequantScratch, keep_gguf, stored_dtype
 
     parsed = load_gguf_checkpoint(str(gf.parts[0]), return_tensors=False)
     processor_class = TENSOR_PROCESSORS.get(gf.arch, TensorProcessor)
@@ -309,6 +309,7 @@ def keep_quantized(model: nn.Module, gf: GGUFFile, dtype: torch.dtype) -> dict[s
         ties.setdefault(id(p), []).append(n)
     group_of = {n: ties[id(p)] for n, p in params.items()}
     sources: dict[str, Any] = {}
+    scratch = DequantScratch()      # one for the model: its CPU weights are dequantized into it
     done: set[str] = set()
     unexpected, mismatched = [], []
     merged: dict[str, dict[str, GGUFTensor]] = {}
@@ -355,7 +356,7 @@ def keep_quantized(model: nn.Module, gf: GGUFFile, dtype: torch.dtype) -> dict[s
         else:
             state_names, shared = [], None
             for n in names:
-                sname, shared = keep_gguf(model, n, t.qtype, dtype, stored=shared)
+                sname, shared = keep_gguf(model, n, t.qtype, dtype, stored=shared, scratch=scratch)
                 state_names.append(sname)
         fn = _Read(t, state_names, rows, proc if type(processor) is not TensorProcessor else None)
         for sn in state_names:
