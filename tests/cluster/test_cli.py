@@ -132,6 +132,24 @@ def _serve_one_completion(ns, env: dict, folder, address: str, prompt: str, max_
     return out
 
 
+def _one_process_sampled(folder, plan_dict: dict, prompt: str, n: int, temperature: float, top_p: float,
+                         seed: int) -> str:
+    """The text one process draws from the same plan with serve's Sampler (stopping at EOS as run does)."""
+    from transformers import AutoTokenizer
+
+    from vramancer.plan.plan import Plan
+    from vramancer.runtime.sampling import Sampler, SamplingParams
+
+    from .test_pipeline import single_process_tokens
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    sampler = Sampler(SamplingParams(temperature=temperature, top_p=top_p, seed=seed))
+    ids = single_process_tokens(folder, Plan.from_dict(plan_dict), sampler, tok(prompt)["input_ids"], n)
+    if 2 in ids:        # the tiny model's EOS id
+        ids = ids[:ids.index(2) + 1]
+    return tok.decode(ids, skip_special_tokens=True)
+
+
 def test_start_status_run_stop(node_home, tmp_path, cluster_ns):
     """Every process runs inside the test's network namespace, on its address (Ray refuses loopback)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -198,6 +216,14 @@ def test_start_status_run_stop(node_home, tmp_path, cluster_ns):
         assert [(h["src"], h["dst"], h["transport"]) for h in res["plan"]["hops"]] == [
             ("driver", "stage 0", "shm"), ("stage 0", "driver", "shm")]
         assert (res["stages"][0]["transport_in"], res["stages"][0]["transport_out"]) == ("shm", "shm")
+        # sampled: the driver draws with serve's Sampler seeded by --seed, as one process does from the same plan
+        sampling = ["--temperature", "0.9", "--top-p", "0.9", "--seed", "7"]
+        p = _vramancer(env, "run", str(folder), "--cluster", address, "--context", "64", "-p", "t5 t9 t17 t33",
+                       "-n", "5", "--json", *sampling)
+        assert p.returncode == 0, p.stderr
+        sampled = json.loads(p.stdout)
+        assert sampled["text"] == _one_process_sampled(folder, sampled["plan"], "t5 t9 t17 t33", 5, 0.9, 0.9, 7)
+        assert sampled["text"] != res["text"]
 
         served = _serve_one_completion(cluster_ns, env, folder, address, "t5 t9 t17 t33", 5)
         assert served["wrong_key"] == 401

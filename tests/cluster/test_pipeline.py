@@ -23,7 +23,7 @@ pytest.importorskip("ray", reason=RAY_MISSING)
 torch = pytest.importorskip("torch")
 
 
-def single_process_tokens(folder, plan, sampler=None) -> list[int]:
+def single_process_tokens(folder, plan, sampler=None, prompt=PROMPT, new_tokens=NEW_TOKENS) -> list[int]:
     """The same plan loaded in this process (vramancer.load) and decoded greedily, or each token drawn
     by ``sampler`` (serve's Sampler, as the cluster's driver draws them)."""
     from transformers import DynamicCache
@@ -33,10 +33,10 @@ def single_process_tokens(folder, plan, sampler=None) -> list[int]:
     model = load(str(folder), plan=plan)
     try:
         cache = DynamicCache(config=model.config)
-        x = torch.tensor([PROMPT])
+        x = torch.tensor([list(prompt)])
         out = []
         with torch.no_grad():
-            for _ in range(NEW_TOKENS):
+            for _ in range(new_tokens):
                 logits = model(x, past_key_values=cache, use_cache=True).logits
                 tok = int(logits[0, -1].argmax()) if sampler is None else sampler.sample(logits[0, -1].float())
                 out.append(tok)
