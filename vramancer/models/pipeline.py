@@ -41,7 +41,8 @@ from .profile import ModelProfile
 
 __all__ = ["ComponentProfile", "PipelineProfile", "ImageWorkload", "Role", "pipeline_profile", "catalog_pipeline",
            "CATALOG_PIPELINES",
-           "is_pipeline", "single_file_layout", "SINGLE_FILE_LAYOUTS", "BODY_LISTS", "module_denoiser_profile"]
+           "is_pipeline", "single_file_layout", "SINGLE_FILE_LAYOUTS", "BODY_LISTS", "module_denoiser_profile",
+           "GGUF_DIFFUSION_ARCHES", "GGUF_DENOISERS", "GGUF_PLAIN_TYPES", "gguf_denoiser_arch"]
 
 Role = Literal["text_encoder", "denoiser", "vae", "other"]
 Phase = Literal["encode", "denoise", "decode"]
@@ -95,15 +96,19 @@ class ComponentProfile:
     heads: int = 1
     tokens: int = 0
     config: dict = field(default_factory=dict)
+    stored: str = ""    # a quantized checkpoint's tensor types as stored (a GGUF denoiser: "GGUF Q8_0")
 
     @property
     def phase(self) -> Phase:
         return _PHASE_OF[self.role]
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "class_name": self.class_name, "role": self.role, "phase": self.phase,
-                "weights_bytes": self.weights_bytes, "params": self.params, "dtype": self.dtype,
-                "files": list(self.files)}
+        d = {"name": self.name, "class_name": self.class_name, "role": self.role, "phase": self.phase,
+             "weights_bytes": self.weights_bytes, "params": self.params, "dtype": self.dtype,
+             "files": list(self.files)}
+        if self.stored:
+            d["stored"] = self.stored
+        return d
 
 
 @dataclass
@@ -124,6 +129,8 @@ class PipelineProfile:
     layout: str | None = None
     eager_attention: bool = False
     notes: list[str] = field(default_factory=list)
+    dequant_bytes: int = 0     # a quantized denoiser: its largest layer dequantized (live while it runs)
+    config_folder: str | None = None    # where the components around a GGUF denoiser come from
 
     @property
     def weights_bytes(self) -> int:
@@ -192,7 +199,8 @@ class PipelineProfile:
                 "layout": self.layout, "components": [c.to_dict() for c in self.components],
                 "denoiser_blocks": [{"name": b.name, "weights_bytes": b.weights_bytes, "modules": b.modules}
                                     for b in self.denoiser.blocks],
-                "weights_bytes": self.weights_bytes, "vae_scale": self.vae_scale, "text_tokens": self.text_tokens}
+                "weights_bytes": self.weights_bytes, "vae_scale": self.vae_scale, "text_tokens": self.text_tokens,
+                **({"dequant_bytes": self.dequant_bytes} if self.dequant_bytes else {})}
 
 
 # -- folders ---------------------------------------------------------------------------------------
@@ -217,6 +225,8 @@ def is_pipeline(path: str | Path) -> bool:
         except BadInputError:
             return False
         return any(t.name.startswith(_DIFFUSION_PREFIXES) for t in tensors)
+    if p.is_file() and p.suffix == ".gguf":
+        return gguf_denoiser_arch(p) is not None
     return False
 
 
@@ -583,10 +593,129 @@ def _single_file_profile(path: Path, eager: bool) -> PipelineProfile:
                            notes=notes)
 
 
-def pipeline_profile(path: str | Path, eager_attention: bool = False) -> PipelineProfile:
-    """The profile of a diffusers pipeline folder or a single-file checkpoint (BadInputError: not a
-    pipeline, a component missing, an unknown single-file layout)."""
+# -- GGUF denoisers (ComfyUI-GGUF: city96's convert tool) ---------------------------------------------
+# general.architecture values that tool writes for image / video denoisers (an LLM's GGUF never has these)
+GGUF_DIFFUSION_ARCHES = ("flux", "sd1", "sdxl", "sd3", "aura", "hidream", "cosmos", "ltxv", "hyvid", "wan",
+                         "lumina2", "qwen_image", "chroma")
+# those planned and run: architecture -> (single-file layout, pipeline class, denoiser class, component name)
+GGUF_DENOISERS: dict[str, tuple[str, str, str, str]] = {
+    "flux": ("flux", "FluxPipeline", "FluxTransformer2DModel", "transformer"),
+}
+# tensor types diffusers loads as plain tensors cast to the compute dtype; every other type stays as stored
+# (a GGUFParameter, dequantized by the layer that uses it)
+GGUF_PLAIN_TYPES = ("F32", "F16")
+
+
+def gguf_denoiser_arch(path: str | Path) -> str | None:
+    """The general.architecture of a GGUF file when it is a diffusion denoiser's (``flux``, ``sdxl``,
+    ...), else None (an LLM's GGUF, or a file that is not a readable GGUF: left to the model path)."""
+    try:
+        from .gguf_file import read_gguf
+
+        fields, _ = read_gguf(path)
+    except (BadInputError, OSError, ImportError):
+        return None
+    arch = str(fields.get("general.architecture") or "")
+    return arch if arch in GGUF_DIFFUSION_ARCHES else None
+
+
+def _config_dtype(comps: list[ComponentProfile]) -> str | None:
+    dts = [c.dtype for c in comps if c.dtype in ("float32", "float16", "bfloat16")]
+    return max(set(dts), key=dts.count) if dts else None
+
+
+def _gguf_profile(path: Path, eager: bool, config: Path | None, dtype: str | None) -> PipelineProfile:
+    """A GGUF denoiser (its blocks at the bytes they stay resident at: quantized tensors as stored,
+    F32/F16 ones in the compute dtype), and, with ``config`` (a local diffusers folder of its pipeline),
+    the other components from that folder's weights."""
+    from .gguf_file import read_gguf
+
+    fields, stored = read_gguf(path)
+    arch = str(fields.get("general.architecture") or "")
+    if arch not in GGUF_DENOISERS:
+        raise UnknownModelError(f"{path.name}: a GGUF {arch!r} denoiser; the GGUF denoisers VRAMancer plans and runs "
+                                f"are {', '.join(GGUF_DENOISERS)} (ComfyUI-GGUF transformers); SD1.5 / SDXL / SD3 "
+                                "run as single-file .safetensors or diffusers folders")
+    key, pipeline_class, den_class, den_name = GGUF_DENOISERS[arch]
+    names = [t.name.removeprefix("model.diffusion_model.") for t in stored]
+    lay = single_file_layout(names)
+    if lay is None or lay.key != key:
+        raise MalformedCheckpointError(f"{path.name}: general.architecture says {arch!r} but its tensors are not a "
+                                       f"{arch} denoiser's (no {key} block names such as double_blocks.0.*)")
+    comps: list[ComponentProfile] = []
+    den_cfg: dict = {}
+    vae_scale, latent_channels = 8, 16
+    if config is not None:
+        folder = Path(config)
+        if not (folder / "model_index.json").is_file():
+            raise BadInputError(f"--pipeline-config {folder}: not a diffusers pipeline folder (no model_index.json)")
+        index = read_config(folder / "model_index.json")
+        cls_name = str(index.get("_class_name") or "")
+        if cls_name != pipeline_class:
+            raise BadInputError(f"--pipeline-config {folder} is a {cls_name or 'pipeline without _class_name'}; "
+                                f"{path.name} is a {arch} denoiser, run in a {pipeline_class}")
+        for name, spec in index.items():
+            if name.startswith("_") or not isinstance(spec, list) or len(spec) != 2 or spec[0] is None \
+                    or not isinstance(spec[1], str) or name == den_name:
+                continue
+            if any(k in spec[1] for k in ("Tokenizer", "Scheduler", "Processor", "FeatureExtractor")):
+                continue
+            comps.append(_read_component(folder, name, spec[1], pipeline_class)[0])
+        if (folder / den_name / "config.json").is_file():
+            den_cfg = read_config(folder / den_name / "config.json")
+        vae = next((c for c in comps if c.role == "vae"), None)
+        if vae is not None:
+            vae_scale = 2 ** (len(vae.config.get("block_out_channels") or [0, 0, 0, 0]) - 1)
+            latent_channels = int(vae.config.get("latent_channels") or latent_channels)
+    if dtype is not None and resolve_dtype(dtype).name not in ("float32", "float16", "bfloat16"):
+        raise BadInputError(f"--dtype {dtype}: a GGUF denoiser stays as stored; its compute dtype is float32, "
+                            "float16 or bfloat16")
+    compute = resolve_dtype(dtype).name if dtype else _config_dtype(comps) or "bfloat16"
+    cb = resolve_dtype(compute).compute_bytes
+    resident: list[HeaderTensor] = []
+    dequant = 0
+    kinds: dict[str, int] = {}
+    for name, t in zip(names, stored, strict=True):
+        plain = t.dtype in GGUF_PLAIN_TYPES
+        resident.append(HeaderTensor(name, t.shape, t.dtype, t.numel * cb if plain else t.nbytes, t.file))
+        if not plain:
+            kinds[t.dtype] = kinds.get(t.dtype, 0) + t.nbytes
+            # dequantized in float16 by diffusers' GGUF layers, then cast to the compute dtype
+            dequant = max(dequant, t.numel * (2 if compute == "float16" else 2 + cb))
+    quant = max(kinds, key=kinds.get) if kinds else "F16"
+    den = ComponentProfile(name=den_name, class_name=den_class if den_cfg else f"gguf:{arch}", role="denoiser",
+                           weights_bytes=sum(t.nbytes for t in resident), params=sum(t.numel for t in resident),
+                           dtype=compute, files=(str(path),), config=den_cfg, stored=f"GGUF {quant}")
+    if den_cfg:
+        den.hidden = _denoiser_hidden(den_cfg)
+    else:
+        den.hidden = next((t.shape[0] for t in resident if t.name == "img_in.weight"), 0) or \
+            max((t.shape[0] for t in resident if len(t.shape) == 1), default=0)
+    den_prof = _denoiser_profile(path.stem, den, resident, lay.text_tokens, eager,
+                                 arch=den_class if den_cfg else f"gguf:{arch}", layout=key)
+    notes = [f"GGUF {arch} denoiser kept quantized ({quant}): blocks resident as stored, F32/F16 tensors in "
+             f"{compute}; its largest layer is dequantized while it runs"]
+    if config is None:
+        notes.append(f"text encoders and VAE not planned: --pipeline-config DIR (a local {pipeline_class} folder) "
+                     "plans them from its weights and is needed to run")
+    elif not any(c.role == "vae" for c in comps):
+        raise BadInputError(f"--pipeline-config {config}: no VAE (vae/) with weights to decode the latents")
+    return PipelineProfile(name=path.stem, path=str(path), pipeline_class=pipeline_class, source="single-file",
+                           components=[den, *comps], denoiser=den_prof, vae_scale=vae_scale,
+                           latent_channels=latent_channels, text_tokens=lay.text_tokens, layout=f"gguf:{key}",
+                           eager_attention=eager, notes=notes, dequant_bytes=dequant,
+                           config_folder=None if config is None else str(config))
+
+
+def pipeline_profile(path: str | Path, eager_attention: bool = False, config: str | Path | None = None,
+                     dtype: str | None = None) -> PipelineProfile:
+    """The profile of a diffusers pipeline folder, a single-file checkpoint or a GGUF denoiser
+    (``config``: the local diffusers folder whose other components run with it; ``dtype``: its
+    compute dtype, else that folder's) (BadInputError: not a pipeline, a component missing, an
+    unknown single-file layout or GGUF architecture)."""
     p = Path(path)
+    if p.is_file() and p.suffix == ".gguf":
+        return _gguf_profile(p, eager_attention, None if config is None else Path(config), dtype)
     if p.is_dir():
         if not (p / "model_index.json").is_file():
             raise BadInputError(f"{p} is neither a transformers model (config.json) nor a diffusers pipeline "
@@ -594,7 +723,8 @@ def pipeline_profile(path: str | Path, eager_attention: bool = False) -> Pipelin
         return _folder_profile(p, eager_attention)
     if p.is_file() and p.suffix == ".safetensors":
         return _single_file_profile(p, eager_attention)
-    raise BadInputError(f"{p}: expected a diffusers pipeline folder or a single-file .safetensors checkpoint")
+    raise BadInputError(f"{p}: expected a diffusers pipeline folder, a single-file .safetensors checkpoint or a "
+                        "GGUF denoiser")
 
 
 

@@ -95,6 +95,24 @@ def _denoiser_plan(profile: PipelineProfile, devices: list[Device], w: ImageWork
                    offload_mode: str | None = None) -> Plan:
     den = profile.denoiser
     wl = denoiser_workload(profile, w)
+    if profile.dequant_bytes:
+        # a GGUF denoiser: room left for its dequantized layer where blocks run, and offloaded blocks
+        # executed in host RAM (streaming copies plain tensors: diffusers' GGUF layers need theirs)
+        if offload_mode == "stream":
+            raise WorkloadError(f"{profile.name}: a GGUF denoiser's offloaded blocks run in host RAM (execute); "
+                                "streaming them to a GPU is not supported")
+        devices = [replace(d, free_bytes=max(0, d.free_bytes - profile.dequant_bytes)) if d.kind != "disk" else d
+                   for d in devices]
+        offload_mode = "execute"
+    plan = _denoiser_placement(den, devices, wl, policy, reserve_bytes, block_devices, offload_mode)
+    if offload_mode == "execute" and any(s.mode == "stream" for s in plan.stages):
+        ids = [s.device for s in plan.stages for _ in range(*s.blocks)]
+        plan = plan_placement(den, devices, wl, ids, offload_mode="execute", reserve_bytes=reserve_bytes)
+    return plan
+
+
+def _denoiser_placement(den, devices: list[Device], wl: Workload, policy: str, reserve_bytes: int | str | None,
+                        block_devices: list[str] | None, offload_mode: str | None) -> Plan:
     gpus = [d for d in devices if d.kind == "gpu"]
     if block_devices is not None:
         return plan_placement(den, devices, wl, list(block_devices), offload_mode=offload_mode,
@@ -160,6 +178,10 @@ def _plan_one(profile: PipelineProfile, devices: list[Device], workload: ImageWo
     for buf in den_plan.stream_buffers:
         if buf.device in by_id:
             budget.add(buf.device, buf.buffer_bytes, ("denoise",))
+    # a quantized (GGUF) denoiser: each device that runs its blocks holds one layer dequantized at a time
+    for dev in dict.fromkeys(st.compute_device or st.device for st in den_plan.stages if st.kind != "disk"):
+        if profile.dequant_bytes and dev in by_id:
+            budget.add(dev, profile.dequant_bytes, ("denoise",))
     den = profile.denoiser_component
     wl = denoiser_workload(profile, workload)
     step_seconds = wl.prefill_chunk * wl.batch / max(den_plan.predicted.prefill_tokens_per_s, 1e-12)
@@ -169,7 +191,7 @@ def _plan_one(profile: PipelineProfile, devices: list[Device], workload: ImageWo
     placements.append(ComponentPlacement(
         name=den.name, role="denoiser", phase="denoise", mode="split" if len(stage_devs) > 1 else "resident",
         device=den_dev, weights_bytes=den.weights_bytes,
-        activation_bytes=max((s.activation_bytes for s in den_plan.stages), default=0),
+        activation_bytes=max((s.activation_bytes for s in den_plan.stages), default=0) + profile.dequant_bytes,
         compute_seconds=step_seconds * workload.steps / workload.batch))
     notes: list[str] = []
     evicted: dict[str, set[int]] = {}   # phase -> denoiser stages waiting in host RAM during it
@@ -299,7 +321,7 @@ def pipeline_suggestions(profile: PipelineProfile, devices: list[Device], w: Ima
         trials.append((f"--height {h} --width {wd}", profile, replace(w, height=h, width=wd)))
     if w.batch > 1:
         trials.append(("--batch 1", profile, replace(w, batch=1)))
-    if profile.denoiser.dtype in ("float32", "float16", "bfloat16"):
+    if profile.denoiser.dtype in ("float32", "float16", "bfloat16") and not profile.dequant_bytes:
         trials.append(("an 8-bit denoiser", _scaled_denoiser(profile, 8), w))
     for label, prof, wl in trials:
         try:
@@ -322,7 +344,8 @@ def add_image_flags(p) -> None:
                    help="image pipelines: guidance scale; > 1 runs classifier-free guidance (default 3.5)")
     p.add_argument("--pipeline-config", metavar="DIR", default=None,
                    help="image pipelines: a local diffusers folder of the pipeline a single-file checkpoint "
-                        "belongs to (its configs; run only, nothing is downloaded)")
+                        "belongs to (its configs, nothing is downloaded; a GGUF denoiser also takes its text "
+                        "encoders and VAE from there, planned from their weights)")
 
 
 def render_pipeline_plan(plan: Plan, console) -> None:
@@ -383,7 +406,9 @@ def plan_command(args, console) -> int:
     from ..devices.spec import check_backing, parse_devices
     from ..models.pipeline import pipeline_profile
 
-    prof = pipeline_profile(args.model)
+    gguf = str(args.model).endswith(".gguf")
+    prof = pipeline_profile(args.model, config=getattr(args, "pipeline_config", None) if gguf else None,
+                            dtype=getattr(args, "dtype", None) if gguf else None)
     devs = parse_devices(args.devices, backing=check_backing(args.backing))
     w = ImageWorkload(height=args.height, width=args.width, batch=args.batch, steps=args.steps,
                       guidance=args.guidance, cfg_doubles="Flux" not in prof.pipeline_class)

@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .stream import StreamEngine
 
 __all__ = ["load_pipeline", "PipelineRuntime", "plan_for_pipeline", "run_command", "demo_image", "build_demo_pipeline",
-           "PhaseRecorder"]
+           "PhaseRecorder", "load_gguf_pipeline", "flux_to_diffusers"]
 
 
 def _torch_device(plan: Plan, device_id: str) -> torch.device:
@@ -277,13 +277,18 @@ class PipelineRuntime:
 
 def plan_for_pipeline(model: Any, devices: Any = "auto", *, height: int = 1024, width: int = 1024, batch: int = 1,
                       steps: int = 28, guidance: float = 3.5, reserve_bytes: Any = None, backing: str = "cpu",
-                      eager_attention: bool = False) -> Plan:
-    """The pipeline Plan of a folder / single file on ``devices`` (a spec string or Device list)."""
+                      eager_attention: bool = False, config: str | os.PathLike | None = None,
+                      dtype: str | None = None) -> Plan:
+    """The pipeline Plan of a folder / single file / GGUF denoiser on ``devices`` (a spec string or
+    Device list); ``config`` the local diffusers folder around a GGUF denoiser (its other components
+    planned from their weights), ``dtype`` that denoiser's compute dtype."""
     from ..devices.spec import check_backing, parse_devices
     from ..models.pipeline import ImageWorkload, pipeline_profile
     from ..plan.pipeline import plan_pipeline
 
-    prof = pipeline_profile(model, eager_attention=eager_attention)
+    gguf = os.fspath(model).endswith(".gguf")
+    prof = pipeline_profile(model, eager_attention=eager_attention, config=config if gguf else None,
+                            dtype=dtype if gguf else None)
     devs = parse_devices(devices, backing=check_backing(backing))
     w = ImageWorkload(height=height, width=width, batch=batch, steps=steps, guidance=guidance,
                       cfg_doubles="Flux" not in prof.pipeline_class)
@@ -305,7 +310,8 @@ def load_pipeline(model: str | os.PathLike, devices: Any = "auto", height: int =
 
     if plan is None:
         plan = plan_for_pipeline(model, devices, height=height, width=width, batch=batch, steps=steps,
-                                 guidance=guidance, reserve_bytes=reserve_bytes, backing=backing)
+                                 guidance=guidance, reserve_bytes=reserve_bytes, backing=backing, config=config,
+                                 dtype=dtype)
     if not isinstance(plan, Plan) or not plan.is_pipeline:
         raise BadInputError("load_pipeline needs a pipeline plan (with components); this plan is a model's")
     dt = torch_dtype(dtype or plan.workload.dtype)
@@ -314,6 +320,8 @@ def load_pipeline(model: str | os.PathLike, devices: Any = "auto", height: int =
 
     if os.path.isdir(path):
         pipe = diffusers.DiffusionPipeline.from_pretrained(path, dtype=dt, local_files_only=True)
+    elif path.endswith(".gguf"):
+        pipe = load_gguf_pipeline(path, config, dt)
     else:
         from ..models.pipeline import pipeline_profile
 
@@ -334,6 +342,76 @@ def load_pipeline(model: str | os.PathLike, devices: Any = "auto", height: int =
     with torch.no_grad():
         rt = PipelineRuntime(pipe, plan).attach()
     pipe.vramancer = rt
+    return pipe
+
+
+def flux_to_diffusers(checkpoint: dict) -> dict:
+    """A BFL-named Flux transformer state dict (ComfyUI-GGUF's, GGUFParameter blocks kept) under
+    diffusers' names, by diffusers' own converter. That converter splits each single block's fused
+    ``linear1`` at FLUX.1's widths (3 x 3072 + 12288 rows); for any other width those splits are made
+    here at the file's width (``img_in`` rows) and the converter is given placeholders of its shape."""
+    import torch
+    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers as convert
+
+    sd = {k.removeprefix("model.diffusion_model."): v for k, v in checkpoint.items()}
+    inner = int(sd["img_in.weight"].shape[0])
+    fixed = 3 * 3072 + 12288
+    pieces: dict[str, tuple] = {}
+    if inner != 3072:
+        for k in [k for k in sd if k.startswith("single_blocks.") and k.endswith((".linear1.weight", ".linear1.bias"))]:
+            t = sd[k]
+            rows = int(t.shape[0])
+            if rows <= 3 * inner:
+                raise KeyError(f"{k} has {rows} rows, not 3 x {inner} + the MLP's")
+            pieces[k] = torch.split(t, (inner, inner, inner, rows - 3 * inner), dim=0)
+            sd[k] = torch.empty((fixed, 0) if t.dim() == 2 else (fixed,))
+    out = convert(sd)
+    for k, parts in pieces.items():
+        i, kind = k.split(".")[1], k.rsplit(".", 1)[1]
+        for name, t in zip(("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), parts, strict=True):
+            out[f"single_transformer_blocks.{i}.{name}.{kind}"] = torch.cat([t])   # own storage, as diffusers'
+    return out
+
+
+_GGUF_CONVERTERS = {"flux": flux_to_diffusers}
+
+
+def load_gguf_pipeline(path: str, config: str | os.PathLike | None, dt: torch.dtype) -> Any:
+    """A GGUF denoiser (ComfyUI-GGUF) kept quantized by diffusers' GGUF support (GGUFParameter
+    blocks, dequantized layer by layer in ``compute_dtype`` ``dt``), converted to diffusers' names,
+    in the pipeline of the local diffusers folder ``config`` (its other components from there)."""
+    import diffusers
+    from diffusers import GGUFQuantizationConfig
+    from diffusers.models.model_loading_utils import load_gguf_checkpoint
+
+    from ..models.pipeline import GGUF_DENOISERS, pipeline_profile
+
+    name = os.path.basename(path)
+    prof = pipeline_profile(path)       # the architecture checked: one line when it is not run here
+    arch = prof.layout.split(":", 1)[1]
+    _, pipeline_class, den_class, den_name = GGUF_DENOISERS[arch]
+    if config is None or not os.path.isdir(os.fspath(config)):
+        raise BadInputError(f"{name}: a GGUF denoiser runs with --pipeline-config DIR (config= in Python): a local "
+                            f"diffusers folder of a {pipeline_class}, its text encoders and VAE with weights "
+                            "(nothing is downloaded)")
+    config = os.fspath(config)
+    pipeline_profile(path, config=config)     # the folder checked: its class, its components' weights
+    try:
+        sd = _GGUF_CONVERTERS[arch](load_gguf_checkpoint(path))
+    except (KeyError, ValueError, RuntimeError, IndexError) as e:
+        detail = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise MalformedCheckpointError(f"{name}: not a {arch} transformer diffusers can convert "
+                                       f"({type(e).__name__}: {detail})") from None
+    cls = getattr(diffusers, den_class)
+    try:
+        den = cls.from_single_file(sd, config=config, subfolder=den_name, torch_dtype=dt, local_files_only=True,
+                                   quantization_config=GGUFQuantizationConfig(compute_dtype=dt))
+        pipe = getattr(diffusers, pipeline_class).from_pretrained(config, **{den_name: den}, dtype=dt,
+                                                                  local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, NotImplementedError) as e:
+        detail = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise MalformedCheckpointError(f"{name}: diffusers could not build a {pipeline_class} from it with "
+                                       f"{config} ({type(e).__name__}: {detail})") from None
     return pipe
 
 
@@ -419,7 +497,8 @@ def run_command(args: Any, prompt: str) -> int:
     else:
         plan = plan_for_pipeline(args.model, args.devices, height=args.height, width=args.width, batch=args.batch,
                                  steps=args.steps, guidance=args.guidance, reserve_bytes=args.reserve,
-                                 backing=args.backing)
+                                 backing=args.backing, config=getattr(args, "pipeline_config", None),
+                                 dtype=getattr(args, "dtype", None))
     console = Console(highlight=False)
     quiet = getattr(args, "json", False)
     if not quiet:
