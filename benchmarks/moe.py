@@ -40,6 +40,10 @@ plans it twice on exactly these devices:
   experts  every layer on the GPU but the routed experts of the first N MoE layers, which stay in
            host RAM and run there (plan/experts.py, llama.cpp's ``--n-cpu-moe N``).
 
+Each shape's published model itself (its config.json, bfloat16, nothing loaded) is planned the same
+way on ``--published-gpu`` with host RAM: its predicted ratio and the bytes each plan reads on the host
+per token, the figure for the real sizes (where fixed per-module costs no longer matter).
+
 Predicted: the planner's decode tokens/s of each plan on the named devices, and their ratio, with
 this host's speed measured first (runtime/calibrate, a few seconds, kept in a temporary cache
 folder; ``--no-calibrate``: the defaults or what ``benchmarks/cost_model.py --save`` kept). The
@@ -102,6 +106,45 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 
 
+# the published configs the shapes stand for (their config.json), planned at full size (predicted only)
+PUBLISHED: dict[str, dict[str, Any]] = {
+    "mixtral": {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"], "hidden_size": 4096,
+                "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+                "num_key_value_heads": 8, "num_local_experts": 8, "num_experts_per_tok": 2, "vocab_size": 32000,
+                "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "rope_theta": 1e6,
+                "torch_dtype": "bfloat16"},
+    "qwen3-moe": {"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 2048,
+                  "intermediate_size": 6144, "moe_intermediate_size": 768, "num_hidden_layers": 48,
+                  "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128,
+                  "num_experts_per_tok": 8, "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True,
+                  "vocab_size": 151936, "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
+                  "tie_word_embeddings": False, "torch_dtype": "bfloat16"},
+    "qwen1.5-moe": {"model_type": "qwen2_moe", "architectures": ["Qwen2MoeForCausalLM"], "hidden_size": 2048,
+                    "intermediate_size": 5632, "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632,
+                    "num_hidden_layers": 24, "num_attention_heads": 16, "num_key_value_heads": 16, "num_experts": 60,
+                    "num_experts_per_tok": 4, "decoder_sparse_step": 1, "mlp_only_layers": [], "vocab_size": 151936,
+                    "max_position_embeddings": 8192, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
+                    "tie_word_embeddings": False, "torch_dtype": "bfloat16"},
+}
+
+
+def published_prediction(name: str, gpu: str, short: float, context: int, tmp: str) -> dict[str, Any]:
+    """The planner's experts / whole prediction for the published model of shape ``name`` (bfloat16,
+    config only: nothing is loaded) on ``gpu`` short by ``short`` of its experts, with host RAM."""
+    folder = Path(tmp) / f"{name}-published"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(PUBLISHED[name]))
+    plans = make_plans(str(folder), gpu, short, context, host="cpu:1TiB")
+    w, e = plans["whole"], plans["experts"]
+    (hw, bw), (he, be) = predicted_host_seconds(w, str(folder)), predicted_host_seconds(e, str(folder))
+    return {"devices": plans["devices"], "whole_tps": w.predicted.decode_tokens_per_s,
+            "whole_host_s": hw, "experts_host_s": he,
+            "experts_tps": e.predicted.decode_tokens_per_s, "whole_host_bytes": bw, "experts_host_bytes": be,
+            "whole_host_layers": sum(s.num_blocks for s in w.offloaded),
+            "experts_host_layers": sum(1 for b in e.blocks if b.experts_device),
+            "ratio": e.predicted.decode_tokens_per_s / max(1e-12, w.predicted.decode_tokens_per_s)}
+
+
 def custom_shape(layers: int, hidden: int, experts: int, top_k: int, moe_inter: int) -> dict[str, Any]:
     heads = max(1, hidden // 64)
     return dict(arch="qwen2_moe", hidden=hidden, layers=layers, heads=heads, kv_heads=max(1, heads // 4),
@@ -139,7 +182,7 @@ def make_model(shape: dict[str, Any], vocab: int, seed: int = 0):
     return model
 
 
-def make_plans(folder: str, gpu: str, short: float, context: int) -> dict[str, Any]:
+def make_plans(folder: str, gpu: str, short: float, context: int, host: str = HOST) -> dict[str, Any]:
     """{"devices": spec, "whole": Plan (executed), "experts": Plan, "whole_chosen": the planner's own
     whole-layer plan, "chosen": "whole" | "experts" (the planner's choice with both allowed)}."""
     from vramancer.devices.spec import parse_devices
@@ -148,10 +191,10 @@ def make_plans(folder: str, gpu: str, short: float, context: int) -> dict[str, A
     from vramancer.plan.planner import _assemble, _Planner, _reserve, plan, plan_profile
 
     prof = profile(folder)
-    roomy = plan(folder, devices=f"{gpu}:1TiB,{HOST}", context=context, reserve_bytes=0)
+    roomy = plan(folder, devices=f"{gpu}:1TiB,{host}", context=context, reserve_bytes=0)
     need = sum(s.total_bytes for s in roomy.stages)
     experts = sum(b.experts_bytes for b in prof.blocks)
-    devices = f"{gpu}:{need - int(short * experts)}B,{HOST}"
+    devices = f"{gpu}:{need - int(short * experts)}B,{host}"
     chosen_whole = plan(folder, devices=devices, context=context, reserve_bytes=0, moe_experts_on_host=False)
     chosen = plan(folder, devices=devices, context=context, reserve_bytes=0)
     devs = parse_devices(devices)
@@ -397,6 +440,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--new", type=int, default=32, help="tokens per decode measurement")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--published-gpu", default="rtx4090",
+                    help="the card the published models are planned on (predicted only; its memory is set here)")
+    ap.add_argument("--no-published", action="store_true", help="skip the published models' predictions")
     ap.add_argument("--no-calibrate", action="store_true",
                     help="predict with the host figures kept or the defaults, not a fresh measurement")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
@@ -433,15 +479,24 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                  f"{hs.bandwidth_bytes_per_s / 1e9:.1f} GB/s decode reads, {hs.block_overhead_s * 1e3:.2f} ms "
                  f"per layer, {hs.step_overhead_s * 1e3:.2f} ms per step")
             done = [run_shape(name, shape, args, tmp) for name, shape in shapes.items()]
+            for r in done:
+                if r["shape"] in PUBLISHED and not args.no_published:
+                    r["published"] = published_prediction(r["shape"], args.published_gpu, args.short,
+                                                          args.prompt + args.new, tmp)
     finally:
         if cache_env is None:
             os.environ.pop("VRAMANCER_CACHE_DIR", None)
         else:
             os.environ["VRAMANCER_CACHE_DIR"] = cache_env
-    _log(f"\nshape         pred ratio  meas ratio  host share ratio  goal (>= {GOAL}x, measured)")
+    _log(f"\nshape         pred ratio  meas ratio  host share ratio  goal (>= {GOAL}x, measured)  "
+         f"published model on {args.published_gpu} (bfloat16), predicted: host GB/tok whole -> experts, ratio")
     for r in done:
+        pub = r.get("published")
+        tail = (f"{pub['whole_host_bytes'] / 1e9:.2f} ({pub['whole_host_layers']} layers) -> "
+                f"{pub['experts_host_bytes'] / 1e9:.2f} ({pub['experts_host_layers']} experts), {pub['ratio']:.2f}x"
+                if pub else "")
         _log(f"{r['shape']:12s} {r['predicted_ratio']:10.2f}x {r['measured_ratio']:10.2f}x "
-             f"{r['host_ratio']:16.2f}x  {'MET' if r['goal_met'] else 'NOT MET'}")
+             f"{r['host_ratio']:16.2f}x  {'MET' if r['goal_met'] else 'NOT MET':26s} {tail}")
     results: dict[str, Any] = {"shapes": done, "host_speed": hs.to_dict()}
     if len(done) == 1:
         results.update({k: v for k, v in done[0].items()})

@@ -49,3 +49,17 @@ def test_whole_moe_layer_on_the_host_pays_the_experts_path(mixtral):
                                                            + e * C.EXPERTS_OVERHEAD_PER_ROUTED), rel=1e-9)
     gpu = parse_devices("rtx3090")[0]
     assert cost.execute_seconds(b, gpu) == cost.execute_seconds(dense, gpu)   # GPUs: no such loop priced
+
+
+def test_decode_thread_hand_offs_of_the_expert_matmuls(mixtral):
+    """With threads handing off: an experts module alone pays one per expert matmul (2 x k); a whole MoE
+    layer those too, in place of the dense gate, up and down (2 x k - 2 more than a dense layer)."""
+    cpu = parse_devices("cpu:64GiB")[0]
+    busy = replace(HOST, decode_parallel_op_s=0.2e-3, threads=2)
+    b = next(b for b in mixtral.blocks if b.experts_bytes)
+    dense = replace(b, experts_bytes=0, experts_read_bytes_per_token=0, experts_flops_per_token=0.0, experts_module="")
+    quiet, loud = CostModel(mixtral, 1024, 1, 512, host=HOST), CostModel(mixtral, 1024, 1, 512, host=busy)
+    assert loud.experts_decode_seconds(b, cpu) - quiet.experts_decode_seconds(b, cpu) == pytest.approx(4 * 0.2e-3)
+    layer = (loud.execute_seconds(b, cpu)[0] - loud.execute_seconds(dense, cpu)[0]
+             - (quiet.execute_seconds(b, cpu)[0] - quiet.execute_seconds(dense, cpu)[0]))
+    assert layer == pytest.approx((2 * 2 - 2) * 0.2e-3)

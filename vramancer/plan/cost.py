@@ -34,7 +34,8 @@ EXPERTS_OVERHEAD_PER_EXPERT x k`` of ``block_overhead_s`` (runtime/experts.py's 
 bookkeeping, then two matmuls per selected expert), and a thread hand-off per matmul (``2 x k``). A
 whole MoE layer executed on the host pays, beyond a dense layer's fixed cost, its experts module's
 and ``EXPERTS_OVERHEAD_PER_ROUTED`` of ``block_overhead_s`` per routed expert (transformers' experts
-path loops over all of them).
+path loops over all of them), and in a decode step a thread hand-off for each of its 2 x k expert
+matmuls and its router instead of the dense gate, up and down.
 
 Every plan also pays the host's fixed cost per generation step and per request (``step_seconds``:
 the ``generate`` loop around the forward, and its
@@ -170,6 +171,9 @@ class CostModel:
         oh = self._overhead(dev)
         if dev.kind == "cpu":
             oh += self._moe_layer_overhead(b)
+            if b.experts_bytes > 0 and self.batch * (self.profile.hidden_size or 0) < TORCH_GRAIN_SIZE:
+                # a MoE layer's decode hands off 2 x k expert matmuls and its router, not gate/up/down
+                decode += (2 * self.experts_per_token() - 2) * self.host.decode_parallel_op_s
             return (decode + oh + self._parallel_ops_seconds(b, self.batch),
                     prefill + oh + self._parallel_ops_seconds(b, self.chunk_tokens))
         return decode + oh, prefill + oh
