@@ -193,3 +193,34 @@ def test_the_environment_turns_the_compiled_path_off():
     env.pop("VRAMANCER_LINK_PYTHON")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert out.stdout.split()[0] == transport.hot_path_name()
+
+
+@pytest.mark.parametrize("c", [pytest.param(True, marks=needs_c), False])
+@pytest.mark.parametrize("timeout", [None, 10.0])
+def test_large_frames_over_tcp_wake_per_quarter_mebibyte_and_reset_the_low_mark(c, timeout):
+    """Plain TCP: SO_RCVLOWAT is 256 KiB while a large payload is read, 1 again for its last bytes and
+    after it, so a small frame that follows is not held back; every byte arrives, in order."""
+    from vramancer.link.tcp import TcpTransport
+
+    with _on_path(c):
+        listener = TcpTransport().listen(("127.0.0.1", 0))
+        conn = TcpTransport().connect(listener.address)
+        peer = listener.accept(timeout=10)
+    assert peer._lowat == 256 * 1024 and (peer._fd >= 0) == c
+    peer.sock.settimeout(timeout)
+    sizes = [(3 << 20) + 12, 700_001, 300_000, 16]            # above, near and under 2 x 256 KiB, tiny
+    frames = [np.random.default_rng(n).integers(0, 255, n, dtype=np.uint8) for n in sizes for _ in range(2)]
+
+    def send():
+        for f in frames:
+            conn.send([f])
+    t = in_thread(send)
+    for f in frames:
+        dest = np.empty_like(f)
+        assert np.array_equal(peer.recv(into=[dest]).tensors[0], f)
+        assert peer.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1
+    t.result()
+    assert peer.bytes_received == conn.bytes_sent == sum(36 + 20 + f.nbytes for f in frames)
+    conn.close()
+    peer.close()
+    listener.close()
