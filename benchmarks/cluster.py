@@ -15,6 +15,12 @@ Where the time goes, per decode token (ours): each stage's compute, and the rest
 shared memory within a node, TLS between nodes; framing, the kernel's loopback, and the wake-ups of
 the threads that wait on them).
 
+``--links tls,tcp,torch`` runs one pipeline per link choice at once (``--link`` of ``run --cluster``;
+tcp and torch with ``--trusted-network``: the hops between the nodes plaintext TCP, or
+torch.distributed over gloo) and takes turns between all of them and the anchor in each round; the
+first keeps the table above, each one gets a line (tokens/s, ratio to one process, the step's time
+outside the stages' compute).
+
 Where it binds: Ray refuses a loopback head (its drivers rewrite 127.0.0.1 to the machine's own
 address), so the two nodes, the stage workers' Link endpoints and the driver bind the address Ray
 finds for this machine (the source address of its default route) - the machine's own LAN address,
@@ -23,7 +29,7 @@ namespace: its smoke test does (tests/benchmarks/test_cluster_smoke.py, tests/cl
 ``ip netns exec NS python benchmarks/cluster.py``, the namespace holding one private address and a
 default route through it). Either way the hops stay on this machine (the kernel's local route).
 
-Run:  python benchmarks/cluster.py [--layers 8 --hidden 512 --repeat 3] [--json FILE]
+Run:  python benchmarks/cluster.py [--layers 8 --hidden 512 --repeat 3] [--links tls,tcp,torch] [--json FILE]
 A benchmark, not a test: it exits 0 and prints a table (no goal: the issue asks for the ratio).
 """
 from __future__ import annotations
@@ -36,6 +42,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):  # run as a script from a checkout
@@ -85,8 +92,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--links", default="tls", help="comma-separated --link choices to compare: tls, tcp, torch "
+                    "(tcp and torch run with --trusted-network; default tls)")
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     a = ap.parse_args(argv)
+    a.links = [x.strip() for x in a.links.split(",") if x.strip()]
+    if not a.links or any(x not in ("tls", "tcp", "torch") for x in a.links) or len(set(a.links)) != len(a.links) \
+            or a.links.count("torch") > 1:
+        print("benchmarks/cluster.py: --links is a comma-separated list of distinct tls, tcp, torch", file=sys.stderr)
+        return 2
     for name in ("layers", "hidden", "vocab", "prompt_tokens", "repeat"):
         if getattr(a, name) < 1:
             print(f"benchmarks/cluster.py: --{name.replace('_', '-')} must be at least 1", file=sys.stderr)
@@ -136,31 +150,52 @@ def _measure(a: argparse.Namespace, folder: Path) -> int:
     plan = plan_placement(prof, devices, Workload(context=context, batch=1, dtype=prof.dtype), block_devices)
     prompt = [(7 * i + 3) % (a.vocab - 3) + 3 for i in range(a.prompt_tokens)]
     anchor_model = load(str(folder), plan=plan)
-    ours_tps, anchor_tps, steps, computes = [], [], [], []
-    with ClusterPipeline(plan, view, folder) as pipe:
-        _anchor_run(anchor_model, prompt, 2)      # warm-up, both
-        pipe.generate(prompt, 2)
+    anchor_tps: list[float] = []
+    runs = {name: {"tps": [], "steps": [], "computes": []} for name in a.links}
+    pipes: dict[str, Any] = {}
+    try:
+        for name in a.links:
+            pipes[name] = ClusterPipeline(plan, view, folder, trusted_network=name != "tls", link=name)
+        _anchor_run(anchor_model, prompt, 2)      # warm-up, all
+        for pipe in pipes.values():
+            pipe.generate(prompt, 2)
         for _ in range(a.repeat):
             ref, dt = _anchor_run(anchor_model, prompt, a.new_tokens)
             anchor_tps.append((a.new_tokens - 1) / dt)
-            before = pipe.stats()
-            got = pipe.generate(prompt, a.new_tokens)
-            after = pipe.stats()
-            if got != ref:
-                print(f"benchmarks/cluster.py: the 2-node output differs from one process: {got} vs {ref}",
-                      file=sys.stderr)
-                return 1
-            dec = after.decode_s - before.decode_s
-            ours_tps.append((a.new_tokens - 1) / dec)
-            fw = [x.forwards - y.forwards for x, y in zip(after.stages, before.stages)]
-            comp = [(x.compute_s - y.compute_s) / f for x, y, f in zip(after.stages, before.stages, fw)]
-            computes.append(comp)
-            steps.append(dec / (a.new_tokens - 1))
-        stats = pipe.stats()
+            for name, pipe in pipes.items():
+                before = pipe.stats()
+                got = pipe.generate(prompt, a.new_tokens)
+                after = pipe.stats()
+                if got != ref:
+                    print(f"benchmarks/cluster.py: the 2-node output (--link {name}) differs from one process: "
+                          f"{got} vs {ref}", file=sys.stderr)
+                    return 1
+                dec = after.decode_s - before.decode_s
+                r = runs[name]
+                r["tps"].append((a.new_tokens - 1) / dec)
+                fw = [x.forwards - y.forwards for x, y in zip(after.stages, before.stages)]
+                r["computes"].append([(x.compute_s - y.compute_s) / f
+                                      for x, y, f in zip(after.stages, before.stages, fw)])
+                r["steps"].append(dec / (a.new_tokens - 1))
+        stats = pipes[a.links[0]].stats()
+        transports = {name: list(pipe.transports) for name, pipe in pipes.items()}
+    finally:
+        for pipe in pipes.values():
+            pipe.close()
     anchor_model.vramancer.free()
-    ours, anchor = statistics.median(ours_tps), statistics.median(anchor_tps)
-    step = statistics.median(steps)
-    comp = [statistics.median(c[i] for c in computes) for i in range(len(plan.stages))]
+    anchor = statistics.median(anchor_tps)
+    by_link = {}
+    for name, r in runs.items():
+        st = statistics.median(r["steps"])
+        cp = [statistics.median(c[i] for c in r["computes"]) for i in range(len(plan.stages))]
+        tps = statistics.median(r["tps"])
+        by_link[name] = {"tokens_per_s": tps, "ratio": tps / anchor, "step_ms": st * 1000,
+                         "stage_compute_ms": [c * 1000 for c in cp], "link_and_wakeups_ms": (st - sum(cp)) * 1000,
+                         "transports": transports[name]}
+    first = runs[a.links[0]]
+    ours = statistics.median(first["tps"])
+    step = statistics.median(first["steps"])
+    comp = [statistics.median(c[i] for c in first["computes"]) for i in range(len(plan.stages))]
     link = view.link("node1", "node2")
     rows = {
         "model": f"llama {a.layers} layers, hidden {a.hidden}, vocab {a.vocab}, {prof.dtype}",
@@ -171,7 +206,7 @@ def _measure(a: argparse.Namespace, folder: Path) -> int:
         "link_rtt_ms": link.rtt_s * 1000 if link else None,
         "link_gb_per_s": link.bandwidth_bytes_per_s / 1e9 if link else None,
         "bytes_per_token_between_stages": stats.stages[0].bytes_sent // max(stats.stages[0].forwards, 1),
-        "runs": a.repeat, "new_tokens": a.new_tokens,
+        "runs": a.repeat, "new_tokens": a.new_tokens, "link": a.links[0], "by_link": by_link,
     }
     print(f"{rows['model']}; stages: {'; '.join(rows['stages'])}")
     print(f"{'decode tokens/s':<34}{'ours (2 nodes)':>16}{'one process':>14}{'ratio':>8}")
@@ -179,9 +214,14 @@ def _measure(a: argparse.Namespace, folder: Path) -> int:
     print(f"where a decode step goes (ours, {step * 1000:.2f} ms):")
     for i, c in enumerate(comp):
         print(f"  stage {i} compute ({plan.stages[i].device}){'':<6}{c * 1000:>8.2f} ms")
-    print(f"  Link hops (shm/TLS), wake-ups       {(step - sum(comp)) * 1000:>8.2f} ms  "
+    print(f"  Link hops ({'/'.join(dict.fromkeys(transports[a.links[0]]))}), wake-ups{'':<7}"
+          f"{(step - sum(comp)) * 1000:>8.2f} ms  "
           f"(3 hops/token; node1->node2 RTT {rows['link_rtt_ms'] or 0:.3f} ms, "
           f"{rows['bytes_per_token_between_stages']} B/token between stages incl. the prefill)")
+    if len(a.links) > 1:
+        for name, b in by_link.items():
+            print(f"  --link {name:<6} hops {' '.join(b['transports']):<16} {b['tokens_per_s']:>8.1f} tokens/s "
+                  f"{b['ratio']:>6.2f}x of one process; outside the stages' compute {b['link_and_wakeups_ms']:.3f} ms")
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=2) + "\n")
     return 0
