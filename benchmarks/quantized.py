@@ -6,8 +6,10 @@ anchors measured in the same run on the same machine.
    numpy reference (``gguf.quants.dequantize``) on the same blocks (``--rows`` x ``--cols`` values;
    valid blocks: gguf-py's or our encoder where one exists, random bytes with finite scales for
    Q2_K / Q3_K). Each result is also checked bit for bit against the reference. Goal: ratio >= 5x.
-   Also timed into a reused output (out=): a fresh output's page faults (Linux zeroing its pages)
-   cost about as much as our dequantization itself on this CPU.
+   Ours is timed as the runtime runs it on the CPU: into the model's reused scratch (runtime/gguf/
+   modules.DequantScratch, what GGUFWeight writes into each forward), the goal's figure; also into a
+   fresh output per call (second column): its page faults (Linux zeroing new pages) cost about as
+   much as our dequantization itself on this CPU.
    On CUDA (when present) the torch path is also timed on the GPU.
 2. Decode tokens/s and resident weight bytes of one random Llama (``--hidden`` / ``--layers`` /
    ``--vocab``) as GGUF Q8_0 and Q4_K (dequantized per layer, computing in float32 on the CPU) next to
@@ -101,6 +103,7 @@ def dequant_rows(rows: int, cols: int, repeat: int, types: list[str]) -> list[di
     from gguf.quants import dequantize as ref
 
     from vramancer.runtime.gguf.dequant import _cpu_kernels, dequantize
+    from vramancer.runtime.gguf.modules import DequantScratch
 
     kernels = _cpu_kernels()
     if kernels is not None:          # JIT compile (or load from numba's disk cache) before any timing
@@ -118,9 +121,18 @@ def dequant_rows(rows: int, cols: int, repeat: int, types: list[str]) -> list[di
         got = dequantize(raw_t, name)
         exact = bool(torch.equal(got.view(torch.int32), torch.from_numpy(np.ascontiguousarray(want)).view(torch.int32)))
         t_ref = _median_time(lambda r=raw, n=name: ref(r, QT[n]), repeat)
+        # the runtime's path (GGUFWeight on the CPU): into the model's DequantScratch, memory reused
+        # from forward to forward, as llama.cpp's work buffer (the first call, untimed, sizes it)
+        scratch = DequantScratch()
+        shape = tuple(got.shape)
+        dequantize(raw_t, name, out=scratch.take(shape, torch.float32))
+        exact = exact and bool(torch.equal(dequantize(raw_t, name, out=scratch.take(shape, torch.float32))
+                                           .view(torch.int32), got.view(torch.int32)))
+        t_out = _median_time(lambda r=raw_t, n=name, s=scratch, sh=shape:
+                             dequantize(r, n, out=s.take(sh, torch.float32)), repeat)
+        # into a fresh output each call (what a forward without the scratch does: Linux faults in and
+        # zeroes the pages of every large new tensor)
         t_cpu = _median_time(lambda r=raw_t, n=name: dequantize(r, n), repeat)
-        # the same into an output reused from call to call (out=): without the kernel zeroing fresh pages
-        t_out = _median_time(lambda r=raw_t, n=name, o=got: dequantize(r, n, out=o), repeat)
         row: dict[str, Any] = dict(type=name, values=rows * cols, exact=exact, numpy_s=t_ref, torch_cpu_s=t_cpu,
                                    ratio_cpu=t_ref / t_cpu, torch_cpu_out_s=t_out, ratio_cpu_out=t_ref / t_out)
         if torch.cuda.is_available():
@@ -135,8 +147,8 @@ def dequant_rows(rows: int, cols: int, repeat: int, types: list[str]) -> list[di
             row["torch_cuda_s"] = _median_time(on_gpu, repeat, time.perf_counter)   # the GPU's time: wall
             row["ratio_cuda"] = t_ref / row["torch_cuda_s"]
         out.append(row)
-        _log(f"  {name:5s} numpy {rows * cols / t_ref / 1e6:8.1f} Mval/s   ours cpu {rows * cols / t_cpu / 1e6:8.1f} "
-             f"Mval/s  x{t_ref / t_cpu:5.2f}  (out= x{t_ref / t_out:5.2f})"
+        _log(f"  {name:5s} numpy {rows * cols / t_ref / 1e6:8.1f} Mval/s   ours (scratch) "
+             f"{rows * cols / t_out / 1e6:8.1f} Mval/s  x{t_ref / t_out:5.2f}  (fresh output x{t_ref / t_cpu:5.2f})"
              + (f"   cuda x{row['ratio_cuda']:8.1f}" if "ratio_cuda" in row else "")
              + ("" if exact else "   NOT BIT-EXACT"))
     return out
@@ -267,19 +279,22 @@ def main(argv: list[str] | None = None) -> int:
         results["onload"] = __import__("benchmarks.quant_onload").quant_onload.onload_rows(folder, new=args.new)  # 5.
 
     _log("")
-    _log(f"{'type':6s} {'numpy Mval/s':>13s} {'ours Mval/s':>13s} {'ratio':>7s} {'out= ratio':>10s}  exact")
+    _log(f"{'type':6s} {'numpy Mval/s':>13s} {'ours Mval/s':>13s} {'ratio':>7s} {'fresh ratio':>11s}  exact")
     for r in results["dequant"]:
-        _log(f"{r['type']:6s} {r['values'] / r['numpy_s'] / 1e6:13.1f} {r['values'] / r['torch_cpu_s'] / 1e6:13.1f} "
-             f"{r['ratio_cpu']:7.2f} {r['ratio_cpu_out']:10.2f}  {'yes' if r['exact'] else 'NO'}"
+        _log(f"{r['type']:6s} {r['values'] / r['numpy_s'] / 1e6:13.1f} "
+             f"{r['values'] / r['torch_cpu_out_s'] / 1e6:13.1f} {r['ratio_cpu_out']:7.2f} {r['ratio_cpu']:11.2f}  "
+             f"{'yes' if r['exact'] else 'NO'}"
              + (f"   cuda x{r['ratio_cuda']:.1f}" if "ratio_cuda" in r else ""))
-    worst = min(results["dequant"], key=lambda r: r.get("ratio_cuda", r["ratio_cpu"]))
-    where = "cuda" if "ratio_cuda" in worst else "cpu"
-    ratio = worst.get("ratio_cuda", worst["ratio_cpu"])
+    # the goal is the runtime's path: on the GPU, else on the CPU into the model's scratch
+    worst = min(results["dequant"], key=lambda r: r.get("ratio_cuda", r["ratio_cpu_out"]))
+    where = "cuda" if "ratio_cuda" in worst else "cpu, into the runtime's reused scratch"
+    ratio = worst.get("ratio_cuda", worst["ratio_cpu_out"])
     _log(f"dequantization vs numpy reference ({where}): worst {worst['type']} x{ratio:.2f} — goal >= "
          f"{DEQUANT_GOAL:.0f}x: {'GOAL MET' if ratio >= DEQUANT_GOAL else 'GOAL NOT MET'}")
-    if where == "cpu":
-        reused = min(results["dequant"], key=lambda r: r["ratio_cpu_out"])
-        _log(f"  into a reused output (out=, no fresh pages): worst {reused['type']} x{reused['ratio_cpu_out']:.2f}")
+    if "ratio_cuda" not in worst:
+        fresh = min(results["dequant"], key=lambda r: r["ratio_cpu"])
+        _log(f"  into a fresh output each call (page faults on every call): worst {fresh['type']} "
+             f"x{fresh['ratio_cpu']:.2f}")
     _log("")
     _log(f"{'variant':10s} {'weights':>12s} {'planned':>12s} {'mem ratio':>9s} {'plan ratio':>10s} "
          f"{'decode tok/s':>12s} {'speed ratio':>11s}")

@@ -246,3 +246,27 @@ def test_env_var_turns_the_numba_kernels_off(monkeypatch):
         monkeypatch.setenv("VRAMANCER_GGUF_NUMBA", value)
         monkeypatch.setattr(dequant, "_KERNELS", None)
         assert (dequant._cpu_kernels() is not None) is on, value
+
+
+@pytest.mark.parametrize("name", ["F16", "BF16"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_large_half_outputs_by_non_temporal_stores(name, threads, monkeypatch):
+    """An F16 / BF16 output of 4 MiB or more (written by 64-byte non-temporal stores between a scalar
+    head up to the first 64-byte boundary and a scalar tail): every 16-bit pattern, at any offset of
+    the output, equals the reference, and nothing outside the output is written."""
+    pytest.importorskip("numba")
+    from vramancer.runtime.gguf import cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "_THREADS", threads)
+    pat = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    if name == "BF16":
+        pat = pat[~np.isnan((pat.astype(np.uint32) << 16).view(np.float32))]
+    raw = np.random.default_rng(7).permutation(np.tile(pat, 17)).view(np.uint8).reshape(2, -1)
+    want = ref_dequantize(raw, QT[name])
+    assert want.nbytes >= cpu_kernels._NT_BYTES
+    for off in (0, 1, 7, 16):
+        big = torch.full((want.size + off + 23,), 7.0)
+        out = big[off:off + want.size].view(want.shape)
+        assert dequantize(torch.from_numpy(raw.copy()), name, out=out) is out
+        _bits_equal(out, want, nans=True)
+        assert bool((big[:off] == 7.0).all()) and bool((big[off + want.size:] == 7.0).all())
