@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["build_flux_folder", "bfl_state_dict", "write_flux_gguf", "write_diffusers_gguf", "gguf_type"]
+__all__ = ["build_flux_folder", "bfl_state_dict", "write_flux_gguf", "write_diffusers_gguf", "gguf_type", "write_gguf"]
 
 
 def build_flux_folder(folder: Path) -> Path:
@@ -109,7 +109,9 @@ def gguf_type(shape: tuple[int, ...], quant: str = "Q8_0") -> str:
     return quant if shape[-1] % 32 == 0 else "F16"
 
 
-def _write(path: Path, tensors: dict, arch: str, quant: str) -> dict[str, int]:
+def write_gguf(path: Path, tensors: dict, arch: str, quant: str = "Q8_0") -> dict[str, int]:
+    """``tensors`` (name -> torch tensor) as a GGUF file of ``arch`` (types by ``gguf_type``); returns
+    each tensor's bytes as written."""
     import gguf
     import numpy as np
 
@@ -142,7 +144,7 @@ def write_flux_gguf(folder: Path, path: Path, quant: str = "Q8_0") -> dict[str, 
     from diffusers import FluxTransformer2DModel
 
     tr = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer", local_files_only=True)
-    return _write(path, bfl_state_dict(tr.state_dict()), "flux", quant)
+    return write_gguf(path, bfl_state_dict(tr.state_dict()), "flux", quant)
 
 
 def write_diffusers_gguf(folder: Path, path: Path, quant: str = "Q8_0") -> dict[str, int]:
@@ -151,4 +153,4 @@ def write_diffusers_gguf(folder: Path, path: Path, quant: str = "Q8_0") -> dict[
     from diffusers import FluxTransformer2DModel
 
     tr = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer", local_files_only=True)
-    return _write(path, dict(tr.state_dict()), "flux", quant)
+    return write_gguf(path, dict(tr.state_dict()), "flux", quant)

@@ -234,14 +234,14 @@ def _write_gguf(path, arch: str, names: list[str]):
     w.close()
 
 
-@pytest.mark.parametrize("case", ["sdxl", "flux-names", "truncated", "no-config", "wrong-config"])
+@pytest.mark.parametrize("case", ["sd3", "flux-names", "truncated", "no-config", "wrong-config"])
 def test_bad_gguf_one_line_exit_2(flux, tmp_path, capsys, case, pipelines):
     path = tmp_path / f"{case}.gguf"
     cmd = "plan"
     extra: list = []
-    if case == "sdxl":
-        _write_gguf(path, "sdxl", ["input_blocks.0.0.weight", "middle_block.0.in_layers.0.weight"])
-        want = "GGUF denoisers VRAMancer plans and runs are flux"
+    if case == "sd3":
+        _write_gguf(path, "sd3", ["joint_blocks.0.x_block.attn.qkv.weight", "x_embedder.proj.weight"])
+        want = "GGUF denoisers VRAMancer plans and runs are flux, sd1, sdxl"
     elif case == "flux-names":
         _write_gguf(path, "flux", ["blk.0.attn_q.weight", "token_embd.weight"])
         want = "not a flux denoiser's"

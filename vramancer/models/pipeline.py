@@ -42,7 +42,7 @@ from .profile import ModelProfile
 __all__ = ["ComponentProfile", "PipelineProfile", "ImageWorkload", "Role", "pipeline_profile", "catalog_pipeline",
            "CATALOG_PIPELINES",
            "is_pipeline", "single_file_layout", "SINGLE_FILE_LAYOUTS", "BODY_LISTS", "module_denoiser_profile",
-           "GGUF_DIFFUSION_ARCHES", "GGUF_DENOISERS", "GGUF_PLAIN_TYPES", "gguf_denoiser_arch"]
+           "GGUF_DIFFUSION_ARCHES", "GGUF_DENOISERS", "GGUF_PLAIN_TYPES", "GGUF_PREFIX", "gguf_denoiser_arch"]
 
 Role = Literal["text_encoder", "denoiser", "vae", "other"]
 Phase = Literal["encode", "denoise", "decode"]
@@ -358,27 +358,29 @@ _SF_FINAL = {"sd15": ("conv_norm_out", "conv_out"), "sdxl": ("conv_norm_out", "c
 _LDM_PER_LEVEL = 3    # SD1.5 / SDXL: 2 resnets (+ attentions) and a down/upsampler per level
 
 
-def _sf_name(layout: str, name: str) -> str:
+def _sf_name(layout: str, name: str, per_level: int = _LDM_PER_LEVEL) -> str:
     top, _, idx = name.partition(".")
     if layout in ("sd15", "sdxl"):
         if top == "input_blocks":
             i = int(idx)
-            return "embed" if i == 0 else f"down_blocks.{(i - 1) // _LDM_PER_LEVEL}"
+            return "embed" if i == 0 else f"down_blocks.{(i - 1) // per_level}"
         if top == "middle_block":
             return "mid_block"
         if top == "output_blocks":
-            return f"up_blocks.{int(idx) // _LDM_PER_LEVEL}"
+            return f"up_blocks.{int(idx) // per_level}"
     return {"joint_blocks": "transformer_blocks", "double_blocks": "transformer_blocks",
             "single_blocks": "single_transformer_blocks"}.get(top, top) + (f".{idx}" if idx else "")
 
 
-def _diffusers_groups(layout: str, groups: list[tuple[str, tuple[str, ...], int, int]]
-                      ) -> list[tuple[str, tuple[str, ...], int, int]]:
+def _diffusers_groups(layout: str, groups: list[tuple[str, tuple[str, ...], int, int]],
+                      per_level: int = _LDM_PER_LEVEL) -> list[tuple[str, tuple[str, ...], int, int]]:
     """A single file's blocks under the names of the diffusers model it converts to (the runtime
-    splits the converted model): consecutive original blocks of one diffusers block merged."""
+    splits the converted model): consecutive original blocks of one diffusers block merged. An LDM
+    UNet has ``per_level`` input (and output) blocks per level: its resnets and the resampler
+    (``layers_per_block`` + 1; 3 for SD1.5 and SDXL)."""
     out: list[tuple[str, tuple[str, ...], int, int]] = []
     for name, _, params, nbytes in groups:
-        new = name if name in ("embed", "final") else _sf_name(layout, name)
+        new = name if name in ("embed", "final") else _sf_name(layout, name, per_level)
         mods = _SF_EMBED[layout] if new == "embed" else _SF_FINAL[layout] if new == "final" else (new,)
         if out and out[-1][0] == new:
             last = out[-1]
@@ -393,7 +395,9 @@ def _denoiser_profile(name: str, comp: ComponentProfile, tensors: list[HeaderTen
                       layout: str | None = None) -> ModelProfile:
     groups = _grouped_blocks(tensors, prefix)
     if layout is not None:
-        groups = _diffusers_groups(layout, groups)
+        lpb = comp.config.get("layers_per_block")
+        per_level = lpb + 1 if isinstance(lpb, int) and not isinstance(lpb, bool) and lpb > 0 else _LDM_PER_LEVEL
+        groups = _diffusers_groups(layout, groups, per_level)
     dt = resolve_dtype(comp.dtype)
     cfg = dict(comp.config)
     arch = arch or str(cfg.get("_class_name") or comp.class_name)
@@ -600,7 +604,10 @@ GGUF_DIFFUSION_ARCHES = ("flux", "sd1", "sdxl", "sd3", "aura", "hidream", "cosmo
 # those planned and run: architecture -> (single-file layout, pipeline class, denoiser class, component name)
 GGUF_DENOISERS: dict[str, tuple[str, str, str, str]] = {
     "flux": ("flux", "FluxPipeline", "FluxTransformer2DModel", "transformer"),
+    "sd1": ("sd15", "StableDiffusionPipeline", "UNet2DConditionModel", "unet"),
+    "sdxl": ("sdxl", "StableDiffusionXLPipeline", "UNet2DConditionModel", "unet"),
 }
+GGUF_PREFIX = "model.diffusion_model."     # the single-file prefix ComfyUI-GGUF files leave out
 # tensor types diffusers loads as plain tensors cast to the compute dtype; every other type stays as stored
 # (a GGUFParameter, dequantized by the layer that uses it)
 GGUF_PLAIN_TYPES = ("F32", "F16")
@@ -634,14 +641,15 @@ def _gguf_profile(path: Path, eager: bool, config: Path | None, dtype: str | Non
     arch = str(fields.get("general.architecture") or "")
     if arch not in GGUF_DENOISERS:
         raise UnknownModelError(f"{path.name}: a GGUF {arch!r} denoiser; the GGUF denoisers VRAMancer plans and runs "
-                                f"are {', '.join(GGUF_DENOISERS)} (ComfyUI-GGUF transformers); SD1.5 / SDXL / SD3 "
-                                "run as single-file .safetensors or diffusers folders")
+                                f"are {', '.join(GGUF_DENOISERS)} (ComfyUI-GGUF's Flux transformers, SD1.5 and SDXL "
+                                "UNets); SD3 and others run as single-file .safetensors or diffusers folders")
     key, pipeline_class, den_class, den_name = GGUF_DENOISERS[arch]
-    names = [t.name.removeprefix("model.diffusion_model.") for t in stored]
+    names = [GGUF_PREFIX + t.name.removeprefix(GGUF_PREFIX) for t in stored]
     lay = single_file_layout(names)
+    marker = {"flux": "double_blocks.0.*", "sd15": "input_blocks.1.*", "sdxl": "label_emb.*"}
     if lay is None or lay.key != key:
         raise MalformedCheckpointError(f"{path.name}: general.architecture says {arch!r} but its tensors are not a "
-                                       f"{arch} denoiser's (no {key} block names such as double_blocks.0.*)")
+                                       f"{arch} denoiser's (no {key} block names such as {marker[key]})")
     comps: list[ComponentProfile] = []
     den_cfg: dict = {}
     vae_scale, latent_channels = 8, 16
@@ -689,9 +697,9 @@ def _gguf_profile(path: Path, eager: bool, config: Path | None, dtype: str | Non
     if den_cfg:
         den.hidden = _denoiser_hidden(den_cfg)
     else:
-        den.hidden = next((t.shape[0] for t in resident if t.name == "img_in.weight"), 0) or \
+        den.hidden = next((t.shape[0] for t in resident if t.name == GGUF_PREFIX + "img_in.weight"), 0) or \
             max((t.shape[0] for t in resident if len(t.shape) == 1), default=0)
-    den_prof = _denoiser_profile(path.stem, den, resident, lay.text_tokens, eager,
+    den_prof = _denoiser_profile(path.stem, den, resident, lay.text_tokens, eager, prefix=GGUF_PREFIX,
                                  arch=den_class if den_cfg else f"gguf:{arch}", layout=key)
     notes = [f"GGUF {arch} denoiser kept quantized ({quant}): blocks resident as stored, F32/F16 tensors in "
              f"{compute}; its largest layer is dequantized while it runs"]

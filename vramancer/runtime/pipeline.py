@@ -373,7 +373,15 @@ def flux_to_diffusers(checkpoint: dict) -> dict:
     return out
 
 
-_GGUF_CONVERTERS = {"flux": flux_to_diffusers}
+def _ldm_unet(checkpoint: dict) -> dict:
+    """An SD1.5 / SDXL UNet of ComfyUI-GGUF (LDM names without their prefix): prefixed back, for
+    diffusers' own LDM converter (run by from_single_file)."""
+    from ..models.pipeline import GGUF_PREFIX
+
+    return {GGUF_PREFIX + k.removeprefix(GGUF_PREFIX): v for k, v in checkpoint.items()}
+
+
+_GGUF_CONVERTERS = {"flux": flux_to_diffusers, "sd1": _ldm_unet, "sdxl": _ldm_unet}
 
 
 def load_gguf_pipeline(path: str, config: str | os.PathLike | None, dt: torch.dtype) -> Any:
@@ -388,7 +396,7 @@ def load_gguf_pipeline(path: str, config: str | os.PathLike | None, dt: torch.dt
 
     name = os.path.basename(path)
     prof = pipeline_profile(path)       # the architecture checked: one line when it is not run here
-    arch = prof.layout.split(":", 1)[1]
+    arch = next(a for a, v in GGUF_DENOISERS.items() if f"gguf:{v[0]}" == prof.layout)
     _, pipeline_class, den_class, den_name = GGUF_DENOISERS[arch]
     if config is None or not os.path.isdir(os.fspath(config)):
         raise BadInputError(f"{name}: a GGUF denoiser runs with --pipeline-config DIR (config= in Python): a local "
