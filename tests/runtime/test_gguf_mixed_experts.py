@@ -5,7 +5,8 @@ gguf.quants (gate Q8_0, up Q4_0, down Q5_0). It loads (it was refused: load.py s
 one tensor of one type) with the gate and up blocks side by side in one stored tensor
 (runtime/gguf/stacked.py), its bytes the file's; logits and greedy tokens equal gguf-py's dequantized
 float model; the experts kept in host RAM run by the host path (each selected expert's halves
-dequantized) give the same tokens, bytes per device equal to the plan's."""
+dequantized; a long prompt's prefill copies the stored experts to the GPU) give the same tokens,
+bytes per device equal to the plan's."""
 from __future__ import annotations
 
 import importlib.util
@@ -127,6 +128,11 @@ def test_mixed_experts_in_host_ram(mixed, reference):
     rep = model.vramancer.memory_report()
     assert rep.weights_bytes_by_device() == moe.weights_bytes_by_device()
     assert [e.weights_bytes for e in rep.experts] == [b.experts_bytes for b in moved]
+    # a 40-token prompt: its prefill copies each layer's stored experts (both halves' bytes) to the GPU
+    long = torch.randint(4, 150, (1, 40), generator=torch.Generator().manual_seed(1))
+    assert _greedy(model, long) == _greedy(reference, long)
+    assert stats.copied_forwards == len(moved) and stats.copied_bytes == sum(b.experts_bytes for b in moved)
+    assert model.vramancer.memory_report().weights_bytes_by_device() == moe.weights_bytes_by_device()
     model.vramancer.detach()
 
 
