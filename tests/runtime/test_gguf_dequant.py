@@ -270,3 +270,27 @@ def test_large_half_outputs_by_non_temporal_stores(name, threads, monkeypatch):
         assert dequantize(torch.from_numpy(raw.copy()), name, out=out) is out
         _bits_equal(out, want, nans=True)
         assert bool((big[:off] == 7.0).all()) and bool((big[off + want.size:] == 7.0).all())
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_large_q8_0_output_by_non_temporal_stores(threads, monkeypatch):
+    """A Q8_0 output of 4 MiB or more on a 64-byte boundary (a fresh one is: dequant._empty starts it
+    on a page) is written by non-temporal stores; one that is not, by the plain kernel: both equal
+    the reference, nothing outside the output written."""
+    pytest.importorskip("numba")
+    from vramancer.runtime.gguf import cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "_THREADS", threads)
+    raw = _random_blocks("Q8_0", rows=64, blocks_per_row=544, rng=np.random.default_rng(8))
+    want = ref_dequantize(raw, QT.Q8_0)
+    assert want.nbytes >= cpu_kernels._NT_BYTES
+    fresh = dequantize(torch.from_numpy(raw.copy()), "Q8_0")
+    assert fresh.data_ptr() % 4096 == 0
+    _bits_equal(fresh, want)
+    for off in (0, 16, 3):
+        big = torch.full((want.size + 64,), 7.0)
+        start = off + (-big.data_ptr() // 4) % 16              # off values past a 64-byte boundary
+        out = big[start:start + want.size].view(want.shape)
+        assert dequantize(torch.from_numpy(raw.copy()), "Q8_0", out=out) is out
+        _bits_equal(out, want)
+        assert bool((big[:start] == 7.0).all()) and bool((big[start + want.size:] == 7.0).all())

@@ -157,22 +157,29 @@ def _unpack(x: torch.Tensor, group: int, shifts: tuple[int, ...], mask: int, out
 
 
 _HUGE_BYTES = 4 << 20
+_PAGE = 4096
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A new tensor. A large one in host memory is allocated by numpy, which asks Linux for huge
     pages (madvise) where torch's allocator does not: a fresh 16 MiB output then costs 8 page faults,
-    not 4096, which on the CPU took longer than the dequantization itself."""
+    not 4096, which on the CPU took longer than the dequantization itself. It starts on a page."""
     import torch
 
     if device.type == "cpu" and dtype in (torch.float32, torch.uint8):
         n = 1
         for s in shape:
             n *= s
-        if n * (4 if dtype == torch.float32 else 1) >= _HUGE_BYTES:
+        size = 4 if dtype == torch.float32 else 1
+        if n * size >= _HUGE_BYTES:
             import numpy as np
 
-            return torch.from_numpy(np.empty(shape, dtype=np.float32 if dtype == torch.float32 else np.uint8))
+            # starting on a page: a large block from glibc starts 16 bytes past one, and unaligned
+            # weights slowed the matrix products that read them (and the kernels' 64-byte stores)
+            raw = np.empty(n * size + _PAGE, dtype=np.uint8)
+            skip = -raw.ctypes.data % _PAGE
+            held = raw[skip:skip + n * size].view(np.float32 if size == 4 else np.uint8)
+            return torch.from_numpy(held.reshape(shape))
     return torch.empty(shape, dtype=dtype, device=device)
 
 

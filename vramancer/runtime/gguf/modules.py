@@ -37,17 +37,12 @@ def _storage_users(t: torch.Tensor) -> int | None:
     return None if use_count is None else int(use_count(t.untyped_storage()._cdata))
 
 
-_ALIGN = 4096
-
-
 def _aligned(n: int, dtype: torch.dtype) -> torch.Tensor:
-    """A new 1-D CPU tensor of ``n`` elements whose memory starts on a page (numpy's memory: huge
-    pages where large; a large block from glibc starts 16 bytes past a page, and matrix products
-    over weights that are not 64-byte aligned ran 10% slower)."""
+    """A new 1-D CPU tensor of ``n`` elements, 64-byte aligned (torch's allocator), on a page where
+    large (dequant._empty: numpy's memory, huge pages; a large block from glibc starts 16 bytes past
+    a page, and matrix products over weights that are not 64-byte aligned ran 10% slower)."""
     size = torch.empty((), dtype=dtype).element_size()
-    raw = _empty((n * size + _ALIGN,), torch.uint8, torch.device("cpu"))
-    skip = -raw.data_ptr() % _ALIGN
-    return raw[skip:skip + n * size].view(dtype)
+    return _empty((n * size,), torch.uint8, torch.device("cpu")).view(dtype)
 
 
 class DequantScratch:
