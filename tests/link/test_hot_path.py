@@ -224,3 +224,29 @@ def test_large_frames_over_tcp_wake_per_quarter_mebibyte_and_reset_the_low_mark(
     conn.close()
     peer.close()
     listener.close()
+
+
+@pytest.mark.parametrize("c", [pytest.param(True, marks=needs_c), False])
+def test_a_socket_closed_directly_is_never_written_through_its_old_number(c):
+    """conn.sock.close() (not conn.close()) frees the descriptor number; a socket opened next may get
+    it. The next send must fail as on a closed socket, not write into that other socket."""
+    with _on_path(c):
+        a, b = pair()
+    arr = np.arange(64, dtype=np.uint8)
+    a.send([arr])
+    b.recv(into=[np.empty(64, dtype=np.uint8)])
+    old = a.sock.fileno()
+    a.sock.close()
+    x, y = socket.socketpair()
+    try:
+        assert old in (x.fileno(), y.fileno())              # the number is taken again
+        with pytest.raises(LinkError, match="send failed"):
+            a.send([arr])
+        for s in (x, y):
+            s.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                s.recv(1)
+    finally:
+        x.close()
+        y.close()
+        b.close()

@@ -42,7 +42,7 @@ static PyTypeObject *ndarray_type = NULL;
 static PyTypeObject *frame_type_cls = NULL;
 static PyObject *tensors_type = NULL;
 static Py_ssize_t frame_off[5];
-static PyObject *s_send_py, *s_recv_py, *s_sendmsg_rest, *s_c_rest, *s_c_error, *s_dtype, *s_shape, *s_reader,
+static PyObject *s_sock, *s_fileno, *s_send_py, *s_recv_py, *s_sendmsg_rest, *s_c_rest, *s_c_error, *s_dtype, *s_shape, *s_reader,
     *s_last_seq;
 
 typedef struct {
@@ -94,26 +94,27 @@ static PyObject *fail(Stream *self, const char *what, int err) {
 }
 
 /* ------------------------------------------------------------------------------------------ send */
-static PyObject *Stream_send(Stream *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
+static PyObject *send_impl(Stream *self, PyObject *tx, int fd, PyObject *const *args, Py_ssize_t nargs,
+                           PyObject *kwnames) {
     PyObject *tensors = nargs > 0 ? args[0] : NULL, *stream = nargs > 1 ? args[1] : NULL;
     if (kwnames != NULL && nargs == 1 && PyTuple_GET_SIZE(kwnames) == 1
         && PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0), "stream_id") == 0)
         stream = args[1];
     else if (kwnames != NULL)
         goto python;
-    if (nargs < 1 || nargs > 2 || self->fd < 0 || self->tx == NULL
+    if (nargs < 1 || nargs > 2 || fd < 0 || tx == NULL
         || !(PyList_CheckExact(tensors) || PyTuple_CheckExact(tensors)) || Py_SIZE(tensors) != 1
-        || !PyTuple_CheckExact(self->tx) || PyTuple_GET_SIZE(self->tx) != 4 || self->next_seq == NULL)
+        || !PyTuple_CheckExact(tx) || PyTuple_GET_SIZE(tx) != 4 || self->next_seq == NULL)
         goto python;
     PyObject *t = PyList_CheckExact(tensors) ? PyList_GET_ITEM(tensors, 0) : PyTuple_GET_ITEM(tensors, 0);
     if (Py_TYPE(t) != ndarray_type) goto python;
     PyObject *dtype = PyObject_GetAttr(t, s_dtype);
     if (dtype == NULL) return NULL;
     Py_DECREF(dtype);                       /* the array holds it: only its identity is compared */
-    if (dtype != PyTuple_GET_ITEM(self->tx, 0)) goto python;
+    if (dtype != PyTuple_GET_ITEM(tx, 0)) goto python;
     PyObject *shape = PyObject_GetAttr(t, s_shape);
     if (shape == NULL) return NULL;
-    int same = PyObject_RichCompareBool(shape, PyTuple_GET_ITEM(self->tx, 1), Py_EQ);
+    int same = PyObject_RichCompareBool(shape, PyTuple_GET_ITEM(tx, 1), Py_EQ);
     Py_DECREF(shape);
     if (same < 0) return NULL;
     if (!same) goto python;
@@ -140,13 +141,13 @@ static PyObject *Stream_send(Stream *self, PyObject *const *args, Py_ssize_t nar
         PyErr_Clear();
         goto python;                        /* not contiguous: the general path sends a contiguous copy */
     }
-    if (PyObject_GetBuffer(PyTuple_GET_ITEM(self->tx, 2), &head, PyBUF_WRITABLE) < 0) {
+    if (PyObject_GetBuffer(PyTuple_GET_ITEM(tx, 2), &head, PyBUF_WRITABLE) < 0) {
         PyBuffer_Release(&payload);
         Py_XDECREF(zero);
         return NULL;
     }
     Py_ssize_t total = head.len + payload.len;
-    if (head.len < HEADER_BYTES || PyLong_AsSsize_t(PyTuple_GET_ITEM(self->tx, 3)) != total) {
+    if (head.len < HEADER_BYTES || PyLong_AsSsize_t(PyTuple_GET_ITEM(tx, 3)) != total) {
         PyBuffer_Release(&head);
         PyBuffer_Release(&payload);
         Py_XDECREF(zero);
@@ -167,7 +168,7 @@ static PyObject *Stream_send(Stream *self, PyObject *const *args, Py_ssize_t nar
     put_le(h + 8, stream_id, 4);
     put_le(h + 12, seq, 8);
     Py_ssize_t sent = 0;
-    int err = 0, fd = self->fd;
+    int err = 0;
     Py_BEGIN_ALLOW_THREADS
     while (sent < total) {
         struct iovec iov[2];
@@ -206,7 +207,7 @@ static PyObject *Stream_send(Stream *self, PyObject *const *args, Py_ssize_t nar
             Py_XDECREF(n_obj);
             return NULL;
         }
-        PyObject *head_obj = PyTuple_GET_ITEM(self->tx, 2);
+        PyObject *head_obj = PyTuple_GET_ITEM(tx, 2);
         Py_INCREF(head_obj);
         Py_INCREF(t);
         PyList_SET_ITEM(list, 0, head_obj);
@@ -268,7 +269,8 @@ static PyObject *make_frame(Stream *self, unsigned long long stream_id, unsigned
     return f;
 }
 
-static PyObject *Stream_recv(Stream *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
+static PyObject *recv_impl(Stream *self, PyObject *rx, PyObject *stage_obj, int fd, PyObject *const *args,
+                           Py_ssize_t nargs, PyObject *kwnames) {
     PyObject *into = nargs > 0 ? args[0] : NULL;
     if (kwnames != NULL) {                  /* recv(into=[...]) */
         if (nargs == 0 && PyTuple_GET_SIZE(kwnames) == 1
@@ -279,10 +281,9 @@ static PyObject *Stream_recv(Stream *self, PyObject *const *args, Py_ssize_t nar
     } else if (nargs != 1) {
         goto python;
     }
-    PyObject *rx = self->rx;
-    if (self->fd < 0 || into == NULL || !(PyList_CheckExact(into) || PyTuple_CheckExact(into)) || Py_SIZE(into) != 1
-        || rx == NULL || !PyTuple_Check(rx) || PyTuple_GET_SIZE(rx) != 8 || self->stage == NULL
-        || !PyByteArray_CheckExact(self->stage))
+    if (fd < 0 || into == NULL || !(PyList_CheckExact(into) || PyTuple_CheckExact(into)) || Py_SIZE(into) != 1
+        || rx == NULL || !PyTuple_Check(rx) || PyTuple_GET_SIZE(rx) != 8 || stage_obj == NULL
+        || !PyByteArray_CheckExact(stage_obj))
         goto python;
     PyObject *d = PyList_CheckExact(into) ? PyList_GET_ITEM(into, 0) : PyTuple_GET_ITEM(into, 0);
     PyObject *np_dtype = PyTuple_GET_ITEM(rx, 5), *tail = PyTuple_GET_ITEM(rx, 2);
@@ -305,14 +306,14 @@ static PyObject *Stream_recv(Stream *self, PyObject *const *args, Py_ssize_t nar
     }
     Py_ssize_t tail_len = PyBytes_GET_SIZE(tail), head_bytes = SEQ_END + tail_len, payload = db.len;
     const unsigned char *t = (const unsigned char *)PyBytes_AS_STRING(tail);
-    unsigned char *stage = (unsigned char *)PyByteArray_AS_STRING(self->stage), *dest = (unsigned char *)db.buf;
-    Py_ssize_t cap = PyByteArray_GET_SIZE(self->stage), lo = self->lo, hi = self->hi;
+    unsigned char *stage = (unsigned char *)PyByteArray_AS_STRING(stage_obj), *dest = (unsigned char *)db.buf;
+    Py_ssize_t cap = PyByteArray_GET_SIZE(stage_obj), lo = self->lo, hi = self->hi;
     if (tail_len < HEADER_BYTES - SEQ_END || head_bytes > cap || lo < 0 || lo > hi || hi > cap || payload == 0
         || get_le(t + 8, 8) != (unsigned long long)payload) {
         PyBuffer_Release(&db);
         goto python;
     }
-    int fd = self->fd, r = 0, status = 0;
+    int r = 0, status = 0;
     Py_ssize_t got = 0, hpos = 0;
     {
         /* the fixed header first (a shorter frame, CLOSE, must not wait for more bytes), then the
@@ -443,6 +444,46 @@ python:
     return call_py_kw((PyObject *)self, s_recv_py, args, nargs, kwnames);
 }
 
+/* the socket's descriptor now (-1: closed, or the C path is off): a socket closed directly, not through
+   close(), never leaves a stale number to this module */
+static int current_fd(Stream *self) {
+    if (self->fd < 0) return -1;
+    PyObject *sock = PyObject_GetAttr((PyObject *)self, s_sock);
+    if (sock == NULL) {
+        PyErr_Clear();
+        return -1;
+    }
+    PyObject *n = PyObject_CallMethodNoArgs(sock, s_fileno);
+    Py_DECREF(sock);
+    if (n == NULL) {
+        PyErr_Clear();
+        return -1;
+    }
+    long v = PyLong_AsLong(n);
+    Py_DECREF(n);
+    if (v == -1 && PyErr_Occurred()) PyErr_Clear();
+    return v < 0 || v > INT_MAX ? -1 : (int)v;
+}
+
+/* the layouts and the staging buffer are held for the call: the GIL is released around each system call */
+static PyObject *Stream_send(Stream *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
+    PyObject *tx = self->tx;
+    Py_XINCREF(tx);
+    PyObject *r = send_impl(self, tx, current_fd(self), args, nargs, kwnames);
+    Py_XDECREF(tx);
+    return r;
+}
+
+static PyObject *Stream_recv(Stream *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
+    PyObject *rx = self->rx, *stage = self->stage;
+    Py_XINCREF(rx);
+    Py_XINCREF(stage);
+    PyObject *r = recv_impl(self, rx, stage, current_fd(self), args, nargs, kwnames);
+    Py_XDECREF(rx);
+    Py_XDECREF(stage);
+    return r;
+}
+
 static PyMethodDef Stream_methods[] = {
     {"send", (PyCFunction)(void (*)(void))Stream_send, METH_FASTCALL | METH_KEYWORDS,
      "send(tensors, stream_id=0) -> frame bytes (the steady state here, else _send_py)"},
@@ -553,7 +594,7 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__fastlink(void) {
     struct { PyObject **slot; const char *s; } strs[] = {
-        {&s_send_py, "_send_py"}, {&s_recv_py, "_recv_py"}, {&s_sendmsg_rest, "_sendmsg_rest"},
+        {&s_sock, "sock"}, {&s_fileno, "fileno"}, {&s_send_py, "_send_py"}, {&s_recv_py, "_recv_py"}, {&s_sendmsg_rest, "_sendmsg_rest"},
         {&s_c_rest, "_c_rest"}, {&s_c_error, "_c_error"}, {&s_dtype, "dtype"}, {&s_shape, "shape"},
         {&s_reader, "reader"}, {&s_last_seq, "last_seq"},
     };
