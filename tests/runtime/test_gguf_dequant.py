@@ -153,8 +153,8 @@ def test_cpu_tensors_go_through_the_numba_kernels(monkeypatch):
 
     calls = []
     real = cpu_kernels.dequantize_into
-    monkeypatch.setattr(cpu_kernels, "dequantize_into", lambda n, b, o: (calls.append((n, b.shape, o.shape)),
-                                                                         real(n, b, o)))
+    monkeypatch.setattr(cpu_kernels, "dequantize_into", lambda n, b, o, **kw: (calls.append((n, b.shape, o.shape)),
+                                                                               real(n, b, o, **kw)))
     rng = np.random.default_rng(6)
     raw = _random_blocks("Q4_K", rows=4, blocks_per_row=4, rng=rng)
     wide = torch.from_numpy(np.concatenate([raw, raw], axis=1))[:, :raw.shape[1]]      # not contiguous
@@ -274,19 +274,24 @@ def test_large_half_outputs_by_non_temporal_stores(name, threads, monkeypatch):
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_large_q8_0_output_by_non_temporal_stores(threads, monkeypatch):
-    """A Q8_0 output of 4 MiB or more on a 64-byte boundary (a fresh one is: dequant._empty starts it
-    on a page) is written by non-temporal stores; one that is not, by the plain kernel: both equal
-    the reference, nothing outside the output written."""
+    """A Q8_0 output of 4 MiB or more given on a 64-byte boundary is written by non-temporal stores;
+    one that is not, and a fresh one (its pages still to be zeroed: plain stores, it stays in cache;
+    it starts on a page), by the plain kernel: all equal the reference, nothing outside written."""
     pytest.importorskip("numba")
     from vramancer.runtime.gguf import cpu_kernels
 
     monkeypatch.setattr(cpu_kernels, "_THREADS", threads)
+    calls = []
+    kernels = cpu_kernels.KERNELS
+    for k in ("Q8_0", "Q8_0_nt"):
+        monkeypatch.setitem(kernels, k, lambda b, o, lut, k=k, f=kernels[k]: (calls.append(k), f(b, o, lut)))
     raw = _random_blocks("Q8_0", rows=64, blocks_per_row=544, rng=np.random.default_rng(8))
     want = ref_dequantize(raw, QT.Q8_0)
     assert want.nbytes >= cpu_kernels._NT_BYTES
     fresh = dequantize(torch.from_numpy(raw.copy()), "Q8_0")
     assert fresh.data_ptr() % 4096 == 0
     _bits_equal(fresh, want)
+    assert calls == (["Q8_0"] if threads == 1 else [])
     for off in (0, 16, 3):
         big = torch.full((want.size + 64,), 7.0)
         start = off + (-big.data_ptr() // 4) % 16              # off values past a 64-byte boundary
@@ -294,3 +299,4 @@ def test_large_q8_0_output_by_non_temporal_stores(threads, monkeypatch):
         assert dequantize(torch.from_numpy(raw.copy()), "Q8_0", out=out) is out
         _bits_equal(out, want)
         assert bool((big[:start] == 7.0).all()) and bool((big[start + want.size:] == 7.0).all())
+    assert calls == (["Q8_0", "Q8_0_nt", "Q8_0_nt", "Q8_0"] if threads == 1 else [])

@@ -343,11 +343,14 @@ def set_threads(threads: int) -> None:
     _THREADS = max(1, int(threads))
 
 
-def dequantize_into(name: str, blocks: np.ndarray, out: np.ndarray) -> None:
+def dequantize_into(name: str, blocks: np.ndarray, out: np.ndarray, reused: bool = True) -> None:
     """``out`` (float32, C-contiguous) = the values of ``blocks`` (uint8, C-contiguous): for a
     quantized type [n, block_bytes] -> [n, block_values]; for F16 / BF16 [n * 2] bytes -> [n]. (F16 is
     converted with integer ops, not the CPU's F16C instruction torch uses: that one sets the quiet
-    bit of a signalling NaN, numpy keeps it; this kernel is as fast where memory is the bound.)"""
+    bit of a signalling NaN, numpy keeps it; this kernel is as fast where memory is the bound.)
+    ``reused``: ``out``'s pages are already in memory (a reused output): large outputs then take the
+    non-temporal stores; a fresh output's pages, zeroed by Linux as they are first written, stay in
+    cache, where plain stores are faster."""
     global _PARALLEL
     if name in ("F16", "BF16"):
         blocks = blocks.view(np.uint16)
@@ -357,14 +360,14 @@ def dequantize_into(name: str, blocks: np.ndarray, out: np.ndarray) -> None:
             _PARALLEL = _kernels(parallel=True)
         numba.set_num_threads(min(_THREADS, numba.config.NUMBA_NUM_THREADS))
         kernels = _PARALLEL
-    if name in ("F16", "BF16") and out.nbytes >= _NT_BYTES:
+    if name in ("F16", "BF16") and reused and out.nbytes >= _NT_BYTES:
         skip = min(out.shape[0], (-out.ctypes.data % 64) // 4)      # values before a 64-byte boundary
         end = skip + (out.shape[0] - skip) // _NT_CHUNK * _NT_CHUNK
         kernels[name](blocks[:skip], out[:skip], _F16_TO_F32)
         kernels[name + "_nt"](blocks[skip:end], out[skip:end].view(np.uint32), _F16_TO_F32)
         kernels[name](blocks[end:], out[end:], _F16_TO_F32)
         return
-    if name == "Q8_0" and out.nbytes >= _NT_BYTES and out.ctypes.data % 64 == 0:
+    if name == "Q8_0" and reused and out.nbytes >= _NT_BYTES and out.ctypes.data % 64 == 0:
         kernels["Q8_0_nt"](blocks, out, _F16_TO_F32)
         return
     kernels[name](blocks, out, _F16_TO_F32)

@@ -372,7 +372,8 @@ def dequantize(raw: torch.Tensor, qtype: str | int | GGUFType, out: torch.Tensor
                             f"{t.name} blocks of {t.block_bytes} bytes")
     lead = tuple(raw.shape[:-1])
     values = raw.shape[-1] // t.block_bytes * t.block_values
-    if out is None:
+    fresh = out is None
+    if fresh:
         out = _empty((*lead, values), torch.float32, raw.device)
     elif (tuple(out.shape) != (*lead, values) or out.dtype != torch.float32 or not out.is_contiguous()
           or out.device != raw.device):
@@ -382,9 +383,9 @@ def dequantize(raw: torch.Tensor, qtype: str | int | GGUFType, out: torch.Tensor
         blocks = raw.contiguous().numpy()
         if t.quantized:
             _cpu_kernels().dequantize_into(t.name, blocks.reshape(-1, t.block_bytes),
-                                           out.numpy().reshape(-1, t.block_values))
+                                           out.numpy().reshape(-1, t.block_values), reused=not fresh)
         else:
-            _cpu_kernels().dequantize_into(t.name, blocks.reshape(-1), out.numpy().reshape(-1))
+            _cpu_kernels().dequantize_into(t.name, blocks.reshape(-1), out.numpy().reshape(-1), reused=not fresh)
         return out
     if not t.quantized:
         dt = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[t.name]
