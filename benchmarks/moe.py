@@ -7,25 +7,28 @@ width / hidden, attention width and GQA ratio / hidden, shared experts / hidden.
 move off the GPU is the same number of bytes; what a decode step then reads and runs on the host
 differs: a whole layer offloaded reads its attention, shared expert and KV cache there as well as
 its top-k experts, a layer's experts offloaded only the top-k experts. So the gain is set by
-(attention + shared + KV) / (top-k experts) per layer, and the ratio is the same at any scale, but
-the fixed costs of small modules are not: a width that keeps the top-k experts' bytes per layer
-well above the host's fixed cost of a module (a few MB vs ~0.3 ms of dispatch) is the smallest
-representative one. Shapes (published configs -> here, hidden 512):
+(attention + shared + KV) / (top-k experts) per layer, which is the same at any scale. What is not:
+the fixed cost of each module run on the host (~0.1-0.3 ms of dispatch, as much as reading a few MB),
+which weighs more at small widths, and the GPU room the experts plan keeps for a prefill's copy of
+one layer's experts (1 / layers of the experts), so the layer counts are the published ones (Qwen3's
+halved). The width is what lets all three shapes run here in a few minutes; the published
+models themselves are planned too (below), for the figure at real sizes. Shapes (published -> here,
+hidden 256, float32):
 
   mixtral      Mixtral 8x7B (and 8x22B): hidden 4096, 32 layers, 32 heads of 128, 8 KV heads, 8
-               experts of 14336 (3.5 x hidden), top 2, no shared expert -> 8 layers, 8 heads of 64,
-               2 KV heads, 8 experts of 1792, top 2. Attention is ~3% of a layer, a token reads 1/4
+               experts of 14336 (3.5 x hidden), top 2, no shared expert -> 32 layers, 4 heads of 64,
+               1 KV head, 8 experts of 896, top 2. Attention is ~3% of a layer, a token reads 1/4
                of its experts: per byte freed from the GPU, a whole layer and its experts alone read
                nearly the same bytes on the host (+ the KV cache, which grows with the context).
   qwen3-moe    Qwen3-30B-A3B (Qwen3-235B-A22B alike): hidden 2048, 48 layers, 32 heads of 128 (q
                is 2 x hidden), 4 KV heads, 128 experts of 768 (0.375 x hidden), top 8, no shared
-               expert -> 6 layers, 8 heads of 128, 1 KV head, 128 experts of 192, top 8. A token
-               reads 1/16 of the experts; attention is 13% of what a token reads in a layer.
+               expert -> 24 layers, 8 heads of 64, 1 KV head, 128 experts of 96, top 8. A token
+               reads 1/16 of the experts; attention is a third of what a token reads in a layer.
   qwen1.5-moe  Qwen1.5-MoE-A2.7B (Qwen2-57B-A14B, DeepSeek-V2-Lite alike: fine-grained experts plus
-               always-on shared experts): hidden 2048, 24 layers, 16 heads (no GQA), 60 experts of
-               1408 (0.6875 x hidden), top 4, a shared expert of 5632 (2.75 x hidden) -> 6 layers,
-               8 heads of 64, 60 experts of 352, top 4, a shared expert of 1408. Attention and the
-               shared expert are 2/3 of what a token reads in a layer, experts only 1/15 of theirs.
+               always-on shared experts): hidden 2048, 24 layers, 16 heads of 128 (no GQA), 60
+               experts of 1408 (0.6875 x hidden), top 4, a shared expert of 5632 (2.75 x hidden) ->
+               24 layers, 4 heads of 64, 60 experts of 176, top 4, a shared expert of 704. Attention
+               and the shared expert are 3/5 of what a token reads in a layer, experts 1/15 of theirs.
 
 ``--layers/--hidden/--experts/--top-k/--moe-inter`` instead give one Qwen2-MoE-style shape of those
 sizes (a shared expert of ``--hidden``; what this benchmark ran before the shapes above; a tiny one
@@ -99,7 +102,7 @@ def _log(msg: str) -> None:
 SHAPES: dict[str, dict[str, Any]] = {
     "mixtral": dict(arch="mixtral", hidden=256, layers=32, heads=4, kv_heads=1, head_dim=64,
                     experts=8, top_k=2, moe_inter=896, shared_inter=0),
-    "qwen3-moe": dict(arch="qwen3_moe", hidden=256, layers=24, heads=4, kv_heads=1, head_dim=128,
+    "qwen3-moe": dict(arch="qwen3_moe", hidden=256, layers=24, heads=8, kv_heads=1, head_dim=64,
                       experts=128, top_k=8, moe_inter=96, shared_inter=0),
     "qwen1.5-moe": dict(arch="qwen2_moe", hidden=256, layers=24, heads=4, kv_heads=4, head_dim=64,
                         experts=60, top_k=4, moe_inter=176, shared_inter=704),
