@@ -83,11 +83,11 @@ def _sizes(shapes: dict[str, tuple[int, ...]], quant: str) -> list[int]:
     return out
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--devices", default="rtx3060:12GiB,rtx3060:12GiB,cpu:64GiB")
     ap.add_argument("--keep", default=None, help="write the headers here and keep them")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     from vramancer.devices.spec import parse_devices
     from vramancer.models.pipeline import ImageWorkload, pipeline_profile
     from vramancer.plan.pipeline import plan_pipeline
