@@ -286,3 +286,24 @@ def test_offloaded_blocks_run_in_host_ram_not_streamed(flux):
         lat = pipe("the cat", generator=torch.Generator().manual_seed(0), output_type="latent", **KW).images
     assert not pipe.vramancer.engines
     assert torch.equal(lat, _reference(flux))
+
+
+def test_sdxl_unet_gguf_header_profiles_as_sdxl(tmp_path):
+    """An SDXL UNet as ComfyUI-GGUF writes it (general.architecture "sdxl", LDM names without the
+    model.diffusion_model. prefix, label_emb present): an SDXL pipeline's UNet, its LDM blocks grouped
+    under diffusers' names (3 input / output blocks per level), bytes as stored. (Loading one runs
+    through diffusers' LDM converter as the SD1.5 integration test checks; no SDXL fixture here.)"""
+    names = ["time_embed.0.weight", "label_emb.0.0.weight", "input_blocks.0.0.weight"]
+    names += [f"input_blocks.{i}.0.in_layers.0.weight" for i in range(1, 7)]
+    names += ["middle_block.0.in_layers.0.weight"]
+    names += [f"output_blocks.{i}.0.in_layers.0.weight" for i in range(6)]
+    names += ["out.0.weight", "out.2.weight"]
+    path = tmp_path / "sdxl-unet.gguf"
+    _write_gguf(path, "sdxl", names)
+    prof = pipeline_profile(path)
+    assert prof.pipeline_class == "StableDiffusionXLPipeline" and prof.denoiser_component.name == "unet"
+    assert [b.name for b in prof.denoiser.blocks] == ["embed", "down_blocks.0", "down_blocks.1", "mid_block",
+                                                      "up_blocks.0", "up_blocks.1", "final"]
+    # F32 (4, 32) tensors: diffusers casts them to the compute dtype (bfloat16 without a config folder)
+    assert prof.denoiser.blocks[1].weights_bytes == 3 * 4 * 32 * 2
+    assert prof.denoiser_component.weights_bytes == len(names) * 4 * 32 * 2
