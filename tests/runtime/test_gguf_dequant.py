@@ -272,9 +272,10 @@ def test_large_half_outputs_by_non_temporal_stores(name, threads, monkeypatch):
         assert bool((big[:off] == 7.0).all()) and bool((big[off + want.size:] == 7.0).all())
 
 
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_0"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_large_q8_0_output_by_non_temporal_stores(threads, monkeypatch):
-    """A Q8_0 output of 4 MiB or more given on a 64-byte boundary is written by non-temporal stores;
+def test_large_32_value_block_output_by_non_temporal_stores(name, threads, monkeypatch):
+    """A Q8_0 / Q4_0 output of 4 MiB or more given on a 64-byte boundary is written by non-temporal stores;
     one that is not, and a fresh one (its pages still to be zeroed: plain stores, it stays in cache;
     it starts on a page), by the plain kernel: all equal the reference, nothing outside written."""
     pytest.importorskip("numba")
@@ -283,20 +284,20 @@ def test_large_q8_0_output_by_non_temporal_stores(threads, monkeypatch):
     monkeypatch.setattr(cpu_kernels, "_THREADS", threads)
     calls = []
     kernels = cpu_kernels.KERNELS
-    for k in ("Q8_0", "Q8_0_nt"):
+    for k in (name, name + "_nt"):
         monkeypatch.setitem(kernels, k, lambda b, o, lut, k=k, f=kernels[k]: (calls.append(k), f(b, o, lut)))
-    raw = _random_blocks("Q8_0", rows=64, blocks_per_row=544, rng=np.random.default_rng(8))
-    want = ref_dequantize(raw, QT.Q8_0)
+    raw = _random_blocks(name, rows=64, blocks_per_row=544, rng=np.random.default_rng(8))
+    want = ref_dequantize(raw, QT[name])
     assert want.nbytes >= cpu_kernels._NT_BYTES
-    fresh = dequantize(torch.from_numpy(raw.copy()), "Q8_0")
+    fresh = dequantize(torch.from_numpy(raw.copy()), name)
     assert fresh.data_ptr() % 4096 == 0
     _bits_equal(fresh, want)
-    assert calls == (["Q8_0"] if threads == 1 else [])
+    assert calls == ([name] if threads == 1 else [])
     for off in (0, 16, 3):
         big = torch.full((want.size + 64,), 7.0)
         start = off + (-big.data_ptr() // 4) % 16              # off values past a 64-byte boundary
         out = big[start:start + want.size].view(want.shape)
-        assert dequantize(torch.from_numpy(raw.copy()), "Q8_0", out=out) is out
+        assert dequantize(torch.from_numpy(raw.copy()), name, out=out) is out
         _bits_equal(out, want)
         assert bool((big[:start] == 7.0).all()) and bool((big[start + want.size:] == 7.0).all())
-    assert calls == (["Q8_0", "Q8_0_nt", "Q8_0_nt", "Q8_0"] if threads == 1 else [])
+    assert calls == ([name, name + "_nt", name + "_nt", name] if threads == 1 else [])

@@ -90,29 +90,47 @@ def _store_line(kind: str) -> Callable:
     return store
 
 
-@intrinsic
-def _q8_0_block(typingctx, b, o, i, d):
-    """Block ``i`` of Q8_0 bytes ``b`` (uint8 [n, 34]) into o[i] (float32 [n, 32], 64-byte aligned
-    rows): its 32 int8 values as float32 times ``d`` (the kernel's q * d), two non-temporal lines."""
+def _block32(block_bytes: int) -> Callable:
+    """An intrinsic ``store(b, o, i, d)``: block ``i`` of Q8_0 (34 bytes) or Q4_0 (18 bytes) blocks
+    ``b`` (uint8 [n, block_bytes]) into o[i] (float32 [n, 32], 64-byte aligned rows): its 32 small
+    integers as float32 times ``d`` (the kernels' q * d; Q4_0's q = nibble - 8, low nibbles first),
+    as two non-temporal 64-byte lines."""
+    @intrinsic
+    def store(typingctx, b, o, i, d):
+        def codegen(context, builder, signature, args):
+            return _block32_ir(block_bytes, context, builder, signature, args)
+        return numba.types.void(b, o, numba.types.int64, numba.types.float32), codegen
+    return store
+
+
+def _block32_ir(block_bytes, context, builder, signature, args):
     from llvmlite import ir
 
-    def codegen(context, builder, signature, args):
-        ba = context.make_array(signature.args[0])(context, builder, args[0])
-        oa = context.make_array(signature.args[1])(context, builder, args[1])
-        i8, i32, i64, f32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
-        v8, vf = ir.VectorType(i8, 32), ir.VectorType(f32, 32)
-        at = builder.add(builder.mul(args[2], ir.Constant(i64, 34)), ir.Constant(i64, 2))
+    ba = context.make_array(signature.args[0])(context, builder, args[0])
+    oa = context.make_array(signature.args[1])(context, builder, args[1])
+    i8, i32, i64, f32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
+    v8, vf = ir.VectorType(i8, 32), ir.VectorType(f32, 32)
+    at = builder.add(builder.mul(args[2], ir.Constant(i64, block_bytes)), ir.Constant(i64, 2))
+    if block_bytes == 34:
         q = builder.load(builder.bitcast(builder.gep(ba.data, [at]), v8.as_pointer()), align=1)
-        dv = builder.insert_element(ir.Constant(vf, ir.Undefined), args[3], ir.Constant(i32, 0))
-        dv = builder.shuffle_vector(dv, ir.Constant(vf, ir.Undefined), ir.Constant(ir.VectorType(i32, 32), [0] * 32))
-        r = builder.fmul(builder.sitofp(q, vf), dv)
-        dst = builder.gep(oa.data, [builder.mul(args[2], ir.Constant(i64, 32))])
-        st = builder.store(r, builder.bitcast(dst, vf.as_pointer()), align=64)
-        st.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(i32, 1)]))
-        return context.get_dummy_value()
-    return numba.types.void(b, o, numba.types.int64, numba.types.float32), codegen
+    else:                    # 16 bytes of nibbles: low nibbles are values 0..15, high ones 16..31
+        v16 = ir.VectorType(i8, 16)
+        x = builder.load(builder.bitcast(builder.gep(ba.data, [at]), v16.as_pointer()), align=1)
+        lo = builder.and_(x, ir.Constant(v16, [15] * 16))
+        hi = builder.lshr(x, ir.Constant(v16, [4] * 16))
+        q = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(i32, 32), list(range(32))))
+        q = builder.sub(q, ir.Constant(v8, [8] * 32))
+    dv = builder.insert_element(ir.Constant(vf, ir.Undefined), args[3], ir.Constant(i32, 0))
+    dv = builder.shuffle_vector(dv, ir.Constant(vf, ir.Undefined), ir.Constant(ir.VectorType(i32, 32), [0] * 32))
+    r = builder.fmul(builder.sitofp(q, vf), dv)
+    dst = builder.gep(oa.data, [builder.mul(args[2], ir.Constant(i64, 32))])
+    st = builder.store(r, builder.bitcast(dst, vf.as_pointer()), align=64)
+    st.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(i32, 1)]))
+    return context.get_dummy_value()
 
 
+_Q8_0_BLOCK = _block32(34)
+_Q4_0_BLOCK = _block32(18)
 _F16_LINE = _store_line("F16")
 _BF16_LINE = _store_line("BF16")
 
@@ -320,10 +338,18 @@ def _kernels(parallel: bool) -> dict[str, Callable]:
         n = b.shape[0]
         for c in prange((n + 511) // 512):
             for i in range(c * 512, min(n, (c + 1) * 512)):
-                _q8_0_block(b, o, np.int64(i), lut[np.int64(b[i, 0]) | (np.int64(b[i, 1]) << 8)])
+                _Q8_0_BLOCK(b, o, np.int64(i), lut[np.int64(b[i, 0]) | (np.int64(b[i, 1]) << 8)])
             _fence()
 
-    return {"F16": f16, "BF16": bf16, "F16_nt": f16_nt, "BF16_nt": bf16_nt, "Q8_0_nt": q8_0_nt,
+    @jit
+    def q4_0_nt(b, o, lut):              # o: float32 [n, 32], 64-byte aligned
+        n = b.shape[0]
+        for c in prange((n + 511) // 512):
+            for i in range(c * 512, min(n, (c + 1) * 512)):
+                _Q4_0_BLOCK(b, o, np.int64(i), lut[np.int64(b[i, 0]) | (np.int64(b[i, 1]) << 8)])
+            _fence()
+
+    return {"F16": f16, "BF16": bf16, "F16_nt": f16_nt, "BF16_nt": bf16_nt, "Q8_0_nt": q8_0_nt, "Q4_0_nt": q4_0_nt,
             "Q8_0": q8_0, "Q4_0": q4_0, "Q4_1": q4_1, "Q5_0": q5_0, "Q5_1": q5_1,
             "Q2_K": q2_k, "Q3_K": q3_k, "Q4_K": q4_k, "Q5_K": q5_k, "Q6_K": q6_k}
 
@@ -367,8 +393,8 @@ def dequantize_into(name: str, blocks: np.ndarray, out: np.ndarray, reused: bool
         kernels[name + "_nt"](blocks[skip:end], out[skip:end].view(np.uint32), _F16_TO_F32)
         kernels[name](blocks[end:], out[end:], _F16_TO_F32)
         return
-    if name == "Q8_0" and reused and out.nbytes >= _NT_BYTES and out.ctypes.data % 64 == 0:
-        kernels["Q8_0_nt"](blocks, out, _F16_TO_F32)
+    if name in ("Q8_0", "Q4_0") and reused and out.nbytes >= _NT_BYTES and out.ctypes.data % 64 == 0:
+        kernels[name + "_nt"](blocks, out, _F16_TO_F32)
         return
     kernels[name](blocks, out, _F16_TO_F32)
 
@@ -379,8 +405,9 @@ def compile_all(types: list[str] | None = None) -> None:
         if name in ("F16", "BF16"):
             dequantize_into(name, np.zeros(128, dtype=np.uint8), np.empty(64, dtype=np.float32))
             KERNELS[name + "_nt"](np.zeros(0, dtype=np.uint16), np.empty(0, dtype=np.uint32), _F16_TO_F32)
-        elif name == "Q8_0":
-            KERNELS["Q8_0_nt"](np.zeros((0, 34), dtype=np.uint8), np.empty((0, 32), dtype=np.float32), _F16_TO_F32)
+        elif name in ("Q8_0", "Q4_0"):
+            KERNELS[name + "_nt"](np.zeros((0, _BLOCKS[name][1]), dtype=np.uint8), np.empty((0, 32), dtype=np.float32),
+                                  _F16_TO_F32)
         else:
             values, nbytes = _BLOCKS[name]
             dequantize_into(name, np.zeros((2, nbytes), dtype=np.uint8), np.empty((2, values), dtype=np.float32))
