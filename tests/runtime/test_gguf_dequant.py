@@ -301,3 +301,15 @@ def test_large_32_value_block_output_by_non_temporal_stores(name, threads, monke
         _bits_equal(out, want)
         assert bool((big[:start] == 7.0).all()) and bool((big[start + want.size:] == 7.0).all())
     assert calls == ([name, name + "_nt", name + "_nt", name] if threads == 1 else [])
+
+
+@pytest.mark.parametrize("extra", [0, 1, 15, 17])
+def test_f16_sixteen_at_a_time_and_the_rest(extra, cpu_path):
+    """F16 rows whose count is not a multiple of 16 (the numba path converts 16 values per vector,
+    the rest one by one): every pattern, plus ``extra`` more, equal the reference."""
+    pat = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    if cpu_path == "torch":
+        pat = pat[~np.isnan(pat.view(np.float16))]
+    raw = np.concatenate([np.random.default_rng(extra).permutation(pat), pat[1:1 + extra]]).view(np.uint8)
+    want = ref_dequantize(raw.reshape(1, -1), QT.F16)
+    _bits_equal(dequantize(torch.from_numpy(raw.copy()).view(1, -1), "F16"), want, nans=True)

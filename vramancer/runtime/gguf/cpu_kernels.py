@@ -52,10 +52,11 @@ _NT_LANES = 16                # values per store: one 64-byte line
 _NT_CHUNK = 16384             # values per chunk (a thread's unit of work; a fence ends each)
 
 
-def _store_line(kind: str) -> Callable:
+def _store_line(kind: str, nt: bool = True) -> Callable:
     """An intrinsic ``store(src, dst, i)``: the 16 float32 of 16-bit values src[i:i+16] (uint16, IEEE
-    half for "F16", bfloat16 for "BF16") into dst[i:i+16] (uint32, 64-byte aligned there), one
-    non-temporal store. The F16 arithmetic is the scalar kernel's (f16 below), on a vector."""
+    half for "F16", bfloat16 for "BF16") into dst[i:i+16] (uint32), one non-temporal store (``nt``:
+    dst[i] 64-byte aligned) or a plain one. The F16 arithmetic is the scalar kernel's (f16 below), on
+    a 16-lane vector (the scalar loop, vectorized by LLVM, ran half as fast)."""
     from llvmlite import ir
 
     @intrinsic
@@ -83,8 +84,9 @@ def _store_line(kind: str) -> Callable:
                 r = builder.select(builder.icmp_unsigned("==", e, c(0)), builder.bitcast(sub, v32), r)
                 r = builder.or_(r, builder.shl(builder.and_(x, c(0x8000)), c(16)))
             dst_p = builder.bitcast(builder.gep(da.data, [args[2]]), v32.as_pointer())
-            st = builder.store(r, dst_p, align=64)
-            st.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(i32, 1)]))
+            st = builder.store(r, dst_p, align=64 if nt else 4)
+            if nt:
+                st.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(i32, 1)]))
             return context.get_dummy_value()
         return numba.types.void(src, dst, i), codegen
     return store
@@ -133,6 +135,7 @@ _Q8_0_BLOCK = _block32(34)
 _Q4_0_BLOCK = _block32(18)
 _F16_LINE = _store_line("F16")
 _BF16_LINE = _store_line("BF16")
+_F16_VEC = _store_line("F16", nt=False)
 
 
 @intrinsic
@@ -327,6 +330,13 @@ def _kernels(parallel: bool) -> dict[str, Callable]:
             _fence()
 
     @jit
+    def f16_vec(h, ov, lut):             # h: uint16 [16 k] -> ov: uint32 (plain stores)
+        n = h.shape[0]
+        for c in prange((n + _NT_CHUNK - 1) // _NT_CHUNK):
+            for i in range(c * _NT_CHUNK, min(n, (c + 1) * _NT_CHUNK), _NT_LANES):
+                _F16_VEC(h, ov, i)
+
+    @jit
     def bf16_nt(h, ov, lut):
         for c in prange(h.shape[0] // _NT_CHUNK):
             for i in range(c * _NT_CHUNK, (c + 1) * _NT_CHUNK, _NT_LANES):
@@ -349,7 +359,8 @@ def _kernels(parallel: bool) -> dict[str, Callable]:
                 _Q4_0_BLOCK(b, o, np.int64(i), lut[np.int64(b[i, 0]) | (np.int64(b[i, 1]) << 8)])
             _fence()
 
-    return {"F16": f16, "BF16": bf16, "F16_nt": f16_nt, "BF16_nt": bf16_nt, "Q8_0_nt": q8_0_nt, "Q4_0_nt": q4_0_nt,
+    return {"F16": f16, "BF16": bf16, "F16_nt": f16_nt, "BF16_nt": bf16_nt, "F16_vec": f16_vec,
+            "Q8_0_nt": q8_0_nt, "Q4_0_nt": q4_0_nt,
             "Q8_0": q8_0, "Q4_0": q4_0, "Q4_1": q4_1, "Q5_0": q5_0, "Q5_1": q5_1,
             "Q2_K": q2_k, "Q3_K": q3_k, "Q4_K": q4_k, "Q5_K": q5_k, "Q6_K": q6_k}
 
@@ -396,6 +407,10 @@ def dequantize_into(name: str, blocks: np.ndarray, out: np.ndarray, reused: bool
     if name in ("Q8_0", "Q4_0") and reused and out.nbytes >= _NT_BYTES and out.ctypes.data % 64 == 0:
         kernels[name + "_nt"](blocks, out, _F16_TO_F32)
         return
+    if name == "F16":                    # 16 values at a time, the rest one by one
+        body = out.shape[0] // _NT_LANES * _NT_LANES
+        kernels["F16_vec"](blocks[:body], out[:body].view(np.uint32), _F16_TO_F32)
+        blocks, out = blocks[body:], out[body:]
     kernels[name](blocks, out, _F16_TO_F32)
 
 
@@ -405,6 +420,8 @@ def compile_all(types: list[str] | None = None) -> None:
         if name in ("F16", "BF16"):
             dequantize_into(name, np.zeros(128, dtype=np.uint8), np.empty(64, dtype=np.float32))
             KERNELS[name + "_nt"](np.zeros(0, dtype=np.uint16), np.empty(0, dtype=np.uint32), _F16_TO_F32)
+            if name == "F16":
+                KERNELS["F16_vec"](np.zeros(0, dtype=np.uint16), np.empty(0, dtype=np.uint32), _F16_TO_F32)
         elif name in ("Q8_0", "Q4_0"):
             KERNELS[name + "_nt"](np.zeros((0, _BLOCKS[name][1]), dtype=np.uint8), np.empty((0, 32), dtype=np.float32),
                                   _F16_TO_F32)
