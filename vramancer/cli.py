@@ -171,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         _configure_logging(args.verbose, args.quiet)
         args.given = given_options(parser, argv, args.command)
+        if hasattr(args, "trusted_network"):   # plan / run / serve: the cluster's flags need --cluster
+            from .cluster.commands import refuse_link_flags_without_cluster
+
+            refuse_link_flags_without_cluster(args)
         return int(_load(args.command).main(args) or 0)
     except VramancerError as e:
         if debug:

@@ -55,6 +55,9 @@ def _one_error_line(capsys) -> str:
     (["serve", "m", "--cluster", "10.0.0.1:6379", "--port", "0", "--link", "tcp"], "--trusted-network"),
     (["run", "m", "--cluster", "10.0.0.1:6379", "-p", "x", "--temperature", "0.7", "--top-p", "1.5"], "--top-p"),
     (["run", "m", "--cluster", "10.0.0.1:6379", "-p", "x", "--temperature", "-1"], "--temperature"),
+    (["run", "m", "-p", "x", "--trusted-network"], "goes with --cluster"),
+    (["plan", "m", "--link", "tls"], "goes with --cluster"),
+    (["serve", "m", "--port", "0", "--trusted-network"], "goes with --cluster"),
 ])
 def test_bad_input_is_one_line_exit_2(node_home, capsys, argv, words):
     assert main(argv) == 2

@@ -26,7 +26,8 @@ from ..errors import BadInputError
 from ..units import format_bytes, parse_bytes
 
 __all__ = ["configure", "main", "add_cluster_flags", "plan_on_cluster", "run_on_cluster", "connect_and_discover",
-           "check_cluster_flags", "cluster_plan", "link_flags", "cluster_sampler"]
+           "check_cluster_flags", "cluster_plan", "link_flags", "cluster_sampler",
+           "refuse_link_flags_without_cluster"]
 
 
 def add_cluster_flags(p: argparse.ArgumentParser) -> None:
@@ -41,6 +42,16 @@ def add_cluster_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--link", default="auto", choices=("auto", "tls", "tcp", "torch"),
                    help="with --cluster: the transport of the hops between nodes (default auto: tls, or with "
                         "--trusted-network tcp / torch); tcp and torch need --trusted-network")
+
+
+def refuse_link_flags_without_cluster(args: argparse.Namespace) -> None:
+    """--trusted-network and --link only mean something with --cluster: alone they are bad input."""
+    if not hasattr(args, "cluster") or args.cluster:
+        return
+    given = getattr(args, "given", frozenset())
+    for dest, flag in (("trusted_network", "--trusted-network"), ("link", "--link")):
+        if dest in given:
+            raise BadInputError(f"{flag} is about the hops between a cluster's nodes: it goes with --cluster ADDRESS")
 
 
 def configure(p: argparse.ArgumentParser) -> None:
