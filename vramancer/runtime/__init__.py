@@ -13,6 +13,7 @@
 The runtime reads only the Plan (docs/architecture.md): module prefixes per block, each stage's mode
 and compute device, the stream buffers; it never profiles the model itself.
     generate.py    generation with streamed text, prefill / decode speed, OOM naming the stage
+    sampling.py    greedy / temperature + top-p with a per-request RNG (serve and run --cluster)
     kvcache.py     the KV cache stored as the plan's --kv-dtype (q8_0, fp8, bf16), dequantized on read
     quant/         weights quantized on load (nf4, int4, int8) and pre-quantized bitsandbytes checkpoints
     demo_model.py  the demo's small Llama and tokenizer, built offline

@@ -3,7 +3,7 @@
     engine.py    scheduler thread: continuous batching, KV admission from the plan, cancellation
     kv.py        the running batch's left-padded DynamicCache; KV bytes per stage
     pipeline.py  micro-batches ("lanes") overlapping across a split model's stages
-    sampling.py  greedy / temperature + top-p with a per-request RNG
+    sampling.py  greedy / temperature + top-p with a per-request RNG (runtime/sampling.py's)
     text.py      incremental detokenization, stop strings
     schemas.py   request bodies (pydantic)
     app.py       FastAPI routes, SSE streaming, auth, limits
