@@ -167,7 +167,9 @@ def test_kv_cache_is_the_planned_float16(name, kind):
 
 # llama.cpp's Mixtral files with the routed experts of every layer in host RAM (``--n-cpu-moe``): one
 # GPU too small for the whole layers, big enough for their attention and one layer's prefill copy
-MOE_DEVICES = {"F32": "rtx3090:184000B,rtx3060:184000B,cpu:8GiB", "Q8_0": "rtx3060:96000B,cpu:8GiB"}
+# each GPU also keeps room for a layer's gate and up experts dequantized (F32: cast to bfloat16, 2 bytes a
+# value; Q8_0: float32 + bfloat16, 6): a prefill runs the host's experts on the GPU
+MOE_DEVICES = {"F32": "rtx3090:200384B,rtx3060:200384B,cpu:8GiB", "Q8_0": "rtx3060:145152B,cpu:8GiB"}
 
 
 @pytest.mark.parametrize("kind", sorted(MOE_DEVICES))
@@ -210,3 +212,45 @@ def test_mixtral_gguf_experts_in_host_ram(sources, kind):
     assert all(e.torch_device == "cpu" and not e.misplaced for e in rep.experts)
     assert sum(rep.weights_bytes_by_device().values()) == sum(file_bytes.values())
     rt.detach()
+
+
+@pytest.mark.parametrize("name, kind", [("llama", "Q8_0"), ("llama", "F16"), ("mixtral", "Q8_0"),
+                                        ("llama256", "Q4_K_M")])
+def test_planned_dequant_room_and_the_scratch_measured(name, kind):
+    """The plan keeps room for each block's largest weight dequantized (6 bytes a value for GGUF blocks:
+    float32 + the compute dtype's cast; 4 for F16; the gate and up experts read as one tensor; the LM
+    head), and a CPU run in float32 dequantizes into a scratch of exactly 4 bytes x that largest value
+    count."""
+    from vramancer.models.gguf_file import profile_from_gguf, read_gguf
+    from vramancer.plan.planner import plan
+    from vramancer.runtime.gguf.modules import GGUFWeight
+    from vramancer.runtime.loader import load
+
+    path = _path(name, kind)
+    prof = profile_from_gguf(path)
+    _, tensors = read_gguf(path)
+    per_value = {"F16": 4, "BF16": 4, "F32": 2}
+    want = [0] * len(prof.blocks)
+    largest = 0          # values of the largest weight a layer dequantizes whole
+    stacked: dict[int, int] = {}
+    for t in tensors:
+        if len(t.shape) < 2 or t.name == "token_embd.weight" and not prof.config.get("tie_word_embeddings"):
+            continue
+        numel = int(torch.tensor(t.shape).prod())
+        i = len(prof.blocks) - 1 if not t.name.startswith("blk.") else int(t.name.split(".")[1]) + 1
+        if "_exps." in t.name and ("gate" in t.name or "up" in t.name):
+            stacked[i] = stacked.get(i, 0) + numel
+            numel = stacked[i]
+        want[i] = max(want[i], numel * per_value.get(t.dtype, 6))
+        if t.dtype != "F32":
+            largest = max(largest, numel)
+    assert [b.dequant_bytes for b in prof.blocks] == want
+    p = plan(str(path), devices="cpu:8GiB", context=64, reserve_bytes=0)
+    acts = [st.activation_bytes for st in p.stages]
+    model = load(str(path), plan=p)
+    with torch.no_grad():
+        model(PROMPT)
+    scratches = {id(m.scratch): m.scratch for m in model.modules() if isinstance(m, GGUFWeight) and m.scratch}
+    assert len(scratches) == 1
+    assert next(iter(scratches.values())).nbytes == 4 * largest
+    assert max(acts) >= max(want)           # the stage holding the largest block keeps its room

@@ -112,7 +112,8 @@ def test_mixed_experts_in_host_ram(mixed, reference):
     from vramancer.runtime.loader import load
 
     prof = profile(str(mixed))
-    devices = "rtx3090:144000B,rtx3060:144000B,cpu:8GiB"   # whole layers do not fit, their attention does
+    # whole layers do not fit, their attention does (+ a layer's gate and up experts dequantized: 6 bytes a value)
+    devices = "rtx3090:193152B,rtx3060:193152B,cpu:8GiB"
     whole = plan(str(mixed), devices=devices, context=64, reserve_bytes=0, moe_experts_on_host=False, backing="cpu")
     assert whole.offloaded
     moe = experts_on_host(prof, parse_devices(devices, backing="cpu"), whole.workload, 0, whole, plan_profile)

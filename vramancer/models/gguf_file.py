@@ -304,6 +304,50 @@ def profile_from_gguf(path: str | Path, dtype: str | None = None, *, name: str |
     layout.config = config
     if file_dtype in ("float16", "bfloat16", "float32") and not quant:
         quant = None
-    return assemble_profile(layout, resolve_dtype(dname), name=name or str(path), source="gguf", path=str(path),
+    prof = assemble_profile(layout, resolve_dtype(dname), name=name or str(path), source="gguf", path=str(path),
                             kv_dtype=resolve_dtype("float16"), quantization=quant if exact else
                             (dname if resolve_dtype(dname).quantized else None), notes=notes)
+    if exact:   # the runtime keeps the file's tensors and dequantizes each weight as a layer reads it
+        for block, values in zip(prof.blocks, _dequant_bytes(tensors, len(prof.blocks), layout.num_layers,
+                                                             bool(layout.tied_key))):
+            block.dequant_bytes = values
+    return prof
+
+
+# bytes per value of a weight dequantized as a layer reads it (runtime/gguf/modules.py GGUFWeight): GGUF
+# blocks -> float32 values, then their cast to the compute dtype (bfloat16 when a GPU computes: 4 + 2);
+# F16/BF16 -> one copy in float32 or the compute dtype (4 at most); F32 -> its cast to bfloat16 (2).
+# A CPU-only plan computes in float32 and needs 4 of the 6: the plan keeps the difference spare.
+_DEQUANT_VALUE_BYTES = {"F32": 2, "F16": 4, "BF16": 4}
+_QUANT_VALUE_BYTES = 6
+
+
+def _dequant_bytes(tensors: list[HeaderTensor], n_blocks: int, num_layers: int, tied: bool) -> list[int]:
+    """Per block, its largest weight dequantized (``_DEQUANT_VALUE_BYTES``): the block's matrices, its
+    stacked experts (gate and up read as one ``gate_up_proj``: both), the LM head (the tied embedding
+    table when tied; the embedding itself dequantizes only the rows of the ids it gets)."""
+    out = [0] * n_blocks
+    gate_up: dict[int, int] = {}
+    for t in tensors:
+        if len(t.shape) < 2:
+            continue
+        m = re.match(r"^blk\.(\d+)\.", t.name)
+        if t.name == "token_embd.weight":
+            if not tied:
+                continue
+            i = n_blocks - 1
+        elif m and int(m.group(1)) < num_layers:
+            i = int(m.group(1)) + 1
+        elif t.name == "output.weight":
+            i = n_blocks - 1
+        else:
+            continue
+        numel = 1
+        for d in t.shape:
+            numel *= d
+        nbytes = numel * _DEQUANT_VALUE_BYTES.get(t.dtype, _QUANT_VALUE_BYTES)
+        if re.search(r"\.ffn_(gate|up)_exps\.", t.name):
+            gate_up[i] = gate_up.get(i, 0) + nbytes
+            nbytes = gate_up[i]
+        out[i] = max(out[i], nbytes)
+    return out

@@ -36,6 +36,8 @@ class BlockProfile:
     experts_read_bytes_per_token  of read_bytes_per_token, the routed experts' (the top-k used per token)
     experts_flops_per_token       of flops_per_token, the routed experts'
     experts_module       module name of the routed experts (e.g. ``model.layers.3.mlp.experts``), "" if none
+    dequant_bytes        a block kept quantized (GGUF): its largest weight dequantized while it runs
+                         (float32 values + their cast to the compute dtype), 0 for float weights
     """
 
     name: str
@@ -55,6 +57,7 @@ class BlockProfile:
     experts_read_bytes_per_token: int = 0
     experts_flops_per_token: float = 0.0
     experts_module: str = ""
+    dequant_bytes: int = 0
 
     @property
     def total_weights_bytes(self) -> int:

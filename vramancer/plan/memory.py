@@ -7,6 +7,7 @@
               + batch x min(context, chunk) x keys x max(attn_score_bytes)   scores, only where the model
                 runs eager attention (transformers' default SDPA kernels and FlashAttention never hold them)
               + chunk x logits_bytes_per_token                    LM head logits, on the head's stage
+              + the block's dequant_bytes                         a GGUF block's largest weight dequantized
                 (blocks run one after another, so only the largest block's workspace is live at once)
     reserve     per device, see ``default_reserve_bytes``
 
@@ -86,9 +87,10 @@ class BlockTable:
 
     def _act(self, b: BlockProfile, q_tokens: int) -> int:
         if not self.materialized_scores:
-            return b.act_bytes_per_token * self.chunk_tokens
+            return b.act_bytes_per_token * self.chunk_tokens + b.dequant_bytes
         keys = self.context if b.kv_window is None else min(self.context, b.kv_window)
-        return b.act_bytes_per_token * self.chunk_tokens + b.attn_score_bytes * self.batch * q_tokens * keys
+        return b.act_bytes_per_token * self.chunk_tokens + b.attn_score_bytes * self.batch * q_tokens * keys \
+            + b.dequant_bytes
 
     def range_memory(self, start: int, end: int) -> StageMemory:
         """Memory of blocks [start, end) on one stage."""
