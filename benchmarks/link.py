@@ -305,10 +305,13 @@ def _gloo(args, big: int, small: int) -> _Pair:
 def _interleave(args, pairs: list[_Pair], what: str) -> None:
     """Run ``what`` ("one_way" or "round_trip") on every pair in turn, --repeat + 1 times (the first
     round a warm-up): each pair's runs are spread over the same stretch of time, so a change in the
-    machine's load (other processes) touches ours and the anchors alike."""
+    machine's load (other processes) touches ours and the anchors alike. The order turns by one pair
+    each round: no pair always runs right after the same one (after gloo, whose threads may still be
+    busy, or after a pair that left the caches cold)."""
     n = args.iters_big if what == "one_way" else args.iters_small
     for r in range(args.repeat + 1):
-        for pair in pairs:
+        k = r % len(pairs)
+        for pair in pairs[k:] + pairs[:k]:
             c0, t0 = time.process_time(), time.perf_counter()
             getattr(pair, what)(n)
             dt, dc = (time.perf_counter() - t0) / n, (time.process_time() - c0) / n

@@ -18,8 +18,7 @@
    Reading: one recv into the staging buffer brings a small frame whole (or the start of a large one);
    the header is compared where it lies, then the staged payload is copied to the destination and the
    rest of a large one read straight into it with recvmsg [destination, staging] (what follows the
-   frame lands in the staging buffer). While 2 x _lowat bytes or more of a payload remain (TCP), the
-   socket's SO_RCVLOWAT is _lowat: one wake-up per _lowat bytes instead of one per arriving segment. The destination is not written before the frame is accepted. */
+   frame lands in the staging buffer). The destination is not written before the frame is accepted. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
@@ -47,7 +46,7 @@ static PyObject *s_sock, *s_fileno, *s_send_py, *s_recv_py, *s_sendmsg_rest, *s_
 
 typedef struct {
     PyObject_HEAD
-    int fd, lowat;
+    int fd;
     Py_ssize_t lo, hi;
     long long bytes_sent, bytes_received;
     PyObject *stage, *tx, *rx, *next_seq;
@@ -377,21 +376,14 @@ static PyObject *recv_impl(Stream *self, PyObject *rx, PyObject *stage_obj, int 
         if (lo == hi) lo = hi = 0;
     }
     if (got < payload) {                    /* the rest: into dest, what follows into the (empty) stage */
-        int lowat = self->lowat > 0 && payload - got >= 2 * (Py_ssize_t)self->lowat ? self->lowat : 0;
         Py_BEGIN_ALLOW_THREADS
-        if (lowat && setsockopt(fd, SOL_SOCKET, SO_RCVLOWAT, &lowat, sizeof lowat) < 0) lowat = 0;
         while (got < payload) {
             Py_ssize_t want = payload - got;
-            if (lowat && want < lowat) {    /* the frame's last bytes: wake up for any byte again */
-                int one = 1;
-                setsockopt(fd, SOL_SOCKET, SO_RCVLOWAT, &one, sizeof one);
-                lowat = 0;
-            }
             struct iovec iov[2] = {{dest + got, (size_t)want}, {stage, (size_t)cap}};
             struct msghdr msg;
             memset(&msg, 0, sizeof msg);
             msg.msg_iov = iov;
-            msg.msg_iovlen = lowat ? 1 : 2;  /* a wake-up waits for lowat bytes, all of them this frame's */
+            msg.msg_iovlen = 2;
             ssize_t n = recvmsg(fd, &msg, 0);
             if (n > want) {
                 got = payload;
@@ -406,11 +398,6 @@ static PyObject *recv_impl(Stream *self, PyObject *rx, PyObject *stage_obj, int 
                 status = (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) ? 2 : -errno;
                 break;
             }
-        }
-        if (lowat) {
-            int one = 1, saved = errno;
-            setsockopt(fd, SOL_SOCKET, SO_RCVLOWAT, &one, sizeof one);
-            errno = saved;
         }
         Py_END_ALLOW_THREADS
     }
@@ -494,7 +481,6 @@ static PyMethodDef Stream_methods[] = {
 
 static PyMemberDef Stream_members[] = {
     {"_fd", T_INT, offsetof(Stream, fd), 0, "socket descriptor of the C path, -1: off"},
-    {"_lowat", T_INT, offsetof(Stream, lowat), 0, "SO_RCVLOWAT while reading a large payload (0: never)"},
     {"_lo", T_PYSSIZET, offsetof(Stream, lo), 0, "staged bytes start"},
     {"_hi", T_PYSSIZET, offsetof(Stream, hi), 0, "staged bytes end"},
     {"bytes_sent", T_LONGLONG, offsetof(Stream, bytes_sent), 0, "frame bytes sent"},

@@ -79,7 +79,6 @@ _STREAM_SEQ = struct.Struct("<IQ")         # header bytes 8..20: the only ones t
 _pack_stream_seq = _STREAM_SEQ.pack_into
 _TAIL_HEAD = struct.Struct("<HHIQ")        # header bytes 20..36: count, reserved, descriptor bytes, payload bytes
 _NO_TX = (None, None, b"", 0)              # (dtype, shape, header + descriptors, frame bytes) of the last send
-_LOWAT_BYTES = 256 * 1024  # plain TCP: SO_RCVLOWAT while >= 2x this much of a payload remains (fewer wake-ups)
 _C_FAMILIES = {socket.AF_INET, socket.AF_INET6, getattr(socket, "AF_UNIX", socket.AF_INET)}
 
 
@@ -268,7 +267,6 @@ class StreamConnection(fast_path.Stream if fast_path is not None else _PyStream,
         self._rx_layouts: dict[bytes, _RxLayout] = {}
         self._next_seq = self.writer._next            # the compiled send numbers frames in the writer's dict
         self._fd = sock.fileno() if fast_path is not None and self._scatter and sock.family in _C_FAMILIES else -1
-        self._lowat = _LOWAT_BYTES if self._scatter and sock.family in (socket.AF_INET, socket.AF_INET6) else 0
 
     # -- sending ---------------------------------------------------------------------------------
     def _send_py(self, tensors: Sequence[Any], stream_id: int = 0) -> int:
@@ -443,15 +441,9 @@ class StreamConnection(fast_path.Stream if fast_path is not None else _PyStream,
             mv[:staged] = self._stage_mv[lo:self._hi]
         self._lo = self._hi = 0
         got = staged
-        lowat = self._lowat if n_total - got >= 2 * self._lowat else 0
         try:
-            if lowat:      # one wake-up per lowat bytes of a large payload, not one per arriving segment
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
             while got < n_total:
                 want = n_total - got
-                if lowat and want < lowat:                 # the last bytes: wake up for any byte again
-                    self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
-                    lowat = 0
                 if want >= _STAGE_BYTES // 2:
                     n = self.sock.recv_into(mv[got:], want)
                     got += n
@@ -463,8 +455,6 @@ class StreamConnection(fast_path.Stream if fast_path is not None else _PyStream,
                     self._lo, self._hi = k, n
                 if n == 0:
                     raise LinkError(f"link {self.name}: peer closed the connection mid-frame")
-            if lowat:
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
         except LinkError:
             self.close()
             raise
