@@ -96,21 +96,54 @@ def prompt_ids(tokenizer: Any, prompt: str | list[dict], device: Any = None) -> 
     return enc
 
 
-def generate_ids(model: nn.Module, inputs: dict, max_new_tokens: int, temperature: float = 0.0,
-                 streamer: Any = None, pad_token_id: int | None = None, **kwargs: Any):
-    """``model.generate`` greedy (temperature 0) or sampled; out-of-memory becomes
-    DeviceOutOfMemoryError naming the stage. A split model prefills in chunks of its plan's
-    ``prefill_chunk`` tokens: the activation workspace the plan sized."""
+def _sampling_processor(temperature: float, top_p: float | None, seed: int | None) -> Any:
+    """A transformers LogitsProcessor that draws each row's next token with runtime/sampling.py's
+    Sampler (temperature, top-p, its own generator seeded with ``seed``; row i of a batch with
+    ``seed + i``) and leaves only that token's score: greedy decoding then takes it. One sampler for
+    run, chat, serve and run --cluster (same seed, same logits: same tokens), and none of the
+    generation config's other warpers (transformers' default top-k of 50) sneaks in."""
     import torch
+    from transformers import LogitsProcessor
+
+    from .sampling import Sampler, SamplingParams
+
+    class SamplerProcessor(LogitsProcessor):
+        def __init__(self) -> None:
+            self.samplers: list[Sampler] = []
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            while len(self.samplers) < scores.shape[0]:
+                i = len(self.samplers)
+                self.samplers.append(Sampler(SamplingParams(temperature=float(temperature),
+                                                            top_p=1.0 if top_p is None else float(top_p),
+                                                            seed=None if seed is None else seed + i)))
+            picked = torch.full_like(scores, float("-inf"))
+            for i, sampler in enumerate(self.samplers[:scores.shape[0]]):
+                picked[i, sampler.sample(scores[i].float())] = 0.0
+            return picked
+
+    return SamplerProcessor()
+
+
+def generate_ids(model: nn.Module, inputs: dict, max_new_tokens: int, temperature: float = 0.0,
+                 streamer: Any = None, pad_token_id: int | None = None, *, top_p: float | None = None,
+                 seed: int | None = None, **kwargs: Any):
+    """``model.generate`` greedy (temperature 0) or sampled by runtime/sampling.py's Sampler
+    (``temperature``, ``top_p``, ``seed``); out-of-memory becomes DeviceOutOfMemoryError naming the
+    stage. A split model prefills in chunks of its plan's ``prefill_chunk`` tokens: the activation
+    workspace the plan sized."""
+    import torch
+    from transformers import LogitsProcessorList
 
     gen: dict[str, Any] = dict(max_new_tokens=max_new_tokens, streamer=streamer)
     rt = getattr(model, "vramancer", None)
     if rt is not None and inputs["input_ids"].shape[-1] > rt.plan.workload.prefill_chunk:
         gen["prefill_chunk_size"] = rt.plan.workload.prefill_chunk
+    gen.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     if temperature and temperature > 0:
-        gen.update(do_sample=True, temperature=float(temperature))
-    else:
-        gen.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
+        processors.append(_sampling_processor(temperature, top_p, seed))
+        gen["logits_processor"] = processors
     if pad_token_id is not None:
         gen["pad_token_id"] = pad_token_id
     gen.update(kwargs)
@@ -130,7 +163,8 @@ def generate_ids(model: nn.Module, inputs: dict, max_new_tokens: int, temperatur
 def generate_text(model: nn.Module, tokenizer: Any, prompt: str | list[dict], max_new_tokens: int = 64,
                   temperature: float = 0.0, emit: Callable[[str], None] | None = None,
                   **kwargs: Any) -> GenerationResult:
-    """Generate from ``prompt`` (text, or chat messages), handing text pieces to ``emit`` as they come."""
+    """Generate from ``prompt`` (text, or chat messages), handing text pieces to ``emit`` as they come.
+    ``top_p`` / ``seed`` (keywords) go with ``temperature`` to the Sampler (generate_ids)."""
     rt = getattr(model, "vramancer", None)
     # a split model's inputs go where its first stage runs (``model.device`` is its first parameter's,
     # a meta placeholder when that parameter streams from disk)

@@ -3,8 +3,9 @@
 Each request carries its own ``torch.Generator`` seeded from ``seed``, so a seeded request
 draws the same tokens whether it runs alone or beside others in a batch. The logit warpers
 are transformers' own (``TemperatureLogitsWarper``, ``TopPLogitsWarper``). ``serve`` samples with it
-(serve/sampling.py re-exports it) and so does ``run --cluster``'s driver (cluster/pipeline.py): one
-sampler for both, here below both layers.
+(serve/sampling.py re-exports it), so does ``run --cluster``'s driver (cluster/pipeline.py), and so do
+``run`` / ``chat`` (runtime/generate.py hands it to ``model.generate`` as a logits processor): one
+sampler for all, here below their layers; the same seed draws the same tokens in each.
 """
 from __future__ import annotations
 

@@ -175,9 +175,7 @@ def _main(args: argparse.Namespace) -> int:
     elif args.top_p is not None and not quiet:
         print("vramancer: note: --top-p applies to sampling; add --temperature above 0", file=sys.stderr)
     if args.seed is not None:
-        from transformers import set_seed
-
-        set_seed(args.seed)
+        sampling["seed"] = args.seed
 
     from ..progress import LoadProgress
 
