@@ -14,11 +14,12 @@ Every pair is two processes: this one sends and times, a child started as
 One-way figures are GB/s (higher is better, ratio = ours / anchor); round trips are
 microseconds (lower is better, ratio = ours / anchor). Each figure is the median over --repeat
 runs of --iters-big / --iters-small operations, after one discarded warm-up run. Every pair is
-connected first, then the runs take turns (ours, anchor, anchor, ...; repeat), so that other
-processes' load falls on ours and the anchors alike. The last column, cpu_us/op, is this (timing)
-process's CPU time per operation, ours vs the anchor (all its threads: gloo works in its own):
-where the time goes when wall-clock figures are scheduling-bound, as on a loaded machine. Loops
-are bounded; every child has a timeout. Receivers write into preallocated buffers in every variant.
+connected first, then the runs take turns (ours, anchor, anchor, ...; repeat, the order turned by
+one each round), so that other processes' load falls on ours and the anchors alike. The last
+column, cpu_us/op, is this (timing) process's CPU time per operation, ours vs the anchor (all its
+threads: gloo works in its own): where the time goes when wall-clock figures are scheduling-bound,
+as on a loaded machine. Loops are bounded; every child has a timeout. Receivers write into
+preallocated buffers in every variant.
 The line under the table says which steady state the Link ran: "C" (vramancer/link/_fastlink.c, built
 at install) or "Python" (not built, or VRAMANCER_LINK_PYTHON=1, which the child processes inherit).
 Run:  python benchmarks/link.py [--repeat 5] [--json FILE]
