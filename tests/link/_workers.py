@@ -22,6 +22,7 @@ def gloo_peer(rank: int, port: int, queue) -> None:
     import torch.distributed as dist
 
     from vramancer.link.dist import TorchDistTransport
+    from vramancer.link.frame import FrameType
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
@@ -31,7 +32,8 @@ def gloo_peer(rank: int, port: int, queue) -> None:
                        torch.ones(0, 3, dtype=torch.bfloat16), np.arange(6, dtype=np.int64)], stream_id=4)
             conn.send([torch.full((1 << 20,), 3, dtype=torch.int32)])
             back = conn.recv()
-            queue.put(("rank0", back.seq, back.tensors[0].tolist()))
+            conn.send_control(FrameType.CLOSE)
+            queue.put(("rank0", back.seq, back.tensors[0].tolist(), conn.bytes_sent, conn.bytes_received))
         else:
             first = conn.recv()
             second = conn.recv(into=[torch.empty(1 << 20, dtype=torch.int32)])
@@ -39,5 +41,7 @@ def gloo_peer(rank: int, port: int, queue) -> None:
                        [tuple(t.shape) for t in first.tensors], first.tensors[0].sum().item(),
                        first.tensors[3].tolist(), second.seq, int(second.tensors[0].sum())))
             conn.send([torch.tensor([7, 8, 9])])
+            close = conn.recv()
+            queue.put(("rank1-end", close.frame_type.name, conn.closed, conn.bytes_sent, conn.bytes_received))
     finally:
         dist.destroy_process_group()

@@ -72,7 +72,7 @@ def test_gloo_send_recv_between_two_processes():
     for p in procs:
         p.start()
     try:
-        results = dict(item[:1] + (item[1:],) for item in (queue.get(timeout=TIMEOUT_S) for _ in procs))
+        results = dict(item[:1] + (item[1:],) for item in (queue.get(timeout=TIMEOUT_S) for _ in range(3)))
         for p in procs:
             _finish(p)
     finally:
@@ -84,4 +84,8 @@ def test_gloo_send_recv_between_two_processes():
     assert dtypes == [torch.float32, torch.bool, torch.bfloat16, torch.int64]
     assert shapes == [(2, 5), (), (0, 3), (6,)]
     assert total == 45 and ints == [0, 1, 2, 3, 4, 5] and big_sum == 3 << 20
-    assert results["rank0"] == (1, [7, 8, 9])
+    assert results["rank0"][:2] == (1, [7, 8, 9])
+    sent0, received0 = results["rank0"][2:]
+    kind, closed, sent1, received1 = results["rank1-end"]
+    assert (kind, closed) == ("CLOSE", True)              # send_control's CLOSE ends the receiving side
+    assert (sent0, received0) == (received1, sent1)       # header + descriptors + payload, counted alike

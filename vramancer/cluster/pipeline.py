@@ -124,23 +124,10 @@ def _dial(end: dict, identity: Any, fingerprint: str, slot_bytes: int) -> Any:
 
 
 def send_close(conn: Any) -> None:
-    """A CLOSE frame on ``conn``: ``send_control`` where the connection has one; a torch.distributed
-    connection gets the bare header (the receiver reads a header with no descriptors and returns it)."""
-    from ..link.frame import HEADER_BYTES, FrameType
+    """A CLOSE frame on ``conn`` (every Link connection has ``send_control``)."""
+    from ..link.frame import FrameType
 
-    if hasattr(conn, "send_control"):
-        conn.send_control(FrameType.CLOSE)
-        return
-    import torch
-
-    from ..link.errors import LinkError
-
-    head = conn.writer.header(FrameType.CLOSE, [], 0)
-    try:
-        conn.dist.send(torch.frombuffer(bytearray(head[:HEADER_BYTES]), dtype=torch.uint8).to(conn.device),
-                       conn.peer, group=conn.group)
-    except RuntimeError as e:
-        raise LinkError(f"link torch: send failed: {e}") from None
+    conn.send_control(FrameType.CLOSE)
 
 
 def gloo_interface(address: str) -> str | None:

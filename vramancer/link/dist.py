@@ -87,6 +87,20 @@ class DistConnection(Connection):
         self.bytes_sent += len(blob) + sum(d.byte_length for d in descs)
         return len(blob) + sum(d.byte_length for d in descs)
 
+    def send_control(self, frame_type: FrameType, stream_id: int = 0) -> None:
+        """A frame without tensors (CLOSE, REKEY): its header alone."""
+        import torch
+
+        if self.closed:
+            raise LinkError("link torch: connection is closed")
+        head = self.writer.header(frame_type, [], stream_id)
+        try:
+            self._send_t(torch.frombuffer(bytearray(head), dtype=torch.uint8).to(self.device))
+        except RuntimeError as e:
+            self.close()
+            raise LinkError(f"link torch: send failed: {e}") from None
+        self.bytes_sent += len(head)
+
     def recv(self, into: Sequence[Any] | None = None, factory: BufferFactory | None = None) -> Frame:
         import torch
 
@@ -104,8 +118,11 @@ class DistConnection(Connection):
         except RuntimeError as e:
             self.close()
             raise LinkError(f"link torch: receive failed: {e}") from None
+        self.bytes_received += HEADER_BYTES + head.desc_bytes    # as the sender counts: header + descriptors
         if head.frame_type != FrameType.TENSORS:
             self.reader.accept(head)
+            if head.frame_type == FrameType.CLOSE:
+                self.close()
             return Frame(head.frame_type, head.stream_id, head.seq)
         objs = []
         for i, d in enumerate(descs):
