@@ -255,3 +255,36 @@ def test_live_view_counts_the_experts_on_the_host(moe_folders):
     host = {s.device: s.used_bytes for s in feed.device_samples()}["cpu"]
     assert host == sum(b.experts_bytes for b in plan.blocks if b.experts_device)
     feed.detach()
+
+
+@pytest.mark.parametrize("arch", sorted(MOE))
+def test_whole_layers_on_the_host_decode_by_the_host_path(moe_folders, arch):
+    """A plan that runs whole MoE layers on the host (a CPU stage): their experts' decode forwards take
+    host_experts_forward too (selected experts only), with the unsplit model's tokens and logits exactly;
+    the prefill (40 tokens) keeps the module's own forward; detach restores the module's forward."""
+    from vramancer.plan.planner import plan as make_plan
+    from vramancer.runtime.experts import runs_host_path
+    from vramancer.runtime.loader import load
+
+    folder = moe_folders[arch]
+    plan = make_plan(str(folder), devices="cpu:4GiB", context=64, reserve_bytes=0)
+    assert all(b.experts_device is None for b in plan.blocks)
+    ids = _prompt(tokens=40)
+    ref_model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    ref = _greedy(ref_model, ids)
+    model = load(folder, plan=plan)
+    rt = model.vramancer
+    out = _greedy(model, ids)
+    assert torch.equal(out, ref)
+    with torch.no_grad():
+        assert torch.equal(model(out).logits, ref_model(out).logits)   # 56 tokens: the module's own forward
+        step = model(out[:, :1]).logits                                 # 1 token: the host path
+        assert torch.equal(step, ref_model(out[:, :1]).logits)
+    stats = rt.experts_hooks.stats
+    n_layers = sum(1 for m in model.modules() if runs_host_path(m))
+    assert n_layers == sum(1 for m in ref_model.modules() if runs_host_path(m)) > 0
+    assert stats.cpu_layer_forwards == n_layers * (NEW_TOKENS - 1 + 1)   # decode steps + the 1-token forward
+    patched = [m for m in model.modules() if "forward" in vars(m)]
+    assert len(patched) == n_layers
+    rt.detach()
+    assert not [m for m in model.modules() if "forward" in vars(m)]

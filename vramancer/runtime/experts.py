@@ -68,6 +68,7 @@ class ExpertsStats:
     forwards: int = 0
     copied_forwards: int = 0
     host_path_forwards: int = 0
+    cpu_layer_forwards: int = 0      # decode forwards of experts whose whole layer runs on the host
     to_host_bytes: int = 0
     back_bytes: int = 0
     copied_bytes: int = 0
@@ -251,6 +252,9 @@ class ExpertsHooks:
 
     experts: list[HostExperts]
     prefill_tokens: int = 32       # plan.PHASE_PREFILL_TOKENS: forwards of this many tokens run on the GPU
+    # experts modules of layers that run on the host whole (a CPU stage, a phase stage's decode): their
+    # decode forwards on the host take host_experts_forward too (same result, selected experts only)
+    cpu_layers: list[Any] = field(default_factory=list)
     stats: ExpertsStats = field(default_factory=ExpertsStats)
     _handles: list[Any] = field(default_factory=list)
     _homes: list[Any] = field(default_factory=list)   # (owner, attr, host parameter) while a copy runs
@@ -318,9 +322,23 @@ class ExpertsHooks:
             return own(hidden_states, top_k_index, top_k_weights)
         return forward
 
+    def _cpu_layer_forward(self, module: nn.Module, own: Any):
+        """A whole-host layer's experts: host_experts_forward for a decode forward on the CPU, else its own."""
+        def forward(hidden_states, top_k_index, top_k_weights):
+            if (hidden_states.device.type == "cpu" and hidden_states.dim() == 2
+                    and hidden_states.shape[0] < self.prefill_tokens):
+                self.stats.cpu_layer_forwards += 1
+                return host_experts_forward(module, hidden_states, top_k_index, top_k_weights)
+            return own(hidden_states, top_k_index, top_k_weights)
+        return forward
+
     def attach(self) -> ExpertsHooks:
-        if self._handles:
+        if self._handles or self._forwards:
             return self
+        for m in self.cpu_layers:
+            if runs_host_path(m) and "forward" not in vars(m):
+                m.forward = self._cpu_layer_forward(m, m.forward)
+                self._forwards.append(m)
         for ex in self.experts:
             if runs_host_path(ex.module) and "forward" not in vars(ex.module):
                 ex.module.forward = self._host_forward(ex, ex.module.forward)
@@ -339,4 +357,4 @@ class ExpertsHooks:
 
     @property
     def attached(self) -> bool:
-        return bool(self._handles)
+        return bool(self._handles or self._forwards)

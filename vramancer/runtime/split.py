@@ -142,6 +142,16 @@ def add_boundary_hooks(stages: list[Any], caches: list[Any], handles: list[Any],
                 handles.append(mod.register_forward_pre_hook(entered(st.index), with_kwargs=True))
 
 
+def _cpu_layer_experts(model: nn.Module, stages: list[RuntimeStage], host: set[int]) -> list[nn.Module]:
+    """The MoE experts modules of layers that may run whole on the host (a stage computing on the CPU,
+    or a phase stage, whose decode runs there), other than those kept in host RAM for a GPU layer."""
+    from .experts import runs_host_path
+
+    if not any(s.compute_device.type == "cpu" or s.mode == "phase" for s in stages):
+        return []
+    return [m for m in model.modules() if id(m) not in host and runs_host_path(m)]
+
+
 class SplitRuntime:
     """Everything that makes ``model`` run split: attach() installs the hooks, detach() removes them."""
 
@@ -175,8 +185,9 @@ class SplitRuntime:
         self.phase_stats = PhaseStats()    # forwards of "phase" stages on the GPU / on the host
         from ..plan.plan import PHASE_PREFILL_TOKENS
 
-        self.experts_hooks = ExpertsHooks([ex for s in stages for ex in s.host_experts],
-                                          prefill_tokens=PHASE_PREFILL_TOKENS)
+        host = [ex for s in stages for ex in s.host_experts]
+        self.experts_hooks = ExpertsHooks(host, prefill_tokens=PHASE_PREFILL_TOKENS,
+                                          cpu_layers=_cpu_layer_experts(model, stages, {id(ex.module) for ex in host}))
 
     # -- hooks --------------------------------------------------------------------------------
     @property
