@@ -10,6 +10,9 @@ Prefer CLI flags; these exist for secrets and for paths shared by many commands.
     VRAMANCER_NODE_DEVICES  the devices a cluster node offers (`cluster start|join --devices`; default: auto)
     VRAMANCER_GGUF_NUMBA  0/false/no/off: GGUF dequantization on the CPU uses torch ops, not the numba
                          kernels (default: on where numba is installed)
+    VRAMANCER_LINK_PYTHON  1/true/yes/on: Link connections run every step in Python, not the compiled
+                         steady state (vramancer/link/_fastlink.c); read when vramancer.link.transport is
+                         first imported (default: off; the Python path anyway where it was not built)
 """
 from __future__ import annotations
 
@@ -55,6 +58,7 @@ ENV: dict[str, tuple[Callable[[], object], Callable[[str], object]]] = {
     "VRAMANCER_CONFIG": (_default_config, str),
     "VRAMANCER_NODE_DEVICES": (lambda: "auto", str),
     "VRAMANCER_GGUF_NUMBA": (lambda: True, lambda v: v.strip().lower() not in ("0", "false", "no", "off")),
+    "VRAMANCER_LINK_PYTHON": (lambda: False, parse_bool),
 }
 
 

@@ -95,7 +95,9 @@ def _load_fast_path() -> Any:
     """The compiled steady state of StreamConnection (vramancer/link/_fastlink.c), or None: not built
     (no compiler at install time) or VRAMANCER_LINK_PYTHON=1 in the environment. Connections made while
     this module's ``fast_path`` is None run every step in Python."""
-    if os.environ.get("VRAMANCER_LINK_PYTHON", "") not in ("", "0"):
+    from .. import envs
+
+    if envs.get("VRAMANCER_LINK_PYTHON"):
         return None
     try:
         from . import _fastlink
