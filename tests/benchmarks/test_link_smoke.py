@@ -34,7 +34,9 @@ def test_tiny_run(bench, tmp_path, capsys):
                                else r["ratio"] <= float(r["goal"].split()[1][:-1]))
     assert text.splitlines()[0].split() == ["metric", "ours", "anchor", "ratio", "goal", "pass", "cpu_us/op"]
     assert all(r["ours_cpu_us"] > 0 and r["anchor_cpu_us"] >= 0 for r in rows)
-    assert len(text.splitlines()) == 2 + len(rows)
+    lines = text.splitlines()
+    assert len(lines) == 3 + len(rows)                 # header, rule, the rows, then which path ran
+    assert lines[-1] in ("Link steady state: C", "Link steady state: Python")
 
 
 def test_bad_sizes_exit_2(bench, capsys):
