@@ -1,7 +1,8 @@
 """The cost model's price of MoE experts on the host (plan/cost.py): an experts module run alone pays
 its top-k experts' bytes and its own fixed cost (a fraction of a layer's, growing with k), not a
-whole layer's; a whole MoE layer run on the host pays more than a dense one by the experts path's
-fixed cost, growing with the routed experts; the planner's experts plan adds exactly that."""
+whole layer's; a whole MoE layer run on the host pays more than a dense one by the experts module's fixed cost in a
+decode step (the same host path) and, in a prefill, transformers' experts path's, growing with the
+routed experts; the planner's experts plan adds exactly that."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -43,10 +44,13 @@ def test_whole_moe_layer_on_the_host_pays_the_experts_path(mixtral):
     cost = CostModel(mixtral, 1024, 1, 512, host=HOST)
     b = next(b for b in mixtral.blocks if b.experts_bytes)
     dense = replace(b, experts_bytes=0, experts_read_bytes_per_token=0, experts_flops_per_token=0.0, experts_module="")
-    extra = cost.execute_seconds(b, cpu)[0] - cost.execute_seconds(dense, cpu)[0]
+    (decode, prefill), (dense_decode, dense_prefill) = cost.execute_seconds(b, cpu), cost.execute_seconds(dense, cpu)
     k, e = 2, 8
-    assert extra == pytest.approx(HOST.block_overhead_s * (C.EXPERTS_OVERHEAD_FIXED + k * C.EXPERTS_OVERHEAD_PER_EXPERT
-                                                           + e * C.EXPERTS_OVERHEAD_PER_ROUTED), rel=1e-9)
+    module = C.EXPERTS_OVERHEAD_FIXED + k * C.EXPERTS_OVERHEAD_PER_EXPERT
+    # decode: runtime/experts.py's host path over the selected experts; prefill: transformers' loop over all
+    assert decode - dense_decode == pytest.approx(HOST.block_overhead_s * module, rel=1e-9)
+    loop = module + e * C.EXPERTS_OVERHEAD_PER_ROUTED
+    assert prefill - dense_prefill == pytest.approx(HOST.block_overhead_s * loop, rel=1e-9)
     gpu = parse_devices("rtx3090")[0]
     assert cost.execute_seconds(b, gpu) == cost.execute_seconds(dense, gpu)   # GPUs: no such loop priced
 

@@ -33,7 +33,8 @@ cost of the experts module alone, not a whole layer's: ``EXPERTS_OVERHEAD_FIXED 
 EXPERTS_OVERHEAD_PER_EXPERT x k`` of ``block_overhead_s`` (runtime/experts.py's host path: routing
 bookkeeping, then two matmuls per selected expert), and a thread hand-off per matmul (``2 x k``). A
 whole MoE layer executed on the host pays, beyond a dense layer's fixed cost, its experts module's
-and ``EXPERTS_OVERHEAD_PER_ROUTED`` of ``block_overhead_s`` per routed expert (transformers' experts
+(a decode step runs the same host path over the selected experts), in a prefill also
+``EXPERTS_OVERHEAD_PER_ROUTED`` of ``block_overhead_s`` per routed expert (transformers' experts
 path loops over all of them), and in a decode step a thread hand-off for each of its 2 x k expert
 matmuls and its router instead of the dense gate, up and down.
 
@@ -170,12 +171,12 @@ class CostModel:
         prefill = max(self._read_seconds(b.weights_bytes, dev), self._compute_seconds(self._prefill_flops(b), dev))
         oh = self._overhead(dev)
         if dev.kind == "cpu":
-            oh += self._moe_layer_overhead(b)
+            decode_oh, prefill_oh = self._moe_layer_overhead(b)
             if b.experts_bytes > 0 and self.batch * (self.profile.hidden_size or 0) < TORCH_GRAIN_SIZE:
                 # a MoE layer's decode hands off 2 x k expert matmuls and its router, not gate/up/down
                 decode += (2 * self.experts_per_token() - 2) * self.host.decode_parallel_op_s
-            return (decode + oh + self._parallel_ops_seconds(b, self.batch),
-                    prefill + oh + self._parallel_ops_seconds(b, self.chunk_tokens))
+            return (decode + oh + decode_oh + self._parallel_ops_seconds(b, self.batch),
+                    prefill + oh + prefill_oh + self._parallel_ops_seconds(b, self.chunk_tokens))
         return decode + oh, prefill + oh
 
     def _config_int(self, keys: tuple[str, ...], default: int) -> int:
@@ -197,12 +198,14 @@ class CostModel:
     def _experts_overhead(self, k: int) -> float:
         return self.host.block_overhead_s * (EXPERTS_OVERHEAD_FIXED + EXPERTS_OVERHEAD_PER_EXPERT * k)
 
-    def _moe_layer_overhead(self, b: BlockProfile) -> float:
-        """CPU only: what a whole MoE layer's experts add to its fixed cost (transformers' experts path)."""
+    def _moe_layer_overhead(self, b: BlockProfile) -> tuple[float, float]:
+        """CPU only: what a whole MoE layer's experts add to its fixed cost, (decode, prefill): a decode
+        step runs runtime/experts.py's host path over the selected experts (the experts module's own
+        fixed cost), a prefill transformers' experts path (which also loops over every routed expert)."""
         if b.experts_bytes <= 0:
-            return 0.0
-        return (self._experts_overhead(self.experts_per_token())
-                + self.host.block_overhead_s * EXPERTS_OVERHEAD_PER_ROUTED * self.routed_experts())
+            return 0.0, 0.0
+        module = self._experts_overhead(self.experts_per_token())
+        return module, module + self.host.block_overhead_s * EXPERTS_OVERHEAD_PER_ROUTED * self.routed_experts()
 
     def experts_decode_seconds(self, b: BlockProfile, dev: Device) -> float:
         """Seconds of one decode step of block ``b``'s routed experts alone, run on ``dev`` (the host
