@@ -72,7 +72,7 @@ def test_gloo_send_recv_between_two_processes():
     for p in procs:
         p.start()
     try:
-        results = dict(item[:1] + (item[1:],) for item in (queue.get(timeout=TIMEOUT_S) for _ in range(3)))
+        results = dict(item[:1] + (item[1:],) for item in (queue.get(timeout=TIMEOUT_S) for _ in range(4)))
         for p in procs:
             _finish(p)
     finally:
@@ -87,5 +87,9 @@ def test_gloo_send_recv_between_two_processes():
     assert results["rank0"][:2] == (1, [7, 8, 9])
     sent0, received0 = results["rank0"][2:]
     kind, closed, sent1, received1 = results["rank1-end"]
+    from vramancer.link.dist import PACKED_BYTES
+
+    # frames at the packing limit and one byte over it (packed after the header, then one message each)
+    assert results["rank1-edges"] == ([(PACKED_BYTES - 20, True), (PACKED_BYTES - 19, True)],)
     assert (kind, closed) == ("CLOSE", True)              # send_control's CLOSE ends the receiving side
     assert (sent0, received0) == (received1, sent1)       # header + descriptors + payload, counted alike

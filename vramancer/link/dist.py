@@ -6,6 +6,10 @@ tensors and GPUDirect is used where NCCL finds it). A frame is the fixed 36-byte
 descriptor block (its size comes from the validated header), then each tensor's bytes as a uint8
 view of the tensor, received straight into the destination (a torch tensor of the announced dtype
 and shape). The same validation as every transport runs before a destination is allocated.
+A frame whose descriptors and payload together hold at most ``PACKED_BYTES`` travels as two messages:
+the header, then descriptors and payloads in one buffer (both sides decide from the validated header;
+each message costs a rendezvous, so a small frame of several tensors no longer pays one per tensor); the
+receiver validates the descriptors from that buffer, then copies each payload into its destination.
 Only the gloo path is tested here; the NCCL path is the same code with ``device="cuda"``.
 """
 from __future__ import annotations
@@ -17,7 +21,9 @@ from .errors import FrameError, LinkError
 from .frame import HEADER_BYTES, BufferFactory, FrameType, Limits, TensorDesc, as_payload
 from .transport import Connection, Frame, Listener, Transport
 
-__all__ = ["TorchDistTransport", "DistConnection"]
+__all__ = ["TorchDistTransport", "DistConnection", "PACKED_BYTES"]
+
+PACKED_BYTES = 256 * 1024   # descriptors + payload up to this: one message after the header
 
 
 def _bytes_of(t: Any) -> Any:
@@ -74,13 +80,18 @@ class DistConnection(Connection):
                             else torch.empty(0, dtype=torch.uint8, device=self.device))
         blob = self.writer.header(FrameType.TENSORS, descs, stream_id)
         meta = torch.frombuffer(bytearray(blob), dtype=torch.uint8).to(self.device)
+        payload = sum(d.byte_length for d in descs)
         try:
             self._send_t(meta[:HEADER_BYTES])
-            if len(blob) > HEADER_BYTES:
-                self._send_t(meta[HEADER_BYTES:])
-            for t in outs:
-                if t.numel():
-                    self._send_t(t)
+            if len(blob) - HEADER_BYTES + payload <= PACKED_BYTES:
+                if len(blob) > HEADER_BYTES or payload:
+                    self._send_t(torch.cat([meta[HEADER_BYTES:], *outs]))
+            else:
+                if len(blob) > HEADER_BYTES:
+                    self._send_t(meta[HEADER_BYTES:])
+                for t in outs:
+                    if t.numel():
+                        self._send_t(t)
         except RuntimeError as e:
             self.close()
             raise LinkError(f"link torch: send failed: {e}") from None
@@ -106,12 +117,19 @@ class DistConnection(Connection):
 
         if self.closed:
             raise LinkError("link torch: connection is closed")
+        packed = None
         try:
             self._recv_t(self._head)
             head = self.reader.parse_header(self._head.cpu().numpy().tobytes())
-            desc_t = torch.empty(head.desc_bytes, dtype=torch.uint8, device=self.device)
-            if head.desc_bytes:
-                self._recv_t(desc_t)
+            if head.desc_bytes + head.payload_bytes <= PACKED_BYTES:   # one message (bounded by the limit)
+                packed = torch.empty(head.desc_bytes + head.payload_bytes, dtype=torch.uint8, device=self.device)
+                if packed.numel():
+                    self._recv_t(packed)
+                desc_t = packed[:head.desc_bytes]
+            else:
+                desc_t = torch.empty(head.desc_bytes, dtype=torch.uint8, device=self.device)
+                if head.desc_bytes:
+                    self._recv_t(desc_t)
             descs = self.reader.parse_descriptors(head, desc_t.cpu().numpy().tobytes())
         except FrameError as e:
             raise self._refuse(str(e)) from None
@@ -139,8 +157,14 @@ class DistConnection(Connection):
                 t = torch.empty(d.shape, dtype=getattr(torch, d.dtype.name), device=self.device)
             objs.append(t)
         try:
+            at = head.desc_bytes
             for t, d in zip(objs, descs):
-                if d.byte_length:
+                if not d.byte_length:
+                    continue
+                if packed is not None:
+                    _bytes_of(t).copy_(packed[at:at + d.byte_length])
+                    at += d.byte_length
+                else:
                     self._recv_t(_bytes_of(t))
         except RuntimeError as e:
             self.close()
