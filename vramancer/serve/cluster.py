@@ -51,6 +51,8 @@ class ClusterEngine(EngineBase):
     ``pipe``: anything with ``forward(ids, start) -> logits [1, V]`` and ``plan`` (a ClusterPipeline).
     ``eos_ids``: the token ids that end a sequence (unless the request sets ignore_eos)."""
 
+    thread_name = "vramancer-cluster-engine"
+
     def __init__(self, pipe: Any, tokenizer: Any, *, vocab_size: int, eos_ids: frozenset[int] = frozenset()) -> None:
         plan = pipe.plan
         self.pipe = pipe
@@ -74,20 +76,13 @@ class ClusterEngine(EngineBase):
         self._stats = EngineStats(0, 0, 0, zeros, zeros, zeros)
 
     # ---- the Engine interface -----------------------------------------------------------------
-    def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="vramancer-cluster-engine", daemon=True)
-            self._thread.start()
-
     def stop(self, timeout_s: float = 10.0) -> None:
         with self._cv:
             self._stopping = True
             if self._current is not None:
                 self._current.cancelled = True
             self._cv.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-            self._thread = None
+        self._join_thread(timeout_s)
         with self._cv:
             while self._queue:
                 self._finish(self._queue.popleft(), "error", error="the server is shutting down")

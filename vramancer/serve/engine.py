@@ -179,7 +179,7 @@ class EngineBase:
     ``Sequence``; each generated token recorded, detokenized, matched against stop strings and
     sent; the finish event; a blocking ``generate``. A subclass sets ``context_tokens``,
     ``vocab_size``, ``tokenizer``, ``counters``, ``_eos_ids``, ``_ids`` (a counter), ``_finished``
-    and provides ``submit`` and ``cancel``."""
+    ``_thread`` (None) and provides ``_run`` (the scheduler thread ``start`` runs), ``submit`` and ``cancel``."""
 
     context_tokens: int
     vocab_size: int
@@ -187,6 +187,20 @@ class EngineBase:
     counters: EngineCounters
     _eos_ids: frozenset[int]
     _finished: int
+
+    thread_name = "vramancer-engine"
+    _thread: threading.Thread | None
+
+    def start(self) -> None:
+        """Start the scheduler thread (its ``_run``) once."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
+            self._thread.start()
+
+    def _join_thread(self, timeout_s: float) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            self._thread = None
 
     def check_context(self, prompt_tokens: int, max_tokens: int) -> int:
         """Prompt + new tokens (RequestRejected when empty, or beyond the planned context)."""
@@ -400,18 +414,11 @@ class Engine(EngineBase):
         return cache_layer_bytes(cache)
 
     # ---- public, thread-safe ---------------------------------------------------------
-    def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="vramancer-engine", daemon=True)
-            self._thread.start()
-
     def stop(self, timeout_s: float = 10.0) -> None:
         with self._cv:
             self._stopping = True
             self._cv.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-            self._thread = None
+        self._join_thread(timeout_s)
         if self._pipeline is not None:
             self._pipeline.close()
             self._pipeline = None
