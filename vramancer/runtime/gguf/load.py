@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 _log = logging.getLogger("vramancer.gguf")
 
-__all__ = ["GGUFTensor", "GGUFFile", "is_gguf", "open_gguf", "gguf_model_config", "keep_quantized",
+__all__ = ["GGUFTensor", "GateUpExperts", "GGUFFile", "is_gguf", "open_gguf", "gguf_model_config", "keep_quantized",
            "load_gguf_tokenizer", "compute_dtype", "plan_config", "check_plan_dtype", "loaded_note"]
 
 
@@ -244,13 +244,12 @@ def _stacked_experts(base: type) -> type:
 
 
 @dataclass(frozen=True)
-class _StackedTensor:
-    """transformers' ``experts.gate_up_proj`` [experts, 2 * rows, cols] from llama.cpp's ffn_gate_exps
-    and ffn_up_exps [experts, rows, cols]: each expert's gate rows then its up rows (rows are whole
-    blocks, so the stored bytes stack the same way)."""
+class GateUpExperts:
+    """transformers' ``experts.gate_up_proj`` [experts, 2 * rows, cols] made of llama.cpp's
+    ffn_gate_exps and ffn_up_exps [experts, rows, cols]; its bytes are the two tensors'. How the stored
+    tensor lays them out is the subclass's ``read``: ``_StackedTensor`` (one type), stacked.MixedGateUp."""
 
     name: str
-    qtype: GGUFType
     shape: tuple[int, ...]
     gate: GGUFTensor
     up: GGUFTensor
@@ -258,6 +257,16 @@ class _StackedTensor:
     @property
     def nbytes(self) -> int:
         return self.gate.nbytes + self.up.nbytes
+
+
+@dataclass(frozen=True)
+class _StackedTensor(GateUpExperts):
+    """Gate and up of one type: each expert's gate rows then its up rows (rows are whole blocks, so the
+    stored bytes stack the same way)."""
+
+    @property
+    def qtype(self) -> GGUFType:
+        return self.gate.qtype
 
     def read(self, rows: np.ndarray | None = None) -> torch.Tensor:
         import torch
@@ -277,7 +286,7 @@ def _stack_gate_up(gate: GGUFTensor, up: GGUFTensor) -> Any:
         raise BadInputError(f"{gate.name} ({gate.qtype.name} {list(gate.shape)}) and {up.name} ({up.qtype.name} "
                             f"{list(up.shape)}) differ: they cannot be stacked into one experts tensor")
     e, rows, cols = gate.shape
-    return _StackedTensor(f"{gate.name}+{up.name}", gate.qtype, (e, 2 * rows, cols), gate, up)
+    return _StackedTensor(f"{gate.name}+{up.name}", (e, 2 * rows, cols), gate, up)
 
 
 def keep_quantized(model: nn.Module, gf: GGUFFile, dtype: torch.dtype) -> dict[str, Callable[[], dict]]:

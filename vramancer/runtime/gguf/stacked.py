@@ -20,11 +20,11 @@ import torch
 from torch import nn
 
 from .dequant import GGUFType, dequantize, gguf_type
+from .load import GateUpExperts, GGUFTensor
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
-    from .load import GGUFTensor
 
 __all__ = ["GGUFGateUp", "MixedGateUp", "keep_gate_up"]
 
@@ -62,18 +62,9 @@ class GGUFGateUp(nn.Module):
 
 
 @dataclass(frozen=True)
-class MixedGateUp:
+class MixedGateUp(GateUpExperts):
     """The stacked ``gate_up_proj`` [experts, 2 x rows, cols] of llama.cpp's gate and up experts of
     different types: ``read()`` gives the stored uint8 tensor of the module docstring."""
-
-    name: str
-    shape: tuple[int, ...]
-    gate: GGUFTensor
-    up: GGUFTensor
-
-    @property
-    def nbytes(self) -> int:
-        return self.gate.nbytes + self.up.nbytes
 
     def read(self, rows: np.ndarray | None = None) -> torch.Tensor:
         def raw(t: GGUFTensor) -> torch.Tensor:
