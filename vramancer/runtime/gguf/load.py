@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 _log = logging.getLogger("vramancer.gguf")
 
-__all__ = ["GGUFTensor", "GateUpExperts", "GGUFFile", "is_gguf", "open_gguf", "gguf_model_config", "keep_quantized",
+__all__ = ["GGUFTensor", "GGUFFile", "is_gguf", "open_gguf", "gguf_model_config", "keep_quantized",
            "load_gguf_tokenizer", "compute_dtype", "plan_config", "check_plan_dtype", "loaded_note"]
 
 
@@ -243,50 +243,19 @@ def _stacked_experts(base: type) -> type:
         "preprocess_name": Moe.preprocess_name, "perform_fallback_tensor_mapping": Moe.perform_fallback_tensor_mapping})
 
 
-@dataclass(frozen=True)
-class GateUpExperts:
-    """transformers' ``experts.gate_up_proj`` [experts, 2 * rows, cols] made of llama.cpp's
-    ffn_gate_exps and ffn_up_exps [experts, rows, cols]; its bytes are the two tensors'. How the stored
-    tensor lays them out is the subclass's ``read``: ``_StackedTensor`` (one type), stacked.MixedGateUp."""
-
-    name: str
-    shape: tuple[int, ...]
-    gate: GGUFTensor
-    up: GGUFTensor
-
-    @property
-    def nbytes(self) -> int:
-        return self.gate.nbytes + self.up.nbytes
-
-
-@dataclass(frozen=True)
-class _StackedTensor(GateUpExperts):
-    """Gate and up of one type: each expert's gate rows then its up rows (rows are whole blocks, so the
-    stored bytes stack the same way)."""
-
-    @property
-    def qtype(self) -> GGUFType:
-        return self.gate.qtype
-
-    def read(self, rows: np.ndarray | None = None) -> torch.Tensor:
-        import torch
-
-        return torch.cat([self.gate.read(), self.up.read()], dim=1)
-
-
 def _stack_gate_up(gate: GGUFTensor, up: GGUFTensor) -> Any:
     """The stacked tensor of ``gate`` and ``up``; of different types (llama.cpp's Q4_K_M, ...): a
     stacked.MixedGateUp, its rows' bytes side by side."""
-    if gate.qtype != up.qtype and gate.shape == up.shape and len(gate.shape) == 3:
-        from .stacked import MixedGateUp
+    from .stacked import MixedGateUp, SameTypeGateUp
 
+    if gate.qtype != up.qtype and gate.shape == up.shape and len(gate.shape) == 3:
         e, rows, cols = gate.shape
         return MixedGateUp(f"{gate.name}+{up.name}", (e, 2 * rows, cols), gate, up)
     if gate.qtype != up.qtype or gate.shape != up.shape or len(gate.shape) != 3:
         raise BadInputError(f"{gate.name} ({gate.qtype.name} {list(gate.shape)}) and {up.name} ({up.qtype.name} "
                             f"{list(up.shape)}) differ: they cannot be stacked into one experts tensor")
     e, rows, cols = gate.shape
-    return _StackedTensor(f"{gate.name}+{up.name}", (e, 2 * rows, cols), gate, up)
+    return SameTypeGateUp(f"{gate.name}+{up.name}", (e, 2 * rows, cols), gate, up)
 
 
 def keep_quantized(model: nn.Module, gf: GGUFFile, dtype: torch.dtype) -> dict[str, Callable[[], dict]]:

@@ -3,7 +3,7 @@
 transformers fuses each MoE layer's gate and up experts into one parameter, ``experts.gate_up_proj``
 ``[experts, 2 x rows, cols]`` (each expert's gate rows, then its up rows), which llama.cpp stores as
 two tensors, ``blk.N.ffn_gate_exps`` and ``blk.N.ffn_up_exps`` ``[experts, rows, cols]``. When both
-have the same type their rows stack as they are (load.py). llama.cpp's mixes (Q4_K_M, Q3_K_M, ...)
+have the same type their rows stack as they are (``SameTypeGateUp``). llama.cpp's mixes (Q4_K_M, Q3_K_M, ...)
 give tensors of one layer different types, and rows of different types have different byte widths,
 so here the stored tensor is uint8 ``[experts, rows, gate_row_bytes + up_row_bytes]``: row ``r`` of
 expert ``e`` holds gate row ``r``'s bytes, then up row ``r``'s. Its bytes are exactly the file's two
@@ -20,13 +20,14 @@ import torch
 from torch import nn
 
 from .dequant import GGUFType, dequantize, gguf_type
-from .load import GateUpExperts, GGUFTensor
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
+    from .load import GGUFTensor
 
-__all__ = ["GGUFGateUp", "MixedGateUp", "keep_gate_up"]
+
+__all__ = ["GGUFGateUp", "GateUpExperts", "SameTypeGateUp", "MixedGateUp", "keep_gate_up"]
 
 
 def _half(stored: torch.Tensor, qtype: GGUFType, cols: int, dtype: torch.dtype) -> torch.Tensor:
@@ -59,6 +60,35 @@ class GGUFGateUp(nn.Module):
 
     def extra_repr(self) -> str:
         return f"gate {self.gate.name}, up {self.up.name}, shape={list(self.shape)}, dtype={self.dtype}"
+
+
+@dataclass(frozen=True)
+class GateUpExperts:
+    """transformers' ``experts.gate_up_proj`` [experts, 2 * rows, cols] made of llama.cpp's
+    ffn_gate_exps and ffn_up_exps [experts, rows, cols]; its bytes are the two tensors'. How the stored
+    tensor lays them out is the subclass's ``read``: ``SameTypeGateUp`` (one type), ``MixedGateUp``."""
+
+    name: str
+    shape: tuple[int, ...]
+    gate: GGUFTensor
+    up: GGUFTensor
+
+    @property
+    def nbytes(self) -> int:
+        return self.gate.nbytes + self.up.nbytes
+
+
+@dataclass(frozen=True)
+class SameTypeGateUp(GateUpExperts):
+    """Gate and up of one type: each expert's gate rows then its up rows (rows are whole blocks, so the
+    stored bytes stack the same way)."""
+
+    @property
+    def qtype(self) -> GGUFType:
+        return self.gate.qtype
+
+    def read(self, rows: np.ndarray | None = None) -> torch.Tensor:
+        return torch.cat([self.gate.read(), self.up.read()], dim=1)
 
 
 @dataclass(frozen=True)
