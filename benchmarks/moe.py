@@ -88,6 +88,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import with_threads  # noqa: E402
+
 __all__ = ["main", "run", "make_model", "make_plans", "measure", "GOAL"]
 
 GOAL = 1.5
@@ -466,31 +468,35 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
     from transformers.utils import logging as hf_logging
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    cache_env = os.environ.get("VRAMANCER_CACHE_DIR")
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            speed = "defaults / kept (--no-calibrate)" if args.no_calibrate else _calibrated(tmp)
-            from vramancer.devices.host_speed import host_speed
 
-            hs = host_speed()
-            _log(f"MoE experts in host RAM vs whole layers offloaded; prompt {args.prompt}, {args.new} new tokens, "
-                 f"median of {args.repeat}, {torch.get_num_threads()} torch threads; host speed {speed}: "
-                 f"{hs.bandwidth_bytes_per_s / 1e9:.1f} GB/s decode reads, {hs.block_overhead_s * 1e3:.2f} ms "
-                 f"per layer, {hs.step_overhead_s * 1e3:.2f} ms per step")
-            done = [run_shape(name, shape, args, tmp) for name, shape in shapes.items()]
-            for r in done:
-                if r["shape"] in PUBLISHED and not args.no_published:
-                    r["published"] = published_prediction(r["shape"], args.published_gpu, args.short,
-                                                          args.prompt + args.new, tmp)
-    finally:
-        if cache_env is None:
-            os.environ.pop("VRAMANCER_CACHE_DIR", None)
-        else:
-            os.environ["VRAMANCER_CACHE_DIR"] = cache_env
+    def measure_all() -> tuple[list[dict[str, Any]], Any]:
+        cache_env = os.environ.get("VRAMANCER_CACHE_DIR")
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                speed = "defaults / kept (--no-calibrate)" if args.no_calibrate else _calibrated(tmp)
+                from vramancer.devices.host_speed import host_speed
+
+                hs = host_speed()
+                _log(f"MoE experts in host RAM vs whole layers offloaded; prompt {args.prompt}, {args.new} new "
+                     f"tokens, median of {args.repeat}, {torch.get_num_threads()} torch threads; host speed {speed}: "
+                     f"{hs.bandwidth_bytes_per_s / 1e9:.1f} GB/s decode reads, {hs.block_overhead_s * 1e3:.2f} ms "
+                     f"per layer, {hs.step_overhead_s * 1e3:.2f} ms per step")
+                done = [run_shape(name, shape, args, tmp) for name, shape in shapes.items()]
+                for r in done:
+                    if r["shape"] in PUBLISHED and not args.no_published:
+                        r["published"] = published_prediction(r["shape"], args.published_gpu, args.short,
+                                                              args.prompt + args.new, tmp)
+                return done, hs
+        finally:
+            if cache_env is None:
+                os.environ.pop("VRAMANCER_CACHE_DIR", None)
+            else:
+                os.environ["VRAMANCER_CACHE_DIR"] = cache_env
+
+    # torch's thread count is given back after (the smoke test runs this in the test process)
+    done, hs = with_threads(args.threads or None, measure_all)
     _log(f"\nshape         pred ratio  meas ratio  host share ratio  goal (>= {GOAL}x, measured)  "
          f"published model on {args.published_gpu} (bfloat16), predicted: host GB/tok whole -> experts, ratio")
     for r in done:

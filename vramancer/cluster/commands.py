@@ -12,7 +12,8 @@
 every device of every node; ``run`` runs the stages on their nodes (pipeline.py). Their hops between
 nodes are TLS; ``--trusted-network`` lets them go plaintext (tcp, or torch.distributed between CUDA
 stages), ``--link auto|tls|tcp|torch`` forces one transport between nodes (planning.py).
-``run --cluster`` samples as ``run`` does with --temperature / --top-p / --seed (serve's Sampler).
+``run --cluster`` samples as ``run`` does with --temperature / --top-p / --seed
+(runtime/sampling.py's Sampler, the one run and serve use).
 The token is read from ``--token``, ``--token-file`` or this node's token file (written by start / join).
 """
 from __future__ import annotations
@@ -298,13 +299,10 @@ def cluster_plan(args: argparse.Namespace, folder: Any, view: Any, driver: str) 
 
 
 def cluster_sampler(args: argparse.Namespace) -> Any:
-    """serve's Sampler for --temperature above 0 (with --top-p, --seed), None for greedy."""
+    """runtime/sampling.py's Sampler for --temperature above 0 (with --top-p, --seed), None for greedy
+    (the values were checked by run's check_generation_args before the cluster was reached)."""
     temperature = float(getattr(args, "temperature", 0.0) or 0.0)
     top_p = getattr(args, "top_p", None)
-    if temperature < 0:
-        raise BadInputError(f"--temperature must be 0 or more, not {temperature}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise BadInputError(f"--top-p must be above 0 and at most 1, not {top_p}")
     if temperature == 0:
         return None
     from ..runtime.sampling import Sampler, SamplingParams
@@ -315,7 +313,7 @@ def cluster_sampler(args: argparse.Namespace) -> Any:
 
 def run_on_cluster(args: argparse.Namespace, console: Any) -> int:
     """`vramancer run MODEL --cluster ADDRESS`: stages on their nodes, decoding here: greedy, or sampled
-    with --temperature / --top-p / --seed by serve's Sampler (its own seeded generator)."""
+    with --temperature / --top-p / --seed by runtime/sampling.py's Sampler (its own seeded generator)."""
     import ray
 
     from ..runtime.commands import load_tokenizer

@@ -51,7 +51,7 @@ from ..errors import BadInputError, VramancerError
 from .nodes import ClusterView, cluster_trust, node_of, pinned
 
 __all__ = ["StageWorker", "ClusterPipeline", "StageTiming", "PipelineStats", "OP_FORWARD", "shm_slot_bytes",
-           "send_close", "join_group", "gloo_interface"]
+           "join_group", "gloo_interface"]
 
 log = logging.getLogger("vramancer.cluster")
 
@@ -121,13 +121,6 @@ def _dial(end: dict, identity: Any, fingerprint: str, slot_bytes: int) -> Any:
     if end["transport"] == "shm":
         return ShmTransport(slot_bytes=slot_bytes).connect(end["path"])
     return TlsTransport(identity, cluster_trust([fingerprint])).connect((end["host"], int(end["port"])))
-
-
-def send_close(conn: Any) -> None:
-    """A CLOSE frame on ``conn`` (every Link connection has ``send_control``)."""
-    from ..link.frame import FrameType
-
-    conn.send_control(FrameType.CLOSE)
 
 
 def gloo_interface(address: str) -> str | None:
@@ -210,7 +203,7 @@ class StageTiming:
     bytes_received: int = 0
     bytes_sent: int = 0
     bridge: dict = field(default_factory=dict)   # tensors, bytes, network_bytes, cache_bytes (bridge loads)
-    transport_in: str = ""      # the hop from the previous stage (or the driver): shm or tls
+    transport_in: str = ""      # the hop from the previous stage (or the driver): shm, tls, tcp or torch
     transport_out: str = ""     # the hop to the next stage (or the driver)
 
 
@@ -244,7 +237,9 @@ class StageWorker:
     def setup(self, spec_json: str) -> str:
         """Load the stage and listen for the previous hop. ``spec_json``: plan (JSON), index, config
         (dict), folder, bridge (host, port, fingerprint) or null, names (bridge tensors), host, cache_dir,
-        listen (the previous hop's transport: tls or shm), slot_bytes (shm).
+        listen (the previous hop's transport: tls, shm, tcp or torch), listen_device (the torch device of
+        a torch hop's tensors), trusted_network (tcp / torch are refused without it), group (the
+        torch.distributed world to join, or null), timeout_s, slot_bytes (shm).
         Returns JSON: the listening end (transport, host and port or path), fingerprint, load_s, loaded_from."""
         import torch
 
@@ -371,7 +366,7 @@ class StageWorker:
         finally:
             if self.next is not None and not self.next.closed:
                 try:
-                    send_close(self.next)
+                    self.next.send_control(FrameType.CLOSE)
                 except LinkError:
                     pass
                 self.next.close()
@@ -640,7 +635,7 @@ class ClusterPipeline:
     def generate(self, prompt_ids: list[int], max_new_tokens: int, eos_ids: set[int] | None = None,
                  sampler: Any = None) -> list[int]:
         """The new token ids (at most ``max_new_tokens``; stops after an EOS id): greedy, or each drawn by
-        ``sampler.sample(logits [V])`` (serve's Sampler: temperature, top-p, its own seeded generator)."""
+        ``sampler.sample(logits [V])`` (runtime/sampling.py's Sampler: temperature, top-p, its own seeded generator)."""
         if not prompt_ids:
             raise BadInputError("an empty prompt")
         ctx = self.plan.workload.context
@@ -686,13 +681,15 @@ class ClusterPipeline:
     def close(self) -> None:
         import ray
 
+        from ..link.frame import FrameType
+
         if self._closed:
             return
         self._closed = True
 
         if self.first is not None:
             try:
-                send_close(self.first)
+                self.first.send_control(FrameType.CLOSE)
             except VramancerError:
                 pass
         if self.last is not None and self.transports[-1] == "torch":

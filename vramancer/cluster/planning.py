@@ -44,6 +44,7 @@ Whether torch has NCCL is asked of the driver's torch (the stages' nodes are ass
 """
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import replace
 from typing import Any
@@ -78,8 +79,10 @@ LINKS = ("auto", "tls", "tcp", "torch")   # --link: the transport of the hops be
 PLAINTEXT = ("tcp", "torch")                # what only --trusted-network allows
 
 
+@functools.lru_cache(maxsize=1)
 def nccl_available() -> bool:
-    """Whether this process's torch has NCCL (False without torch)."""
+    """Whether this process's torch has NCCL (False without torch); asked once per process (the planner
+    prices every hop of every candidate)."""
     try:
         import torch.distributed as dist
     except ImportError:

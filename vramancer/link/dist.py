@@ -95,8 +95,8 @@ class DistConnection(Connection):
         except RuntimeError as e:
             self.close()
             raise LinkError(f"link torch: send failed: {e}") from None
-        self.bytes_sent += len(blob) + sum(d.byte_length for d in descs)
-        return len(blob) + sum(d.byte_length for d in descs)
+        self.bytes_sent += len(blob) + payload
+        return len(blob) + payload
 
     def send_control(self, frame_type: FrameType, stream_id: int = 0) -> None:
         """A frame without tensors (CLOSE, REKEY): its header alone."""
