@@ -34,6 +34,8 @@ from ..errors import BadInputError
 from .boundary import BoundaryStats, move_tensors
 
 if TYPE_CHECKING:  # pragma: no cover
+    from collections.abc import Callable
+
     import torch
     from torch import nn
 
@@ -253,7 +255,8 @@ class ExpertsHooks:
     experts: list[HostExperts]
     prefill_tokens: int = 32       # plan.PHASE_PREFILL_TOKENS: forwards of this many tokens run on the GPU
     # experts modules of layers that run on the host whole (a CPU stage, a phase stage's decode): their
-    # decode forwards on the host take host_experts_forward too (same result, selected experts only)
+    # decode forwards on the host take host_experts_forward too (same result, selected experts only);
+    # modules runs_host_path accepts (split._cpu_layer_experts picks them)
     cpu_layers: list[Any] = field(default_factory=list)
     stats: ExpertsStats = field(default_factory=ExpertsStats)
     _handles: list[Any] = field(default_factory=list)
@@ -312,22 +315,13 @@ class ExpertsHooks:
             setattr(owner, attr, p)
         self._homes.clear()
 
-    def _host_forward(self, ex: HostExperts, own: Any):
-        """``ex.module``'s forward: host_experts_forward for a decode forward on the host, else its own."""
+    def _decode_forward(self, module: nn.Module, own: Any, on_host: Callable[[Any], bool], counter: str):
+        """``module``'s forward: host_experts_forward for a decode forward (fewer than ``prefill_tokens``
+        routed tokens) whose hidden states ``on_host`` accepts, counted in ``stats.<counter>``; else its own."""
         def forward(hidden_states, top_k_index, top_k_weights):
-            if (hidden_states.device == ex.device and hidden_states.dim() == 2
-                    and hidden_states.shape[0] < self.prefill_tokens and not self._homes):
-                self.stats.host_path_forwards += 1
-                return host_experts_forward(ex.module, hidden_states, top_k_index, top_k_weights)
-            return own(hidden_states, top_k_index, top_k_weights)
-        return forward
-
-    def _cpu_layer_forward(self, module: nn.Module, own: Any):
-        """A whole-host layer's experts: host_experts_forward for a decode forward on the CPU, else its own."""
-        def forward(hidden_states, top_k_index, top_k_weights):
-            if (hidden_states.device.type == "cpu" and hidden_states.dim() == 2
-                    and hidden_states.shape[0] < self.prefill_tokens):
-                self.stats.cpu_layer_forwards += 1
+            if (hidden_states.dim() == 2 and hidden_states.shape[0] < self.prefill_tokens
+                    and on_host(hidden_states)):
+                setattr(self.stats, counter, getattr(self.stats, counter) + 1)
                 return host_experts_forward(module, hidden_states, top_k_index, top_k_weights)
             return own(hidden_states, top_k_index, top_k_weights)
         return forward
@@ -335,13 +329,16 @@ class ExpertsHooks:
     def attach(self) -> ExpertsHooks:
         if self._handles or self._forwards:
             return self
-        for m in self.cpu_layers:
-            if runs_host_path(m) and "forward" not in vars(m):
-                m.forward = self._cpu_layer_forward(m, m.forward)
+        for m in self.cpu_layers:   # split._cpu_layer_experts: modules runs_host_path accepted
+            if "forward" not in vars(m):
+                m.forward = self._decode_forward(m, m.forward, lambda h: h.device.type == "cpu",
+                                                 "cpu_layer_forwards")
                 self._forwards.append(m)
         for ex in self.experts:
             if runs_host_path(ex.module) and "forward" not in vars(ex.module):
-                ex.module.forward = self._host_forward(ex, ex.module.forward)
+                ex.module.forward = self._decode_forward(
+                    ex.module, ex.module.forward, lambda h, ex=ex: h.device == ex.device and not self._homes,
+                    "host_path_forwards")
                 self._forwards.append(ex.module)
             self._handles.append(ex.module.register_forward_pre_hook(self._pre(ex), with_kwargs=True))
             self._handles.append(ex.module.register_forward_hook(self._post(ex), with_kwargs=True))

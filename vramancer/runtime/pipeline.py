@@ -295,6 +295,12 @@ def plan_for_pipeline(model: Any, devices: Any = "auto", *, height: int = 1024, 
     return plan_pipeline(prof, devs, w, reserve_bytes=reserve_bytes)
 
 
+def _diffusers_error(what: str, e: BaseException) -> MalformedCheckpointError:
+    """``what`` and the first line of diffusers' own error, as one line."""
+    detail = (str(e).splitlines() or [type(e).__name__])[0][:200]
+    return MalformedCheckpointError(f"{what} ({type(e).__name__}: {detail})")
+
+
 def load_pipeline(model: str | os.PathLike, devices: Any = "auto", height: int = 1024, width: int = 1024,
                   plan: Plan | None = None, *, batch: int = 1, steps: int = 28, guidance: float = 3.5,
                   dtype: str | None = None, backing: str = "cpu", config: str | os.PathLike | None = None,
@@ -335,10 +341,8 @@ def load_pipeline(model: str | os.PathLike, devices: Any = "auto", height: int =
         try:
             pipe = cls.from_single_file(path, config=os.fspath(config), dtype=dt, local_files_only=True)
         except (OSError, ValueError, KeyError, TypeError, RuntimeError, NotImplementedError) as e:
-            detail = (str(e).splitlines() or [type(e).__name__])[0][:200]
-            raise MalformedCheckpointError(f"{os.path.basename(path)}: diffusers could not build a "
-                                           f"{prof.pipeline_class} from it with the configs of {os.fspath(config)} "
-                                           f"({type(e).__name__}: {detail})") from None
+            raise _diffusers_error(f"{os.path.basename(path)}: diffusers could not build a {prof.pipeline_class} "
+                                   f"from it with the configs of {os.fspath(config)}", e) from None
     with torch.no_grad():
         rt = PipelineRuntime(pipe, plan).attach()
     pipe.vramancer = rt
@@ -407,9 +411,7 @@ def load_gguf_pipeline(path: str, config: str | os.PathLike | None, dt: torch.dt
     try:
         sd = _GGUF_CONVERTERS[arch](load_gguf_checkpoint(path))
     except (KeyError, ValueError, RuntimeError, IndexError) as e:
-        detail = (str(e).splitlines() or [type(e).__name__])[0][:200]
-        raise MalformedCheckpointError(f"{name}: not a {arch} transformer diffusers can convert "
-                                       f"({type(e).__name__}: {detail})") from None
+        raise _diffusers_error(f"{name}: not a {arch} transformer diffusers can convert", e) from None
     cls = getattr(diffusers, den_class)
     try:
         den = cls.from_single_file(sd, config=config, subfolder=den_name, torch_dtype=dt, local_files_only=True,
@@ -417,9 +419,8 @@ def load_gguf_pipeline(path: str, config: str | os.PathLike | None, dt: torch.dt
         pipe = getattr(diffusers, pipeline_class).from_pretrained(config, **{den_name: den}, dtype=dt,
                                                                   local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, NotImplementedError) as e:
-        detail = (str(e).splitlines() or [type(e).__name__])[0][:200]
-        raise MalformedCheckpointError(f"{name}: diffusers could not build a {pipeline_class} from it with "
-                                       f"{config} ({type(e).__name__}: {detail})") from None
+        raise _diffusers_error(f"{name}: diffusers could not build a {pipeline_class} from it with {config}",
+                               e) from None
     return pipe
 
 
