@@ -220,22 +220,20 @@ def check_cluster_flags(args: argparse.Namespace, command: str) -> None:
                                 "stage workers; use a float dtype")
 
 
-def eos_token_ids(folder: Any, tokenizer: Any) -> frozenset[int]:
-    """The token ids that end a sequence, as serve's Engine finds them: the generation config's,
-    the model config's, the tokenizer's."""
+def eos_token_ids(folder: Any, tokenizer: Any, config: dict | None = None) -> frozenset[int]:
+    """The token ids that end a sequence, as serve's Engine finds them (runtime/sampling.py eos_id_set):
+    the generation config's, the model config's (``config``: config.json when already read), the
+    tokenizer's."""
     from ..models.checkpoint import read_config
+    from ..runtime.sampling import eos_id_set
 
-    config = read_config(folder / "config.json")
+    if config is None:
+        config = read_config(folder / "config.json")
     text_cfg = config.get("text_config") or config
     gen = folder / "generation_config.json"
     gen_cfg = read_config(gen) if gen.is_file() else {}
-    eos: set[int] = set()
-    for src in (gen_cfg.get("eos_token_id"), text_cfg.get("eos_token_id"), getattr(tokenizer, "eos_token_id", None)):
-        if isinstance(src, int):
-            eos.add(src)
-        elif isinstance(src, list):
-            eos.update(int(x) for x in src)
-    return frozenset(eos)
+    return eos_id_set(gen_cfg.get("eos_token_id"), text_cfg.get("eos_token_id"),
+                      getattr(tokenizer, "eos_token_id", None))
 
 
 def link_flags(args: argparse.Namespace) -> tuple[bool, str]:

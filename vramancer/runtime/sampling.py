@@ -13,7 +13,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["SamplingParams", "Sampler", "sample_rows"]
+__all__ = ["SamplingParams", "Sampler", "sample_rows", "eos_id_set"]
 
 
 @dataclass(frozen=True)
@@ -69,3 +69,15 @@ def sample_rows(logits: Any, samplers: list[Sampler]) -> list[int]:
     logits = logits.float()
     greedy = logits.argmax(dim=-1).tolist()
     return [greedy[i] if s.params.greedy else s.sample(logits[i]) for i, s in enumerate(samplers)]
+
+
+def eos_id_set(*sources: Any) -> frozenset[int]:
+    """The token ids that end a sequence, from each of ``sources`` (a generation config's, a model
+    config's, a tokenizer's ``eos_token_id``: an int, a list or tuple of ints, or None)."""
+    ids: set[int] = set()
+    for src in sources:
+        if isinstance(src, int):
+            ids.add(src)
+        elif isinstance(src, (list, tuple)):
+            ids.update(int(x) for x in src)
+    return frozenset(ids)

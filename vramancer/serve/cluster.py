@@ -214,7 +214,7 @@ def serve_on_cluster(args: argparse.Namespace, sock: Any, api_key: str | None, m
     config = read_config(folder / "config.json")
     text_cfg = config.get("text_config") or config
     vocab = int(text_cfg.get("vocab_size") or len(tok))
-    eos = eos_token_ids(folder, tok)
+    eos = eos_token_ids(folder, tok, config)
     quiet = getattr(args, "quiet", False)
     pipe = None
     try:

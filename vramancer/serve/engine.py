@@ -384,15 +384,11 @@ class Engine(EngineBase):
 
     # ---- setup -------------------------------------------------------------------------
     def _find_eos_ids(self) -> frozenset[int]:
-        ids: set[int] = set()
+        from ..runtime.sampling import eos_id_set
+
         gen = getattr(self.model, "generation_config", None)
-        for src in (getattr(gen, "eos_token_id", None), getattr(self._config, "eos_token_id", None),
-                    getattr(self.tokenizer, "eos_token_id", None)):
-            if isinstance(src, int):
-                ids.add(src)
-            elif isinstance(src, (list, tuple)):
-                ids.update(int(x) for x in src)
-        return frozenset(ids)
+        return eos_id_set(getattr(gen, "eos_token_id", None), getattr(self._config, "eos_token_id", None),
+                          getattr(self.tokenizer, "eos_token_id", None))
 
     def _forward(self, input_ids: Any, attention_mask: Any, position_ids: Any, cache: Any) -> Any:
         """input_ids [B, T] -> logits of the last position [B, V]; ``cache`` grows by T."""
